@@ -1,0 +1,1 @@
+"""spendgate: a metering proxy for Anthropic's Messages API."""

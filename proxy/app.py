@@ -1,0 +1,107 @@
+"""The ASGI application: routes, and the lifespan that owns every shared resource."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TypedDict
+
+import anyio.to_thread
+import httpx
+from sqlalchemy import Engine, text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
+
+from proxy.config import Settings
+from proxy.db import make_engine
+from proxy.forward import Forwarder
+from proxy.keys import KeyCache
+from proxy.pricing import PriceTable
+from proxy.recorder import Recorder
+from proxy.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
+
+logger = logging.getLogger("spendgate")
+
+
+class State(TypedDict):
+    engine: Engine
+    forwarder: Forwarder
+    recorder: Recorder
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """Build the proxy. `transport` replaces the production upstream client (tests pass MockTransport)."""
+    prices = PriceTable.load(settings.prices_path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        engine = make_engine(settings.db_url)
+        upstream: Upstream
+        if transport is None:
+            upstream = AiohttpUpstream(
+                connect_timeout=settings.upstream_connect_timeout,
+                read_timeout=settings.upstream_read_timeout,
+                max_connections=settings.upstream_max_connections,
+            )
+        else:
+            upstream = HTTPXUpstream(
+                transport,
+                connect_timeout=settings.upstream_connect_timeout,
+                read_timeout=settings.upstream_read_timeout,
+            )
+        recorder = Recorder(
+            engine,
+            flush_seconds=settings.record_flush_seconds,
+            batch_size=settings.record_batch_size,
+            drain_seconds=settings.record_drain_seconds,
+            spill_dir=settings.spill_dir,
+        )
+        forwarder = Forwarder(
+            upstream=upstream,
+            upstream_url=settings.upstream_url,
+            upstream_key=settings.anthropic_api_key,
+            keys=KeyCache(engine, ttl=settings.key_cache_seconds),
+            prices=prices,
+            recorder=recorder,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        if settings.anthropic_api_key is None:
+            logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
+        recorder.start()
+        try:
+            yield {"engine": engine, "forwarder": forwarder, "recorder": recorder}
+        finally:
+            # Starlette runs this after the server has stopped taking requests and in-flight ones have
+            # ended, so every record is already queued: drain them, then release the rest.
+            await recorder.close()
+            await upstream.aclose()
+            engine.dispose()
+
+    return Starlette(
+        routes=[Route("/healthz", healthz), Mount("/v1", app=_forward)],
+        lifespan=lifespan,
+    )
+
+
+async def _forward(scope: Scope, receive: Receive, send: Send) -> None:
+    forwarder: Forwarder = scope["state"]["forwarder"]
+    await forwarder(scope, receive, send)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """200 when the ledger answers; 503 otherwise."""
+    engine: Engine = request.state.engine
+    try:
+        await anyio.to_thread.run_sync(_ping, engine)
+    except Exception as exc:
+        return JSONResponse({"status": "unavailable", "error": str(exc.__class__.__name__)}, status_code=503)
+    return JSONResponse({"status": "ok", "pending_records": request.state.recorder.pending})
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))

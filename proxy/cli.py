@@ -1,0 +1,291 @@
+"""The `spendgate` command line. Exit 0 on success; otherwise one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from proxy.config import ConfigError, Settings
+from proxy.db import make_engine, upgrade
+from proxy.export import iter_usage, write_csv, write_jsonl
+from proxy.pricing import PriceError, PriceTable
+from proxy.recorder import replay_spilled
+from proxy.teams import (
+    UNSET,
+    Conflict,
+    NotFound,
+    TeamSettings,
+    create_key,
+    create_team,
+    list_keys,
+    list_teams,
+    revoke_key,
+    update_team,
+)
+from proxy.types import CAP_POLICIES, PERIODS
+
+logger = logging.getLogger("spendgate")
+# Accepted by `teams update` to remove a limit rather than leave it unchanged.
+CLEAR_WORDS = ("none", "unlimited", "all")
+
+
+class UsageError(Exception):
+    """A command-line value we cannot use."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `spendgate` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        settings = Settings.from_environ(os.environ, db_url=getattr(args, "db", None))
+        result: int = args.run(args, settings)
+        return result
+    except (ConfigError, PriceError, UsageError, NotFound, Conflict, ValueError) as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"spendgate: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+
+    settings = Settings.from_environ(
+        os.environ, db_url=args.db, host=args.host, port=args.port, upstream_url=args.upstream
+    )
+    _configure_logging()
+    upgrade(settings.db_url)
+    engine = make_engine(settings.db_url)
+    replay_spilled(engine, settings.spill_dir)
+    engine.dispose()
+    app = create_app(settings)
+    logger.info(
+        "spendgate serving on http://%s:%d, forwarding to %s", settings.host, settings.port, settings.upstream_url
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        # Upstream's own Date and Server headers pass through; uvicorn must not add a second pair.
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds),
+    )
+    return 0
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx and aiohttp would log every upstream request again; one line per request is ours.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    upgrade(settings.db_url)
+    print(f"database is at the newest migration: {make_engine(settings.db_url).url.render_as_string()}")
+    return 0
+
+
+def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
+    view = create_team(make_engine(settings.db_url), args.name, _team_settings(args, create=True))
+    print(json.dumps(view.to_json()))
+    return 0
+
+
+def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
+    view = update_team(make_engine(settings.db_url), args.name, _team_settings(args, create=False))
+    print(json.dumps(view.to_json()))
+    return 0
+
+
+def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
+    views = [view.to_json() for view in list_teams(make_engine(settings.db_url))]
+    if args.format == "json":
+        print(json.dumps(views, indent=2))
+        return 0
+    columns = ("name", "budget_usd", "period", "spent_usd", "reserved_usd", "remaining_usd", "max_output_tokens")
+    _print_table(columns, views)
+    return 0
+
+
+def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    view, key = create_key(
+        make_engine(settings.db_url),
+        args.team,
+        name=args.name,
+        budget_usd=_money(args.budget) if args.budget is not None else None,
+        period=args.period,
+    )
+    print(f"created key {view.id} for team {view.team} (shown once; store it now):")
+    print(key)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    view = revoke_key(make_engine(settings.db_url), args.key_id)
+    print(f"revoked key {view.id} of team {view.team}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    views = [view.to_json() for view in list_keys(make_engine(settings.db_url), team=args.team)]
+    if args.format == "json":
+        print(json.dumps(views, indent=2))
+    else:
+        _print_table(("id", "team", "name", "prefix", "budget_usd", "period", "created_at", "revoked_at"), views)
+    return 0
+
+
+def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    records = (
+        record
+        for _, record in iter_usage(
+            make_engine(settings.db_url), team=args.team, since=_instant(args.since), until=_instant(args.until)
+        )
+    )
+    writer = write_csv if args.format == "csv" else write_jsonl
+    writer(records, sys.stdout)
+    return 0
+
+
+def _prices(args: argparse.Namespace, settings: Settings) -> int:
+    table = PriceTable.load(settings.prices_path)
+    print(table.describe(model=args.model, at=datetime.now(UTC)))
+    return 0
+
+
+def _team_settings(args: argparse.Namespace, *, create: bool) -> TeamSettings:
+    def given(value: Any, parse: Callable[[str], Any]) -> Any:
+        if value is None:
+            return UNSET
+        if value.lower() in CLEAR_WORDS:
+            return None
+        return parse(value)
+
+    return TeamSettings(
+        budget_usd=given(args.budget, _money),
+        period=args.period if args.period is not None else UNSET,
+        max_output_tokens=given(args.max_output_tokens, _positive_int),
+        cap_policy=args.cap_policy if args.cap_policy is not None else UNSET,
+        models=given(args.models, _models),
+    )
+
+
+def _money(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise UsageError(f"{text!r} is not an amount in USD (e.g. 250 or 12.50)") from None
+    if not value.is_finite() or value < 0:
+        raise UsageError(f"{text!r} is not an amount in USD (e.g. 250 or 12.50)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _models(text: str) -> tuple[str, ...]:
+    models = tuple(model.strip() for model in text.split(",") if model.strip())
+    if not models:
+        raise UsageError("--models needs at least one model id (or 'all' to allow every model)")
+    return models
+
+
+def _instant(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _print_table(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spendgate", description="A metering proxy for Anthropic's Messages API.")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    def command(parent: Any, name: str, run: Callable[..., int], help: str, *, db: bool = True) -> Any:
+        sub = parent.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        if db:
+            sub.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default: $SPENDGATE_DB_URL)")
+        return sub
+
+    serve = command(commands, "serve", _serve, "migrate the database, then serve the proxy")
+    serve.add_argument("--host", help="listen address (default: $SPENDGATE_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: $SPENDGATE_PORT or 8080)")
+    serve.add_argument("--upstream", metavar="URL", help="where calls go (default: https://api.anthropic.com)")
+
+    db = commands.add_parser("db", help="database maintenance").add_subparsers(metavar="COMMAND")
+    command(db, "upgrade", _db_upgrade, "run the migrations to the newest version")
+
+    teams = commands.add_parser("teams", help="manage teams").add_subparsers(metavar="COMMAND")
+    for name, run, help in (
+        ("create", _teams_create, "create a team"),
+        ("update", _teams_update, "change a team (options not given stay as they are)"),
+    ):
+        sub = command(teams, name, run, help)
+        sub.add_argument("name")
+        sub.add_argument("--budget", metavar="USD", help="spend limit per period; 'none' for unlimited")
+        sub.add_argument("--period", choices=PERIODS, help="budget period, calendar UTC (default: month)")
+        sub.add_argument("--max-output-tokens", metavar="N", help="cap on max_tokens; 'none' for no cap")
+        sub.add_argument("--cap-policy", choices=CAP_POLICIES, help="clamp max_tokens to the cap, or reject the call")
+        sub.add_argument("--models", metavar="MODEL,MODEL", help="allowed models; 'all' for every model")
+    team_list = command(teams, "list", _teams_list, "list teams with their spend this period")
+    team_list.add_argument("--format", choices=("table", "json"), default="table")
+
+    keys = commands.add_parser("keys", help="manage client keys").add_subparsers(metavar="COMMAND")
+    key_create = command(keys, "create", _keys_create, "create a client key (printed once, on the last line)")
+    key_create.add_argument("--team", required=True)
+    key_create.add_argument("--name", help="a label for the key")
+    key_create.add_argument("--budget", metavar="USD", help="the key's own spend limit per period")
+    key_create.add_argument("--period", choices=PERIODS, default="month")
+    key_revoke = command(keys, "revoke", _keys_revoke, "revoke a key")
+    key_revoke.add_argument("key_id")
+    key_list = command(keys, "list", _keys_list, "list keys (never the keys themselves)")
+    key_list.add_argument("--team")
+    key_list.add_argument("--format", choices=("table", "json"), default="table")
+
+    usage = command(commands, "usage", _usage, "print usage records, oldest first")
+    usage.add_argument("--team")
+    usage.add_argument("--since", metavar="ISO8601")
+    usage.add_argument("--until", metavar="ISO8601")
+    usage.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+
+    prices = command(commands, "prices", _prices, "show the price table in force", db=False)
+    prices.add_argument("--model")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Settings: every knob is an environment variable, read once into a frozen `Settings`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_DB_URL = "sqlite:///./spendgate.db"
+DEFAULT_UPSTREAM_URL = "https://api.anthropic.com"
+# The API's own limit for Messages requests; larger bodies would be refused upstream anyway.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the variable and the value."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the proxy needs to run. Build it with `Settings.from_environ(os.environ)`."""
+
+    db_url: str = DEFAULT_DB_URL
+    upstream_url: str = DEFAULT_UPSTREAM_URL
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    prices_path: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # How long a key lookup is trusted before the ledger is asked again: the delay before a
+    # revocation made on another replica takes effect here.
+    key_cache_seconds: float = 5.0
+    upstream_connect_timeout: float = 10.0
+    # Anthropic may pause a stream for a long time (extended thinking); 10 minutes matches the SDKs' own timeout.
+    upstream_read_timeout: float = 600.0
+    upstream_max_connections: int = 512
+    record_flush_seconds: float = 0.05
+    record_batch_size: int = 500
+    # On shutdown, how long we keep retrying a failing ledger before spilling records to a file.
+    record_drain_seconds: float = 30.0
+    spill_dir: Path = Path("./spendgate-spill")
+    graceful_shutdown_seconds: float = 60.0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Read `SPENDGATE_*` variables; keyword overrides (from CLI flags) win when not None."""
+        base = cls(
+            db_url=environ.get("SPENDGATE_DB_URL", DEFAULT_DB_URL),
+            upstream_url=environ.get("SPENDGATE_UPSTREAM_URL", DEFAULT_UPSTREAM_URL).rstrip("/"),
+            anthropic_api_key=environ.get("ANTHROPIC_API_KEY") or None,
+            admin_token=environ.get("SPENDGATE_ADMIN_TOKEN") or None,
+            host=environ.get("SPENDGATE_HOST", "127.0.0.1"),
+            port=_read(environ, "SPENDGATE_PORT", int, 8080),
+            prices_path=_read(environ, "SPENDGATE_PRICES", Path, None),
+            max_body_bytes=_read(environ, "SPENDGATE_MAX_BODY_BYTES", int, DEFAULT_MAX_BODY_BYTES),
+            key_cache_seconds=_read(environ, "SPENDGATE_KEY_CACHE_SECONDS", float, 5.0),
+            upstream_connect_timeout=_read(environ, "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT", float, 10.0),
+            upstream_read_timeout=_read(environ, "SPENDGATE_UPSTREAM_READ_TIMEOUT", float, 600.0),
+            spill_dir=_read(environ, "SPENDGATE_SPILL_DIR", Path, Path("./spendgate-spill")),
+            graceful_shutdown_seconds=_read(environ, "SPENDGATE_SHUTDOWN_GRACE_SECONDS", float, 60.0),
+        )
+        given = {name: value for name, value in overrides.items() if value is not None}
+        if "upstream_url" in given:
+            given["upstream_url"] = given["upstream_url"].rstrip("/")
+        return replace(base, **given)
+
+
+def _read(environ: Mapping[str, str], name: str, cast: Callable[[str], T], default: T) -> T:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ConfigError(f"{name} has value {raw!r}, which is not a valid {cast.__name__}.") from None
+    if isinstance(value, int | float) and value < 0:
+        raise ConfigError(f"{name} has value {raw!r}; it must not be negative.")
+    return value

@@ -1,0 +1,115 @@
+"""Reading usage records back out of the ledger, streamed, in the spec's public shape."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from datetime import datetime
+from typing import IO, Any
+
+from sqlalchemy import Engine, select
+
+from proxy.models import UsageRow
+
+# The spec's usage-record fields, in the order exports write them.
+PUBLIC_FIELDS = (
+    "id",
+    "started_at",
+    "finished_at",
+    "team",
+    "key_id",
+    "feature",
+    "user",
+    "endpoint",
+    "model",
+    "response_model",
+    "upstream_request_id",
+    "status",
+    "outcome",
+    "error_type",
+    "streamed",
+    "batch_id",
+    "custom_id",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+    "web_search_requests",
+    "web_fetch_requests",
+    "service_tier",
+    "speed",
+    "inference_geo",
+    "cost_usd",
+    "price_version",
+    "price_source",
+    "is_retry",
+    "retry_reason",
+    "retry_of",
+    "retry_count",
+    "max_tokens_requested",
+    "max_tokens_sent",
+    "latency_ms",
+    "ttfb_ms",
+)
+STREAM_BATCH = 1000
+
+
+def iter_usage(
+    engine: Engine,
+    *,
+    team: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_seq: int | None = None,
+    limit: int | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Usage records oldest first as `(seq, record)`, streamed from the database in batches.
+
+    `seq` is the ledger's insertion order: pass the last one seen as `after_seq` to page.
+    """
+    query = select(*UsageRow.__table__.columns).order_by(UsageRow.started_at, UsageRow.seq)
+    if team is not None:
+        query = query.where(UsageRow.team == team)
+    if since is not None:
+        query = query.where(UsageRow.started_at >= since)
+    if until is not None:
+        query = query.where(UsageRow.started_at < until)
+    if after_seq is not None:
+        query = query.where(UsageRow.seq > after_seq)
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as connection:
+        result = connection.execution_options(yield_per=STREAM_BATCH).execute(query)
+        for row in result:
+            yield row.seq, public_record(row)
+
+
+def public_record(row: Any) -> dict[str, Any]:
+    """A ledger row as the JSON object `spendgate usage` prints: ISO 8601 UTC times, money as exact strings."""
+    record = {name: getattr(row, name) for name in PUBLIC_FIELDS}
+    record["started_at"] = row.started_at.isoformat()
+    record["finished_at"] = row.finished_at.isoformat()
+    record["cost_usd"] = None if row.cost_usd is None else format(row.cost_usd, "f")
+    return record
+
+
+def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
+    """One JSON object per line; returns how many were written."""
+    count = 0
+    for record in records:
+        out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        count += 1
+    return count
+
+
+def write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
+    """A header line and one row per record; returns how many were written."""
+    writer = csv.DictWriter(out, fieldnames=PUBLIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    count = 0
+    for record in records:
+        writer.writerow(record)
+        count += 1
+    return count

@@ -1,0 +1,405 @@
+"""The hot path: authenticate, forward to Anthropic, relay the answer byte for byte, meter it, queue its record.
+
+Every refusal is raised before `http.response.start`, so it can still become a JSON error. Once the
+response has started a failure can only be recorded and the connection closed, which is what a client
+talking to Anthropic directly would see too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anyio
+from starlette.types import Message, Receive, Scope, Send
+
+from proxy.errors import BadRequest, ProxyError, RequestTooLarge
+from proxy.keys import KeyCache, key_from_headers
+from proxy.pricing import PriceTable
+from proxy.recorder import Recorder
+from proxy.types import Outcome, PriceSource, Usage, UsageRecord
+from proxy.upstream import Upstream, UpstreamResponse
+from proxy.usage import StreamUsage, summarize_json
+
+logger = logging.getLogger("spendgate")
+
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# The client's credentials are replaced by ours; Host and Content-Length are set by the upstream client.
+REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"x-api-key", b"authorization"}
+SPENDGATE_HEADER_PREFIX = b"x-spendgate-"
+ZERO = Decimal(0)
+# nginx's convention for "the client closed the connection before a response was sent".
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class Call:
+    """What one request has told us so far; becomes a `UsageRecord` when it ends."""
+
+    __slots__ = (
+        "id",
+        "endpoint",
+        "started_at",
+        "started",
+        "first_byte",
+        "team",
+        "key_id",
+        "feature",
+        "user",
+        "model",
+        "response_model",
+        "upstream_request_id",
+        "status",
+        "outcome",
+        "error_type",
+        "streamed",
+        "usage",
+        "retry_count",
+        "max_tokens",
+        "finished",
+        "disconnected",
+    )
+
+    def __init__(self, endpoint: str | None) -> None:
+        self.id = "sgr_" + secrets.token_hex(12)
+        self.endpoint = endpoint
+        self.started_at = datetime.now(UTC)
+        self.started = time.perf_counter()
+        self.first_byte: float | None = None
+        self.team: str | None = None
+        self.key_id: str | None = None
+        self.feature: str | None = None
+        self.user: str | None = None
+        self.model: str | None = None
+        self.response_model: str | None = None
+        self.upstream_request_id: str | None = None
+        self.status = 0
+        self.outcome: Outcome = "ok"
+        self.error_type: str | None = None
+        self.streamed = False
+        self.usage: Usage | None = None
+        self.retry_count = 0
+        self.max_tokens: int | None = None
+        self.finished = False
+        self.disconnected = False
+
+    def fail(self, error: ProxyError, outcome: Outcome) -> None:
+        """Note a failure raised by the proxy itself."""
+        self.status = error.status
+        self.outcome = outcome
+        self.error_type = error.reason
+
+    def to_record(self, prices: PriceTable) -> UsageRecord:
+        """The ledger record of this call, priced by the table in force when it started."""
+        usage = self.usage or Usage()
+        if self.endpoint == COUNT_TOKENS or self.usage is None:
+            # Token counting is free; a call that never reported usage consumed nothing we can see.
+            cost_usd: Decimal | None = ZERO
+            price_source: PriceSource = "table"
+            price_version = prices.version_at(self.started_at)
+        else:
+            cost = prices.price(model=self.response_model or self.model or "", usage=usage, at=self.started_at)
+            cost_usd, price_version, price_source = cost.cost_usd, cost.price_version, cost.price_source
+        now = time.perf_counter()
+        return UsageRecord(
+            id=self.id,
+            started_at=self.started_at,
+            finished_at=datetime.now(UTC),
+            team=self.team,
+            key_id=self.key_id,
+            feature=self.feature,
+            user=self.user,
+            endpoint=self.endpoint or "",
+            model=self.model,
+            response_model=self.response_model,
+            upstream_request_id=self.upstream_request_id,
+            status=self.status,
+            outcome=self.outcome,
+            error_type=self.error_type,
+            streamed=self.streamed,
+            usage=usage,
+            cost_usd=cost_usd,
+            price_version=price_version,
+            price_source=price_source,
+            is_retry=self.retry_count > 0,
+            retry_reason="sdk" if self.retry_count > 0 else None,
+            retry_count=self.retry_count,
+            max_tokens_requested=self.max_tokens,
+            max_tokens_sent=self.max_tokens,
+            latency_ms=round((now - self.started) * 1000, 3),
+            ttfb_ms=None if self.first_byte is None else round((self.first_byte - self.started) * 1000, 3),
+        )
+
+
+class Forwarder:
+    """The ASGI app serving every `/v1/*` path."""
+
+    def __init__(
+        self,
+        *,
+        upstream: Upstream,
+        upstream_url: str,
+        upstream_key: str | None,
+        keys: KeyCache,
+        prices: PriceTable,
+        recorder: Recorder,
+        max_body_bytes: int,
+    ) -> None:
+        self._upstream = upstream
+        self._upstream_url = upstream_url
+        self._upstream_key = (upstream_key or "").encode("latin-1")
+        self._keys = keys
+        self._prices = prices
+        self._recorder = recorder
+        self._max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        endpoint = path if method == "POST" and path in (MESSAGES, COUNT_TOKENS) else None
+        call = Call(endpoint)
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        try:
+            body = await _read_body(receive, self._max_body_bytes)
+            key = await self._keys.authenticate(key_from_headers(headers))
+            call.team, call.key_id = key.team, key.key_id
+            _describe_call(call, headers, body)
+            await self._exchange(call, scope, receive, send, headers, body)
+        except ProxyError as error:
+            call.fail(error, "upstream_unreachable" if error.status >= 500 else "rejected")
+            await _send_error(send, error, call.id)
+        except ClientGone:
+            call.status, call.outcome = CLIENT_CLOSED_REQUEST, "client_disconnected"
+        finally:
+            if endpoint is not None:
+                record = self._recorder_submit(call)
+                logger.info(
+                    "%s %s %d %s team=%s key=%s model=%s cost=%s id=%s %.1fms",
+                    method,
+                    path,
+                    call.status,
+                    call.outcome,
+                    call.team,
+                    call.key_id,
+                    call.model,
+                    record.cost_usd,
+                    call.id,
+                    record.latency_ms,
+                )
+            else:
+                logger.info("%s %s %d %s key=%s", method, path, call.status, call.outcome, call.key_id)
+
+    def _recorder_submit(self, call: Call) -> UsageRecord:
+        record = call.to_record(self._prices)
+        self._recorder.submit(record)
+        return record
+
+    async def _exchange(
+        self, call: Call, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], body: bytes
+    ) -> None:
+        url = self._upstream_url + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        # Exceptions must not escape the task group (anyio would wrap them in an ExceptionGroup).
+        failure: ProxyError | None = None
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(_watch_disconnect, receive, call, watchers.cancel_scope)
+            try:
+                response = await self._upstream.send(scope["method"], url, self._upstream_headers(call, scope), body)
+                try:
+                    await self._relay(call, response, send)
+                finally:
+                    await response.close()
+            except ProxyError as error:
+                failure = error
+            except ClientGone:
+                call.disconnected = True
+            finally:
+                call.finished = True
+                watchers.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if call.disconnected:
+            call.outcome = "client_disconnected"
+
+    def _upstream_headers(self, call: Call, scope: Scope) -> list[tuple[bytes, bytes]]:
+        dropped = REQUEST_HEADERS_DROPPED
+        connection = dict(scope["headers"]).get(b"connection")
+        if connection:
+            dropped = dropped | {token.strip().lower() for token in connection.split(b",")}
+        forwarded = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name not in dropped and not name.startswith(SPENDGATE_HEADER_PREFIX)
+        ]
+        if call.endpoint is not None:
+            # The usage tap reads the body as it passes, so metered calls ask for it uncompressed.
+            forwarded = [(name, value) for name, value in forwarded if name != b"accept-encoding"]
+            forwarded.append((b"accept-encoding", b"identity"))
+        forwarded.append((b"x-api-key", self._upstream_key))
+        return forwarded
+
+    async def _relay(self, call: Call, response: UpstreamResponse, send: Send) -> None:
+        call.status = response.status
+        headers = [(name, value) for name, value in response.headers if name.lower() not in HOP_BY_HOP_HEADERS]
+        for name, value in headers:
+            if name.lower() == b"request-id":
+                call.upstream_request_id = value.decode("latin-1")
+            elif name.lower() == b"content-type":
+                call.streamed = value.startswith(b"text/event-stream")
+        if response.status >= 400:
+            call.outcome = "upstream_error"
+        headers.append((b"x-spendgate-request-id", call.id.encode()))
+        if call.endpoint is None or call.streamed:
+            tap = StreamUsage() if call.endpoint is not None else None
+            try:
+                await _send_stream(call, response, send, headers, tap.feed if tap else None)
+            finally:
+                if tap is not None:
+                    _note_summary(call, tap.summary())
+            return
+        body = b"".join([chunk async for chunk in response.body])
+        _note_summary(call, summarize_json(body))
+        if call.endpoint == MESSAGES:
+            cost = call.to_record(self._prices).cost_usd
+            if cost is not None:
+                headers.append((b"x-spendgate-cost-usd", format(cost, "f").encode()))
+        call.first_byte = time.perf_counter()
+        await _send_guarded(call, send, {"type": "http.response.start", "status": response.status, "headers": headers})
+        await _send_guarded(call, send, {"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> None:
+    """Fill in what the request says about itself: feature, user, model, max_tokens, retry count."""
+    feature = headers.get(b"x-spendgate-feature")
+    call.feature = feature.decode("utf-8", "replace") if feature else None
+    user = headers.get(b"x-spendgate-user")
+    call.user = user.decode("utf-8", "replace") if user else None
+    retry_count = headers.get(b"x-stainless-retry-count", b"0")
+    call.retry_count = int(retry_count) if retry_count.isdigit() else 0
+    if call.endpoint is None:
+        return
+    try:
+        request = json.loads(body)
+    except ValueError:
+        raise BadRequest("The request body is not valid JSON. Send a Messages API request as a JSON object.") from None
+    if not isinstance(request, dict):
+        raise BadRequest("The request body must be a JSON object (a Messages API request).")
+    model = request.get("model")
+    call.model = model if isinstance(model, str) else None
+    max_tokens = request.get("max_tokens")
+    call.max_tokens = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+    if call.user is None:
+        metadata = request.get("metadata")
+        user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+        call.user = user_id if isinstance(user_id, str) else None
+
+
+def _note_summary(call: Call, summary: Any) -> None:
+    if summary.usage is not None:
+        call.usage = summary.usage
+    call.response_model = summary.response_model or call.response_model
+    if summary.error_type is not None:
+        call.error_type = summary.error_type
+        if call.outcome == "ok":
+            # An `event: error` inside a 200 stream: the call failed upstream after it started.
+            call.outcome = "upstream_error"
+
+
+async def _send_stream(
+    call: Call,
+    response: UpstreamResponse,
+    send: Send,
+    headers: list[tuple[bytes, bytes]],
+    tap: Callable[[bytes], None] | None,
+) -> None:
+    await _send_guarded(call, send, {"type": "http.response.start", "status": response.status, "headers": headers})
+    try:
+        async for chunk in response.body:
+            if tap is not None:
+                tap(chunk)
+            if call.first_byte is None:
+                call.first_byte = time.perf_counter()
+            await _send_guarded(call, send, {"type": "http.response.body", "body": chunk, "more_body": True})
+    except ProxyError as error:
+        # Too late for a JSON error: record why and end without completing, so the client sees a broken
+        # connection exactly as it would talking to Anthropic directly.
+        call.outcome = "upstream_unreachable"
+        call.error_type = error.reason
+        logger.warning("upstream failed mid-response on %s: %s", call.id, error.message)
+        return
+    await _send_guarded(call, send, {"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_guarded(call: Call, send: Send, message: Message) -> None:
+    try:
+        await send(message)
+    except OSError:
+        # ASGI servers advertising spec 2.4+ raise on a closed client instead of dropping the message.
+        raise ClientGone from None
+
+
+async def _watch_disconnect(receive: Receive, call: Call, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if call.finished:
+        return
+    call.disconnected = True
+    if call.streamed or call.endpoint is None:
+        scope.cancel()
+    # A non-streaming call keeps going: Anthropic bills it anyway, and finishing it gives the exact usage.
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(
+                f"The request body is over {limit} bytes, the limit for a Messages request. Send a smaller request."
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_error(send: Send, error: ProxyError, request_id: str) -> None:
+    body = error.body()
+    headers = [
+        *error.headers(),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-spendgate-request-id", request_id.encode()),
+    ]
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})

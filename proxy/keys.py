@@ -1,0 +1,108 @@
+"""Client keys: how they are made, stored (hashed) and checked on every call without a database round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio.to_thread
+from sqlalchemy import Engine, select
+
+from proxy.errors import InvalidKey
+from proxy.models import APIKey, Team
+
+KEY_PREFIX = "sk-sg-"
+# 32 random bytes: 256 bits, well above the 128 a guessable key would need to resist brute force.
+KEY_BYTES = 32
+MAX_CACHED_KEYS = 100_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyInfo:
+    """Who a valid key belongs to: what a call needs to be attributed."""
+
+    key_id: str
+    team_id: int
+    team: str
+
+
+def new_key() -> str:
+    """A fresh client key: a recognizable prefix and 256 random bits."""
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+
+
+def new_key_id() -> str:
+    """The public id of a key, safe to show and log."""
+    return "key_" + secrets.token_hex(8)
+
+
+def hash_key(key: str) -> str:
+    """What the ledger stores instead of the key. Keys are 256 random bits, so a plain SHA-256 is enough."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
+    """The client key from `x-api-key` or `Authorization: Bearer` (the SDKs send one or the other)."""
+    key = headers.get(b"x-api-key")
+    if key:
+        return key.decode("latin-1").strip()
+    authorization = headers.get(b"authorization")
+    if authorization and authorization[:7].lower() == b"bearer ":
+        return authorization[7:].decode("latin-1").strip()
+    return None
+
+
+def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
+    """Find an unrevoked key by its hash (blocking: call it from a worker thread)."""
+    query = (
+        select(APIKey.id, APIKey.team_id, Team.name)
+        .join(Team, Team.id == APIKey.team_id)
+        .where(APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
+    )
+    with engine.connect() as connection:
+        row = connection.execute(query).first()
+    if row is None:
+        return None
+    return KeyInfo(key_id=row[0], team_id=row[1], team=row[2])
+
+
+class KeyCache:
+    """Answers "whose key is this?" from memory, asking the ledger at most once per key per `ttl` seconds.
+
+    Unknown keys are cached too, so a client hammering with a bad key costs no database round trips.
+    A revocation made on any replica takes effect here within `ttl` seconds.
+    """
+
+    def __init__(self, engine: Engine, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
+
+    async def authenticate(self, key: str | None) -> KeyInfo:
+        """The key's owner, or `InvalidKey`."""
+        if not key:
+            raise InvalidKey(
+                "No spendgate key was sent. Pass your spendgate key as the SDK's api_key "
+                "(x-api-key header) or as 'Authorization: Bearer <key>'."
+            )
+        key_hash = hash_key(key)
+        now = self._clock()
+        cached = self._entries.get(key_hash)
+        if cached is not None and cached[0] > now:
+            info = cached[1]
+        else:
+            info = await anyio.to_thread.run_sync(lookup_key, self._engine, key_hash)
+            if len(self._entries) >= MAX_CACHED_KEYS:
+                self._entries.clear()
+            self._entries[key_hash] = (now + self._ttl, info)
+        if info is None:
+            raise InvalidKey("This spendgate key is unknown or revoked. Ask your spendgate admin for a valid key.")
+        return info
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key from this replica's cache at once (after a revocation made here)."""
+        self._entries = {h: e for h, e in self._entries.items() if e[1] is None or e[1].key_id != key_id}

@@ -1,0 +1,135 @@
+"""The ledger's tables, as SQLAlchemy 2 typed models. Alembic migrations in `migrations/` create them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, Numeric, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class Money(TypeDecorator[Decimal]):
+    """Exact USD amounts: NUMERIC on PostgreSQL; on SQLite, which has no decimal type and would
+    round-trip through a float, the decimal's exact text."""
+
+    impl = Numeric
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(64))
+        return dialect.type_descriptor(Numeric(asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return value if isinstance(value, Decimal) else Decimal(value)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored without zone (SQLite keeps none) and always read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    period: Mapped[str] = mapped_column(String(10), default="month")
+    max_output_tokens: Mapped[int | None] = mapped_column(Integer)
+    cap_policy: Mapped[str] = mapped_column(String(10), default="clamp")
+    # Comma-separated allow-list; NULL means every model.
+    models: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class APIKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of the key; the key itself is shown once at creation and never stored.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(20))
+    budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    period: Mapped[str] = mapped_column(String(10), default="month")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UsageRow(Base):
+    __tablename__ = "usage_records"
+
+    # A monotonically increasing surrogate keeps inserts append-only and gives exports a stable order.
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    team: Mapped[str | None] = mapped_column(String(200))
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    feature: Mapped[str | None] = mapped_column(String(200))
+    user: Mapped[str | None] = mapped_column(String(256))
+    endpoint: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str | None] = mapped_column(String(200))
+    response_model: Mapped[str | None] = mapped_column(String(200))
+    upstream_request_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(30))
+    error_type: Mapped[str | None] = mapped_column(String(100))
+    streamed: Mapped[bool] = mapped_column(Boolean)
+    batch_id: Mapped[str | None] = mapped_column(String(100))
+    custom_id: Mapped[str | None] = mapped_column(String(100))
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_creation_5m_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_creation_1h_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    web_search_requests: Mapped[int] = mapped_column(Integer)
+    web_fetch_requests: Mapped[int] = mapped_column(Integer)
+    service_tier: Mapped[str | None] = mapped_column(String(30))
+    speed: Mapped[str | None] = mapped_column(String(30))
+    inference_geo: Mapped[str | None] = mapped_column(String(30))
+    cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    price_version: Mapped[str] = mapped_column(String(40))
+    price_source: Mapped[str] = mapped_column(String(20))
+    is_retry: Mapped[bool] = mapped_column(Boolean)
+    retry_reason: Mapped[str | None] = mapped_column(String(20))
+    retry_of: Mapped[str | None] = mapped_column(String(40))
+    retry_count: Mapped[int] = mapped_column(Integer)
+    max_tokens_requested: Mapped[int | None] = mapped_column(Integer)
+    max_tokens_sent: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    ttfb_ms: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (
+        Index("ix_usage_team_started", "team", "started_at"),
+        Index("ix_usage_key_started", "key_id", "started_at"),
+        Index("ix_usage_started", "started_at"),
+    )

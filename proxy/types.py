@@ -1,0 +1,96 @@
+"""The vocabulary shared across modules: closed sets from the spec and the records that cross module boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+Outcome = Literal["ok", "upstream_error", "rejected", "client_disconnected", "upstream_unreachable"]
+RetryReason = Literal["sdk", "repeat"]
+CapPolicy = Literal["clamp", "reject"]
+Period = Literal["day", "week", "month", "total"]
+# How a call's price was found: an exact table entry, a family fallback for an unlisted model, or no price at all.
+PriceSource = Literal["table", "family", "unpriced"]
+
+PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
+CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IterationUsage:
+    """One entry of the beta `usage.iterations` list (compaction, advisor, fallback, message)."""
+
+    type: str
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_5m_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Token counts and billing modifiers of one response, as Anthropic reported them.
+
+    `input_tokens` is the uncached remainder only; cache writes and reads are separate counts, never
+    included in it (https://docs.claude.com/en/docs/build-with-claude/prompt-caching).
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_5m_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    web_search_requests: int = 0
+    web_fetch_requests: int = 0
+    service_tier: str | None = None
+    speed: str | None = None
+    inference_geo: str | None = None
+    iterations: tuple[IterationUsage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cost:
+    """The price of one call. `cost_usd` is None only when no price exists for the model (`unpriced`)."""
+
+    cost_usd: Decimal | None
+    price_version: str
+    price_source: PriceSource
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageRecord:
+    """One metered call, exactly as it is written to the ledger (fields per the spec's usage-record table)."""
+
+    id: str
+    started_at: datetime
+    finished_at: datetime
+    team: str | None
+    key_id: str | None
+    feature: str | None
+    user: str | None
+    endpoint: str
+    model: str | None
+    response_model: str | None
+    upstream_request_id: str | None
+    status: int
+    outcome: Outcome
+    error_type: str | None
+    streamed: bool
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: Decimal | None
+    price_version: str
+    price_source: PriceSource
+    is_retry: bool = False
+    retry_reason: RetryReason | None = None
+    retry_of: str | None = None
+    retry_count: int = 0
+    batch_id: str | None = None
+    custom_id: str | None = None
+    max_tokens_requested: int | None = None
+    max_tokens_sent: int | None = None
+    latency_ms: float
+    ttfb_ms: float | None

@@ -1,0 +1,39 @@
+"""Real servers on loopback for wire-level tests: an ASGI app under uvicorn in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class ThreadedServer(uvicorn.Server):
+    def install_signal_handlers(self) -> None:
+        # Signals belong to the test runner's main thread.
+        pass
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp) -> Iterator[str]:
+    """Serve `app` on a free loopback port; yields its base URL and stops it (lifespan included) on exit."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", server_header=False, date_header=False, lifespan="on"
+    )
+    server = ThreadedServer(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

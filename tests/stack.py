@@ -1,0 +1,65 @@
+"""A whole spendgate in-process: the fake upstream and the proxy, both under real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.export import iter_usage
+from proxy.models import UsageRow
+from proxy.teams import TeamSettings, create_key, create_team
+from tests.servers import serve_in_thread
+from tests.upstream import UPSTREAM_KEY, FakeAnthropic
+
+
+@dataclass
+class Stack:
+    url: str
+    key: str
+    key_id: str
+    upstream: FakeAnthropic
+    upstream_url: str
+    engine: Engine
+
+    def records(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until the ledger holds `count` records, then return them oldest first."""
+        deadline = time.monotonic() + timeout
+        with self.engine.connect() as connection:
+            while connection.execute(select(func.count()).select_from(UsageRow)).scalar_one() < count:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"expected {count} usage records in the ledger")
+                time.sleep(0.02)
+                connection.rollback()
+        return [record for _, record in iter_usage(self.engine)]
+
+
+def settings_for(db_url: str, upstream_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """Test settings: the fake upstream, its key, a per-test ledger and spill folder."""
+    base = Settings(
+        db_url=db_url,
+        upstream_url=upstream_url,
+        anthropic_api_key=UPSTREAM_KEY,
+        spill_dir=tmp_path / "spill",
+        record_flush_seconds=0.01,
+    )
+    return replace(base, **overrides)
+
+
+@contextlib.contextmanager
+def running_stack(engine: Engine, db_url: str, tmp_path: Path, **overrides: Any) -> Iterator[Stack]:
+    """Team `research` with one key, the fake upstream, and the proxy in front of it."""
+    create_team(engine, "research", TeamSettings())
+    view, key = create_key(engine, "research", name="ci")
+    upstream = FakeAnthropic()
+    with serve_in_thread(upstream) as upstream_url:
+        settings = settings_for(db_url, overrides.pop("upstream_url", upstream_url), tmp_path, **overrides)
+        with serve_in_thread(create_app(settings)) as url:
+            yield Stack(url=url, key=key, key_id=view.id, upstream=upstream, upstream_url=upstream_url, engine=engine)

@@ -1,0 +1,141 @@
+"""A fake Anthropic API built from the recorded payloads in `tests/fixtures/`.
+
+Tests steer it with request headers, which the proxy forwards untouched:
+- `x-fake-stream: text|web-search|error-midway` picks the SSE recording (default `text`);
+- `x-fake-status: 429|413|500|529` answers with that error;
+- `x-fake-chunk: N` splits SSE bodies into N-byte chunks; `x-fake-delay: S` sleeps S seconds between chunks;
+- `x-fake-hang: S` waits S seconds before answering at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+FIXTURES = Path(__file__).parent / "fixtures"
+UPSTREAM_KEY = "sk-ant-upstream-secret"
+STREAMS = {
+    "text": "stream-text.sse",
+    "web-search": "stream-web-search.sse",
+    "error-midway": "stream-error-midway.sse",
+}
+ERRORS = {
+    429: "error-429.json",
+    413: "error-413.json",
+}
+RESPONSE_HEADERS = [
+    (b"request-id", b"req_fake_0001"),
+    (b"anthropic-ratelimit-requests-limit", b"4000"),
+    (b"anthropic-ratelimit-requests-remaining", b"3999"),
+    (b"anthropic-organization-id", b"org-fake"),
+]
+
+
+def fixture(name: str) -> bytes:
+    """The bytes of a recorded payload."""
+    return (FIXTURES / name).read_bytes()
+
+
+@dataclass
+class Seen:
+    """One request the fake upstream received."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class FakeAnthropic:
+    """The fake upstream as an ASGI app; `requests` holds what it received, in order."""
+
+    requests: list[Seen] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.requests.append(Seen(scope["method"], scope["path"], scope["query_string"].decode(), headers, body))
+        if "x-fake-hang" in headers:
+            await asyncio.sleep(float(headers["x-fake-hang"]))
+        if headers.get("x-api-key") != UPSTREAM_KEY:
+            error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
+            await _respond(send, 401, json.dumps(error).encode())
+            return
+        if "x-fake-status" in headers:
+            status = int(headers["x-fake-status"])
+            payload = ERRORS.get(status)
+            error_body = fixture(payload) if payload else _error_body(status)
+            await _respond(send, status, error_body, extra=[(b"x-should-retry", b"true")])
+            return
+        if scope["path"] == "/v1/messages/count_tokens":
+            await _respond(send, 200, fixture("count-tokens.json"))
+            return
+        if scope["path"] == "/v1/models":
+            await _respond(send, 200, b'{"data":[{"id":"claude-sonnet-4-6","type":"model"}],"has_more":false}')
+            return
+        if scope["path"] != "/v1/messages" or scope["method"] != "POST":
+            await _respond(send, 404, _error_body(404))
+            return
+        request: dict[str, Any] = json.loads(body)
+        if request.get("stream"):
+            await _stream(send, headers)
+        else:
+            # The recording's bytes, with only the model swapped, so tests can compare bytes exactly.
+            recorded = fixture("message.json")
+            model = json.dumps(_resolved(request["model"])).encode()
+            await _respond(send, 200, recorded.replace(b'"claude-sonnet-4-5-20250929"', model))
+
+
+def _resolved(model: str) -> str:
+    # Aliases resolve to a dated snapshot in responses, as the real API does for older models.
+    return {"claude-sonnet-4-5": "claude-sonnet-4-5-20250929"}.get(model, model)
+
+
+def _error_body(status: int) -> bytes:
+    kind = {404: "not_found_error", 500: "api_error", 529: "overloaded_error"}.get(status, "invalid_request_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": f"fake {status}"}}).encode()
+
+
+async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *RESPONSE_HEADERS,
+        *(extra or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _stream(send: Send, headers: dict[str, str]) -> None:
+    body = fixture(STREAMS[headers.get("x-fake-stream", "text")])
+    chunk_size = int(headers.get("x-fake-chunk", "0")) or len(body)
+    delay = float(headers.get("x-fake-delay", "0"))
+    response_headers = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        *RESPONSE_HEADERS,
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+    for start in range(0, len(body), chunk_size):
+        await send({"type": "http.response.body", "body": body[start : start + chunk_size], "more_body": True})
+        if delay:
+            await asyncio.sleep(delay)
+    await send({"type": "http.response.body", "body": b""})
