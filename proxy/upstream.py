@@ -109,8 +109,8 @@ class HTTPXUpstream:
     def __init__(self, transport: httpx.AsyncBaseTransport, *, connect_timeout: float, read_timeout: float) -> None:
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False)
-        # httpx would add its own User-Agent, Accept and Accept-Encoding; we forward the client's.
-        self._client.headers = httpx.Headers()
+        # httpx would add its own User-Agent, Accept, Accept-Encoding and Connection; we forward the client's.
+        self._client.headers.clear()
 
     async def send(self, method: str, url: str, headers: Headers, body: bytes) -> UpstreamResponse:
         request = self._client.build_request(method, url, headers=list(headers), content=body)
@@ -126,6 +126,10 @@ class HTTPXUpstream:
         )
 
     async def _read(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        if response.is_stream_consumed:
+            # A transport may hand back a response built from bytes (MockTransport does): already read.
+            yield response.content
+            return
         try:
             async for chunk in response.aiter_raw():
                 yield chunk

@@ -1,0 +1,198 @@
+"""Forwarding at unit level: the proxy app in-process with `httpx.MockTransport` / respx as its upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+from sqlalchemy import Engine
+from starlette.testclient import TestClient
+
+from proxy.app import create_app
+from proxy.errors import (
+    BadRequest,
+    BudgetExceeded,
+    InvalidKey,
+    ModelNotAllowed,
+    OutputCapExceeded,
+    ProxyError,
+    RequestTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.teams import TeamSettings, create_key, create_team
+from tests.stack import settings_for
+from tests.upstream import UPSTREAM_KEY, fixture
+
+UPSTREAM = "https://upstream.test"
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+@pytest.fixture
+def key(engine: Engine) -> str:
+    create_team(engine, "research", TeamSettings())
+    return create_key(engine, "research")[1]
+
+
+@pytest.fixture
+def make_client(db_url: str, tmp_path: Path) -> Iterator[Callable[[httpx.AsyncBaseTransport], TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(transport: httpx.AsyncBaseTransport) -> TestClient:
+        app = create_app(settings_for(db_url, UPSTREAM, tmp_path), transport=transport)
+        client = TestClient(app).__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def body(stream: bool = False) -> dict[str, object]:
+    return {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [], "stream": stream}
+
+
+def test_hop_by_hop_headers_are_dropped_both_ways(make_client: Callable[..., TestClient], key: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200,
+            content=fixture("message.json"),
+            headers={"content-type": "application/json", "keep-alive": "timeout=5", "x-custom": "kept"},
+        )
+
+    client = make_client(httpx.MockTransport(handler))
+    response = client.post(
+        "/v1/messages",
+        json=body(),
+        headers={
+            "x-api-key": key,
+            "connection": "keep-alive, x-private",
+            "x-private": "only for this hop",
+            "proxy-authorization": "Basic abc",
+            "te": "trailers",
+            "anthropic-beta": "a,b",
+            "accept-encoding": "gzip, br",
+        },
+    )
+    assert response.status_code == 200
+    sent = seen[0].headers
+    for dropped in ("connection", "x-private", "proxy-authorization", "te", "authorization"):
+        assert dropped not in sent
+    assert sent["x-api-key"] == UPSTREAM_KEY
+    assert sent["anthropic-beta"] == "a,b"
+    # The usage tap reads the body, so a metered call asks for it uncompressed.
+    assert sent["accept-encoding"] == "identity"
+    assert str(seen[0].url) == f"{UPSTREAM}/v1/messages"
+    assert "keep-alive" not in response.headers
+    assert response.headers["x-custom"] == "kept"
+    assert response.content == fixture("message.json")
+
+
+def test_unmetered_paths_keep_client_encoding(make_client: Callable[..., TestClient], key: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"data": []})
+
+    client = make_client(httpx.MockTransport(handler))
+    response = client.get("/v1/models?limit=5", headers={"x-api-key": key, "accept-encoding": "gzip"})
+    assert response.status_code == 200
+    assert seen[0].headers["accept-encoding"] == "gzip"
+    assert seen[0].url.query == b"limit=5"
+    assert seen[0].method == "GET"
+
+
+@pytest.mark.parametrize(
+    "exception, status, reason",
+    [
+        pytest.param(httpx.ConnectError("refused"), 502, "upstream_unreachable", id="connect-error"),
+        pytest.param(httpx.RemoteProtocolError("bad"), 502, "upstream_unreachable", id="protocol-error"),
+        pytest.param(httpx.ReadError("reset"), 502, "upstream_unreachable", id="read-error"),
+        pytest.param(httpx.ConnectTimeout("slow"), 504, "upstream_timeout", id="connect-timeout"),
+        pytest.param(httpx.ReadTimeout("slow"), 504, "upstream_timeout", id="read-timeout"),
+        pytest.param(httpx.PoolTimeout("busy"), 504, "upstream_timeout", id="pool-timeout"),
+    ],
+)
+def test_transport_errors_map_to_502_and_504(
+    make_client: Callable[..., TestClient], key: str, exception: Exception, status: int, reason: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exception
+
+    response = make_client(httpx.MockTransport(handler)).post("/v1/messages", json=body(), headers={"x-api-key": key})
+    assert response.status_code == status
+    assert response.headers["x-spendgate-error"] == reason
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "api_error", "message": response.json()["error"]["message"]},
+    }
+    assert "x-should-retry" not in response.headers
+
+
+def test_respx_upstream_sees_one_call(make_client: Callable[..., TestClient], key: str) -> None:
+    with respx.mock(base_url=UPSTREAM, assert_all_called=True) as upstream:
+        route = upstream.post("/v1/messages/count_tokens").respond(200, content=fixture("count-tokens.json"))
+        response = make_client(httpx.AsyncHTTPTransport()).post(
+            "/v1/messages/count_tokens", json={"model": "claude-sonnet-4-6", "messages": []}, headers={"x-api-key": key}
+        )
+    assert response.json() == {"input_tokens": 14}
+    assert route.call_count == 1
+    assert "x-spendgate-cost-usd" not in response.headers
+
+
+def test_stream_is_relayed_chunk_for_chunk(make_client: Callable[..., TestClient], key: str) -> None:
+    sse = fixture("stream-text.sse")
+
+    class Chunks(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for start in range(0, len(sse), 3):
+                yield sse[start : start + 3]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Chunks())
+
+    response = make_client(httpx.MockTransport(handler)).post(
+        "/v1/messages", json=body(stream=True), headers={"x-api-key": key}
+    )
+    assert response.content == sse
+    assert "x-spendgate-request-id" in response.headers
+    assert "x-spendgate-cost-usd" not in response.headers
+
+
+ERROR_TABLE = [
+    pytest.param(InvalidKey, 401, "authentication_error", "invalid_key", True, id="invalid-key"),
+    pytest.param(ModelNotAllowed, 403, "permission_error", "model_not_allowed", True, id="model-not-allowed"),
+    pytest.param(OutputCapExceeded, 400, "invalid_request_error", "output_cap", True, id="output-cap"),
+    pytest.param(BudgetExceeded, 402, "billing_error", "budget_exceeded", True, id="budget-exceeded"),
+    pytest.param(BadRequest, 400, "invalid_request_error", "bad_request", True, id="bad-request"),
+    pytest.param(RequestTooLarge, 413, "request_too_large", "request_too_large", True, id="too-large"),
+    pytest.param(UpstreamUnreachable, 502, "api_error", "upstream_unreachable", False, id="unreachable"),
+    pytest.param(UpstreamTimeout, 504, "api_error", "upstream_timeout", False, id="timeout"),
+]
+
+
+@pytest.mark.parametrize("error, status, error_type, reason, no_retry", ERROR_TABLE)
+def test_error_table(error: type[ProxyError], status: int, error_type: str, reason: str, no_retry: bool) -> None:
+    instance = error("what happened and what to do")
+    headers = dict(instance.headers())
+    assert (instance.status, instance.error_type, instance.reason) == (status, error_type, reason)
+    assert json.loads(instance.body()) == {
+        "type": "error",
+        "error": {"type": error_type, "message": "what happened and what to do"},
+    }
+    assert headers[b"x-spendgate-error"] == reason.encode()
+    assert (headers.get(b"x-should-retry") == b"false") is no_retry
+
+
+def test_error_table_is_complete() -> None:
+    covered = {param.values[0] for param in ERROR_TABLE}
+    assert covered == set(ProxyError.__subclasses__())

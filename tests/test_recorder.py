@@ -1,0 +1,110 @@
+"""The batching ledger writer: nothing lost, nothing written twice."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from proxy.db import make_engine
+from proxy.export import iter_usage
+from proxy.models import UsageRow
+from proxy.recorder import Recorder, insert_records, replay_spilled
+from proxy.types import Usage, UsageRecord
+
+pytestmark = pytest.mark.anyio
+
+
+def make_record(**fields: Any) -> UsageRecord:
+    """A complete usage record; `fields` override the defaults."""
+    base: dict[str, Any] = {
+        "id": "sgr_test",
+        "started_at": datetime(2026, 11, 20, 12, 0, tzinfo=UTC),
+        "finished_at": datetime(2026, 11, 20, 12, 0, 1, tzinfo=UTC),
+        "team": "research",
+        "key_id": "key_1",
+        "feature": None,
+        "user": None,
+        "endpoint": "/v1/messages",
+        "model": "claude-sonnet-4-6",
+        "response_model": "claude-sonnet-4-6",
+        "upstream_request_id": "req_1",
+        "status": 200,
+        "outcome": "ok",
+        "error_type": None,
+        "streamed": False,
+        "usage": Usage(input_tokens=100, output_tokens=10, cache_creation_1h_input_tokens=5),
+        "cost_usd": Decimal("0.00045"),
+        "price_version": "2026-09-01",
+        "price_source": "table",
+        "latency_ms": 12.5,
+        "ttfb_ms": 3.25,
+    }
+    base.update(fields)
+    return UsageRecord(**base)
+
+
+def count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(UsageRow)).scalar_one())
+
+
+def recorder_for(engine: Engine, tmp_path: Path, **overrides: Any) -> Recorder:
+    options: dict[str, Any] = {
+        "flush_seconds": 0.01,
+        "batch_size": 3,
+        "drain_seconds": 0.2,
+        "spill_dir": tmp_path / "spill",
+    }
+    options.update(overrides)
+    return Recorder(engine, **options)
+
+
+def test_round_trip_is_exact(engine: Engine) -> None:
+    insert_records(engine, [make_record(cost_usd=Decimal("0.000000123456789012"))])
+    [(_, record)] = list(iter_usage(engine))
+    assert record["cost_usd"] == "0.000000123456789012"
+    assert record["started_at"] == "2026-11-20T12:00:00+00:00"
+    assert (record["input_tokens"], record["cache_creation_1h_input_tokens"]) == (100, 5)
+
+
+def test_same_id_is_written_once(engine: Engine) -> None:
+    insert_records(engine, [make_record()])
+    insert_records(engine, [make_record(), make_record(id="sgr_other")])
+    assert count(engine) == 2
+
+
+async def test_batches_are_written_and_drained_on_close(engine: Engine, tmp_path: Path) -> None:
+    recorder = recorder_for(engine, tmp_path)
+    recorder.start()
+    for n in range(10):
+        recorder.submit(make_record(id=f"sgr_{n}"))
+    await recorder.close()
+    assert count(engine) == 10
+    assert recorder.pending == 0
+
+
+async def test_unreachable_ledger_spills_then_replays(engine: Engine, tmp_path: Path) -> None:
+    broken = make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'ledger.db'}")
+    recorder = recorder_for(broken, tmp_path)
+    recorder.start()
+    for n in range(5):
+        recorder.submit(make_record(id=f"sgr_{n}"))
+    await recorder.close()
+    broken.dispose()
+    assert recorder.pending == 0
+    [spilled] = list((tmp_path / "spill").iterdir())
+    assert len(spilled.read_text().splitlines()) == 5
+    assert replay_spilled(engine, tmp_path / "spill") == 5
+    assert list((tmp_path / "spill").iterdir()) == []
+    exported = [record for _, record in iter_usage(engine)]
+    assert [r["id"] for r in exported] == [f"sgr_{n}" for n in range(5)]
+    assert exported[0]["cost_usd"] == "0.00045"
+
+
+def test_replay_without_spill_dir_is_a_no_op(engine: Engine, tmp_path: Path) -> None:
+    assert replay_spilled(engine, tmp_path / "nothing-here") == 0
