@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from sqlalchemy import Engine
+
 from proxy.config import ConfigError, Settings
-from proxy.db import make_engine, upgrade
+from proxy.db import make_engine, normalize_url, upgrade
 from proxy.export import iter_usage, write_csv, write_jsonl
 from proxy.pricing import PriceError, PriceTable
 from proxy.recorder import replay_spilled
@@ -69,9 +72,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     _configure_logging()
     upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
-    replay_spilled(engine, settings.spill_dir)
-    engine.dispose()
+    with _ledger(settings) as engine:
+        replay_spilled(engine, settings.spill_dir)
     app = create_app(settings)
     logger.info(
         "spendgate serving on http://%s:%d, forwarding to %s", settings.host, settings.port, settings.upstream_url
@@ -96,26 +98,38 @@ def _configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _ledger(settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(settings.db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     upgrade(settings.db_url)
-    print(f"database is at the newest migration: {make_engine(settings.db_url).url.render_as_string()}")
+    print(f"database is at the newest migration: {normalize_url(settings.db_url).render_as_string()}")
     return 0
 
 
 def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
-    view = create_team(make_engine(settings.db_url), args.name, _team_settings(args, create=True))
+    with _ledger(settings) as engine:
+        view = create_team(engine, args.name, _team_settings(args))
     print(json.dumps(view.to_json()))
     return 0
 
 
 def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
-    view = update_team(make_engine(settings.db_url), args.name, _team_settings(args, create=False))
+    with _ledger(settings) as engine:
+        view = update_team(engine, args.name, _team_settings(args))
     print(json.dumps(view.to_json()))
     return 0
 
 
 def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
-    views = [view.to_json() for view in list_teams(make_engine(settings.db_url))]
+    with _ledger(settings) as engine:
+        views = [view.to_json() for view in list_teams(engine)]
     if args.format == "json":
         print(json.dumps(views, indent=2))
         return 0
@@ -125,26 +139,29 @@ def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    view, key = create_key(
-        make_engine(settings.db_url),
-        args.team,
-        name=args.name,
-        budget_usd=_money(args.budget) if args.budget is not None else None,
-        period=args.period,
-    )
+    with _ledger(settings) as engine:
+        view, key = create_key(
+            engine,
+            args.team,
+            name=args.name,
+            budget_usd=_money(args.budget) if args.budget is not None else None,
+            period=args.period,
+        )
     print(f"created key {view.id} for team {view.team} (shown once; store it now):")
     print(key)
     return 0
 
 
 def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    view = revoke_key(make_engine(settings.db_url), args.key_id)
+    with _ledger(settings) as engine:
+        view = revoke_key(engine, args.key_id)
     print(f"revoked key {view.id} of team {view.team}")
     return 0
 
 
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    views = [view.to_json() for view in list_keys(make_engine(settings.db_url), team=args.team)]
+    with _ledger(settings) as engine:
+        views = [view.to_json() for view in list_keys(engine, team=args.team)]
     if args.format == "json":
         print(json.dumps(views, indent=2))
     else:
@@ -153,14 +170,10 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
-    records = (
-        record
-        for _, record in iter_usage(
-            make_engine(settings.db_url), team=args.team, since=_instant(args.since), until=_instant(args.until)
-        )
-    )
+    since, until = _instant(args.since), _instant(args.until)
     writer = write_csv if args.format == "csv" else write_jsonl
-    writer(records, sys.stdout)
+    with _ledger(settings) as engine:
+        writer((record for _, record in iter_usage(engine, team=args.team, since=since, until=until)), sys.stdout)
     return 0
 
 
@@ -170,7 +183,7 @@ def _prices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _team_settings(args: argparse.Namespace, *, create: bool) -> TeamSettings:
+def _team_settings(args: argparse.Namespace) -> TeamSettings:
     def given(value: Any, parse: Callable[[str], Any]) -> Any:
         if value is None:
             return UNSET

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -22,26 +23,30 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="session")
-def _migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A migrated database made once per session: a SQLite file to copy, or a PostgreSQL database to truncate."""
+@contextlib.contextmanager
+def empty_database(tmp_path: Path) -> Iterator[str]:
+    """A brand-new empty database: a SQLite file under `tmp_path`, or a new PostgreSQL database dropped after."""
     if POSTGRES_URL is None:
-        path = tmp_path_factory.mktemp("template") / "template.db"
-        upgrade(f"sqlite:///{path}")
-        yield str(path)
+        yield f"sqlite:///{tmp_path / ('empty-' + secrets.token_hex(4) + '.db')}"
         return
     admin = make_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     name = "spendgate_test_" + secrets.token_hex(4)
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = normalize_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
     try:
-        yield url
+        yield normalize_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database made once per session: a SQLite file to copy, or a PostgreSQL database to truncate."""
+    with empty_database(tmp_path_factory.mktemp("template")) as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture
@@ -49,7 +54,7 @@ def db_url(_migrated_template: str, tmp_path: Path) -> str:
     """The URL of an empty, migrated ledger for this test alone."""
     if POSTGRES_URL is None:
         path = tmp_path / "spendgate.db"
-        shutil.copy(_migrated_template, path)
+        shutil.copy(make_engine(_migrated_template).url.database or "", path)
         return f"sqlite:///{path}"
     engine = make_engine(_migrated_template)
     tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
