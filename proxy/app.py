@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import TypedDict
 
 import anyio.to_thread
@@ -16,6 +18,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from proxy.alerts import AlertSender
+from proxy.budgets import release_expired
 from proxy.config import Settings
 from proxy.db import make_engine
 from proxy.forward import Forwarder
@@ -53,12 +57,15 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 connect_timeout=settings.upstream_connect_timeout,
                 read_timeout=settings.upstream_read_timeout,
             )
+        alerts = AlertSender(settings.alert_webhook)
         recorder = Recorder(
             engine,
             flush_seconds=settings.record_flush_seconds,
             batch_size=settings.record_batch_size,
             drain_seconds=settings.record_drain_seconds,
             spill_dir=settings.spill_dir,
+            soft_fraction=settings.soft_limit_fraction,
+            on_soft_limit=alerts.notify,
         )
         forwarder = Forwarder(
             upstream=upstream,
@@ -67,17 +74,25 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             keys=KeyCache(engine, ttl=settings.key_cache_seconds),
             prices=prices,
             recorder=recorder,
+            engine=engine,
             max_body_bytes=settings.max_body_bytes,
+            default_max_output_tokens=settings.default_max_output_tokens,
+            reservation_ttl_seconds=settings.reservation_ttl_seconds,
+            budget_fail_open=settings.budget_fail_open,
         )
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
         recorder.start()
+        alerts.start()
+        sweeper = asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))
         try:
             yield {"engine": engine, "forwarder": forwarder, "recorder": recorder}
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.
+            sweeper.cancel()
             await recorder.close()
+            await alerts.close()
             await upstream.aclose()
             engine.dispose()
 
@@ -85,6 +100,18 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         routes=[Route("/healthz", healthz), Mount("/v1", app=_forward)],
         lifespan=lifespan,
     )
+
+
+async def _release_expired_holds(engine: Engine, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            released = await anyio.to_thread.run_sync(release_expired, engine, datetime.now(UTC))
+        except Exception:
+            logger.exception("could not release expired budget holds; will try again")
+            continue
+        if released:
+            logger.warning("released the budget holds of %d calls that never settled", released)
 
 
 async def _forward(scope: Scope, receive: Receive, send: Send) -> None:

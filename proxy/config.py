@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,15 @@ class Settings:
     record_drain_seconds: float = 30.0
     spill_dir: Path = Path("./spendgate-spill")
     graceful_shutdown_seconds: float = 60.0
+    # Applies to teams without a cap of their own; None: no cap.
+    default_max_output_tokens: int | None = None
+    # A hold whose call never settles (its process died) is released after this long.
+    reservation_ttl_seconds: float = 3600.0
+    reservation_sweep_seconds: float = 30.0
+    # When the ledger cannot be reached, budgeted calls are refused (503) unless this is set.
+    budget_fail_open: bool = False
+    soft_limit_fraction: Decimal = Decimal("0.8")
+    alert_webhook: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -62,11 +72,35 @@ class Settings:
             upstream_read_timeout=_read(environ, "SPENDGATE_UPSTREAM_READ_TIMEOUT", float, 600.0),
             spill_dir=_read(environ, "SPENDGATE_SPILL_DIR", Path, Path("./spendgate-spill")),
             graceful_shutdown_seconds=_read(environ, "SPENDGATE_SHUTDOWN_GRACE_SECONDS", float, 60.0),
+            default_max_output_tokens=_read(environ, "SPENDGATE_DEFAULT_MAX_OUTPUT_TOKENS", int, None),
+            reservation_ttl_seconds=_read(environ, "SPENDGATE_RESERVATION_TTL_SECONDS", float, 3600.0),
+            reservation_sweep_seconds=_read(environ, "SPENDGATE_RESERVATION_SWEEP_SECONDS", float, 30.0),
+            budget_fail_open=_read(environ, "SPENDGATE_BUDGET_FAIL_OPEN", _boolean, False),
+            soft_limit_fraction=_read(environ, "SPENDGATE_SOFT_LIMIT_FRACTION", _fraction, Decimal("0.8")),
+            alert_webhook=environ.get("SPENDGATE_ALERT_WEBHOOK") or None,
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:
             given["upstream_url"] = given["upstream_url"].rstrip("/")
         return replace(base, **given)
+
+
+def _boolean(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _fraction(raw: str) -> Decimal:
+    try:
+        value = Decimal(raw)
+    except ArithmeticError:
+        raise ValueError(raw) from None
+    if not 0 < value <= 1:
+        raise ValueError(raw)
+    return value
 
 
 def _read(environ: Mapping[str, str], name: str, cast: Callable[[str], T], default: T) -> T:
@@ -76,7 +110,8 @@ def _read(environ: Mapping[str, str], name: str, cast: Callable[[str], T], defau
     try:
         value = cast(raw)
     except ValueError:
-        raise ConfigError(f"{name} has value {raw!r}, which is not a valid {cast.__name__}.") from None
-    if isinstance(value, int | float) and value < 0:
+        kind = {"_boolean": "boolean (true/false)", "_fraction": "fraction between 0 and 1"}.get(cast.__name__)
+        raise ConfigError(f"{name} has value {raw!r}, which is not a valid {kind or cast.__name__}.") from None
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool) and value < 0:
         raise ConfigError(f"{name} has value {raw!r}; it must not be negative.")
     return value

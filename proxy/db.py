@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
 # Any constant works; it only has to be the same in every replica.
@@ -33,6 +33,25 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(parsed, pool_pre_ping=True, **kwargs)
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction for read-modify-write work (budget checks, settlement), committed on success.
+
+    On SQLite it starts with `BEGIN IMMEDIATE`, taking the database's single write lock up front: a deferred
+    transaction that reads first and writes later could find its snapshot stale and fail instead of waiting.
+    On PostgreSQL, callers lock the rows they change with `SELECT … FOR UPDATE`.
+    """
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -90,6 +90,23 @@ class BadRequest(ProxyError):
     should_retry = False
 
 
+class UnpricedModel(ProxyError):
+    """The team has a budget and the model has no price, so the call's cost cannot be bounded."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    reason = "unpriced_model"
+    should_retry = False
+
+
+class LedgerUnavailable(ProxyError):
+    """The budget could not be checked because the database did not answer (fail closed)."""
+
+    status = 503
+    error_type = "api_error"
+    reason = "ledger_unavailable"
+
+
 class RequestTooLarge(ProxyError):
     """The body is over the configured limit (the API's own 32 MB by default)."""
 

@@ -13,18 +13,24 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import anyio
+import anyio.to_thread
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy.errors import BadRequest, ProxyError, RequestTooLarge
-from proxy.keys import KeyCache, key_from_headers
+from proxy.budgets import counters_for, reserve
+from proxy.errors import BadRequest, LedgerUnavailable, ProxyError, RequestTooLarge, UnpricedModel
+from proxy.keys import KeyCache, KeyInfo, key_from_headers
+from proxy.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.pricing import PriceTable
 from proxy.recorder import Recorder
-from proxy.types import Outcome, PriceSource, Usage, UsageRecord
+from proxy.types import Outcome, PriceSource, Reservation, Usage, UsageRecord
 from proxy.upstream import Upstream, UpstreamResponse
 from proxy.usage import StreamUsage, summarize_json
 
@@ -81,6 +87,8 @@ class Call:
         "usage",
         "retry_count",
         "max_tokens",
+        "max_tokens_sent",
+        "reservation",
         "finished",
         "disconnected",
     )
@@ -105,6 +113,8 @@ class Call:
         self.usage: Usage | None = None
         self.retry_count = 0
         self.max_tokens: int | None = None
+        self.max_tokens_sent: int | None = None
+        self.reservation: Reservation | None = None
         self.finished = False
         self.disconnected = False
 
@@ -150,9 +160,10 @@ class Call:
             retry_reason="sdk" if self.retry_count > 0 else None,
             retry_count=self.retry_count,
             max_tokens_requested=self.max_tokens,
-            max_tokens_sent=self.max_tokens,
+            max_tokens_sent=self.max_tokens_sent,
             latency_ms=round((now - self.started) * 1000, 3),
             ttfb_ms=None if self.first_byte is None else round((self.first_byte - self.started) * 1000, 3),
+            reservation=self.reservation,
         )
 
 
@@ -168,7 +179,11 @@ class Forwarder:
         keys: KeyCache,
         prices: PriceTable,
         recorder: Recorder,
+        engine: Engine,
         max_body_bytes: int,
+        default_max_output_tokens: int | None = None,
+        reservation_ttl_seconds: float = 3600.0,
+        budget_fail_open: bool = False,
     ) -> None:
         self._upstream = upstream
         self._upstream_url = upstream_url
@@ -176,7 +191,11 @@ class Forwarder:
         self._keys = keys
         self._prices = prices
         self._recorder = recorder
+        self._engine = engine
         self._max_body_bytes = max_body_bytes
+        self._default_cap = default_max_output_tokens
+        self._reservation_ttl = timedelta(seconds=reservation_ttl_seconds)
+        self._fail_open = budget_fail_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -188,8 +207,10 @@ class Forwarder:
             body = await _read_body(receive, self._max_body_bytes)
             key = await self._keys.authenticate(key_from_headers(headers))
             call.team, call.key_id = key.team, key.key_id
-            _describe_call(call, headers, body)
-            await self._exchange(call, scope, receive, send, headers, body)
+            request = _describe_call(call, headers, body)
+            if request is not None and endpoint == MESSAGES:
+                body = await self._preflight(call, key, request, body)
+            await self._exchange(call, scope, receive, send, body)
         except ProxyError as error:
             call.fail(error, "upstream_unreachable" if error.status >= 500 else "rejected")
             await _send_error(send, error, call.id)
@@ -219,9 +240,46 @@ class Forwarder:
         self._recorder.submit(record)
         return record
 
-    async def _exchange(
-        self, call: Call, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], body: bytes
-    ) -> None:
+    async def _preflight(self, call: Call, key: KeyInfo, request: dict[str, Any], body: bytes) -> bytes:
+        """Apply the team's rules and hold the call's worst-case cost; returns the body to forward."""
+        check_model(call.model, key.models, key.team)
+        cap = key.max_output_tokens if key.max_output_tokens is not None else self._default_cap
+        capped = cap_output(request, body, cap=cap, policy=key.cap_policy, team=key.team)
+        call.max_tokens_sent = capped.max_tokens
+        counters = counters_for(key, call.started_at)
+        if all(counter.budget_usd is None for counter in counters):
+            call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+            return capped.body
+        estimate = estimate_cost(
+            request,
+            model=call.model or "",
+            input_tokens=input_token_bound(request, len(capped.body)),
+            max_tokens=capped.max_tokens,
+            prices=self._prices,
+            at=call.started_at,
+        )
+        if estimate is None:
+            raise UnpricedModel(
+                f"Model {call.model!r} has no price, so team {key.team}'s budget cannot bound this call. Add the "
+                "model to a price table named by SPENDGATE_PRICES (see `spendgate prices`), or use a priced model."
+            )
+        reservation = Reservation(call_id=call.id, counters=counters, amount=estimate, held=True)
+        try:
+            await anyio.to_thread.run_sync(
+                partial(reserve, self._engine, reservation, expires_at=call.started_at + self._reservation_ttl)
+            )
+        except SQLAlchemyError as exc:
+            if not self._fail_open:
+                raise LedgerUnavailable(
+                    "The spend ledger did not answer, so the budget could not be checked and the call was not sent. "
+                    "Try again shortly."
+                ) from exc
+            logger.warning("ledger unreachable; forwarding %s without a budget check (fail-open)", call.id)
+            reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+        call.reservation = reservation
+        return capped.body
+
+    async def _exchange(self, call: Call, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         url = self._upstream_url + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
@@ -294,8 +352,11 @@ class Forwarder:
         await _send_guarded(call, send, {"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> None:
-    """Fill in what the request says about itself: feature, user, model, max_tokens, retry count."""
+def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> dict[str, Any] | None:
+    """Fill in what the request says about itself: feature, user, model, max_tokens, retry count.
+
+    Returns the parsed Messages request for metered calls (None for other paths).
+    """
     feature = headers.get(b"x-spendgate-feature")
     call.feature = feature.decode("utf-8", "replace") if feature else None
     user = headers.get(b"x-spendgate-user")
@@ -303,7 +364,7 @@ def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> None
     retry_count = headers.get(b"x-stainless-retry-count", b"0")
     call.retry_count = int(retry_count) if retry_count.isdigit() else 0
     if call.endpoint is None:
-        return
+        return None
     try:
         request = json.loads(body)
     except ValueError:
@@ -314,10 +375,12 @@ def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> None
     call.model = model if isinstance(model, str) else None
     max_tokens = request.get("max_tokens")
     call.max_tokens = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+    call.max_tokens_sent = call.max_tokens
     if call.user is None:
         metadata = request.get("metadata")
         user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
         call.user = user_id if isinstance(user_id, str) else None
+    return request
 
 
 def _note_summary(call: Call, summary: Any) -> None:

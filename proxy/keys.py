@@ -7,12 +7,14 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import anyio.to_thread
 from sqlalchemy import Engine, select
 
 from proxy.errors import InvalidKey
 from proxy.models import APIKey, Team
+from proxy.types import CapPolicy, Period
 
 KEY_PREFIX = "sk-sg-"
 # 32 random bytes: 256 bits, well above the 128 a guessable key would need to resist brute force.
@@ -22,11 +24,18 @@ MAX_CACHED_KEYS = 100_000
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyInfo:
-    """Who a valid key belongs to: what a call needs to be attributed."""
+    """Who a valid key belongs to and the rules its calls obey: what a call needs to be attributed and limited."""
 
     key_id: str
     team_id: int
     team: str
+    team_budget_usd: Decimal | None = None
+    team_period: Period = "month"
+    key_budget_usd: Decimal | None = None
+    key_period: Period = "month"
+    max_output_tokens: int | None = None
+    cap_policy: CapPolicy = "clamp"
+    models: tuple[str, ...] | None = None
 
 
 def new_key() -> str:
@@ -58,7 +67,18 @@ def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
 def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
     """Find an unrevoked key by its hash (blocking: call it from a worker thread)."""
     query = (
-        select(APIKey.id, APIKey.team_id, Team.name)
+        select(
+            APIKey.id,
+            APIKey.budget_usd,
+            APIKey.period,
+            Team.id,
+            Team.name,
+            Team.budget_usd,
+            Team.period,
+            Team.max_output_tokens,
+            Team.cap_policy,
+            Team.models,
+        )
         .join(Team, Team.id == APIKey.team_id)
         .where(APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
     )
@@ -66,7 +86,19 @@ def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
         row = connection.execute(query).first()
     if row is None:
         return None
-    return KeyInfo(key_id=row[0], team_id=row[1], team=row[2])
+    key_id, key_budget, key_period, team_id, team, team_budget, team_period, cap, policy, models = row
+    return KeyInfo(
+        key_id=key_id,
+        team_id=team_id,
+        team=team,
+        team_budget_usd=team_budget,
+        team_period=team_period,
+        key_budget_usd=key_budget,
+        key_period=key_period,
+        max_output_tokens=cap,
+        cap_policy=policy,
+        models=tuple(models.split(",")) if models is not None else None,
+    )
 
 
 class KeyCache:

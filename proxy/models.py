@@ -11,6 +11,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from proxy.types import CapPolicy, Period
+
 
 class Money(TypeDecorator[Decimal]):
     """Exact USD amounts: NUMERIC on PostgreSQL; on SQLite, which has no decimal type and would
@@ -60,9 +62,9 @@ class Team(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     budget_usd: Mapped[Decimal | None] = mapped_column(Money)
-    period: Mapped[str] = mapped_column(String(10), default="month")
+    period: Mapped[Period] = mapped_column(String(10), default="month")
     max_output_tokens: Mapped[int | None] = mapped_column(Integer)
-    cap_policy: Mapped[str] = mapped_column(String(10), default="clamp")
+    cap_policy: Mapped[CapPolicy] = mapped_column(String(10), default="clamp")
     # Comma-separated allow-list; NULL means every model.
     models: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -79,7 +81,7 @@ class APIKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(20))
     budget_usd: Mapped[Decimal | None] = mapped_column(Money)
-    period: Mapped[str] = mapped_column(String(10), default="month")
+    period: Mapped[Period] = mapped_column(String(10), default="month")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -133,3 +135,27 @@ class UsageRow(Base):
         Index("ix_usage_key_started", "key_id", "started_at"),
         Index("ix_usage_started", "started_at"),
     )
+
+
+class BudgetCounter(Base):
+    """Spend and holds of one team or key in one calendar period; the row budget checks lock."""
+
+    __tablename__ = "budget_counters"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    spent_usd: Mapped[Decimal] = mapped_column(Money)
+    reserved_usd: Mapped[Decimal] = mapped_column(Money)
+    soft_alerted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class BudgetReservation(Base):
+    """A hold one in-flight call has on one counter; deleted when the call is settled or the hold expires."""
+
+    __tablename__ = "budget_reservations"
+
+    call_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    amount_usd: Mapped[Decimal] = mapped_column(Money)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +25,40 @@ import anyio.to_thread
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from proxy.budgets import SoftLimitCrossed, settle
+from proxy.db import write_transaction
 from proxy.models import UsageRow
-from proxy.types import UsageRecord
+from proxy.types import Counter, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
 MAX_BACKOFF_SECONDS = 5.0
-DATETIME_COLUMNS = ("started_at", "finished_at")
+DEFAULT_SOFT_FRACTION = Decimal("0.8")
+_RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in ("usage", "reservation"))
+_USAGE_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
+SoftLimitSink = Callable[[list[SoftLimitCrossed]], None]
 
 
 def record_to_row(record: UsageRecord) -> dict[str, Any]:
     """The ledger columns of a usage record (token counts flattened beside the call's fields)."""
-    row = {name: getattr(record, name) for name in record.__dataclass_fields__ if name != "usage"}
-    usage = asdict(record.usage)
-    usage.pop("iterations")
-    row.update(usage)
+    row = {name: getattr(record, name) for name in _RECORD_COLUMNS}
+    row.update({name: getattr(record.usage, name) for name in _USAGE_COLUMNS})
     return row
 
 
-def insert_records(engine: Engine, records: list[UsageRecord]) -> None:
-    """Insert usage records in one transaction, skipping ids already in the ledger (blocking)."""
-    insert_rows(engine, [record_to_row(record) for record in records])
+def insert_records(
+    engine: Engine, records: list[UsageRecord], *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
+) -> list[SoftLimitCrossed]:
+    """Insert usage records and settle their budget holds in one transaction (blocking).
 
-
-def insert_rows(engine: Engine, rows: list[dict[str, Any]]) -> None:
-    """Insert ledger rows in one transaction, skipping ids already in the ledger (blocking)."""
+    Ids already in the ledger are skipped and not settled again, so retrying a batch whose commit succeeded
+    but whose acknowledgement was lost changes nothing. Returns the soft limits the batch crossed.
+    """
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(UsageRow).on_conflict_do_nothing(index_elements=["id"])
-    with engine.begin() as connection:
-        connection.execute(statement, rows)
+    statement = dialect.insert(UsageRow).on_conflict_do_nothing(index_elements=["id"]).returning(UsageRow.id)
+    with write_transaction(engine) as connection:
+        inserted = set(connection.execute(statement, [record_to_row(r) for r in records]).scalars())
+        return settle(connection, [r for r in records if r.id in inserted], soft_fraction=soft_fraction)
 
 
 class Recorder:
@@ -65,8 +72,12 @@ class Recorder:
         batch_size: int,
         drain_seconds: float,
         spill_dir: Path,
+        soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
+        on_soft_limit: SoftLimitSink | None = None,
     ) -> None:
         self._engine = engine
+        self._soft_fraction = soft_fraction
+        self._on_soft_limit = on_soft_limit
         self._flush_seconds = flush_seconds
         self._batch_size = batch_size
         self._drain_seconds = drain_seconds
@@ -122,12 +133,15 @@ class Recorder:
     async def _flush(self) -> bool:
         while self._pending:
             batch = self._pending[: self._batch_size]
+            write = partial(insert_records, self._engine, batch, soft_fraction=self._soft_fraction)
             try:
-                await anyio.to_thread.run_sync(insert_records, self._engine, batch, abandon_on_cancel=False)
+                crossed = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
             except Exception:
                 logger.exception("could not write %d usage records; they stay queued and will be retried", len(batch))
                 return False
             del self._pending[: len(batch)]
+            if crossed and self._on_soft_limit is not None:
+                self._on_soft_limit(crossed)
         return True
 
     def _spill(self) -> None:
@@ -135,7 +149,7 @@ class Recorder:
         path = self._spill_dir / f"unwritten-{time.time_ns()}-{os.getpid()}.jsonl"
         with path.open("w") as spill:
             for record in self._pending:
-                spill.write(json.dumps(record_to_row(record), default=str) + "\n")
+                spill.write(json.dumps(_to_spill(record), default=str) + "\n")
         logger.error(
             "the ledger stayed unreachable: %d usage records spilled to %s; the next `spendgate serve` replays them",
             len(self._pending),
@@ -145,22 +159,45 @@ class Recorder:
 
 
 def replay_spilled(engine: Engine, spill_dir: Path) -> int:
-    """Write records a previous process spilled, then delete their files; returns how many were replayed."""
+    """Write and settle records a previous process spilled, then delete their files; returns how many."""
     count = 0
     for path in sorted(spill_dir.glob("unwritten-*.jsonl")) if spill_dir.is_dir() else ():
-        rows = [_parse_spilled(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows:
-            insert_rows(engine, rows)
-        count += len(rows)
+        records = [_from_spill(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+        if records:
+            insert_records(engine, records)
+        count += len(records)
         path.unlink()
-        logger.warning("replayed %d spilled usage records from %s", len(rows), path)
+        logger.warning("replayed %d spilled usage records from %s", len(records), path)
     return count
 
 
-def _parse_spilled(line: str) -> dict[str, Any]:
-    row: dict[str, Any] = json.loads(line)
-    for name in DATETIME_COLUMNS:
-        row[name] = datetime.fromisoformat(row[name])
-    if row["cost_usd"] is not None:
-        row["cost_usd"] = Decimal(row["cost_usd"])
-    return row
+def _to_spill(record: UsageRecord) -> dict[str, Any]:
+    data = record_to_row(record)
+    data["reservation"] = None if record.reservation is None else asdict(record.reservation)
+    return data
+
+
+def _from_spill(data: dict[str, Any]) -> UsageRecord:
+    fields = {name: data[name] for name in _RECORD_COLUMNS}
+    for name in ("started_at", "finished_at"):
+        fields[name] = datetime.fromisoformat(fields[name])
+    if fields["cost_usd"] is not None:
+        fields["cost_usd"] = Decimal(fields["cost_usd"])
+    held = data["reservation"]
+    reservation = None
+    if held is not None:
+        counters = tuple(
+            Counter(
+                scope=c["scope"],
+                label=c["label"],
+                period=c["period"],
+                period_start=datetime.fromisoformat(c["period_start"]),
+                budget_usd=None if c["budget_usd"] is None else Decimal(c["budget_usd"]),
+            )
+            for c in held["counters"]
+        )
+        reservation = Reservation(
+            call_id=held["call_id"], counters=counters, amount=Decimal(held["amount"]), held=held["held"]
+        )
+    usage = Usage(**{name: data[name] for name in _USAGE_COLUMNS})
+    return UsageRecord(**fields, usage=usage, reservation=reservation)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
@@ -11,6 +11,7 @@ from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from proxy.budgets import current_spend, recount, team_counter
 from proxy.keys import hash_key, new_key, new_key_id
 from proxy.models import APIKey, Team, UsageRow
 from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period
@@ -114,18 +115,6 @@ class KeyView:
         }
 
 
-def period_start(period: str, now: datetime) -> datetime | None:
-    """Start of the current calendar period in UTC (weeks start Monday); None for `total`."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    return None
-
-
 def create_team(engine: Engine, name: str, settings: TeamSettings) -> TeamView:
     """Create a team; unset options take their defaults (no budget, monthly period, clamp policy)."""
     if not name.strip():
@@ -151,6 +140,10 @@ def update_team(engine: Engine, name: str, settings: TeamSettings) -> TeamView:
         _apply(team, settings)
         team.updated_at = datetime.now(UTC)
         connection.execute(update(Team).where(Team.id == row.id).values(**_columns(team)))
+    if team.period != row.period:
+        # A new period kind starts a counter that has never been settled into: count it from the ledger.
+        counter = team_counter(team.id, team.name, team.period, team.budget_usd, team.updated_at)
+        recount(engine, counter, UsageRow.team == team.name)
     return get_team(engine, name)
 
 
@@ -163,35 +156,33 @@ def get_team(engine: Engine, name: str, *, now: datetime | None = None) -> TeamV
 
 
 def list_teams(engine: Engine, *, name: str | None = None, now: datetime | None = None) -> list[TeamView]:
-    """All teams (or one), ordered by name, with spend in each team's current period."""
+    """All teams (or one), ordered by name, with spend and holds in each team's current period."""
     now = now or datetime.now(UTC)
     query = select(Team).order_by(Team.name)
     if name is not None:
         query = query.where(Team.name == name)
-    views = []
     with engine.connect() as connection:
-        for team in connection.execute(query).all():
-            start = period_start(team.period, now)
-            spend = select(UsageRow.cost_usd).where(UsageRow.team == team.name, UsageRow.cost_usd.is_not(None))
-            if start is not None:
-                spend = spend.where(UsageRow.started_at >= start)
-            spent = sum((cost for (cost,) in connection.execute(spend) if cost is not None), Decimal(0))
-            reserved = Decimal(0)
-            budget = team.budget_usd
-            views.append(
-                TeamView(
-                    name=team.name,
-                    budget_usd=budget,
-                    period=team.period,
-                    max_output_tokens=team.max_output_tokens,
-                    cap_policy=team.cap_policy,
-                    models=tuple(team.models.split(",")) if team.models is not None else None,
-                    spent_usd=spent,
-                    reserved_usd=reserved,
-                    remaining_usd=None if budget is None else budget - spent - reserved,
-                    period_start=start,
-                )
+        teams = connection.execute(query).all()
+    counters = [team_counter(team.id, team.name, team.period, team.budget_usd, now) for team in teams]
+    spend = current_spend(engine, counters)
+    views = []
+    for team, counter in zip(teams, counters, strict=True):
+        spent, reserved = spend[counter.scope]
+        budget = team.budget_usd
+        views.append(
+            TeamView(
+                name=team.name,
+                budget_usd=budget,
+                period=team.period,
+                max_output_tokens=team.max_output_tokens,
+                cap_policy=team.cap_policy,
+                models=tuple(team.models.split(",")) if team.models is not None else None,
+                spent_usd=spent,
+                reserved_usd=reserved,
+                remaining_usd=None if budget is None else budget - spent - reserved,
+                period_start=counter.period_start if team.period != "total" else None,
             )
+        )
     return views
 
 

@@ -62,6 +62,27 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Counter:
+    """One budget a call counts against: a team's or a key's spend in one calendar period."""
+
+    scope: str  # "team:<id>:<period>" or "key:<id>:<period>"
+    label: str  # how errors and alerts name it, e.g. "team research"
+    period: Period
+    period_start: datetime
+    budget_usd: Decimal | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reservation:
+    """What a call holds against its budgets while it runs; settled to the actual cost when it is recorded."""
+
+    call_id: str
+    counters: tuple[Counter, ...]
+    amount: Decimal  # the worst-case estimate held on every counter that has a budget
+    held: bool  # whether the hold was written to the ledger (only when some counter has a budget)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageRecord:
     """One metered call, exactly as it is written to the ledger (fields per the spec's usage-record table)."""
 
@@ -94,3 +115,5 @@ class UsageRecord:
     max_tokens_sent: int | None = None
     latency_ms: float
     ttfb_ms: float | None
+    # Not a column: what the ledger writer settles in the same transaction that inserts the record.
+    reservation: Reservation | None = None

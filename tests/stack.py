@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,18 @@ def settings_for(db_url: str, upstream_url: str, tmp_path: Path, **overrides: An
 
 
 @contextlib.contextmanager
-def running_stack(engine: Engine, db_url: str, tmp_path: Path, **overrides: Any) -> Iterator[Stack]:
+def running_stack(
+    engine: Engine,
+    db_url: str,
+    tmp_path: Path,
+    *,
+    team: TeamSettings | None = None,
+    key_budget: Decimal | None = None,
+    **overrides: Any,
+) -> Iterator[Stack]:
     """Team `research` with one key, the fake upstream, and the proxy in front of it."""
-    create_team(engine, "research", TeamSettings())
-    view, key = create_key(engine, "research", name="ci")
+    create_team(engine, "research", team or TeamSettings())
+    view, key = create_key(engine, "research", name="ci", budget_usd=key_budget)
     upstream = FakeAnthropic()
     with serve_in_thread(upstream) as upstream_url:
         settings = settings_for(db_url, overrides.pop("upstream_url", upstream_url), tmp_path, **overrides)

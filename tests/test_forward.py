@@ -17,10 +17,12 @@ from proxy.errors import (
     BadRequest,
     BudgetExceeded,
     InvalidKey,
+    LedgerUnavailable,
     ModelNotAllowed,
     OutputCapExceeded,
     ProxyError,
     RequestTooLarge,
+    UnpricedModel,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -175,6 +177,8 @@ ERROR_TABLE = [
     pytest.param(BudgetExceeded, 402, "billing_error", "budget_exceeded", True, id="budget-exceeded"),
     pytest.param(BadRequest, 400, "invalid_request_error", "bad_request", True, id="bad-request"),
     pytest.param(RequestTooLarge, 413, "request_too_large", "request_too_large", True, id="too-large"),
+    pytest.param(UnpricedModel, 400, "invalid_request_error", "unpriced_model", True, id="unpriced-model"),
+    pytest.param(LedgerUnavailable, 503, "api_error", "ledger_unavailable", False, id="ledger-unavailable"),
     pytest.param(UpstreamUnreachable, 502, "api_error", "upstream_unreachable", False, id="unreachable"),
     pytest.param(UpstreamTimeout, 504, "api_error", "upstream_timeout", False, id="timeout"),
 ]

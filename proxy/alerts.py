@@ -1,0 +1,92 @@
+"""Soft-limit alerts: a log line, and a JSON POST to `SPENDGATE_ALERT_WEBHOOK`, retried in the background.
+
+Delivery never delays a call: alerts are queued by the ledger writer and sent by their own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+from proxy.budgets import SoftLimitCrossed
+
+logger = logging.getLogger("spendgate")
+
+MAX_ATTEMPTS = 8
+FIRST_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 60.0
+
+
+def alert_payload(alert: SoftLimitCrossed) -> dict[str, Any]:
+    """The webhook's JSON body; money as exact decimal strings."""
+    kind, _, name = alert.label.partition(" ")
+    return {
+        "event": "soft_limit_crossed",
+        kind: name,
+        "period": alert.period,
+        "period_start": alert.period_start.isoformat(),
+        "spent_usd": format(alert.spent_usd, "f"),
+        "budget_usd": format(alert.budget_usd, "f"),
+        "fraction": format(alert.fraction, "f"),
+    }
+
+
+class AlertSender:
+    """Logs each crossing at once and delivers it to the webhook, if any, from a background task."""
+
+    def __init__(self, webhook: str | None, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._webhook = webhook
+        self._transport = transport
+        self._queue: asyncio.Queue[SoftLimitCrossed] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self, alerts: list[SoftLimitCrossed]) -> None:
+        """Log and queue alerts; never blocks."""
+        for alert in alerts:
+            logger.warning(
+                "%s crossed %s%% of its %s budget: spent $%s of $%s",
+                alert.label,
+                format(alert.fraction * 100, "f"),
+                alert.period,
+                format(alert.spent_usd, "f"),
+                format(alert.budget_usd, "f"),
+            )
+            if self._webhook is not None:
+                self._queue.put_nowait(alert)
+
+    def start(self) -> None:
+        """Start delivering (from the lifespan, inside the running loop)."""
+        if self._webhook is not None:
+            self._task = asyncio.create_task(self._deliver_forever(self._webhook))
+
+    async def close(self) -> None:
+        """Stop delivering; alerts still queued are logged as undelivered."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while not self._queue.empty():
+            logger.error("soft-limit alert not delivered before shutdown: %s", alert_payload(self._queue.get_nowait()))
+
+    async def _deliver_forever(self, url: str) -> None:
+        async with httpx.AsyncClient(transport=self._transport, timeout=10.0) as client:
+            while True:
+                alert = await self._queue.get()
+                await self._deliver(client, url, alert)
+
+    async def _deliver(self, client: httpx.AsyncClient, url: str, alert: SoftLimitCrossed) -> None:
+        backoff = FIRST_BACKOFF_SECONDS
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                response = await client.post(url, json=alert_payload(alert))
+                if response.status_code < 300:
+                    return
+                problem = f"status {response.status_code}"
+            except httpx.HTTPError as exc:
+                problem = exc.__class__.__name__
+            logger.warning("alert webhook attempt %d/%d failed (%s)", attempt, MAX_ATTEMPTS, problem)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+        logger.error("alert webhook gave up after %d attempts: %s", MAX_ATTEMPTS, alert_payload(alert))

@@ -1,0 +1,261 @@
+"""Budgets in the ledger: a hold taken before a call goes out, settled to its actual cost when it is recorded.
+
+Every check-and-hold is one transaction holding the counters' row locks (`SELECT … FOR UPDATE` on
+PostgreSQL, `BEGIN IMMEDIATE` on SQLite), so concurrent calls on any number of replicas see each other's
+holds: never check-then-act. Arithmetic is `Decimal` in Python, exact on both databases. A hold whose call
+never settles (its process died) expires and is released by `release_expired`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import ColumnElement, Connection, Engine, delete, insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from proxy.db import write_transaction
+from proxy.errors import BudgetExceeded
+from proxy.keys import KeyInfo
+from proxy.models import BudgetCounter, BudgetReservation, UsageRow
+from proxy.types import Counter, Period, Reservation, UsageRecord
+
+# `total` budgets never reset: one counter, dated at the epoch.
+TOTAL_PERIOD_START = datetime(1970, 1, 1, tzinfo=UTC)
+ZERO = Decimal(0)
+CounterKey = tuple[str, datetime]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SoftLimitCrossed:
+    """A budget went past its soft-limit fraction in this period (reported once per period)."""
+
+    label: str
+    period: Period
+    period_start: datetime
+    spent_usd: Decimal
+    budget_usd: Decimal
+    fraction: Decimal
+
+
+def period_start(period: str, now: datetime) -> datetime | None:
+    """Start of the current calendar period in UTC (weeks start Monday); None for `total`."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    return None
+
+
+def counters_for(key: KeyInfo, at: datetime) -> tuple[Counter, ...]:
+    """The two budgets a call with this key counts against: its team's and its own."""
+    return (
+        team_counter(key.team_id, key.team, key.team_period, key.team_budget_usd, at),
+        key_counter(key.key_id, key.key_period, key.key_budget_usd, at),
+    )
+
+
+def team_counter(team_id: int, name: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
+    """The counter of a team's budget for the period containing `at`."""
+    return _counter(f"team:{team_id}", f"team {name}", period, budget, at)
+
+
+def key_counter(key_id: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
+    """The counter of a key's own budget for the period containing `at`."""
+    return _counter(f"key:{key_id}", f"key {key_id}", period, budget, at)
+
+
+def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) -> None:
+    """Set a counter's spend from the usage records it covers (after a period change), keeping its holds."""
+    query = select(UsageRow.cost_usd).where(
+        condition, UsageRow.started_at >= counter.period_start, UsageRow.cost_usd.is_not(None)
+    )
+    with write_transaction(engine) as connection:
+        spent = sum((cost for (cost,) in connection.execute(query) if cost is not None), ZERO)
+        current = _lock(connection, [counter])
+        _, reserved = current[(counter.scope, counter.period_start)]
+        _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved)
+
+
+def _counter(scope: str, label: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
+    return Counter(
+        scope=f"{scope}:{period}",
+        label=label,
+        period=period,
+        period_start=period_start(period, at) or TOTAL_PERIOD_START,
+        budget_usd=budget,
+    )
+
+
+def reserve(engine: Engine, reservation: Reservation, *, expires_at: datetime) -> None:
+    """Hold `reservation.amount` on every budgeted counter, or raise `BudgetExceeded` and hold nothing."""
+    budgeted = [(counter, counter.budget_usd) for counter in reservation.counters if counter.budget_usd is not None]
+    amount = reservation.amount
+    with write_transaction(engine) as connection:
+        current = _lock(connection, [counter for counter, _ in budgeted])
+        for counter, budget in budgeted:
+            spent, reserved = current[(counter.scope, counter.period_start)]
+            if spent + reserved + amount > budget:
+                raise BudgetExceeded(
+                    f"This call could cost up to ${_plain(amount)}, more than the {counter.label} has left "
+                    f"{_period_words(counter.period)}: budget ${_plain(budget)}, spent ${_plain(spent)}, "
+                    f"reserved by calls in flight ${_plain(reserved)}. Lower max_tokens, wait for the next period, "
+                    f"or ask your spendgate admin to raise the budget."
+                )
+        for counter, _ in budgeted:
+            spent, reserved = current[(counter.scope, counter.period_start)]
+            _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved + amount)
+        connection.execute(
+            insert(BudgetReservation),
+            [
+                {
+                    "call_id": reservation.call_id,
+                    "scope": counter.scope,
+                    "period_start": counter.period_start,
+                    "amount_usd": amount,
+                    "expires_at": expires_at,
+                }
+                for counter, _ in budgeted
+            ],
+        )
+
+
+def settle(connection: Connection, records: Sequence[UsageRecord], *, soft_fraction: Decimal) -> list[SoftLimitCrossed]:
+    """Add each record's cost to its counters and release its hold, inside the caller's transaction.
+
+    Returns the soft limits these costs crossed, each marked on its counter so it is reported once per period.
+    """
+    spent: dict[CounterKey, Decimal] = defaultdict(Decimal)
+    counters: dict[CounterKey, Counter] = {}
+    for record in records:
+        if record.reservation is None:
+            continue
+        for counter in record.reservation.counters:
+            counters[(counter.scope, counter.period_start)] = counter
+            spent[(counter.scope, counter.period_start)] += record.cost_usd or ZERO
+    released = _release(connection, [r.id for r in records if r.reservation is not None and r.reservation.held])
+    current = _lock(connection, counters.values())
+    crossed = []
+    for key, counter in sorted(counters.items()):
+        before, reserved = current[key]
+        after = before + spent[key]
+        _write(connection, key[0], key[1], spent=after, reserved=max(reserved - released.get(key, ZERO), ZERO))
+        budget = counter.budget_usd
+        if budget and before < budget * soft_fraction <= after and _mark_alerted(connection, key):
+            crossed.append(
+                SoftLimitCrossed(
+                    label=counter.label,
+                    period=counter.period,
+                    period_start=counter.period_start,
+                    spent_usd=after,
+                    budget_usd=budget,
+                    fraction=soft_fraction,
+                )
+            )
+    return crossed
+
+
+def release_expired(engine: Engine, now: datetime, *, limit: int = 1000) -> int:
+    """Release holds past their expiry (their process died mid-call); returns how many were released."""
+    with write_transaction(engine) as connection:
+        expired = connection.execute(
+            select(BudgetReservation.call_id).where(BudgetReservation.expires_at < now).limit(limit)
+        ).scalars()
+        call_ids = sorted(set(expired))
+        if not call_ids:
+            return 0
+        released = _release(connection, call_ids)
+        current = _lock(connection, [_stub(key) for key in released])
+        for key, amount in sorted(released.items()):
+            spent, reserved = current[key]
+            _write(connection, key[0], key[1], spent=spent, reserved=max(reserved - amount, ZERO))
+        return len(call_ids)
+
+
+def current_spend(engine: Engine, counters: Iterable[Counter]) -> dict[str, tuple[Decimal, Decimal]]:
+    """Spent and reserved per counter scope, as committed (no locks); zero for counters never used."""
+    wanted = list(counters)
+    found: dict[str, tuple[Decimal, Decimal]] = {counter.scope: (ZERO, ZERO) for counter in wanted}
+    if not wanted:
+        return found
+    query = select(BudgetCounter.scope, BudgetCounter.spent_usd, BudgetCounter.reserved_usd).where(
+        tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_([(c.scope, c.period_start) for c in wanted])
+    )
+    with engine.connect() as connection:
+        for scope, spent, reserved in connection.execute(query):
+            found[scope] = (spent, reserved)
+    return found
+
+
+def _lock(connection: Connection, counters: Iterable[Counter]) -> dict[CounterKey, tuple[Decimal, Decimal]]:
+    """Create missing counter rows, then lock them all in one order (so two transactions never deadlock)."""
+    keys = sorted({(counter.scope, counter.period_start) for counter in counters})
+    if not keys:
+        return {}
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(
+        dialect.insert(BudgetCounter).on_conflict_do_nothing(),
+        [
+            {"scope": scope, "period_start": start, "spent_usd": ZERO, "reserved_usd": ZERO, "soft_alerted": False}
+            for scope, start in keys
+        ],
+    )
+    rows = connection.execute(
+        select(BudgetCounter.scope, BudgetCounter.period_start, BudgetCounter.spent_usd, BudgetCounter.reserved_usd)
+        .where(tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_(keys))
+        .order_by(BudgetCounter.scope, BudgetCounter.period_start)
+        .with_for_update()
+    )
+    return {(scope, start): (spent, reserved) for scope, start, spent, reserved in rows}
+
+
+def _write(connection: Connection, scope: str, start: datetime, *, spent: Decimal, reserved: Decimal) -> None:
+    connection.execute(
+        update(BudgetCounter)
+        .where(BudgetCounter.scope == scope, BudgetCounter.period_start == start)
+        .values(spent_usd=spent, reserved_usd=reserved)
+    )
+
+
+def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey, Decimal]:
+    """Delete the holds of these calls; returns the amounts they held per counter (holds already expired are gone)."""
+    if not call_ids:
+        return {}
+    rows = connection.execute(
+        delete(BudgetReservation)
+        .where(BudgetReservation.call_id.in_(call_ids))
+        .returning(BudgetReservation.scope, BudgetReservation.period_start, BudgetReservation.amount_usd)
+    )
+    released: dict[CounterKey, Decimal] = defaultdict(Decimal)
+    for scope, start, amount in rows:
+        released[(scope, start)] += amount
+    return released
+
+
+def _mark_alerted(connection: Connection, key: CounterKey) -> bool:
+    result = connection.execute(
+        update(BudgetCounter)
+        .where(
+            BudgetCounter.scope == key[0], BudgetCounter.period_start == key[1], BudgetCounter.soft_alerted.is_(False)
+        )
+        .values(soft_alerted=True)
+    )
+    return result.rowcount == 1
+
+
+def _stub(key: CounterKey) -> Counter:
+    return Counter(scope=key[0], label=key[0], period="total", period_start=key[1], budget_usd=None)
+
+
+def _plain(amount: Decimal) -> str:
+    return format(amount, "f")
+
+
+def _period_words(period: Period) -> str:
+    return "in total" if period == "total" else f"this {period} (UTC)"

@@ -1,0 +1,71 @@
+"""`spendgate serve` as real processes, the way replicas run in production."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from tests.upstream import UPSTREAM_KEY
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def replica(db_url: str, upstream_url: str, workdir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `spendgate serve` in a child process until the block ends; yields its URL and process."""
+    port = free_port()
+    log = workdir / f"serve-{port}.log"
+    environ = {
+        **os.environ,
+        "SPENDGATE_DB_URL": db_url,
+        "ANTHROPIC_API_KEY": UPSTREAM_KEY,
+        "SPENDGATE_SPILL_DIR": str(workdir / "spill"),
+        **env,
+    }
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--upstream", upstream_url],
+            env=environ,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process, log)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"spendgate serve exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"spendgate serve did not become healthy:\n{log.read_text()}")

@@ -1,0 +1,140 @@
+"""Budget holds in the ledger: atomic under concurrency, settled exactly, released when orphaned."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from proxy.budgets import (
+    TOTAL_PERIOD_START,
+    current_spend,
+    key_counter,
+    period_start,
+    release_expired,
+    reserve,
+    team_counter,
+)
+from proxy.errors import BudgetExceeded
+from proxy.models import BudgetReservation
+from proxy.recorder import insert_records
+from proxy.types import Counter, Reservation
+from tests.test_recorder import make_record
+
+NOW = datetime(2026, 11, 25, 15, 30, tzinfo=UTC)  # a Wednesday
+LATER = NOW + timedelta(hours=2)
+
+
+def team(budget: str | None) -> Counter:
+    return team_counter(1, "research", "month", None if budget is None else Decimal(budget), NOW)
+
+
+def key(budget: str | None) -> Counter:
+    return key_counter("key_1", "day", None if budget is None else Decimal(budget), NOW)
+
+
+def hold(call_id: str, amount: str, *counters: Counter) -> Reservation:
+    return Reservation(call_id=call_id, counters=counters, amount=Decimal(amount), held=True)
+
+
+def holds(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(BudgetReservation)).scalar_one())
+
+
+@pytest.mark.parametrize(
+    "period, start",
+    [
+        pytest.param("day", datetime(2026, 11, 25, tzinfo=UTC), id="day"),
+        pytest.param("week", datetime(2026, 11, 23, tzinfo=UTC), id="week-starts-monday"),
+        pytest.param("month", datetime(2026, 11, 1, tzinfo=UTC), id="month"),
+        pytest.param("total", None, id="total"),
+    ],
+)
+def test_calendar_periods_in_utc(period: str, start: datetime | None) -> None:
+    assert period_start(period, NOW) == start
+    # 01:00 on the 26th in UTC+3 is still the 25th in UTC.
+    assert period_start(period, datetime(2026, 11, 26, 1, tzinfo=UTC) - timedelta(hours=3)) == start
+
+
+def test_total_budget_counter_never_resets() -> None:
+    counter = team_counter(1, "research", "total", Decimal(5), NOW)
+    assert counter.period_start == TOTAL_PERIOD_START
+    assert counter.scope == "team:1:total"
+
+
+def test_hold_then_settle(engine: Engine) -> None:
+    counters = (team("10"), key(None))
+    reserve(engine, hold("sgr_1", "3", *counters), expires_at=LATER)
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(3))
+    assert holds(engine) == 1
+    record = make_record(id="sgr_1", cost_usd=Decimal("0.25"), reservation=hold("sgr_1", "3", *counters))
+    insert_records(engine, [record])
+    spend = current_spend(engine, counters)
+    assert spend["team:1:month"] == (Decimal("0.25"), Decimal(0))
+    # A key without a budget still counts its spend.
+    assert spend["key:key_1:day"] == (Decimal("0.25"), Decimal(0))
+    assert holds(engine) == 0
+    # Writing the same record again settles nothing twice.
+    insert_records(engine, [record])
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal("0.25"), Decimal(0))
+
+
+def test_over_budget_is_refused_and_holds_nothing(engine: Engine) -> None:
+    reserve(engine, hold("sgr_1", "4", team("10")), expires_at=LATER)
+    with pytest.raises(BudgetExceeded) as refused:
+        reserve(engine, hold("sgr_2", "4.5", team("10"), key("1")), expires_at=LATER)
+    message = refused.value.message
+    assert "up to $4.5" in message
+    assert "key key_1 has left this day (UTC): budget $1, spent $0, reserved by calls in flight $0" in message
+    # The team had room, but nothing was held on it either.
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(4))
+    with pytest.raises(BudgetExceeded, match=r"team research has left this month \(UTC\): budget \$10, spent \$0, "):
+        reserve(engine, hold("sgr_3", "6.01", team("10")), expires_at=LATER)
+    reserve(engine, hold("sgr_4", "6", team("10")), expires_at=LATER)
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(10))
+    assert holds(engine) == 2
+
+
+def test_concurrent_holds_never_exceed_the_budget(engine: Engine) -> None:
+    admitted: list[str] = []
+    refused: list[str] = []
+
+    def attempt(n: int) -> None:
+        try:
+            reserve(engine, hold(f"sgr_{n}", "1", team("10")), expires_at=LATER)
+            admitted.append(f"sgr_{n}")
+        except BudgetExceeded:
+            refused.append(f"sgr_{n}")
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(25)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert (len(admitted), len(refused)) == (10, 15)
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(10))
+
+
+def test_expired_holds_are_released(engine: Engine) -> None:
+    reserve(engine, hold("sgr_1", "7", team("10")), expires_at=NOW + timedelta(minutes=5))
+    reserve(engine, hold("sgr_2", "2", team("10")), expires_at=NOW + timedelta(hours=5))
+    assert release_expired(engine, NOW + timedelta(minutes=10)) == 1
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(2))
+    # The call settles after its hold was released: its cost counts, nothing is released twice.
+    insert_records(engine, [make_record(id="sgr_1", cost_usd=Decimal(1), reservation=hold("sgr_1", "7", team("10")))])
+    assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(1), Decimal(2))
+    assert release_expired(engine, NOW + timedelta(minutes=10)) == 0
+
+
+def test_soft_limit_is_reported_once_per_period(engine: Engine) -> None:
+    def settle(call_id: str, cost: str) -> list[str]:
+        record = make_record(id=call_id, cost_usd=Decimal(cost), reservation=hold(call_id, "0", team("10")))
+        return [alert.label for alert in insert_records(engine, [record], soft_fraction=Decimal("0.8"))]
+
+    assert settle("sgr_1", "7.99") == []
+    assert settle("sgr_2", "0.01") == ["team research"]
+    assert settle("sgr_3", "1") == []
