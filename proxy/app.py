@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from proxy.admin import admin_routes
 from proxy.alerts import AlertSender
 from proxy.budgets import release_expired
 from proxy.config import Settings
@@ -35,6 +36,7 @@ class State(TypedDict):
     engine: Engine
     forwarder: Forwarder
     recorder: Recorder
+    keys: KeyCache
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -58,6 +60,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 read_timeout=settings.upstream_read_timeout,
             )
         alerts = AlertSender(settings.alert_webhook)
+        keys = KeyCache(engine, ttl=settings.key_cache_seconds)
         recorder = Recorder(
             engine,
             flush_seconds=settings.record_flush_seconds,
@@ -71,7 +74,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             upstream=upstream,
             upstream_url=settings.upstream_url,
             upstream_key=settings.anthropic_api_key,
-            keys=KeyCache(engine, ttl=settings.key_cache_seconds),
+            keys=keys,
             prices=prices,
             recorder=recorder,
             engine=engine,
@@ -86,7 +89,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         alerts.start()
         sweeper = asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))
         try:
-            yield {"engine": engine, "forwarder": forwarder, "recorder": recorder}
+            yield {"engine": engine, "forwarder": forwarder, "recorder": recorder, "keys": keys}
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.
@@ -97,7 +100,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             engine.dispose()
 
     return Starlette(
-        routes=[Route("/healthz", healthz), Mount("/v1", app=_forward)],
+        routes=[Route("/healthz", healthz), *admin_routes(settings.admin_token), Mount("/v1", app=_forward)],
         lifespan=lifespan,
     )
 

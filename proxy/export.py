@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, literal, select, tuple_
 
 from proxy.models import UsageRow
 
@@ -54,6 +54,7 @@ PUBLIC_FIELDS = (
     "ttfb_ms",
 )
 STREAM_BATCH = 1000
+Cursor = tuple[datetime, int]
 
 
 def iter_usage(
@@ -62,12 +63,12 @@ def iter_usage(
     team: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    after_seq: int | None = None,
+    after: Cursor | None = None,
     limit: int | None = None,
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Usage records oldest first as `(seq, record)`, streamed from the database in batches.
+) -> Iterator[tuple[Cursor, dict[str, Any]]]:
+    """Usage records oldest first as `(cursor, record)`, streamed from the database in batches.
 
-    `seq` is the ledger's insertion order: pass the last one seen as `after_seq` to page.
+    Pass the last cursor seen as `after` to page: records sort by start time, ties by insertion order.
     """
     query = select(*UsageRow.__table__.columns).order_by(UsageRow.started_at, UsageRow.seq)
     if team is not None:
@@ -76,14 +77,16 @@ def iter_usage(
         query = query.where(UsageRow.started_at >= since)
     if until is not None:
         query = query.where(UsageRow.started_at < until)
-    if after_seq is not None:
-        query = query.where(UsageRow.seq > after_seq)
+    if after is not None:
+        started_at, seq = after
+        bound = tuple_(literal(started_at, UsageRow.started_at.type), literal(seq, UsageRow.seq.type))
+        query = query.where(tuple_(UsageRow.started_at, UsageRow.seq) > bound)
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as connection:
         result = connection.execution_options(yield_per=STREAM_BATCH).execute(query)
         for row in result:
-            yield row.seq, public_record(row)
+            yield (row.started_at, row.seq), public_record(row)
 
 
 def public_record(row: Any) -> dict[str, Any]:

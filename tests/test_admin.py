@@ -1,0 +1,135 @@
+"""The admin HTTP API, in-process: the same operations as the CLI, over JSON, behind the admin token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+from starlette.testclient import TestClient
+
+from proxy.app import create_app
+from proxy.recorder import insert_records
+from tests.stack import settings_for
+from tests.test_recorder import make_record
+from tests.upstream import fixture
+
+TOKEN = "admin-secret"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def make_client(db_url: str, tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(token: str | None = TOKEN) -> TestClient:
+        def upstream(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, content=fixture("message.json"), headers={"content-type": "application/json"})
+
+        settings = settings_for(db_url, "https://upstream.test", tmp_path, admin_token=token)
+        client = TestClient(create_app(settings, transport=httpx.MockTransport(upstream))).__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_without_a_token_the_api_does_not_exist(make_client: Callable[..., TestClient]) -> None:
+    response = make_client(token=None).get("/admin/teams", headers=AUTH)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [pytest.param({}, id="missing"), pytest.param({"authorization": "Bearer wrong"}, id="wrong")],
+)
+def test_wrong_token_is_401(make_client: Callable[..., TestClient], headers: dict[str, str]) -> None:
+    response = make_client().get("/admin/teams", headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "Send 'Authorization: Bearer <SPENDGATE_ADMIN_TOKEN>'."},
+    }
+
+
+def test_team_lifecycle(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    created = client.post(
+        "/admin/teams",
+        headers=AUTH,
+        json={"name": "research", "budget_usd": "250.10", "period": "week", "models": ["claude-sonnet-4-6"]},
+    )
+    assert created.status_code == 201
+    assert created.json()["budget_usd"] == "250.10"
+    assert created.json()["remaining_usd"] == "250.10"
+    assert client.post("/admin/teams", headers=AUTH, json={"name": "research"}).status_code == 409
+    # JSON numbers are read as exact decimals.
+    patched = client.patch("/admin/teams/research", headers=AUTH, content=b'{"budget_usd": 0.1, "models": null}')
+    assert patched.status_code == 200
+    assert (patched.json()["budget_usd"], patched.json()["models"], patched.json()["period"]) == ("0.1", None, "week")
+    assert client.get("/admin/teams/research", headers=AUTH).json()["budget_usd"] == "0.1"
+    assert [team["name"] for team in client.get("/admin/teams", headers=AUTH).json()["data"]] == ["research"]
+    assert client.get("/admin/teams/nobody", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        pytest.param({"name": "t", "period": "year"}, "period must be one of", id="period"),
+        pytest.param({"name": "t", "budget_usd": "lots"}, "must be an amount in USD", id="budget"),
+        pytest.param({"name": "t", "max_output_tokens": "many"}, "must be a whole number", id="cap"),
+        pytest.param({"name": "t", "models": []}, "non-empty list", id="models"),
+        pytest.param({"name": "t", "colour": "red"}, "unknown fields: colour", id="unknown"),
+        pytest.param({"budget_usd": "1"}, "'name' (a string) is required", id="no-name"),
+    ],
+)
+def test_bad_team_bodies_are_400(make_client: Callable[..., TestClient], body: dict[str, object], message: str) -> None:
+    response = make_client().post("/admin/teams", headers=AUTH, json=body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+def test_keys_created_work_and_revoked_stop_at_once(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    client.post("/admin/teams", headers=AUTH, json={"name": "research"})
+    created = client.post("/admin/teams/research/keys", headers=AUTH, json={"name": "ci", "budget_usd": 5})
+    assert created.status_code == 201
+    key, key_id = created.json()["key"], created.json()["id"]
+    assert created.json()["budget_usd"] == "5"
+    call = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": []}
+    assert client.post("/v1/messages", headers={"x-api-key": key}, json=call).status_code == 200
+    listed = client.get("/admin/teams/research/keys", headers=AUTH).json()["data"]
+    assert [k["id"] for k in listed] == [key_id]
+    assert key not in str(listed)
+    assert client.delete(f"/admin/keys/{key_id}", headers=AUTH).json()["revoked_at"] is not None
+    assert client.post("/v1/messages", headers={"x-api-key": key}, json=call).status_code == 401
+    assert client.delete("/admin/keys/key_missing", headers=AUTH).status_code == 404
+    assert client.post("/admin/teams/nobody/keys", headers=AUTH, json={}).status_code == 404
+
+
+def test_usage_pages_with_a_cursor(make_client: Callable[..., TestClient], engine: Engine) -> None:
+    client = make_client()
+    insert_records(engine, [make_record(id=f"sgr_{n:02}", team="a" if n % 2 else "b") for n in range(25)])
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "10", **({"cursor": cursor} if cursor else {})}
+        page = client.get("/admin/usage", headers=AUTH, params=params).json()
+        seen += [record["id"] for record in page["data"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+    assert seen == [f"sgr_{n:02}" for n in range(25)]
+    only_a = client.get("/admin/usage", headers=AUTH, params={"team": "a", "limit": "1000"}).json()["data"]
+    assert len(only_a) == 12
+    assert only_a[0]["cost_usd"] == str(Decimal("0.00045"))
+    assert client.get("/admin/usage", headers=AUTH, params={"limit": "0"}).status_code == 400
+    assert client.get("/admin/usage", headers=AUTH, params={"cursor": "%%%"}).status_code == 400
+    assert client.get("/admin/usage", headers=AUTH, params={"since": "soon"}).status_code == 400
