@@ -38,7 +38,7 @@ from proxy.teams import (
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-TEAM_FIELDS = ("budget_usd", "period", "max_output_tokens", "cap_policy", "models")
+TEAM_FIELDS = ("budget_usd", "period", "max_output_tokens", "cap_policy", "models", "retry_window_seconds")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -195,7 +195,11 @@ def _team_settings(body: dict[str, Any]) -> TeamSettings:
     tokens = body.get("max_output_tokens", UNSET)
     if tokens is not None and tokens is not UNSET and (not isinstance(tokens, int) or isinstance(tokens, bool)):
         raise ValueError("'max_output_tokens' must be a whole number, or null for no cap")
+    window = body.get("retry_window_seconds", UNSET)
+    if window is not UNSET and (not isinstance(window, int) or isinstance(window, bool)):
+        raise ValueError("'retry_window_seconds' must be a whole number of seconds (0: off)")
     return TeamSettings(
+        retry_window_seconds=window,
         budget_usd=_decimal(body["budget_usd"], "budget_usd") if "budget_usd" in body else UNSET,
         period=body.get("period", UNSET),
         max_output_tokens=tokens,

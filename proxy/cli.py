@@ -197,6 +197,7 @@ def _team_settings(args: argparse.Namespace) -> TeamSettings:
         max_output_tokens=given(args.max_output_tokens, _positive_int),
         cap_policy=args.cap_policy if args.cap_policy is not None else UNSET,
         models=given(args.models, _models),
+        retry_window_seconds=_seconds(args.retry_window) if args.retry_window is not None else UNSET,
     )
 
 
@@ -213,6 +214,12 @@ def _money(text: str) -> Decimal:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise UsageError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _seconds(text: str) -> int:
+    if not text.isdigit():
+        raise UsageError(f"{text!r} is not a whole number of seconds")
     return int(text)
 
 
@@ -274,6 +281,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--max-output-tokens", metavar="N", help="cap on max_tokens; 'none' for no cap")
         sub.add_argument("--cap-policy", choices=CAP_POLICIES, help="clamp max_tokens to the cap, or reject the call")
         sub.add_argument("--models", metavar="MODEL,MODEL", help="allowed models; 'all' for every model")
+        sub.add_argument(
+            "--retry-window",
+            metavar="SECONDS",
+            help="flag an identical request from the same key within this window as a repeat (default 600; 0: off)",
+        )
     team_list = command(teams, "list", _teams_list, "list teams with their spend this period")
     team_list.add_argument("--format", choices=("table", "json"), default="table")
 

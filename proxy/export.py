@@ -48,6 +48,7 @@ PUBLIC_FIELDS = (
     "retry_reason",
     "retry_of",
     "retry_count",
+    "attempt",
     "max_tokens_requested",
     "max_tokens_sent",
     "latency_ms",

@@ -89,6 +89,8 @@ class Call:
         "max_tokens",
         "max_tokens_sent",
         "reservation",
+        "request_body",
+        "retry_window",
         "finished",
         "disconnected",
     )
@@ -115,6 +117,8 @@ class Call:
         self.max_tokens: int | None = None
         self.max_tokens_sent: int | None = None
         self.reservation: Reservation | None = None
+        self.request_body: bytes | None = None
+        self.retry_window = 0
         self.finished = False
         self.disconnected = False
 
@@ -164,6 +168,8 @@ class Call:
             latency_ms=round((now - self.started) * 1000, 3),
             ttfb_ms=None if self.first_byte is None else round((self.first_byte - self.started) * 1000, 3),
             reservation=self.reservation,
+            request_body=self.request_body,
+            retry_window_seconds=self.retry_window,
         )
 
 
@@ -206,8 +212,9 @@ class Forwarder:
         try:
             body = await _read_body(receive, self._max_body_bytes)
             key = await self._keys.authenticate(key_from_headers(headers))
-            call.team, call.key_id = key.team, key.key_id
+            call.team, call.key_id, call.retry_window = key.team, key.key_id, key.retry_window_seconds
             request = _describe_call(call, headers, body)
+            call.request_body = body
             if request is not None and endpoint == MESSAGES:
                 body = await self._preflight(call, key, request, body)
             await self._exchange(call, scope, receive, send, body)

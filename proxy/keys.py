@@ -36,6 +36,7 @@ class KeyInfo:
     max_output_tokens: int | None = None
     cap_policy: CapPolicy = "clamp"
     models: tuple[str, ...] | None = None
+    retry_window_seconds: int = 600
 
 
 def new_key() -> str:
@@ -78,6 +79,7 @@ def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
             Team.max_output_tokens,
             Team.cap_policy,
             Team.models,
+            Team.retry_window_seconds,
         )
         .join(Team, Team.id == APIKey.team_id)
         .where(APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
@@ -86,7 +88,7 @@ def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
         row = connection.execute(query).first()
     if row is None:
         return None
-    key_id, key_budget, key_period, team_id, team, team_budget, team_period, cap, policy, models = row
+    key_id, key_budget, key_period, team_id, team, team_budget, team_period, cap, policy, models, window = row
     return KeyInfo(
         key_id=key_id,
         team_id=team_id,
@@ -98,6 +100,7 @@ def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
         max_output_tokens=cap,
         cap_policy=policy,
         models=tuple(models.split(",")) if models is not None else None,
+        retry_window_seconds=window,
     )
 
 

@@ -67,6 +67,8 @@ class Team(Base):
     cap_policy: Mapped[CapPolicy] = mapped_column(String(10), default="clamp")
     # Comma-separated allow-list; NULL means every model.
     models: Mapped[str | None] = mapped_column(Text)
+    # An identical request from the same key within this many seconds is flagged as a repeat; 0 disables.
+    retry_window_seconds: Mapped[int] = mapped_column(Integer, default=600, server_default="600")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -125,6 +127,9 @@ class UsageRow(Base):
     retry_reason: Mapped[str | None] = mapped_column(String(20))
     retry_of: Mapped[str | None] = mapped_column(String(40))
     retry_count: Mapped[int] = mapped_column(Integer)
+    # SHA-256 of the request's canonical JSON: how attempts of one call find each other.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_tokens_requested: Mapped[int | None] = mapped_column(Integer)
     max_tokens_sent: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
@@ -134,6 +139,7 @@ class UsageRow(Base):
         Index("ix_usage_team_started", "team", "started_at"),
         Index("ix_usage_key_started", "key_id", "started_at"),
         Index("ix_usage_started", "started_at"),
+        Index("ix_usage_key_fingerprint", "key_id", "fingerprint", "started_at"),
     )
 
 

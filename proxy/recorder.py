@@ -28,13 +28,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from proxy.budgets import SoftLimitCrossed, settle
 from proxy.db import write_transaction
 from proxy.models import UsageRow
+from proxy.retries import fingerprint, link_retries
 from proxy.types import Counter, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
 MAX_BACKOFF_SECONDS = 5.0
 DEFAULT_SOFT_FRACTION = Decimal("0.8")
-_RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in ("usage", "reservation"))
+MESSAGES = "/v1/messages"
+_NOT_COLUMNS = ("usage", "reservation", "request_body", "retry_window_seconds")
+_RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in _NOT_COLUMNS)
 _USAGE_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
 SoftLimitSink = Callable[[list[SoftLimitCrossed]], None]
 
@@ -43,6 +46,8 @@ def record_to_row(record: UsageRecord) -> dict[str, Any]:
     """The ledger columns of a usage record (token counts flattened beside the call's fields)."""
     row = {name: getattr(record, name) for name in _RECORD_COLUMNS}
     row.update({name: getattr(record.usage, name) for name in _USAGE_COLUMNS})
+    if row["fingerprint"] is None and record.endpoint == MESSAGES:
+        row["fingerprint"] = fingerprint(record.request_body)
     return row
 
 
@@ -52,12 +57,15 @@ def insert_records(
     """Insert usage records and settle their budget holds in one transaction (blocking).
 
     Ids already in the ledger are skipped and not settled again, so retrying a batch whose commit succeeded
-    but whose acknowledgement was lost changes nothing. Returns the soft limits the batch crossed.
+    but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts on
+    the way in. Returns the soft limits the batch crossed.
     """
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     statement = dialect.insert(UsageRow).on_conflict_do_nothing(index_elements=["id"]).returning(UsageRow.id)
+    rows = [record_to_row(record) for record in records]
     with write_transaction(engine) as connection:
-        inserted = set(connection.execute(statement, [record_to_row(r) for r in records]).scalars())
+        link_retries(connection, rows, [record.retry_window_seconds for record in records])
+        inserted = set(connection.execute(statement, rows).scalars())
         return settle(connection, [r for r in records if r.id in inserted], soft_fraction=soft_fraction)
 
 

@@ -44,6 +44,7 @@ class TeamSettings:
     max_output_tokens: int | None | Unset = UNSET
     cap_policy: CapPolicy | Unset = UNSET
     models: tuple[str, ...] | None | Unset = UNSET
+    retry_window_seconds: int | Unset = UNSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget_usd, Unset) and self.budget_usd is not None and self.budget_usd < 0:
@@ -52,6 +53,9 @@ class TeamSettings:
             raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {self.period!r}")
         if not isinstance(self.cap_policy, Unset) and self.cap_policy not in CAP_POLICIES:
             raise ValueError(f"cap policy must be one of {', '.join(CAP_POLICIES)}, got {self.cap_policy!r}")
+        window = self.retry_window_seconds
+        if not isinstance(window, Unset) and window < 0:
+            raise ValueError(f"retry window must be 0 (off) or a number of seconds, got {window}")
         tokens = self.max_output_tokens
         if not isinstance(tokens, Unset) and tokens is not None and tokens < 1:
             raise ValueError(f"max output tokens must be at least 1, got {tokens}")
@@ -67,6 +71,7 @@ class TeamView:
     max_output_tokens: int | None
     cap_policy: str
     models: tuple[str, ...] | None
+    retry_window_seconds: int
     spent_usd: Decimal
     reserved_usd: Decimal
     remaining_usd: Decimal | None
@@ -81,6 +86,7 @@ class TeamView:
             "max_output_tokens": self.max_output_tokens,
             "cap_policy": self.cap_policy,
             "models": list(self.models) if self.models is not None else None,
+            "retry_window_seconds": self.retry_window_seconds,
             "spent_usd": _money(self.spent_usd),
             "reserved_usd": _money(self.reserved_usd),
             "remaining_usd": _money(self.remaining_usd),
@@ -120,7 +126,7 @@ def create_team(engine: Engine, name: str, settings: TeamSettings) -> TeamView:
     if not name.strip():
         raise ValueError("team name must not be empty")
     now = datetime.now(UTC)
-    team = Team(name=name, period="month", cap_policy="clamp", created_at=now, updated_at=now)
+    team = Team(name=name, period="month", cap_policy="clamp", retry_window_seconds=600, created_at=now, updated_at=now)
     _apply(team, settings)
     try:
         with engine.begin() as connection:
@@ -177,6 +183,7 @@ def list_teams(engine: Engine, *, name: str | None = None, now: datetime | None 
                 max_output_tokens=team.max_output_tokens,
                 cap_policy=team.cap_policy,
                 models=tuple(team.models.split(",")) if team.models is not None else None,
+                retry_window_seconds=team.retry_window_seconds,
                 spent_usd=spent,
                 reserved_usd=reserved,
                 remaining_usd=None if budget is None else budget - spent - reserved,
@@ -272,13 +279,14 @@ _COLUMNS = (
     "max_output_tokens",
     "cap_policy",
     "models",
+    "retry_window_seconds",
     "created_at",
     "updated_at",
 )
 
 
 def _apply(team: Team, settings: TeamSettings) -> None:
-    for field in ("budget_usd", "period", "max_output_tokens", "cap_policy"):
+    for field in ("budget_usd", "period", "max_output_tokens", "cap_policy", "retry_window_seconds"):
         value = getattr(settings, field)
         if not isinstance(value, Unset):
             setattr(team, field, value)

@@ -109,11 +109,16 @@ class UsageRecord:
     retry_reason: RetryReason | None = None
     retry_of: str | None = None
     retry_count: int = 0
+    attempt: int = 0
+    fingerprint: str | None = None
     batch_id: str | None = None
     custom_id: str | None = None
     max_tokens_requested: int | None = None
     max_tokens_sent: int | None = None
     latency_ms: float
     ttfb_ms: float | None
-    # Not a column: what the ledger writer settles in the same transaction that inserts the record.
+    # Not columns: what the ledger writer settles in the same transaction that inserts the record, and what it
+    # needs to link retries (the request as sent by the client, the team's repeat window).
     reservation: Reservation | None = None
+    request_body: bytes | None = None
+    retry_window_seconds: int = 0

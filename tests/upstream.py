@@ -4,7 +4,8 @@ Tests steer it with request headers, which the proxy forwards untouched:
 - `x-fake-stream: text|web-search|error-midway` picks the SSE recording (default `text`);
 - `x-fake-status: 429|413|500|529` answers with that error;
 - `x-fake-chunk: N` splits SSE bodies into N-byte chunks; `x-fake-delay: S` sleeps S seconds between chunks;
-- `x-fake-hang: S` waits S seconds before answering at all.
+- `x-fake-hang: S` waits S seconds before answering at all;
+- `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FakeAnthropic:
     """The fake upstream as an ASGI app; `requests` holds what it received, in order."""
 
     requests: list[Seen] = field(default_factory=list)
+    failures: dict[bytes, int] = field(default_factory=dict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -78,6 +80,12 @@ class FakeAnthropic:
             error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
             await _respond(send, 401, json.dumps(error).encode())
             return
+        if "x-fake-fail-first" in headers:
+            failed = self.failures.get(body, 0)
+            if failed < int(headers["x-fake-fail-first"]):
+                self.failures[body] = failed + 1
+                await _respond(send, 500, _error_body(500), extra=[(b"x-should-retry", b"true")])
+                return
         if "x-fake-status" in headers:
             status = int(headers["x-fake-status"])
             payload = ERRORS.get(status)
