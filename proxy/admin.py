@@ -7,6 +7,7 @@ Errors use Anthropic's error shape, like every other answer spendgate makes itse
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,8 @@ from starlette.routing import Route
 
 from proxy.export import Cursor, iter_usage
 from proxy.keys import KeyCache
+from proxy.pricing import PriceTable
+from proxy.reports import report
 from proxy.teams import (
     UNSET,
     Conflict,
@@ -78,7 +81,14 @@ def admin_routes(token: str | None) -> list[Route]:
         Route("/admin/teams/{name}/keys", guarded(_list_keys), methods=["GET"]),
         Route("/admin/keys/{key_id}", guarded(_revoke_key), methods=["DELETE"]),
         Route("/admin/usage", guarded(_usage), methods=["GET"]),
+        Route("/admin/report", guarded(_report), methods=["GET"]),
     ]
+
+
+def _actor(request: Request) -> str:
+    """The admin token's identity in the audit trail: a digest of the token, never the token."""
+    token = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return "admin:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def _authorize(request: Request, token: str | None) -> None:
@@ -96,7 +106,7 @@ async def _create_team(request: Request) -> Response:
     if not isinstance(name, str):
         raise ValueError("'name' (a string) is required")
     settings = _team_settings(body)
-    view = await _run(request, lambda engine: create_team(engine, name, settings))
+    view = await _run(request, lambda engine: create_team(engine, name, settings, actor=_actor(request)))
     return JSONResponse(view.to_json(), status_code=201)
 
 
@@ -114,7 +124,7 @@ async def _get_team(request: Request) -> Response:
 async def _update_team(request: Request) -> Response:
     name = request.path_params["name"]
     settings = _team_settings(await _json(request))
-    view = await _run(request, lambda engine: update_team(engine, name, settings))
+    view = await _run(request, lambda engine: update_team(engine, name, settings, actor=_actor(request)))
     return JSONResponse(view.to_json())
 
 
@@ -128,7 +138,8 @@ async def _create_key(request: Request) -> Response:
     budget = _decimal(body.get("budget_usd"), "budget_usd")
     period = body.get("period", "month")
     view, key = await _run(
-        request, lambda engine: create_key(engine, team, name=label, budget_usd=budget, period=period)
+        request,
+        lambda engine: create_key(engine, team, actor=_actor(request), name=label, budget_usd=budget, period=period),
     )
     return JSONResponse({**view.to_json(), "key": key}, status_code=201)
 
@@ -142,7 +153,7 @@ async def _list_keys(request: Request) -> Response:
 
 async def _revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
-    view = await _run(request, lambda engine: revoke_key(engine, key_id))
+    view = await _run(request, lambda engine: revoke_key(engine, key_id, actor=_actor(request)))
     keys: KeyCache = request.state.keys
     # This replica refuses the key at once; the others within their key-cache lifetime.
     keys.forget(key_id)
@@ -164,6 +175,15 @@ async def _usage(request: Request) -> Response:
     rows = rows[:limit]
     next_cursor = _encode_cursor(rows[-1][0]) if has_more else None
     return JSONResponse({"data": [record for _, record in rows], "has_more": has_more, "next_cursor": next_cursor})
+
+
+async def _report(request: Request) -> Response:
+    query = request.query_params
+    by = [name.strip() for name in query.get("by", "").split(",") if name.strip()]
+    since, until = _instant(query.get("since"), "since"), _instant(query.get("until"), "until")
+    prices: PriceTable = request.state.prices
+    rows = await _run(request, lambda engine: report(engine, prices, by=by, since=since, until=until))
+    return JSONResponse({"data": [row.to_json() for row in rows]})
 
 
 async def _run(request: Request, work: Callable[[Engine], Any]) -> Any:

@@ -37,6 +37,7 @@ class State(TypedDict):
     forwarder: Forwarder
     recorder: Recorder
     keys: KeyCache
+    prices: PriceTable
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
@@ -89,7 +90,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         alerts.start()
         sweeper = asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))
         try:
-            yield {"engine": engine, "forwarder": forwarder, "recorder": recorder, "keys": keys}
+            yield {"engine": engine, "forwarder": forwarder, "recorder": recorder, "keys": keys, "prices": prices}
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import getpass
 import json
 import logging
 import os
@@ -15,11 +17,13 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from proxy.audit import iter_events, verify
 from proxy.config import ConfigError, Settings
 from proxy.db import make_engine, normalize_url, upgrade
 from proxy.export import iter_usage, write_csv, write_jsonl
 from proxy.pricing import PriceError, PriceTable
 from proxy.recorder import replay_spilled
+from proxy.reports import GROUPS, report
 from proxy.teams import (
     UNSET,
     Conflict,
@@ -115,14 +119,14 @@ def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
     with _ledger(settings) as engine:
-        view = create_team(engine, args.name, _team_settings(args))
+        view = create_team(engine, args.name, _team_settings(args), actor=_actor())
     print(json.dumps(view.to_json()))
     return 0
 
 
 def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
     with _ledger(settings) as engine:
-        view = update_team(engine, args.name, _team_settings(args))
+        view = update_team(engine, args.name, _team_settings(args), actor=_actor())
     print(json.dumps(view.to_json()))
     return 0
 
@@ -143,6 +147,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
         view, key = create_key(
             engine,
             args.team,
+            actor=_actor(),
             name=args.name,
             budget_usd=_money(args.budget) if args.budget is not None else None,
             period=args.period,
@@ -154,7 +159,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     with _ledger(settings) as engine:
-        view = revoke_key(engine, args.key_id)
+        view = revoke_key(engine, args.key_id, actor=_actor())
     print(f"revoked key {view.id} of team {view.team}")
     return 0
 
@@ -177,10 +182,62 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    by = [name.strip() for name in args.by.split(",") if name.strip()] if args.by else []
+    since, until = _instant(args.since), _instant(args.until)
+    with _ledger(settings) as engine:
+        rows = [
+            row.to_json()
+            for row in report(engine, PriceTable.load(settings.prices_path), by=by, since=since, until=until)
+        ]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else by, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        columns = [
+            *by,
+            "calls",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+            "retries",
+            "retry_cost_usd",
+            "cache_savings_usd",
+            "batch_savings_usd",
+            "unpriced_calls",
+        ]
+        _print_table(columns, rows)
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    with _ledger(settings) as engine:
+        verdict = verify(engine)
+    if verdict.problem is not None:
+        print(f"spendgate: audit chain broken after {verdict.entries} good entries: {verdict.problem}", file=sys.stderr)
+        return 3
+    print(f"audit chain intact: {verdict.entries} entries, head {verdict.head_pos} {verdict.head_hash}")
+    return 0
+
+
+def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    with _ledger(settings) as engine:
+        write_jsonl(iter_events(engine, since=_instant(args.since)), sys.stdout)
+    return 0
+
+
 def _prices(args: argparse.Namespace, settings: Settings) -> int:
     table = PriceTable.load(settings.prices_path)
     print(table.describe(model=args.model, at=datetime.now(UTC)))
     return 0
+
+
+def _actor() -> str:
+    """Who the audit trail says made a change from the command line."""
+    return f"cli:{getpass.getuser()}"
 
 
 def _team_settings(args: argparse.Namespace) -> TeamSettings:
@@ -306,6 +363,17 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", metavar="ISO8601")
     usage.add_argument("--until", metavar="ISO8601")
     usage.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+
+    report_command = command(commands, "report", _report, "totals of calls, tokens, cost and retry cost, grouped")
+    report_command.add_argument("--by", metavar="FIELD,FIELD", help=f"group by any of {','.join(GROUPS)}")
+    report_command.add_argument("--since", metavar="ISO8601")
+    report_command.add_argument("--until", metavar="ISO8601")
+    report_command.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    audit = commands.add_parser("audit", help="the tamper-evident audit trail").add_subparsers(metavar="COMMAND")
+    command(audit, "verify", _audit_verify, "check the hash chain of usage records and admin events")
+    audit_export = command(audit, "export", _audit_export, "print admin events as JSON lines, oldest first")
+    audit_export.add_argument("--since", metavar="ISO8601")
 
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)
     prices.add_argument("--model")

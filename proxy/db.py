@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from collections.abc import Iterator
+from decimal import Decimal
 from importlib import resources
 from typing import Any
 
@@ -54,7 +55,22 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         connection.commit()
 
 
+class _DecimalSum:
+    """SQLite aggregate: the exact sum of decimal text (SQLite's own `sum` would go through floats)."""
+
+    def __init__(self) -> None:
+        self.total: Decimal | None = None
+
+    def step(self, value: str | None) -> None:
+        if value is not None:
+            self.total = Decimal(value) if self.total is None else self.total + Decimal(value)
+
+    def finalize(self) -> str | None:
+        return None if self.total is None else format(self.total, "f")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.create_aggregate("decimal_sum", 1, _DecimalSum)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

@@ -134,8 +134,13 @@ class UsageRow(Base):
     max_tokens_sent: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
     ttfb_ms: Mapped[float | None] = mapped_column(Float)
+    # The audit chain (see proxy/audit.py): this record's content hash, its place in the chain, the chain's hash.
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    chain_pos: Mapped[int | None] = mapped_column(BigInteger)
+    chain_hash: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
+        Index("ix_usage_chain_pos", "chain_pos", unique=True),
         Index("ix_usage_team_started", "team", "started_at"),
         Index("ix_usage_key_started", "key_id", "started_at"),
         Index("ix_usage_started", "started_at"),
@@ -165,3 +170,30 @@ class BudgetReservation(Base):
     period_start: Mapped[datetime] = mapped_column(UTCDateTime)
     amount_usd: Mapped[Decimal] = mapped_column(Money)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AdminEvent(Base):
+    """One change made through the CLI or the admin API: who, what, when, before and after."""
+
+    __tablename__ = "admin_events"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(50))
+    target: Mapped[str] = mapped_column(String(200))
+    # JSON: {"before": ..., "after": ...}
+    details: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    chain_pos: Mapped[int] = mapped_column(BigInteger, unique=True)
+    chain_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The end of the audit chain: the last position handed out and its hash. Its row lock orders the chain."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pos: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))

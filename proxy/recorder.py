@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from sqlalchemy import Engine
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, insert, select
 
+from proxy.audit import extend, lock_head, write_head
 from proxy.budgets import SoftLimitCrossed, settle
 from proxy.db import write_transaction
 from proxy.models import UsageRow
@@ -57,16 +57,22 @@ def insert_records(
     """Insert usage records and settle their budget holds in one transaction (blocking).
 
     Ids already in the ledger are skipped and not settled again, so retrying a batch whose commit succeeded
-    but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts on
-    the way in. Returns the soft limits the batch crossed.
+    but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts and
+    every record is appended to the audit chain on the way in. Returns the soft limits the batch crossed.
     """
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(UsageRow).on_conflict_do_nothing(index_elements=["id"]).returning(UsageRow.id)
     rows = [record_to_row(record) for record in records]
     with write_transaction(engine) as connection:
-        link_retries(connection, rows, [record.retry_window_seconds for record in records])
-        inserted = set(connection.execute(statement, rows).scalars())
-        return settle(connection, [r for r in records if r.id in inserted], soft_fraction=soft_fraction)
+        # The chain's lock serialises every writer, so the check for ids already written cannot race.
+        pos, head = lock_head(connection)
+        present = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
+        fresh = [index for index, record in enumerate(records) if record.id not in present]
+        rows = [rows[index] for index in fresh]
+        if not rows:
+            return []
+        link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
+        write_head(connection, *extend(rows, pos, head))
+        connection.execute(insert(UsageRow), rows)
+        return settle(connection, [records[index] for index in fresh], soft_fraction=soft_fraction)
 
 
 class Recorder:

@@ -11,7 +11,9 @@ from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from proxy.audit import record_event
 from proxy.budgets import current_spend, recount, team_counter
+from proxy.db import write_transaction
 from proxy.keys import hash_key, new_key, new_key_id
 from proxy.models import APIKey, Team, UsageRow
 from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period
@@ -121,31 +123,37 @@ class KeyView:
         }
 
 
-def create_team(engine: Engine, name: str, settings: TeamSettings) -> TeamView:
-    """Create a team; unset options take their defaults (no budget, monthly period, clamp policy)."""
+def create_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str) -> TeamView:
+    """Create a team; unset options take their defaults (no budget, monthly period, clamp policy).
+
+    Every change here is written to the audit trail as `actor`, in the same transaction as the change.
+    """
     if not name.strip():
         raise ValueError("team name must not be empty")
     now = datetime.now(UTC)
     team = Team(name=name, period="month", cap_policy="clamp", retry_window_seconds=600, created_at=now, updated_at=now)
     _apply(team, settings)
     try:
-        with engine.begin() as connection:
+        with write_transaction(engine) as connection:
             connection.execute(insert(Team).values(**_columns(team)))
+            record_event(connection, actor=actor, action="team.create", target=name, after=_rules(team))
     except IntegrityError:
         raise Conflict(f"team {name!r} already exists; use `spendgate teams update` to change it") from None
     return get_team(engine, name)
 
 
-def update_team(engine: Engine, name: str, settings: TeamSettings) -> TeamView:
+def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str) -> TeamView:
     """Change the given options of a team; options left `UNSET` keep their value."""
-    with engine.begin() as connection:
+    with write_transaction(engine) as connection:
         row = connection.execute(select(Team).where(Team.name == name)).first()
         if row is None:
             raise NotFound(f"no team named {name!r}")
         team = Team(**{column: getattr(row, column) for column in _COLUMNS})
+        before = _rules(team)
         _apply(team, settings)
         team.updated_at = datetime.now(UTC)
         connection.execute(update(Team).where(Team.id == row.id).values(**_columns(team)))
+        record_event(connection, actor=actor, action="team.update", target=name, before=before, after=_rules(team))
     if team.period != row.period:
         # A new period kind starts a counter that has never been settled into: count it from the ledger.
         counter = team_counter(team.id, team.name, team.period, team.budget_usd, team.updated_at)
@@ -197,6 +205,7 @@ def create_key(
     engine: Engine,
     team: str,
     *,
+    actor: str,
     name: str | None = None,
     budget_usd: Decimal | None = None,
     period: Period = "month",
@@ -208,7 +217,7 @@ def create_key(
         raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
     key = new_key()
     key_id = new_key_id()
-    with engine.begin() as connection:
+    with write_transaction(engine) as connection:
         team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
         if team_id is None:
             raise NotFound(f"no team named {team!r}; create it with `spendgate teams create {team}`")
@@ -224,15 +233,21 @@ def create_key(
                 created_at=datetime.now(UTC),
             )
         )
+        after = {"team": team, "name": name, "prefix": key[:10], "budget_usd": _money(budget_usd), "period": period}
+        record_event(connection, actor=actor, action="key.create", target=key_id, after=after)
     return get_key(engine, key_id), key
 
 
-def revoke_key(engine: Engine, key_id: str) -> KeyView:
+def revoke_key(engine: Engine, key_id: str, *, actor: str) -> KeyView:
     """Revoke a key; every replica refuses it within its key-cache lifetime (5 s by default)."""
-    with engine.begin() as connection:
+    now = datetime.now(UTC)
+    with write_transaction(engine) as connection:
         result = connection.execute(
-            update(APIKey).where(APIKey.id == key_id, APIKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
+            update(APIKey).where(APIKey.id == key_id, APIKey.revoked_at.is_(None)).values(revoked_at=now)
         )
+        if result.rowcount == 1:
+            after = {"revoked_at": now.isoformat()}
+            record_event(connection, actor=actor, action="key.revoke", target=key_id, after=after)
     view = get_key(engine, key_id)
     if result.rowcount == 0 and view.revoked_at is None:
         raise NotFound(f"no key with id {key_id!r}")
@@ -283,6 +298,18 @@ _COLUMNS = (
     "created_at",
     "updated_at",
 )
+
+
+def _rules(team: Team) -> dict[str, Any]:
+    """A team's settings as the audit trail shows them before and after a change."""
+    return {
+        "budget_usd": _money(team.budget_usd),
+        "period": team.period,
+        "max_output_tokens": team.max_output_tokens,
+        "cap_policy": team.cap_policy,
+        "models": team.models.split(",") if team.models is not None else None,
+        "retry_window_seconds": team.retry_window_seconds,
+    }
 
 
 def _apply(team: Team, settings: TeamSettings) -> None:

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, text, update
 
+from proxy.audit import GENESIS
 from proxy.db import make_engine, normalize_url, upgrade
-from proxy.models import Base
+from proxy.models import AuditHead, Base
 
 POSTGRES_URL = os.environ.get("SPENDGATE_TEST_DB_URL")
 
@@ -57,9 +58,10 @@ def db_url(_migrated_template: str, tmp_path: Path) -> str:
         shutil.copy(make_engine(_migrated_template).url.database or "", path)
         return f"sqlite:///{path}"
     engine = make_engine(_migrated_template)
-    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables if table.name != "audit_head")
     with engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        connection.execute(update(AuditHead).values(pos=0, hash=GENESIS))
     engine.dispose()
     return _migrated_template
 

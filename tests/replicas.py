@@ -69,3 +69,10 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
             pass
         time.sleep(0.1)
     raise AssertionError(f"spendgate serve did not become healthy:\n{log.read_text()}")
+
+
+@contextlib.contextmanager
+def replicas(db_url: str, upstream_url: str, workdir: Path, count: int) -> Iterator[list[str]]:
+    """Several replicas on one ledger; yields their URLs."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(replica(db_url, upstream_url, workdir))[0] for _ in range(count)]

@@ -65,8 +65,8 @@ def running_stack(
     **overrides: Any,
 ) -> Iterator[Stack]:
     """Team `research` with one key, the fake upstream, and the proxy in front of it."""
-    create_team(engine, "research", team or TeamSettings())
-    view, key = create_key(engine, "research", name="ci", budget_usd=key_budget)
+    create_team(engine, "research", team or TeamSettings(), actor="test")
+    view, key = create_key(engine, "research", actor="test", name="ci", budget_usd=key_budget)
     upstream = FakeAnthropic()
     with serve_in_thread(upstream) as upstream_url:
         settings = settings_for(db_url, overrides.pop("upstream_url", upstream_url), tmp_path, **overrides)

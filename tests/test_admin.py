@@ -133,3 +133,13 @@ def test_usage_pages_with_a_cursor(make_client: Callable[..., TestClient], engin
     assert client.get("/admin/usage", headers=AUTH, params={"limit": "0"}).status_code == 400
     assert client.get("/admin/usage", headers=AUTH, params={"cursor": "%%%"}).status_code == 400
     assert client.get("/admin/usage", headers=AUTH, params={"since": "soon"}).status_code == 400
+
+
+def test_report_over_http(make_client: Callable[..., TestClient], engine: Engine) -> None:
+    insert_records(engine, [make_record(id="r1", team="a"), make_record(id="r2", team="b", cost_usd=Decimal("1.5"))])
+    response = make_client().get("/admin/report", headers=AUTH, params={"by": "team"})
+    assert [(row["team"], row["calls"], row["cost_usd"]) for row in response.json()["data"]] == [
+        ("a", 1, "0.00045"),
+        ("b", 1, "1.5"),
+    ]
+    assert make_client().get("/admin/report", headers=AUTH, params={"by": "colour"}).status_code == 400

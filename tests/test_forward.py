@@ -36,8 +36,8 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 @pytest.fixture
 def key(engine: Engine) -> str:
-    create_team(engine, "research", TeamSettings())
-    return create_key(engine, "research")[1]
+    create_team(engine, "research", TeamSettings(), actor="test")
+    return create_key(engine, "research", actor="test")[1]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.teams import TeamSettings, create_key, create_team, get_team
 from tests.conftest import POSTGRES_URL
-from tests.replicas import replica
+from tests.replicas import replicas
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack
 from tests.upstream import FakeAnthropic
@@ -219,12 +219,12 @@ CLIENTS = 50
 
 
 def test_budget_holds_under_concurrency_across_replicas(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    create_team(engine, "research", TeamSettings(budget_usd=BUDGET))
-    _, key = create_key(engine, "research")
+    create_team(engine, "research", TeamSettings(budget_usd=BUDGET), actor="test")
+    _, key = create_key(engine, "research", actor="test")
     upstream = FakeAnthropic()
     statuses: list[int] = []
     lock = threading.Lock()
-    replicas = 1 if POSTGRES_URL is None else 2
+    count = 1 if POSTGRES_URL is None else 2
 
     def call(url: str) -> None:
         with anthropic.Anthropic(base_url=url, api_key=key) as client:
@@ -241,9 +241,8 @@ def test_budget_holds_under_concurrency_across_replicas(engine: Engine, db_url: 
         with lock:
             statuses.append(status)
 
-    with serve_in_thread(upstream) as upstream_url, contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(replica(db_url, upstream_url, tmp_path))[0] for _ in range(replicas)]
-        threads = [threading.Thread(target=call, args=(urls[n % replicas],)) for n in range(CLIENTS)]
+    with serve_in_thread(upstream) as upstream_url, replicas(db_url, upstream_url, tmp_path, count) as urls:
+        threads = [threading.Thread(target=call, args=(urls[n % count],)) for n in range(CLIENTS)]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -109,8 +109,8 @@ def test_retry_whose_first_attempt_never_arrived(stack: Stack) -> None:
 def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_path: Path) -> None:
     if POSTGRES_URL is None:
         pytest.skip("replicas share a ledger only on PostgreSQL")
-    create_team(engine, "research", TeamSettings())
-    _, key = create_key(engine, "research")
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
     body = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": []})
     with (
         serve_in_thread(FakeAnthropic()) as upstream,

@@ -20,8 +20,8 @@ CALLS = 24
 
 
 def test_sigterm_under_load_drains_every_record(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    create_team(engine, "research", TeamSettings())
-    _, key = create_key(engine, "research")
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
     statuses: list[int] = []
     with serve_in_thread(FakeAnthropic()) as upstream_url, replica(db_url, upstream_url, tmp_path) as (url, process):
 

@@ -336,7 +336,7 @@ def test_revoked_key_is_refused(engine: Engine, db_url: str, tmp_path: Path) -> 
 
     with running_stack(engine, db_url, tmp_path, key_cache_seconds=0) as stack:
         client(stack).messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
-        revoke_key(engine, stack.key_id)
+        revoke_key(engine, stack.key_id, actor="test")
         with pytest.raises(anthropic.AuthenticationError):
             client(stack).messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
         records = stack.records(2)

@@ -1,0 +1,153 @@
+"""Spend reports: usage records aggregated in SQL, grouped by team, model, feature, user, key and day.
+
+Money is summed exactly: NUMERIC `sum()` on PostgreSQL, and on SQLite (whose money column holds decimal
+text) a `decimal_sum` aggregate that `proxy.db` registers on every connection. Cache and batch savings are
+derived per model from the token sums and the price table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, case, func, select
+
+from proxy.models import UsageRow
+from proxy.pricing import WEB_SEARCH_USD, PriceTable
+
+GROUPS = ("team", "model", "feature", "user", "key", "day")
+TOKEN_KINDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+    "web_search_requests",
+)
+MILLION = Decimal(1_000_000)
+ZERO = Decimal(0)
+
+
+@dataclass(slots=True, kw_only=True)
+class ReportRow:
+    """The totals of one group."""
+
+    group: dict[str, str | None]
+    calls: int = 0
+    tokens: dict[str, int]
+    cost_usd: Decimal = ZERO
+    retries: int = 0
+    retry_cost_usd: Decimal = ZERO
+    unpriced_calls: int = 0
+    cache_savings_usd: Decimal = ZERO
+    batch_savings_usd: Decimal = ZERO
+
+    def to_json(self) -> dict[str, Any]:
+        """A flat JSON-ready dict: group fields first, money as exact decimal strings."""
+        share = self.retry_cost_usd / self.cost_usd if self.cost_usd else ZERO
+        return {
+            **self.group,
+            "calls": self.calls,
+            **self.tokens,
+            "cost_usd": _plain(self.cost_usd),
+            "retries": self.retries,
+            "retry_cost_usd": _plain(self.retry_cost_usd),
+            "retry_share": _plain(round(share, 4)),
+            "unpriced_calls": self.unpriced_calls,
+            "cache_savings_usd": _plain(self.cache_savings_usd),
+            "batch_savings_usd": _plain(self.batch_savings_usd),
+        }
+
+
+def report(
+    engine: Engine,
+    prices: PriceTable,
+    *,
+    by: Sequence[str],
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[ReportRow]:
+    """Totals per group, ordered by group; `by` is any of `GROUPS` (none: one grand total)."""
+    unknown = [name for name in by if name not in GROUPS]
+    if unknown:
+        raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    sqlite = engine.dialect.name == "sqlite"
+    keys = [_group_column(name, sqlite) for name in by]
+    # Savings depend on the model's prices, so the SQL groups by the served model too; rows are merged after.
+    priced_model = func.coalesce(UsageRow.response_model, UsageRow.model)
+    money = func.decimal_sum if sqlite else func.sum
+    is_batch = UsageRow.service_tier == "batch"
+    query = select(
+        *keys,
+        priced_model,
+        func.count(),
+        *[func.sum(getattr(UsageRow, kind)) for kind in TOKEN_KINDS],
+        money(UsageRow.cost_usd),
+        func.sum(case((UsageRow.is_retry, 1), else_=0)),
+        money(case((UsageRow.is_retry, UsageRow.cost_usd), else_=None)),
+        func.sum(case((UsageRow.cost_usd.is_(None), 1), else_=0)),
+        money(case((is_batch, UsageRow.cost_usd), else_=None)),
+        func.sum(case((is_batch, UsageRow.web_search_requests), else_=0)),
+    ).group_by(*keys, priced_model)
+    if since is not None:
+        query = query.where(UsageRow.started_at >= since)
+    if until is not None:
+        query = query.where(UsageRow.started_at < until)
+    at = until or datetime.now(UTC)
+    rows: dict[tuple[Any, ...], ReportRow] = {}
+    with engine.connect() as connection:
+        for result in connection.execute(query):
+            group = tuple(_text(value) for value in result[: len(keys)])
+            values = result[len(keys) :]
+            model_id, calls, *tokens = values[:8]
+            cost, retries, retry_cost, unpriced, batch_cost, batch_searches = values[8:]
+            row = rows.setdefault(
+                group,
+                ReportRow(group=dict(zip(by, group, strict=True)), tokens=dict.fromkeys(TOKEN_KINDS, 0)),
+            )
+            row.calls += calls
+            for kind, count in zip(TOKEN_KINDS, tokens, strict=True):
+                row.tokens[kind] += int(count or 0)
+            row.cost_usd += _decimal(cost)
+            row.retries += int(retries or 0)
+            row.retry_cost_usd += _decimal(retry_cost)
+            row.unpriced_calls += int(unpriced or 0)
+            row.cache_savings_usd += _cache_savings(prices, model_id, dict(zip(TOKEN_KINDS, tokens, strict=True)), at)
+            # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
+            row.batch_savings_usd += _decimal(batch_cost) - WEB_SEARCH_USD * int(batch_searches or 0)
+    return [rows[group] for group in sorted(rows, key=lambda g: tuple("" if v is None else v for v in g))]
+
+
+def _group_column(name: str, sqlite: bool) -> ColumnElement[Any]:
+    if name == "day":
+        day = func.date(UsageRow.started_at) if sqlite else func.to_char(UsageRow.started_at, "YYYY-MM-DD")
+        return day.label("day")
+    columns = {"team": UsageRow.team, "model": UsageRow.model, "feature": UsageRow.feature, "user": UsageRow.user}
+    return columns.get(name, UsageRow.key_id).label(name)
+
+
+def _cache_savings(prices: PriceTable, model: str | None, tokens: dict[str, Any], at: datetime) -> Decimal:
+    """What cache reads saved against paying full input price, net of what cache writes cost above it."""
+    found = prices.lookup(model or "", at)
+    if found is None:
+        return ZERO
+    rates = found[0].standard
+    saved = int(tokens["cache_read_input_tokens"] or 0) * (rates.input - rates.cache_read)
+    premium = int(tokens["cache_creation_5m_input_tokens"] or 0) * (rates.cache_write_5m - rates.input)
+    premium += int(tokens["cache_creation_1h_input_tokens"] or 0) * (rates.cache_write_1h - rates.input)
+    return (saved - premium) / MILLION
+
+
+def _decimal(value: Any) -> Decimal:
+    return ZERO if value is None else Decimal(value)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _plain(value: Decimal) -> str:
+    return format(value.normalize() if value else ZERO, "f")
