@@ -139,7 +139,9 @@ def settle(connection: Connection, records: Sequence[UsageRecord], *, soft_fract
         for counter in record.reservation.counters:
             counters[(counter.scope, counter.period_start)] = counter
             spent[(counter.scope, counter.period_start)] += record.cost_usd or ZERO
-    released = _release(connection, [r.id for r in records if r.reservation is not None and r.reservation.held])
+    released = _release(
+        connection, [r.reservation.call_id for r in records if r.reservation is not None and r.reservation.held]
+    )
     current = _lock(connection, counters.values())
     crossed = []
     for key, counter in sorted(counters.items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import getpass
 import json
 import logging
@@ -79,6 +80,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with _ledger(settings) as engine:
         replay_spilled(engine, settings.spill_dir)
     app = create_app(settings)
+    # Objects made at start-up (the app, SQLAlchemy, pricing) live forever: keep them out of every collection,
+    # or each full collection walks them all and stalls the event loop for tens of milliseconds.
+    gc.collect()
+    gc.freeze()
     logger.info(
         "spendgate serving on http://%s:%d, forwarding to %s", settings.host, settings.port, settings.upstream_url
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -108,7 +109,8 @@ class KeyCache:
     """Answers "whose key is this?" from memory, asking the ledger at most once per key per `ttl` seconds.
 
     Unknown keys are cached too, so a client hammering with a bad key costs no database round trips.
-    A revocation made on any replica takes effect here within `ttl` seconds.
+    A revocation made on any replica takes effect here within `ttl` seconds. When an entry expires under
+    load, one lookup refreshes it and the calls arriving meanwhile wait for that one.
     """
 
     def __init__(self, engine: Engine, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -116,6 +118,7 @@ class KeyCache:
         self._ttl = ttl
         self._clock = clock
         self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
+        self._lookups: dict[str, asyncio.Future[KeyInfo | None]] = {}
 
     async def authenticate(self, key: str | None) -> KeyInfo:
         """The key's owner, or `InvalidKey`."""
@@ -130,12 +133,33 @@ class KeyCache:
         if cached is not None and cached[0] > now:
             info = cached[1]
         else:
-            info = await anyio.to_thread.run_sync(lookup_key, self._engine, key_hash)
-            if len(self._entries) >= MAX_CACHED_KEYS:
-                self._entries.clear()
-            self._entries[key_hash] = (now + self._ttl, info)
+            info = await self._lookup(key_hash, now)
         if info is None:
             raise InvalidKey("This spendgate key is unknown or revoked. Ask your spendgate admin for a valid key.")
+        return info
+
+    async def _lookup(self, key_hash: str, now: float) -> KeyInfo | None:
+        pending = self._lookups.get(key_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyInfo | None] = asyncio.get_running_loop().create_future()
+        self._lookups[key_hash] = future
+        try:
+            info = await anyio.to_thread.run_sync(lookup_key, self._engine, key_hash)
+        except Exception as exc:
+            future.set_exception(exc)
+            # Waiters get the error; nobody else may be waiting, so mark it retrieved.
+            future.exception()
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            del self._lookups[key_hash]
+        future.set_result(info)
+        if len(self._entries) >= MAX_CACHED_KEYS:
+            self._entries.clear()
+        self._entries[key_hash] = (now + self._ttl, info)
         return info
 
     def forget(self, key_id: str) -> None:

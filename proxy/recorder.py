@@ -145,8 +145,11 @@ class Recorder:
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _flush(self) -> bool:
-        while self._pending:
-            batch = self._pending[: self._batch_size]
+        # Only what was queued when the flush began: under steady load, chasing records that arrive meanwhile
+        # would turn batching into a stream of tiny transactions that starves the event loop of the GIL.
+        queued = len(self._pending)
+        while queued > 0:
+            batch = self._pending[: min(self._batch_size, queued)]
             write = partial(insert_records, self._engine, batch, soft_fraction=self._soft_fraction)
             try:
                 crossed = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
@@ -154,6 +157,7 @@ class Recorder:
                 logger.exception("could not write %d usage records; they stay queued and will be retried", len(batch))
                 return False
             del self._pending[: len(batch)]
+            queued -= len(batch)
             if crossed and self._on_soft_limit is not None:
                 self._on_soft_limit(crossed)
         return True
