@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TypedDict
 
 import anyio.to_thread
@@ -20,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.admin import admin_routes
 from proxy.alerts import AlertSender
+from proxy.batches import reconcile_batches
 from proxy.budgets import release_expired
 from proxy.config import Settings
 from proxy.db import make_engine
@@ -83,18 +85,33 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             default_max_output_tokens=settings.default_max_output_tokens,
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
             budget_fail_open=settings.budget_fail_open,
+            public_url=settings.public_url,
         )
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
         recorder.start()
         alerts.start()
-        sweeper = asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))
+        background = [asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))]
+        if settings.batch_reconcile_seconds > 0:
+            reconcile = partial(
+                reconcile_batches,
+                engine,
+                upstream,
+                upstream_url=settings.upstream_url,
+                upstream_key=settings.anthropic_api_key,
+                prices=prices,
+                submit=recorder.submit,
+                lease=timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2)),
+            )
+            background.append(asyncio.create_task(_every(settings.batch_reconcile_seconds, reconcile)))
         try:
             yield {"engine": engine, "forwarder": forwarder, "recorder": recorder, "keys": keys, "prices": prices}
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.
-            sweeper.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await recorder.close()
             await alerts.close()
             await upstream.aclose()
@@ -107,15 +124,22 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
 
 
 async def _release_expired_holds(engine: Engine, interval: float) -> None:
+    async def release() -> None:
+        released = await anyio.to_thread.run_sync(release_expired, engine, datetime.now(UTC))
+        if released:
+            logger.warning("released the budget holds of %d calls that never settled", released)
+
+    await _every(interval, release)
+
+
+async def _every(interval: float, work: Callable[[], Awaitable[object]]) -> None:
+    """Run background work every `interval` seconds until cancelled; a failure is logged, not fatal."""
     while True:
         await asyncio.sleep(interval)
         try:
-            released = await anyio.to_thread.run_sync(release_expired, engine, datetime.now(UTC))
+            await work()
         except Exception:
-            logger.exception("could not release expired budget holds; will try again")
-            continue
-        if released:
-            logger.warning("released the budget holds of %d calls that never settled", released)
+            logger.exception("background task failed; will try again in %.0f s", interval)
 
 
 async def _forward(scope: Scope, receive: Receive, send: Send) -> None:

@@ -54,6 +54,10 @@ class Settings:
     budget_fail_open: bool = False
     soft_limit_fraction: Decimal = Decimal("0.8")
     alert_webhook: str | None = None
+    # The proxy's address as clients know it (behind a load balancer); default: the Host each client used.
+    public_url: str | None = None
+    # How often ended batches whose results nobody read are fetched and recorded; 0: never.
+    batch_reconcile_seconds: float = 300.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -78,6 +82,8 @@ class Settings:
             budget_fail_open=_read(environ, "SPENDGATE_BUDGET_FAIL_OPEN", _boolean, False),
             soft_limit_fraction=_read(environ, "SPENDGATE_SOFT_LIMIT_FRACTION", _fraction, Decimal("0.8")),
             alert_webhook=environ.get("SPENDGATE_ALERT_WEBHOOK") or None,
+            public_url=(environ.get("SPENDGATE_PUBLIC_URL") or "").rstrip("/") or None,
+            batch_reconcile_seconds=_read(environ, "SPENDGATE_BATCH_RECONCILE_SECONDS", float, 300.0),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:

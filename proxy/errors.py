@@ -6,7 +6,10 @@ ProxyError
 ├── OutputCapExceeded     400 invalid_request_error output_cap
 ├── BudgetExceeded        402 billing_error         budget_exceeded
 ├── BadRequest            400 invalid_request_error bad_request
+├── UnpricedModel         400 invalid_request_error unpriced_model
+├── BatchNotFound         404 not_found_error       batch_not_found
 ├── RequestTooLarge       413 request_too_large     request_too_large
+├── LedgerUnavailable     503 api_error             ledger_unavailable
 ├── UpstreamUnreachable   502 api_error             upstream_unreachable
 └── UpstreamTimeout       504 api_error             upstream_timeout
 """
@@ -87,6 +90,15 @@ class BadRequest(ProxyError):
     status = 400
     error_type = "invalid_request_error"
     reason = "bad_request"
+    should_retry = False
+
+
+class BatchNotFound(ProxyError):
+    """The batch does not exist, or belongs to another team (which must not learn that it exists)."""
+
+    status = 404
+    error_type = "not_found_error"
+    reason = "batch_not_found"
     should_retry = False
 
 

@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -24,9 +25,23 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Message, Receive, Scope, Send
 
+from proxy.batches import (
+    BATCHES,
+    BatchOwner,
+    BatchRoute,
+    ResultsMeter,
+    batch_route,
+    estimate_batch,
+    find_batch,
+    keep_owned,
+    mark_recorded,
+    owned_ids,
+    point_results_at,
+    save_batch,
+)
 from proxy.budgets import counters_for, reserve
-from proxy.errors import BadRequest, LedgerUnavailable, ProxyError, RequestTooLarge, UnpricedModel
-from proxy.keys import KeyCache, KeyInfo, key_from_headers
+from proxy.errors import BadRequest, BatchNotFound, LedgerUnavailable, ProxyError, RequestTooLarge, UnpricedModel
+from proxy.keys import KeyCache, KeyInfo, key_from_headers, lookup_key_by_id
 from proxy.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.pricing import PriceTable
 from proxy.recorder import Recorder
@@ -56,6 +71,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"x-api-key", b"authorization"}
 SPENDGATE_HEADER_PREFIX = b"x-spendgate-"
 ZERO = Decimal(0)
+# A batch can take 24 hours to end and its results are read later: its hold lasts two days unless settled.
+BATCH_HOLD = timedelta(hours=48)
 # nginx's convention for "the client closed the connection before a response was sent".
 CLIENT_CLOSED_REQUEST = 499
 
@@ -91,6 +108,10 @@ class Call:
         "reservation",
         "request_body",
         "retry_window",
+        "key",
+        "batch_route",
+        "batch",
+        "public_url",
         "finished",
         "disconnected",
     )
@@ -119,6 +140,10 @@ class Call:
         self.reservation: Reservation | None = None
         self.request_body: bytes | None = None
         self.retry_window = 0
+        self.key: KeyInfo | None = None
+        self.batch_route: BatchRoute | None = None
+        self.batch: BatchOwner | None = None
+        self.public_url = ""
         self.finished = False
         self.disconnected = False
 
@@ -190,6 +215,7 @@ class Forwarder:
         default_max_output_tokens: int | None = None,
         reservation_ttl_seconds: float = 3600.0,
         budget_fail_open: bool = False,
+        public_url: str | None = None,
     ) -> None:
         self._upstream = upstream
         self._upstream_url = upstream_url
@@ -202,21 +228,31 @@ class Forwarder:
         self._default_cap = default_max_output_tokens
         self._reservation_ttl = timedelta(seconds=reservation_ttl_seconds)
         self._fail_open = budget_fail_open
+        self._public_url = public_url
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        route = batch_route(method, path)
         endpoint = path if method == "POST" and path in (MESSAGES, COUNT_TOKENS) else None
+        if route is not None and route.kind == "create":
+            endpoint = BATCHES
         call = Call(endpoint)
+        call.batch_route = route
         headers: dict[bytes, bytes] = dict(scope["headers"])
+        if route is not None:
+            # Where this client reached us: what batch objects' results_url must point at.
+            call.public_url = f"{scope.get('scheme', 'http')}://{headers.get(b'host', b'').decode('latin-1')}"
         try:
             body = await _read_body(receive, self._max_body_bytes)
             key = await self._keys.authenticate(key_from_headers(headers))
-            call.team, call.key_id, call.retry_window = key.team, key.key_id, key.retry_window_seconds
+            call.key, call.team, call.key_id, call.retry_window = key, key.team, key.key_id, key.retry_window_seconds
             request = _describe_call(call, headers, body)
             call.request_body = body
             if request is not None and endpoint == MESSAGES:
                 body = await self._preflight(call, key, request, body)
+            if route is not None:
+                await self._prepare_batch(call, key, route, request)
             await self._exchange(call, scope, receive, send, body)
         except ProxyError as error:
             call.fail(error, "upstream_unreachable" if error.status >= 500 else "rejected")
@@ -271,10 +307,13 @@ class Forwarder:
                 "model to a price table named by SPENDGATE_PRICES (see `spendgate prices`), or use a priced model."
             )
         reservation = Reservation(call_id=call.id, counters=counters, amount=estimate, held=True)
+        await self._hold(call, reservation, expires_at=call.started_at + self._reservation_ttl)
+        return capped.body
+
+    async def _hold(self, call: Call, reservation: Reservation, *, expires_at: datetime) -> None:
+        """Take the hold (or raise `BudgetExceeded`); a ledger outage fails closed unless configured open."""
         try:
-            await anyio.to_thread.run_sync(
-                partial(reserve, self._engine, reservation, expires_at=call.started_at + self._reservation_ttl)
-            )
+            await anyio.to_thread.run_sync(partial(reserve, self._engine, reservation, expires_at=expires_at))
         except SQLAlchemyError as exc:
             if not self._fail_open:
                 raise LedgerUnavailable(
@@ -282,9 +321,34 @@ class Forwarder:
                     "Try again shortly."
                 ) from exc
             logger.warning("ledger unreachable; forwarding %s without a budget check (fail-open)", call.id)
-            reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+            reservation = replace(reservation, amount=ZERO, held=False)
         call.reservation = reservation
-        return capped.body
+
+    async def _prepare_batch(self, call: Call, key: KeyInfo, route: BatchRoute, request: dict[str, Any] | None) -> None:
+        """Hold a new batch's worst case against the budget; refuse another team's batch as not found."""
+        if route.kind == "create":
+            counters = counters_for(key, call.started_at)
+            if all(counter.budget_usd is None for counter in counters):
+                call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+                return
+            estimate = estimate_batch(request or {}, self._prices, call.started_at)
+            if estimate is None:
+                raise UnpricedModel(
+                    f"A request in this batch names a model with no price, so team {key.team}'s budget cannot bound "
+                    "it. Add the model to a price table named by SPENDGATE_PRICES, or use priced models."
+                )
+            reservation = Reservation(call_id=call.id, counters=counters, amount=estimate, held=True)
+            await self._hold(call, reservation, expires_at=call.started_at + BATCH_HOLD)
+            return
+        if route.batch_id is None:
+            return
+        owner = await anyio.to_thread.run_sync(find_batch, self._engine, route.batch_id)
+        if owner is None or owner.team_id != key.team_id:
+            raise BatchNotFound(
+                f"No batch {route.batch_id} was created through spendgate by team {key.team}. "
+                "Batches are visible only to the team that created them."
+            )
+        call.batch = owner
 
     async def _exchange(self, call: Call, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         url = self._upstream_url + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
@@ -322,7 +386,7 @@ class Forwarder:
             for name, value in scope["headers"]
             if name not in dropped and not name.startswith(SPENDGATE_HEADER_PREFIX)
         ]
-        if call.endpoint is not None:
+        if call.endpoint is not None or call.batch_route is not None:
             # The usage tap reads the body as it passes, so metered calls ask for it uncompressed.
             forwarded = [(name, value) for name, value in forwarded if name != b"accept-encoding"]
             forwarded.append((b"accept-encoding", b"identity"))
@@ -340,6 +404,9 @@ class Forwarder:
         if response.status >= 400:
             call.outcome = "upstream_error"
         headers.append((b"x-spendgate-request-id", call.id.encode()))
+        if call.batch_route is not None:
+            await self._relay_batch(call, call.batch_route, response, send, headers)
+            return
         if call.endpoint is None or call.streamed:
             tap = StreamUsage() if call.endpoint is not None else None
             try:
@@ -357,6 +424,64 @@ class Forwarder:
         call.first_byte = time.perf_counter()
         await _send_guarded(call, send, {"type": "http.response.start", "status": response.status, "headers": headers})
         await _send_guarded(call, send, {"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _relay_batch(
+        self,
+        call: Call,
+        route: BatchRoute,
+        response: UpstreamResponse,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Relay a batch answer: meter results as they stream; point batch objects' `results_url` at us."""
+        if route.kind == "results" and response.status == 200 and call.batch is not None and call.key is not None:
+            await self._relay_results(call, call.batch, call.key, response, send, headers)
+            return
+        body = b"".join([chunk async for chunk in response.body])
+        if response.status < 300 and call.key is not None:
+            body = await anyio.to_thread.run_sync(self._rewrite_batch, call, route, call.key, body)
+        headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        call.first_byte = time.perf_counter()
+        await _send_guarded(call, send, {"type": "http.response.start", "status": response.status, "headers": headers})
+        await _send_guarded(call, send, {"type": "http.response.body", "body": body, "more_body": False})
+
+    def _rewrite_batch(self, call: Call, route: BatchRoute, key: KeyInfo, body: bytes) -> bytes:
+        """Record a new batch's owner, filter lists to the caller's team, and rewrite `results_url` (blocking)."""
+        if route.kind == "delete":
+            return body
+        if route.kind == "create" and call.reservation is not None:
+            batch_id = json.loads(body)["id"]
+            save_batch(self._engine, batch_id=batch_id, key=key, hold_call_id=call.id, created_at=call.started_at)
+            # The hold now covers the batch: it is released by the record of the batch's last result.
+            call.reservation = replace(call.reservation, held=False)
+        if route.kind == "list":
+            body = keep_owned(body, lambda ids: owned_ids(self._engine, key.team_id, ids))
+        return point_results_at(body, self._public_url or call.public_url)
+
+    async def _relay_results(
+        self,
+        call: Call,
+        batch: BatchOwner,
+        reader: KeyInfo,
+        response: UpstreamResponse,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        # Spend counts against the key that created the batch (the reader is of the same team).
+        key = await anyio.to_thread.run_sync(lookup_key_by_id, self._engine, batch.key_id) or reader
+        hold = Reservation(
+            call_id=batch.hold_call_id, counters=counters_for(key, batch.created_at), amount=ZERO, held=False
+        )
+        meter = ResultsMeter(batch, key=key, reservation=hold, prices=self._prices, submit=self._recorder.submit)
+        complete = False
+        try:
+            await _send_stream(call, response, send, headers, meter.feed)
+            complete = call.outcome == "ok"
+        finally:
+            meter.finish(complete=complete)
+        if complete:
+            await anyio.to_thread.run_sync(mark_recorded, self._engine, batch.id)
 
 
 def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import anyio.to_thread
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, select
 
 from proxy.errors import InvalidKey
 from proxy.models import APIKey, Team
@@ -68,6 +68,15 @@ def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
 
 def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
     """Find an unrevoked key by its hash (blocking: call it from a worker thread)."""
+    return _find_key(engine, APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
+
+
+def lookup_key_by_id(engine: Engine, key_id: str) -> KeyInfo | None:
+    """Find a key by its id, revoked or not: the rules its past calls were made under (blocking)."""
+    return _find_key(engine, APIKey.id == key_id)
+
+
+def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | None:
     query = (
         select(
             APIKey.id,
@@ -83,7 +92,7 @@ def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
             Team.retry_window_seconds,
         )
         .join(Team, Team.id == APIKey.team_id)
-        .where(APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
+        .where(*conditions)
     )
     with engine.connect() as connection:
         row = connection.execute(query).first()

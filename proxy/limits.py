@@ -84,7 +84,14 @@ def input_token_bound(request: dict[str, Any], body_size: int) -> int:
 
 
 def estimate_cost(
-    request: dict[str, Any], *, model: str, input_tokens: int, max_tokens: int | None, prices: PriceTable, at: datetime
+    request: dict[str, Any],
+    *,
+    model: str,
+    input_tokens: int,
+    max_tokens: int | None,
+    prices: PriceTable,
+    at: datetime,
+    batch: bool = False,
 ) -> Decimal | None:
     """The most this call can cost, or None when the model has no price.
 
@@ -98,6 +105,7 @@ def estimate_cost(
         "web_search_requests": _web_search_uses(request),
         "speed": "fast" if request.get("speed") == "fast" else None,
         "inference_geo": "us" if request.get("inference_geo") == "us" else None,
+        "service_tier": "batch" if batch else None,
     }
     shapes: list[dict[str, Any]] = [{"input_tokens": input_tokens}, {"cache_creation_5m_input_tokens": input_tokens}]
     if _asks_for_1h_cache(request):

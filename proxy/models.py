@@ -197,3 +197,24 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     pos: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class Batch(Base):
+    """A Message Batch created through the proxy: which team owns it and what it holds against the budget."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    key_id: Mapped[str] = mapped_column(String(40))
+    # The create call whose budget hold covers the batch until its results are recorded.
+    hold_call_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    results_recorded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The reconciler working on it, so replicas do not all fetch the same results.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_batches_team", "team_id", "created_at"),
+        Index("ix_batches_unrecorded", "results_recorded_at", "created_at"),
+    )

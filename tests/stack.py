@@ -50,6 +50,7 @@ def settings_for(db_url: str, upstream_url: str, tmp_path: Path, **overrides: An
         anthropic_api_key=UPSTREAM_KEY,
         spill_dir=tmp_path / "spill",
         record_flush_seconds=0.01,
+        batch_reconcile_seconds=0,
     )
     return replace(base, **overrides)
 

@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from proxy.app import create_app
 from proxy.errors import (
     BadRequest,
+    BatchNotFound,
     BudgetExceeded,
     InvalidKey,
     LedgerUnavailable,
@@ -178,6 +179,7 @@ ERROR_TABLE = [
     pytest.param(BadRequest, 400, "invalid_request_error", "bad_request", True, id="bad-request"),
     pytest.param(RequestTooLarge, 413, "request_too_large", "request_too_large", True, id="too-large"),
     pytest.param(UnpricedModel, 400, "invalid_request_error", "unpriced_model", True, id="unpriced-model"),
+    pytest.param(BatchNotFound, 404, "not_found_error", "batch_not_found", True, id="batch-not-found"),
     pytest.param(LedgerUnavailable, 503, "api_error", "ledger_unavailable", False, id="ledger-unavailable"),
     pytest.param(UpstreamUnreachable, 502, "api_error", "upstream_unreachable", False, id="unreachable"),
     pytest.param(UpstreamTimeout, 504, "api_error", "upstream_timeout", False, id="timeout"),

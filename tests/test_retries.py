@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import anthropic
 import httpx
 import pytest
 from anthropic.types import MessageParam
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from proxy.retries import fingerprint
 from proxy.teams import TeamSettings, create_key, create_team
@@ -122,6 +123,10 @@ def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_pa
             f"{first_url}/v1/messages", content=body, headers={**headers, "x-stainless-retry-count": "0"}
         )
         assert failed.status_code == 500
+        # The SDK backs off (≥ 0.375 s) before retrying; by then the first replica has written its record.
+        deadline = time.monotonic() + 5
+        while not _count(engine) and time.monotonic() < deadline:
+            time.sleep(0.02)
         retried = httpx.post(
             f"{second_url}/v1/messages", content=body, headers={**headers, "x-stainless-retry-count": "1"}
         )
@@ -134,3 +139,8 @@ def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_pa
         ).all()
     assert [(row[1], row[2]) for row in rows] == [(None, None), (rows[0][0], "sdk")]
     assert rows[0][0] == failed.headers["x-spendgate-request-id"]
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT count(*) FROM usage_records")).scalar_one())

@@ -6,6 +6,10 @@ Tests steer it with request headers, which the proxy forwards untouched:
 - `x-fake-chunk: N` splits SSE bodies into N-byte chunks; `x-fake-delay: S` sleeps S seconds between chunks;
 - `x-fake-hang: S` waits S seconds before answering at all;
 - `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally.
+
+Message Batches follow their lifecycle: created `in_progress`, `ended` from the first retrieve on, results as
+JSONL (custom ids containing "bad" error, "late" expire, the rest succeed with the usage in `BATCH_USAGE`).
+A retrieve ends the batch: the first poll sees it `ended`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class FakeAnthropic:
 
     requests: list[Seen] = field(default_factory=list)
     failures: dict[bytes, int] = field(default_factory=dict)
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -92,6 +97,9 @@ class FakeAnthropic:
             error_body = fixture(payload) if payload else _error_body(status)
             await _respond(send, status, error_body, extra=[(b"x-should-retry", b"true")])
             return
+        if scope["path"].startswith("/v1/messages/batches"):
+            await self._batch(scope["method"], scope["path"], body, send)
+            return
         if scope["path"] == "/v1/messages/count_tokens":
             await _respond(send, 200, fixture("count-tokens.json"))
             return
@@ -110,6 +118,68 @@ class FakeAnthropic:
             model = json.dumps(_resolved(request["model"])).encode()
             await _respond(send, 200, recorded.replace(b'"claude-sonnet-4-5-20250929"', model))
 
+    async def _batch(self, method: str, path: str, body: bytes, send: Send) -> None:
+        parts = path.removeprefix("/v1/messages/batches").strip("/").split("/")
+        if method == "POST" and parts == [""]:
+            batch_id = f"msgbatch_fake{len(self.batches):04}"
+            self.batches[batch_id] = {"requests": json.loads(body)["requests"], "status": "in_progress"}
+            await _respond(send, 200, json.dumps(self._batch_object(batch_id)).encode())
+            return
+        if method == "GET" and parts == [""]:
+            data = [self._batch_object(batch_id) for batch_id in self.batches]
+            page = {"data": data, "has_more": False, "first_id": None, "last_id": None}
+            await _respond(send, 200, json.dumps(page).encode())
+            return
+        batch = self.batches.get(parts[0])
+        if batch is None:
+            await _respond(send, 404, _error_body(404))
+            return
+        if method == "GET" and len(parts) == 1:
+            batch["status"] = "ended"
+            answer = self._batch_object(parts[0])
+        elif method == "POST" and parts[1:] == ["cancel"]:
+            batch["status"] = "canceling"
+            answer = self._batch_object(parts[0])
+        elif method == "DELETE":
+            answer = {"id": parts[0], "type": "message_batch_deleted"}
+        else:
+            lines = [json.dumps(_batch_result(request)) for request in batch["requests"]]
+            await _respond(send, 200, ("\n".join(lines) + "\n").encode(), content_type=b"application/binary")
+            return
+        await _respond(send, 200, json.dumps(answer).encode())
+
+    def _batch_object(self, batch_id: str) -> dict[str, Any]:
+        ended = self.batches[batch_id]["status"] == "ended"
+        return {
+            **json.loads(fixture("batch.json")),
+            "id": batch_id,
+            "processing_status": self.batches[batch_id]["status"],
+            "results_url": f"https://api.anthropic.com/v1/messages/batches/{batch_id}/results" if ended else None,
+        }
+
+
+BATCH_USAGE = {
+    "input_tokens": 10,
+    "cache_creation_input_tokens": 2000,
+    "cache_read_input_tokens": 0,
+    "cache_creation": {"ephemeral_5m_input_tokens": 2000, "ephemeral_1h_input_tokens": 0},
+    "output_tokens": 34,
+    "service_tier": "batch",
+    "inference_geo": "global",
+}
+
+
+def _batch_result(request: dict[str, Any]) -> dict[str, Any]:
+    custom_id = request["custom_id"]
+    if "bad" in custom_id:
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}
+        return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
+    if "late" in custom_id:
+        return {"custom_id": custom_id, "result": {"type": "expired"}}
+    message = json.loads(fixture("message.json"))
+    message.update(model=request["params"]["model"], usage=BATCH_USAGE)
+    return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
+
 
 def _resolved(model: str) -> str:
     # Aliases resolve to a dated snapshot in responses, as the real API does for older models.
@@ -121,9 +191,15 @@ def _error_body(status: int) -> bytes:
     return json.dumps({"type": "error", "error": {"type": kind, "message": f"fake {status}"}}).encode()
 
 
-async def _respond(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         *RESPONSE_HEADERS,
         *(extra or []),

@@ -1,0 +1,127 @@
+"""Message Batches through the proxy with the official SDK: owned, budgeted, metered at 50%, never bypassed."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from sqlalchemy import Engine
+
+from proxy.batches import batch_route
+from proxy.teams import TeamSettings, create_key, create_team, get_team
+from tests.stack import Stack, running_stack
+
+REQUESTS: list[Any] = [
+    {"custom_id": "first", "params": {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": []}},
+    {"custom_id": "second", "params": {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": []}},
+    {"custom_id": "bad-one", "params": {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": []}},
+    {"custom_id": "too-late", "params": {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": []}},
+]
+# Sonnet 4.6 at batch rates, per MTok: 10 in × $1.50 + 2,000 5m-writes × $1.875 + 34 out × $7.50.
+SUCCEEDED_COST = "0.00402"
+
+
+def client(stack: Stack, key: str | None = None) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=stack.url, api_key=key or stack.key, max_retries=0)
+
+
+def batch_records(stack: Stack, count: int) -> list[dict[str, Any]]:
+    return [r for r in stack.records(count) if r["custom_id"] is not None]
+
+
+@pytest.mark.parametrize(
+    "method, path, expected",
+    [
+        pytest.param("POST", "/v1/messages/batches", ("create", None), id="create"),
+        pytest.param("GET", "/v1/messages/batches", ("list", None), id="list"),
+        pytest.param("GET", "/v1/messages/batches/b1", ("object", "b1"), id="retrieve"),
+        pytest.param("POST", "/v1/messages/batches/b1/cancel", ("cancel", "b1"), id="cancel"),
+        pytest.param("DELETE", "/v1/messages/batches/b1", ("delete", "b1"), id="delete"),
+        pytest.param("GET", "/v1/messages/batches/b1/results", ("results", "b1"), id="results"),
+        pytest.param("PUT", "/v1/messages/batches/b1", None, id="unknown-method"),
+        pytest.param("GET", "/v1/messages/batches/b1/other", None, id="unknown-action"),
+        pytest.param("POST", "/v1/messages", None, id="not-a-batch"),
+    ],
+)
+def test_routes(method: str, path: str, expected: tuple[str, str | None] | None) -> None:
+    route = batch_route(method, path)
+    assert ((route.kind, route.batch_id) if route else None) == expected
+
+
+def test_lifecycle_is_metered_at_batch_rates(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    team = TeamSettings(budget_usd=Decimal(5))
+    with running_stack(engine, db_url, tmp_path, team=team) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=REQUESTS)
+        assert created.results_url is None
+        ended = sdk.messages.batches.retrieve(created.id)
+        # The absolute URL the API returns would bypass the proxy: it now points at the proxy.
+        assert ended.results_url == f"{stack.url}/v1/messages/batches/{created.id}/results"
+        results = {item.custom_id: item.result.type for item in sdk.messages.batches.results(created.id)}
+        assert results == {"first": "succeeded", "second": "succeeded", "bad-one": "errored", "too-late": "expired"}
+        records = batch_records(stack, 5)
+        # Reading again records nothing new.
+        assert len(list(sdk.messages.batches.results(created.id))) == 4
+        time.sleep(0.2)
+        assert len(stack.records(5)) == 5
+        assert stack.upstream.requests[-1].path.endswith("/results")
+    by_id = {r["custom_id"]: r for r in records}
+    assert {r["batch_id"] for r in records} == {created.id}
+    assert by_id["first"]["cost_usd"] == SUCCEEDED_COST
+    assert by_id["first"]["service_tier"] == "batch"
+    assert (by_id["first"]["input_tokens"], by_id["first"]["cache_creation_5m_input_tokens"]) == (10, 2000)
+    assert (by_id["bad-one"]["outcome"], by_id["bad-one"]["error_type"], by_id["bad-one"]["cost_usd"]) == (
+        "upstream_error",
+        "invalid_request_error",
+        "0",
+    )
+    assert (by_id["too-late"]["error_type"], by_id["too-late"]["cost_usd"]) == ("expired", "0")
+    assert {r["team"] for r in records} == {"research"}
+    view = get_team(engine, "research")
+    # Both successes are spent; the batch's hold was released with its last result.
+    assert view.spent_usd == Decimal(SUCCEEDED_COST) * 2
+    assert view.reserved_usd == 0
+
+
+def test_other_teams_cannot_see_a_batch(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=REQUESTS[:1])
+        create_team(engine, "other", TeamSettings(), actor="test")
+        _, other_key = create_key(engine, "other", actor="test")
+        with client(stack, other_key) as other:
+            for attempt in (
+                lambda: other.messages.batches.retrieve(created.id),
+                lambda: other.messages.batches.cancel(created.id),
+                lambda: other.messages.batches.delete(created.id),
+                lambda: list(other.messages.batches.results(created.id)),
+            ):
+                with pytest.raises(anthropic.NotFoundError, match="Batches are visible only to the team"):
+                    attempt()
+            assert [batch.id for batch in other.messages.batches.list()] == []
+        listed = list(sdk.messages.batches.list())
+        assert [batch.id for batch in listed] == [created.id]
+        assert sdk.messages.batches.cancel(created.id).processing_status == "canceling"
+        assert sdk.messages.batches.delete(created.id).type == "message_batch_deleted"
+
+
+def test_batch_too_big_for_the_budget_is_refused_whole(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    team = TeamSettings(budget_usd=Decimal("0.001"))
+    with running_stack(engine, db_url, tmp_path, team=team) as stack, client(stack) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            sdk.messages.batches.create(requests=REQUESTS)
+        assert refused.value.status_code == 402
+        assert stack.upstream.requests == []
+        [record] = stack.records(1)
+    assert (record["endpoint"], record["error_type"]) == ("/v1/messages/batches", "budget_exceeded")
+
+
+def test_reconciler_records_a_batch_nobody_downloaded(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path, batch_reconcile_seconds=0.2) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=REQUESTS[:2])
+        records = batch_records(stack, 3)
+    assert sorted(r["custom_id"] for r in records) == ["first", "second"]
+    assert {r["cost_usd"] for r in records} == {SUCCEEDED_COST}
+    assert {r["batch_id"] for r in records} == {created.id}
