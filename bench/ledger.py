@@ -44,9 +44,9 @@ DAYS = 60
 BATCH = 5000
 
 
-def make_records(count: int, prices: PriceTable, rng: random.Random) -> list[UsageRecord]:
+def make_records(first: int, count: int, prices: PriceTable, rng: random.Random) -> list[UsageRecord]:
     records = []
-    for n in range(count):
+    for n in range(first, first + count):
         started = END - timedelta(seconds=rng.uniform(0, DAYS * 86400))
         model = rng.choice(MODELS)
         usage = Usage(
@@ -115,7 +115,7 @@ def main() -> int:
 
         def fill() -> str:
             for start in range(0, args.records, BATCH):
-                records = make_records(min(BATCH, args.records - start), prices, rng)
+                records = make_records(start, min(BATCH, args.records - start), prices, rng)
                 # Rows arrive roughly in time order, as they do from a live proxy.
                 insert_records(engine, sorted(records, key=lambda r: r.started_at))
             return f"{args.records / max(time.perf_counter() - began, 1e-9):,.0f} records/s"

@@ -15,20 +15,64 @@ import contextlib
 import hashlib
 import heapq
 import json
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, exists, insert, select, update
 
-from proxy.models import AdminEvent, AuditHead, UsageRow
+from proxy.models import AdminEvent, AuditHead, RepriceEntry, UsageRow
 
 GENESIS = "0" * 64
-CHAIN_COLUMNS = ("seq", "content_hash", "chain_pos", "chain_hash")
-USAGE_HASHED = tuple(column.name for column in UsageRow.__table__.columns if column.name not in CHAIN_COLUMNS)
+# What a usage record's content hash covers, in this order. Fixed, not derived from the table: a column added
+# later must not change the hash of entries already written.
+USAGE_HASHED = (
+    "id",
+    "started_at",
+    "finished_at",
+    "team",
+    "key_id",
+    "feature",
+    "user",
+    "endpoint",
+    "model",
+    "response_model",
+    "upstream_request_id",
+    "status",
+    "outcome",
+    "error_type",
+    "streamed",
+    "batch_id",
+    "custom_id",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+    "web_search_requests",
+    "web_fetch_requests",
+    "service_tier",
+    "speed",
+    "inference_geo",
+    "cost_usd",
+    "price_version",
+    "price_source",
+    "is_retry",
+    "retry_reason",
+    "retry_of",
+    "retry_count",
+    "fingerprint",
+    "attempt",
+    "max_tokens_requested",
+    "max_tokens_sent",
+    "latency_ms",
+    "ttfb_ms",
+)
 EVENT_HASHED = ("at", "actor", "action", "target", "details")
+REPRICE_ACTION = "usage.reprice"
+Change = tuple[str, Decimal, str]  # record id, corrected cost, price version
 STREAM_BATCH = 5000
 
 
@@ -76,8 +120,11 @@ def write_head(connection: Connection, pos: int, head: str) -> None:
 
 def record_event(
     connection: Connection, *, actor: str, action: str, target: str, before: Any = None, after: Any = None
-) -> None:
-    """Append an admin event in the caller's transaction, so the change and its record commit together."""
+) -> int:
+    """Append an admin event in the caller's transaction, so the change and its record commit together.
+
+    Returns the event's position in the chain.
+    """
     event: dict[str, Any] = {
         "at": datetime.now(UTC),
         "actor": actor,
@@ -90,6 +137,7 @@ def record_event(
     chained = link(head, hashed)
     connection.execute(insert(AdminEvent).values(**event, content_hash=hashed, chain_pos=pos + 1, chain_hash=chained))
     write_head(connection, pos + 1, chained)
+    return pos + 1
 
 
 def verify(engine: Engine) -> Verdict:
@@ -106,6 +154,9 @@ def verify(engine: Engine) -> Verdict:
         good, last, problem = _walk(entries)
     if problem is None and (good != head_pos or last != head_hash):
         problem = f"the chain ends at entry {good} but the head says {head_pos}: entries were removed"
+    if problem is None:
+        with engine.connect() as connection:
+            problem = check_repricing(connection, reprice_events(connection))
     return Verdict(entries=good, head_pos=head_pos, head_hash=head_hash, problem=problem)
 
 
@@ -121,6 +172,44 @@ def _walk(entries: Iterator[tuple[int, str, str, str, list[Any]]]) -> tuple[int,
             return good, previous, f"entry {pos} ({name}) does not follow entry {pos - 1}"
         previous, good = stored_chain, pos
     return good, previous, None
+
+
+def reprice_digest(changes: Iterable[Change]) -> str:
+    """SHA-256 over a run's corrections in record-id order: what its audit event vouches for."""
+    lines = "".join(f"{record_id}|{format(cost, 'f')}|{version}\n" for record_id, cost, version in sorted(changes))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def check_repricing(connection: Connection, digests: dict[int, str]) -> str | None:
+    """The first problem with the corrections, given each reprice event's position and vouched digest."""
+    for pos, digest in sorted(digests.items()):
+        entries = connection.execute(
+            select(RepriceEntry.record_id, RepriceEntry.cost_usd, RepriceEntry.price_version).where(
+                RepriceEntry.event_pos == pos
+            )
+        ).all()
+        if reprice_digest((entry[0], entry[1], entry[2]) for entry in entries) != digest:
+            return f"the corrections of reprice event at entry {pos} were altered"
+    vouched = exists().where(
+        RepriceEntry.event_pos == UsageRow.repriced_by,
+        RepriceEntry.record_id == UsageRow.id,
+        RepriceEntry.cost_usd == UsageRow.repriced_cost_usd,
+        RepriceEntry.price_version == UsageRow.repriced_price_version,
+    )
+    unvouched = connection.execute(
+        select(UsageRow.id).where(UsageRow.repriced_cost_usd.is_not(None), ~vouched).limit(1)
+    ).scalar()
+    if unvouched is not None:
+        return f"usage record {unvouched} carries a corrected cost no reprice event vouches for"
+    return None
+
+
+def reprice_events(connection: Connection) -> dict[int, str]:
+    """Each reprice event's chain position and the digest it vouches for."""
+    rows = connection.execute(
+        select(AdminEvent.chain_pos, AdminEvent.details).where(AdminEvent.action == REPRICE_ACTION)
+    )
+    return {pos: json.loads(details)["after"]["digest"] for pos, details in rows}
 
 
 def iter_events(engine: Engine, *, since: datetime | None = None) -> Iterator[dict[str, Any]]:

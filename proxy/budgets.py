@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from proxy.db import write_transaction
 from proxy.errors import BudgetExceeded
 from proxy.keys import KeyInfo
-from proxy.models import BudgetCounter, BudgetReservation, UsageRow
+from proxy.models import BudgetCounter, BudgetReservation, UsageRow, effective_cost
 from proxy.types import Counter, Period, Reservation, UsageRecord
 
 # `total` budgets never reset: one counter, dated at the epoch.
@@ -72,10 +72,10 @@ def key_counter(key_id: str, period: Period, budget: Decimal | None, at: datetim
 
 
 def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) -> None:
-    """Set a counter's spend from the usage records it covers (after a period change), keeping its holds."""
-    query = select(UsageRow.cost_usd).where(
-        condition, UsageRow.started_at >= counter.period_start, UsageRow.cost_usd.is_not(None)
-    )
+    """Set a counter's spend from the usage records it covers (after a period change or a reprice), keeping
+    its holds."""
+    cost = effective_cost()
+    query = select(cost).where(condition, UsageRow.started_at >= counter.period_start, cost.is_not(None))
     with write_transaction(engine) as connection:
         spent = sum((cost for (cost,) in connection.execute(query) if cost is not None), ZERO)
         current = _lock(connection, [counter])

@@ -25,6 +25,7 @@ from proxy.export import iter_usage, write_csv, write_jsonl
 from proxy.pricing import PriceError, PriceTable
 from proxy.recorder import replay_spilled
 from proxy.reports import GROUPS, report
+from proxy.reprice import recount_current, reprice
 from proxy.teams import (
     UNSET,
     Conflict,
@@ -234,6 +235,28 @@ def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _reprice(args: argparse.Namespace, settings: Settings) -> int:
+    since, until = _instant(args.since), _instant(args.until)
+    if since is None:
+        raise UsageError("--since is required")
+    prices = PriceTable.load(settings.prices_path)
+    with _ledger(settings) as engine:
+        result = reprice(engine, prices, since=since, until=until, actor=_actor())
+        recount_current(engine, datetime.now(UTC))
+    print(
+        json.dumps(
+            {
+                "examined": result.examined,
+                "changed": result.changed,
+                "cost_before_usd": format(result.total_before, "f"),
+                "cost_after_usd": format(result.total_after, "f"),
+                "audit_entry": result.event_pos,
+            }
+        )
+    )
+    return 0
+
+
 def _prices(args: argparse.Namespace, settings: Settings) -> int:
     table = PriceTable.load(settings.prices_path)
     print(table.describe(model=args.model, at=datetime.now(UTC)))
@@ -379,6 +402,12 @@ def _parser() -> argparse.ArgumentParser:
     command(audit, "verify", _audit_verify, "check the hash chain of usage records and admin events")
     audit_export = command(audit, "export", _audit_export, "print admin events as JSON lines, oldest first")
     audit_export.add_argument("--since", metavar="ISO8601")
+
+    reprice_command = command(
+        commands, "reprice", _reprice, "recompute stored costs with the current price table (originals are kept)"
+    )
+    reprice_command.add_argument("--since", metavar="ISO8601", required=True)
+    reprice_command.add_argument("--until", metavar="ISO8601")
 
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)
     prices.add_argument("--model")

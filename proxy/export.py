@@ -6,6 +6,7 @@ import csv
 import json
 from collections.abc import Iterator
 from datetime import datetime
+from decimal import Decimal
 from typing import IO, Any
 
 from sqlalchemy import Engine, literal, select, tuple_
@@ -53,7 +54,11 @@ PUBLIC_FIELDS = (
     "max_tokens_sent",
     "latency_ms",
     "ttfb_ms",
+    "repriced_from_cost_usd",
+    "repriced_from_price_version",
 )
+# All but the last two fields are columns as recorded; the last two say what a reprice replaced.
+RECORDED_FIELDS = PUBLIC_FIELDS[:-2]
 STREAM_BATCH = 1000
 Cursor = tuple[datetime, int]
 
@@ -92,11 +97,20 @@ def iter_usage(
 
 def public_record(row: Any) -> dict[str, Any]:
     """A ledger row as the JSON object `spendgate usage` prints: ISO 8601 UTC times, money as exact strings."""
-    record = {name: getattr(row, name) for name in PUBLIC_FIELDS}
+    record = {name: getattr(row, name) for name in RECORDED_FIELDS}
     record["started_at"] = row.started_at.isoformat()
     record["finished_at"] = row.finished_at.isoformat()
-    record["cost_usd"] = None if row.cost_usd is None else format(row.cost_usd, "f")
+    record["cost_usd"] = _money(row.cost_usd)
+    record["repriced_from_cost_usd"] = record["repriced_from_price_version"] = None
+    if row.repriced_cost_usd is not None:
+        # After `spendgate reprice`, the corrected cost is the cost; the one first recorded is kept beside it.
+        record["repriced_from_cost_usd"], record["repriced_from_price_version"] = record["cost_usd"], row.price_version
+        record["cost_usd"], record["price_version"] = _money(row.repriced_cost_usd), row.repriced_price_version
     return record
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
 
 
 def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:

@@ -6,7 +6,20 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, Numeric, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ColumnElement,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    func,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -138,6 +151,11 @@ class UsageRow(Base):
     content_hash: Mapped[str | None] = mapped_column(String(64))
     chain_pos: Mapped[int | None] = mapped_column(BigInteger)
     chain_hash: Mapped[str | None] = mapped_column(String(64))
+    # A correction by `spendgate reprice`: the record's own cost stays as written (and hashed); the corrected
+    # one sits beside it, vouched for by the audit event at chain position `repriced_by`.
+    repriced_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    repriced_price_version: Mapped[str | None] = mapped_column(String(40))
+    repriced_by: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
     __table_args__ = (
         Index("ix_usage_chain_pos", "chain_pos", unique=True),
@@ -170,6 +188,11 @@ class BudgetReservation(Base):
     period_start: Mapped[datetime] = mapped_column(UTCDateTime)
     amount_usd: Mapped[Decimal] = mapped_column(Money)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+def effective_cost() -> ColumnElement[Decimal]:
+    """A record's cost as it stands: the repriced one when a correction was made, else the one recorded."""
+    return func.coalesce(UsageRow.repriced_cost_usd, UsageRow.cost_usd)
 
 
 class AdminEvent(Base):
@@ -218,3 +241,14 @@ class Batch(Base):
         Index("ix_batches_team", "team_id", "created_at"),
         Index("ix_batches_unrecorded", "results_recorded_at", "created_at"),
     )
+
+
+class RepriceEntry(Base):
+    """One record's corrected cost, as one reprice event (at chain position `event_pos`) set it. Append-only."""
+
+    __tablename__ = "reprice_entries"
+
+    event_pos: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    record_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    cost_usd: Mapped[Decimal] = mapped_column(Money)
+    price_version: Mapped[str] = mapped_column(String(40))

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, case, func, select
 
-from proxy.models import UsageRow
+from proxy.models import UsageRow, effective_cost
 from proxy.pricing import WEB_SEARCH_USD, PriceTable
 
 GROUPS = ("team", "model", "feature", "user", "key", "day")
@@ -80,16 +80,17 @@ def report(
     priced_model = func.coalesce(UsageRow.response_model, UsageRow.model)
     money = func.decimal_sum if sqlite else func.sum
     is_batch = UsageRow.service_tier == "batch"
+    cost = effective_cost()
     query = select(
         *keys,
         priced_model,
         func.count(),
         *[func.sum(getattr(UsageRow, kind)) for kind in TOKEN_KINDS],
-        money(UsageRow.cost_usd),
+        money(cost),
         func.sum(case((UsageRow.is_retry, 1), else_=0)),
-        money(case((UsageRow.is_retry, UsageRow.cost_usd), else_=None)),
-        func.sum(case((UsageRow.cost_usd.is_(None), 1), else_=0)),
-        money(case((is_batch, UsageRow.cost_usd), else_=None)),
+        money(case((UsageRow.is_retry, cost), else_=None)),
+        func.sum(case((cost.is_(None), 1), else_=0)),
+        money(case((is_batch, cost), else_=None)),
         func.sum(case((is_batch, UsageRow.web_search_requests), else_=0)),
     ).group_by(*keys, priced_model)
     if since is not None:

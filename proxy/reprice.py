@@ -1,0 +1,103 @@
+"""Repricing: recompute stored costs after a price correction, keeping what was first recorded.
+
+A record's content hash covers the cost it was written with, so a correction never edits that cost: it sits
+beside it (`repriced_cost_usd`, `repriced_price_version`, `repriced_by`). Each correction is also kept in the
+append-only `reprice_entries`, and one audit event vouches for all of a run's entries with their digest;
+`spendgate audit verify` checks both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+
+from proxy.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
+from proxy.budgets import key_counter, recount, team_counter
+from proxy.db import write_transaction
+from proxy.models import APIKey, RepriceEntry, Team, UsageRow
+from proxy.pricing import PriceTable
+from proxy.types import Usage
+
+TOKEN_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Repricing:
+    """What a reprice run changed."""
+
+    examined: int
+    changed: int
+    total_before: Decimal
+    total_after: Decimal
+    event_pos: int | None
+
+
+def reprice(engine: Engine, prices: PriceTable, *, since: datetime, until: datetime | None, actor: str) -> Repricing:
+    """Recompute the cost of every record started in [since, until) with `prices`, and write an audit event."""
+    columns = [UsageRow.id, UsageRow.model, UsageRow.response_model, UsageRow.started_at, UsageRow.cost_usd]
+    columns += [UsageRow.repriced_cost_usd, *[getattr(UsageRow, name) for name in TOKEN_COLUMNS]]
+    query = select(*columns).where(UsageRow.started_at >= since).order_by(UsageRow.id)
+    if until is not None:
+        query = query.where(UsageRow.started_at < until)
+    with write_transaction(engine) as connection:
+        # The chain's lock first: no record joins the range or the chain while we work on it.
+        lock_head(connection)
+        examined, before, after = 0, ZERO, ZERO
+        changes: list[Change] = []
+        for row in connection.execute(query):
+            examined += 1
+            current = row.repriced_cost_usd if row.repriced_cost_usd is not None else row.cost_usd
+            usage = Usage(**{name: getattr(row, name) for name in TOKEN_COLUMNS})
+            cost = prices.price(model=row.response_model or row.model or "", usage=usage, at=row.started_at)
+            # A model the corrected table does not price keeps what it had; so does a cost that did not change.
+            if cost.cost_usd is None or cost.cost_usd == current:
+                continue
+            changes.append((row.id, cost.cost_usd, cost.price_version))
+            before += current or ZERO
+            after += cost.cost_usd
+        if not changes:
+            return Repricing(examined=examined, changed=0, total_before=ZERO, total_after=ZERO, event_pos=None)
+        pos = record_event(
+            connection,
+            actor=actor,
+            action=REPRICE_ACTION,
+            target="usage_records",
+            before={"cost_usd": format(before, "f")},
+            after={
+                "since": since.isoformat(),
+                "until": until.isoformat() if until else None,
+                "changed": len(changes),
+                "cost_usd": format(after, "f"),
+                "digest": reprice_digest(changes),
+            },
+        )
+        _write(connection, changes, pos)
+    return Repricing(examined=examined, changed=len(changes), total_before=before, total_after=after, event_pos=pos)
+
+
+def _write(connection: Connection, changes: list[Change], pos: int) -> None:
+    connection.execute(
+        insert(RepriceEntry),
+        [{"event_pos": pos, "record_id": r, "cost_usd": c, "price_version": v} for r, c, v in changes],
+    )
+    connection.execute(
+        update(UsageRow)
+        .where(UsageRow.id == bindparam("record_id"))
+        .values(repriced_cost_usd=bindparam("cost"), repriced_price_version=bindparam("version"), repriced_by=pos),
+        [{"record_id": r, "cost": c, "version": v} for r, c, v in changes],
+    )
+
+
+def recount_current(engine: Engine, now: datetime) -> None:
+    """Bring every team's and key's current-period spend in line with corrected costs."""
+    with engine.connect() as connection:
+        teams = connection.execute(select(Team.id, Team.name, Team.period, Team.budget_usd)).all()
+        keys = connection.execute(select(APIKey.id, APIKey.period, APIKey.budget_usd)).all()
+    for team_id, name, period, budget in teams:
+        recount(engine, team_counter(team_id, name, period, budget, now), UsageRow.team == name)
+    for key_id, period, budget in keys:
+        recount(engine, key_counter(key_id, period, budget, now), UsageRow.key_id == key_id)
