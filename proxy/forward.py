@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -40,19 +39,18 @@ from proxy.batches import (
     save_batch,
 )
 from proxy.budgets import counters_for, reserve
-from proxy.errors import BadRequest, BatchNotFound, LedgerUnavailable, ProxyError, RequestTooLarge, UnpricedModel
+from proxy.calls import COUNT_TOKENS, MESSAGES, Call, describe_call, note_summary
+from proxy.errors import BatchNotFound, LedgerUnavailable, ProxyError, RequestTooLarge, UnpricedModel
 from proxy.keys import KeyCache, KeyInfo, key_from_headers, lookup_key_by_id
 from proxy.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.pricing import PriceTable
 from proxy.recorder import Recorder
-from proxy.types import Outcome, PriceSource, Reservation, Usage, UsageRecord
+from proxy.types import Reservation, UsageRecord
 from proxy.upstream import Upstream, UpstreamResponse
 from proxy.usage import StreamUsage, summarize_json
 
 logger = logging.getLogger("spendgate")
 
-MESSAGES = "/v1/messages"
-COUNT_TOKENS = "/v1/messages/count_tokens"
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP_HEADERS = frozenset(
     {
@@ -79,123 +77,6 @@ CLIENT_CLOSED_REQUEST = 499
 
 class ClientGone(Exception):
     """The client closed the connection."""
-
-
-class Call:
-    """What one request has told us so far; becomes a `UsageRecord` when it ends."""
-
-    __slots__ = (
-        "id",
-        "endpoint",
-        "started_at",
-        "started",
-        "first_byte",
-        "team",
-        "key_id",
-        "feature",
-        "user",
-        "model",
-        "response_model",
-        "upstream_request_id",
-        "status",
-        "outcome",
-        "error_type",
-        "streamed",
-        "usage",
-        "retry_count",
-        "max_tokens",
-        "max_tokens_sent",
-        "reservation",
-        "request_body",
-        "retry_window",
-        "key",
-        "batch_route",
-        "batch",
-        "public_url",
-        "finished",
-        "disconnected",
-    )
-
-    def __init__(self, endpoint: str | None) -> None:
-        self.id = "sgr_" + secrets.token_hex(12)
-        self.endpoint = endpoint
-        self.started_at = datetime.now(UTC)
-        self.started = time.perf_counter()
-        self.first_byte: float | None = None
-        self.team: str | None = None
-        self.key_id: str | None = None
-        self.feature: str | None = None
-        self.user: str | None = None
-        self.model: str | None = None
-        self.response_model: str | None = None
-        self.upstream_request_id: str | None = None
-        self.status = 0
-        self.outcome: Outcome = "ok"
-        self.error_type: str | None = None
-        self.streamed = False
-        self.usage: Usage | None = None
-        self.retry_count = 0
-        self.max_tokens: int | None = None
-        self.max_tokens_sent: int | None = None
-        self.reservation: Reservation | None = None
-        self.request_body: bytes | None = None
-        self.retry_window = 0
-        self.key: KeyInfo | None = None
-        self.batch_route: BatchRoute | None = None
-        self.batch: BatchOwner | None = None
-        self.public_url = ""
-        self.finished = False
-        self.disconnected = False
-
-    def fail(self, error: ProxyError, outcome: Outcome) -> None:
-        """Note a failure raised by the proxy itself."""
-        self.status = error.status
-        self.outcome = outcome
-        self.error_type = error.reason
-
-    def to_record(self, prices: PriceTable) -> UsageRecord:
-        """The ledger record of this call, priced by the table in force when it started."""
-        usage = self.usage or Usage()
-        if self.endpoint == COUNT_TOKENS or self.usage is None:
-            # Token counting is free; a call that never reported usage consumed nothing we can see.
-            cost_usd: Decimal | None = ZERO
-            price_source: PriceSource = "table"
-            price_version = prices.version_at(self.started_at)
-        else:
-            cost = prices.price(model=self.response_model or self.model or "", usage=usage, at=self.started_at)
-            cost_usd, price_version, price_source = cost.cost_usd, cost.price_version, cost.price_source
-        now = time.perf_counter()
-        return UsageRecord(
-            id=self.id,
-            started_at=self.started_at,
-            finished_at=datetime.now(UTC),
-            team=self.team,
-            key_id=self.key_id,
-            feature=self.feature,
-            user=self.user,
-            endpoint=self.endpoint or "",
-            model=self.model,
-            response_model=self.response_model,
-            upstream_request_id=self.upstream_request_id,
-            status=self.status,
-            outcome=self.outcome,
-            error_type=self.error_type,
-            streamed=self.streamed,
-            usage=usage,
-            cost_usd=cost_usd,
-            price_version=price_version,
-            price_source=price_source,
-            is_retry=self.retry_count > 0,
-            retry_reason="sdk" if self.retry_count > 0 else None,
-            retry_count=self.retry_count,
-            max_tokens_requested=self.max_tokens,
-            max_tokens_sent=self.max_tokens_sent,
-            latency_ms=round((now - self.started) * 1000, 3),
-            ttfb_ms=None if self.first_byte is None else round((self.first_byte - self.started) * 1000, 3),
-            reservation=self.reservation,
-            request_body=self.request_body,
-            retry_window_seconds=self.retry_window,
-        )
 
 
 class Forwarder:
@@ -247,7 +128,7 @@ class Forwarder:
             body = await _read_body(receive, self._max_body_bytes)
             key = await self._keys.authenticate(key_from_headers(headers))
             call.key, call.team, call.key_id, call.retry_window = key, key.team, key.key_id, key.retry_window_seconds
-            request = _describe_call(call, headers, body)
+            request = describe_call(call, headers, body)
             call.request_body = body
             if request is not None and endpoint == MESSAGES:
                 body = await self._preflight(call, key, request, body)
@@ -413,10 +294,10 @@ class Forwarder:
                 await _send_stream(call, response, send, headers, tap.feed if tap else None)
             finally:
                 if tap is not None:
-                    _note_summary(call, tap.summary())
+                    note_summary(call, tap.summary())
             return
         body = b"".join([chunk async for chunk in response.body])
-        _note_summary(call, summarize_json(body))
+        note_summary(call, summarize_json(body))
         if call.endpoint == MESSAGES:
             cost = call.to_record(self._prices).cost_usd
             if cost is not None:
@@ -482,48 +363,6 @@ class Forwarder:
             meter.finish(complete=complete)
         if complete:
             await anyio.to_thread.run_sync(mark_recorded, self._engine, batch.id)
-
-
-def _describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> dict[str, Any] | None:
-    """Fill in what the request says about itself: feature, user, model, max_tokens, retry count.
-
-    Returns the parsed Messages request for metered calls (None for other paths).
-    """
-    feature = headers.get(b"x-spendgate-feature")
-    call.feature = feature.decode("utf-8", "replace") if feature else None
-    user = headers.get(b"x-spendgate-user")
-    call.user = user.decode("utf-8", "replace") if user else None
-    retry_count = headers.get(b"x-stainless-retry-count", b"0")
-    call.retry_count = int(retry_count) if retry_count.isdigit() else 0
-    if call.endpoint is None:
-        return None
-    try:
-        request = json.loads(body)
-    except ValueError:
-        raise BadRequest("The request body is not valid JSON. Send a Messages API request as a JSON object.") from None
-    if not isinstance(request, dict):
-        raise BadRequest("The request body must be a JSON object (a Messages API request).")
-    model = request.get("model")
-    call.model = model if isinstance(model, str) else None
-    max_tokens = request.get("max_tokens")
-    call.max_tokens = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
-    call.max_tokens_sent = call.max_tokens
-    if call.user is None:
-        metadata = request.get("metadata")
-        user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-        call.user = user_id if isinstance(user_id, str) else None
-    return request
-
-
-def _note_summary(call: Call, summary: Any) -> None:
-    if summary.usage is not None:
-        call.usage = summary.usage
-    call.response_model = summary.response_model or call.response_model
-    if summary.error_type is not None:
-        call.error_type = summary.error_type
-        if call.outcome == "ok":
-            # An `event: error` inside a 200 stream: the call failed upstream after it started.
-            call.outcome = "upstream_error"
 
 
 async def _send_stream(
