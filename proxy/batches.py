@@ -169,10 +169,14 @@ def point_results_at(body: bytes, public_url: str) -> bytes:
 
 def keep_owned(body: bytes, owned: Callable[[list[str]], set[str]]) -> bytes:
     """Drop from a batch list the batches the caller's team does not own; `owned` answers which ids it does."""
-    payload = json.loads(body)
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
     data = payload.get("data") if isinstance(payload, dict) else None
-    if not isinstance(data, list):
-        return body
+    if not isinstance(payload, dict) or not isinstance(data, list):
+        # Never pass on a list we cannot filter: it may name other teams' batches.
+        return json.dumps({"data": [], "has_more": False, "first_id": None, "last_id": None}).encode()
     mine = owned([batch["id"] for batch in data if isinstance(batch, dict) and isinstance(batch.get("id"), str)])
     kept = [batch for batch in data if isinstance(batch, dict) and batch.get("id") in mine]
     payload["data"] = kept

@@ -332,7 +332,14 @@ class Forwarder:
         if route.kind == "delete":
             return body
         if route.kind == "create" and call.reservation is not None:
-            batch_id = json.loads(body)["id"]
+            try:
+                created = json.loads(body)
+            except ValueError:
+                created = None
+            batch_id = created.get("id") if isinstance(created, dict) else None
+            if not isinstance(batch_id, str):
+                logger.error("batch create answered %s without a batch id; its hold is released", call.id)
+                return body
             save_batch(self._engine, batch_id=batch_id, key=key, hold_call_id=call.id, created_at=call.started_at)
             # The hold now covers the batch: it is released by the record of the batch's last result.
             call.reservation = replace(call.reservation, held=False)
