@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, exists, insert, select, update
+from sqlalchemy import Connection, DateTime, Engine, exists, insert, select, type_coerce, update
 
-from proxy.models import AdminEvent, AuditHead, RepriceEntry, UsageRow
+from proxy.models import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
 
 GENESIS = "0" * 64
 # What a usage record's content hash covers, in this order. Fixed, not derived from the table: a column added
@@ -76,6 +76,9 @@ Change = tuple[str, Decimal, str]  # record id, corrected cost, price version
 # One chain entry as the verifier reads it: position, kind, id, content hash, chain hash, hashed values.
 Entry = tuple[int, str, Any, str, str, Sequence[Any]]
 STREAM_BATCH = 5000
+# One encoder for every hash: `default` is only called for the values JSON has no type for (times, money),
+# so the C encoder does nearly all the work.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=lambda value: _canonical(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,8 +93,7 @@ class Verdict:
 
 def content_hash(values: Sequence[Any]) -> str:
     """SHA-256 of an entry's fields, as a JSON array in a fixed column order (money as exact text, times UTC)."""
-    # `default` is only called for the values JSON has no type for, so the C encoder does nearly all the work.
-    return hashlib.sha256(json.dumps(values, separators=(",", ":"), default=_canonical).encode()).hexdigest()
+    return hashlib.sha256(_ENCODER.encode(values).encode()).hexdigest()
 
 
 def link(previous: str, content: str) -> str:
@@ -237,8 +239,8 @@ def iter_events(engine: Engine, *, since: datetime | None = None) -> Iterator[di
 
 def _entries(engine: Engine) -> Generator[Entry]:
     """Usage records and admin events merged by chain position."""
-    usage_columns = [UsageRow.__table__.c[name] for name in USAGE_HASHED]
-    event_columns = [AdminEvent.__table__.c[name] for name in EVENT_HASHED]
+    usage_columns = [_raw_time(UsageRow.__table__.c[name]) for name in USAGE_HASHED]
+    event_columns = [_raw_time(AdminEvent.__table__.c[name]) for name in EVENT_HASHED]
     with engine.connect() as usage_connection, engine.connect() as event_connection:
         usage = usage_connection.execution_options(yield_per=STREAM_BATCH).execute(
             select(UsageRow.chain_pos, UsageRow.id, UsageRow.content_hash, UsageRow.chain_hash, *usage_columns)
@@ -262,9 +264,16 @@ def _entries(engine: Engine) -> Generator[Entry]:
             events.close()
 
 
+def _raw_time(column: Any) -> Any:
+    # Times are stored in UTC without a zone; reading them naive skips a conversion per value on the verify path.
+    return type_coerce(column, DateTime()).label(column.name) if isinstance(column.type, UTCDateTime) else column
+
+
 def _canonical(value: Any) -> str:
     if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat()
+        if value.tzinfo is None:
+            return value.isoformat() + "+00:00"
+        return (value if value.tzinfo is UTC else value.astimezone(UTC)).isoformat()
     if isinstance(value, Decimal):
         return format(value, "f")
     raise TypeError(f"no canonical form for {type(value).__name__}")
