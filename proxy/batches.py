@@ -34,7 +34,7 @@ logger = logging.getLogger("spendgate")
 
 BATCHES = "/v1/messages/batches"
 ANTHROPIC_VERSION = b"2023-06-01"
-BatchKind = Literal["create", "list", "object", "cancel", "delete", "results"]
+BatchKind = Literal["create", "list", "object", "cancel", "delete", "results", "other"]
 ZERO = Decimal(0)
 
 
@@ -72,7 +72,8 @@ def batch_route(method: str, path: str) -> BatchRoute | None:
         ("GET", "results"): "results",
     }
     kind = kinds.get((method, action))
-    return None if kind is None or not batch_id else BatchRoute(kind, batch_id)
+    # Anything else under a batch's path still names that batch: it gets the ownership check too.
+    return BatchRoute(kind or "other", batch_id or None)
 
 
 def estimate_batch(request: dict[str, Any], prices: PriceTable, at: datetime) -> Decimal | None:
@@ -124,12 +125,6 @@ def owned_ids(engine: Engine, team_id: int, ids: list[str]) -> set[str]:
         return set(connection.execute(select(Batch.id).where(Batch.team_id == team_id, Batch.id.in_(ids))).scalars())
 
 
-def mark_recorded(engine: Engine, batch_id: str) -> None:
-    """Note that every result of the batch is in the ledger, so the reconciler leaves it alone (blocking)."""
-    with engine.begin() as connection:
-        connection.execute(update(Batch).where(Batch.id == batch_id).values(results_recorded_at=datetime.now(UTC)))
-
-
 def claim_unrecorded(engine: Engine, *, now: datetime, lease: timedelta, limit: int = 20) -> list[BatchOwner]:
     """Batches whose results nobody has recorded, each leased to this caller so replicas share the work."""
     claimed = []
@@ -178,10 +173,9 @@ def keep_owned(body: bytes, owned: Callable[[list[str]], set[str]]) -> bytes:
         # Never pass on a list we cannot filter: it may name other teams' batches.
         return json.dumps({"data": [], "has_more": False, "first_id": None, "last_id": None}).encode()
     mine = owned([batch["id"] for batch in data if isinstance(batch, dict) and isinstance(batch.get("id"), str)])
-    kept = [batch for batch in data if isinstance(batch, dict) and batch.get("id") in mine]
-    payload["data"] = kept
-    payload["first_id"] = kept[0]["id"] if kept else None
-    payload["last_id"] = kept[-1]["id"] if kept else None
+    # first_id / last_id stay the upstream's: they are the cursors for the next page, even when this page
+    # held none of the team's batches.
+    payload["data"] = [batch for batch in data if isinstance(batch, dict) and batch.get("id") in mine]
     return json.dumps(payload).encode()
 
 
@@ -190,11 +184,33 @@ def result_record_id(batch_id: str, custom_id: str) -> str:
     return "sgb_" + hashlib.sha256(f"{batch_id}/{custom_id}".encode()).hexdigest()[:24]
 
 
+def results_meter(
+    engine: Engine,
+    batch: BatchOwner,
+    *,
+    reader: KeyInfo | None,
+    prices: PriceTable,
+    submit: Callable[[UsageRecord], None],
+) -> ResultsMeter | None:
+    """A meter for a batch's results; spend counts against the key that created the batch (blocking).
+
+    None when that key is gone and no reader of its team stands in for it.
+    """
+    key = lookup_key_by_id(engine, batch.key_id) or reader
+    if key is None:
+        return None
+    hold = Reservation(
+        call_id=batch.hold_call_id, counters=counters_for(key, batch.created_at), amount=ZERO, held=False
+    )
+    return ResultsMeter(batch, key=key, reservation=hold, prices=prices, submit=submit)
+
+
 class ResultsMeter:
     """Turns a batch's results JSONL, as it streams past, into one usage record per result.
 
-    The batch's budget hold is released by the record of the last result, so spend and hold change together;
-    an interrupted read releases nothing, and a later complete read (with the same record ids) finishes the job.
+    The batch's budget hold is released by the record of the last result (a batch has at least one), so spend
+    and hold change together, and the ledger writer then marks the batch recorded. An interrupted read releases
+    nothing; a later complete read (with the same record ids) finishes the job.
     """
 
     def __init__(
@@ -342,13 +358,11 @@ async def reconcile_batches(
             await response.close()
         if response.status != 200 or json.loads(body).get("processing_status") != "ended":
             continue
-        key = await anyio.to_thread.run_sync(lookup_key_by_id, engine, batch.key_id)
-        if key is None:
-            continue
-        hold = Reservation(
-            call_id=batch.hold_call_id, counters=counters_for(key, batch.created_at), amount=ZERO, held=False
+        meter = await anyio.to_thread.run_sync(
+            partial(results_meter, engine, batch, reader=None, prices=prices, submit=submit)
         )
-        meter = ResultsMeter(batch, key=key, reservation=hold, prices=prices, submit=submit)
+        if meter is None:
+            continue
         response = await upstream.send("GET", f"{upstream_url}{BATCHES}/{batch.id}/results", headers, b"")
         complete = False
         try:
@@ -360,7 +374,6 @@ async def reconcile_batches(
             await response.close()
             meter.finish(complete=complete)
         if complete:
-            await anyio.to_thread.run_sync(mark_recorded, engine, batch.id)
             logger.info("recorded %d results of batch %s nobody read through the proxy", meter.results, batch.id)
             recorded += 1
     return recorded

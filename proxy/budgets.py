@@ -77,8 +77,9 @@ def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) ->
     cost = effective_cost()
     query = select(cost).where(condition, UsageRow.started_at >= counter.period_start, cost.is_not(None))
     with write_transaction(engine) as connection:
-        spent = sum((cost for (cost,) in connection.execute(query) if cost is not None), ZERO)
+        # Lock first: a settlement committing between the sum and the write would otherwise be lost.
         current = _lock(connection, [counter])
+        spent = sum((value for (value,) in connection.execute(query) if value is not None), ZERO)
         _, reserved = current[(counter.scope, counter.period_start)]
         _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved)
 
@@ -126,8 +127,15 @@ def reserve(engine: Engine, reservation: Reservation, *, expires_at: datetime) -
         )
 
 
-def settle(connection: Connection, records: Sequence[UsageRecord], *, soft_fraction: Decimal) -> list[SoftLimitCrossed]:
-    """Add each record's cost to its counters and release its hold, inside the caller's transaction.
+def settle(
+    connection: Connection,
+    records: Sequence[UsageRecord],
+    *,
+    soft_fraction: Decimal,
+    release: Sequence[str] = (),
+) -> list[SoftLimitCrossed]:
+    """Add each record's cost to its counters and release the holds of `release` (call ids), in the caller's
+    transaction. Releasing is idempotent: a hold already released releases nothing.
 
     Returns the soft limits these costs crossed, each marked on its counter so it is reported once per period.
     """
@@ -139,22 +147,23 @@ def settle(connection: Connection, records: Sequence[UsageRecord], *, soft_fract
         for counter in record.reservation.counters:
             counters[(counter.scope, counter.period_start)] = counter
             spent[(counter.scope, counter.period_start)] += record.cost_usd or ZERO
-    released = _release(
-        connection, [r.reservation.call_id for r in records if r.reservation is not None and r.reservation.held]
-    )
-    current = _lock(connection, counters.values())
+    released = _release(connection, sorted(set(release)))
+    current = _lock(connection, [*counters.values(), *(_stub(key) for key in released)])
     crossed = []
-    for key, counter in sorted(counters.items()):
+    for key in sorted(current):
         before, reserved = current[key]
-        after = before + spent[key]
+        after = before + spent.get(key, ZERO)
         _write(connection, key[0], key[1], spent=after, reserved=max(reserved - released.get(key, ZERO), ZERO))
-        budget = counter.budget_usd
-        if budget and before < budget * soft_fraction <= after and _mark_alerted(connection, key):
+        source = counters.get(key)
+        budget = source.budget_usd if source is not None else None
+        if source is None or not budget or not before < budget * soft_fraction <= after:
+            continue
+        if _mark_alerted(connection, key):
             crossed.append(
                 SoftLimitCrossed(
-                    label=counter.label,
-                    period=counter.period,
-                    period_start=counter.period_start,
+                    label=source.label,
+                    period=source.period,
+                    period_start=source.period_start,
                     spent_usd=after,
                     budget_usd=budget,
                     fraction=soft_fraction,

@@ -19,6 +19,8 @@ from proxy.usage import MessageSummary
 MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
 ZERO = Decimal(0)
+# The largest count an INTEGER column holds; larger client-sent numbers are not stored as counts.
+MAX_COUNT = 2**31 - 1
 
 
 class Call:
@@ -144,11 +146,11 @@ def describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> dict[
     Returns the parsed Messages request for metered calls (None for other paths).
     """
     feature = headers.get(b"x-spendgate-feature")
-    call.feature = feature.decode("utf-8", "replace") if feature else None
+    call.feature = label(feature.decode("utf-8", "replace"), 200) if feature else None
     user = headers.get(b"x-spendgate-user")
-    call.user = user.decode("utf-8", "replace") if user else None
+    call.user = label(user.decode("utf-8", "replace"), 256) if user else None
     retry_count = headers.get(b"x-stainless-retry-count", b"0")
-    call.retry_count = int(retry_count) if retry_count.isdigit() else 0
+    call.retry_count = min(int(retry_count), MAX_COUNT) if retry_count.isdigit() else 0
     if call.endpoint is None:
         return None
     try:
@@ -158,24 +160,34 @@ def describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> dict[
     if not isinstance(request, dict):
         raise BadRequest("The request body must be a JSON object (a Messages API request).")
     model = request.get("model")
-    call.model = model if isinstance(model, str) else None
+    call.model = label(model, 200) if isinstance(model, str) else None
+    # A streaming request: a client leaving before the answer starts must cut the generation too.
+    call.streamed = request.get("stream") is True
     max_tokens = request.get("max_tokens")
-    call.max_tokens = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+    valid = isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and 0 <= max_tokens <= MAX_COUNT
+    call.max_tokens = max_tokens if valid else None
     call.max_tokens_sent = call.max_tokens
     if call.user is None:
         metadata = request.get("metadata")
         user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-        call.user = user_id if isinstance(user_id, str) else None
+        call.user = label(user_id, 256) if isinstance(user_id, str) else None
     return request
+
+
+def label(value: str, limit: int) -> str:
+    """A client- or upstream-supplied string made safe for a ledger column: no NUL (PostgreSQL refuses it), and
+    no longer than the column."""
+    return value.replace("\x00", "")[:limit]
 
 
 def note_summary(call: Call, summary: MessageSummary) -> None:
     """Take in what the response said: usage, the serving model, an error type."""
     if summary.usage is not None:
         call.usage = summary.usage
-    call.response_model = summary.response_model or call.response_model
+    if summary.response_model is not None:
+        call.response_model = label(summary.response_model, 200)
     if summary.error_type is not None:
-        call.error_type = summary.error_type
+        call.error_type = label(summary.error_type, 100)
         if call.outcome == "ok":
             # An `event: error` inside a 200 stream: the call failed upstream after it started.
             call.outcome = "upstream_error"

@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -28,20 +28,27 @@ from proxy.batches import (
     BATCHES,
     BatchOwner,
     BatchRoute,
-    ResultsMeter,
     batch_route,
     estimate_batch,
     find_batch,
     keep_owned,
-    mark_recorded,
     owned_ids,
     point_results_at,
+    results_meter,
     save_batch,
 )
 from proxy.budgets import counters_for, reserve
-from proxy.calls import COUNT_TOKENS, MESSAGES, Call, describe_call, note_summary
-from proxy.errors import BatchNotFound, LedgerUnavailable, ProxyError, RequestTooLarge, UnpricedModel
-from proxy.keys import KeyCache, KeyInfo, key_from_headers, lookup_key_by_id
+from proxy.calls import COUNT_TOKENS, MESSAGES, Call, describe_call, label, note_summary
+from proxy.errors import (
+    BatchNotFound,
+    LedgerUnavailable,
+    ProxyError,
+    RequestTooLarge,
+    UnpricedModel,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.pricing import PriceTable
 from proxy.recorder import Recorder
@@ -50,6 +57,7 @@ from proxy.upstream import Upstream, UpstreamResponse
 from proxy.usage import StreamUsage, summarize_json
 
 logger = logging.getLogger("spendgate")
+T = TypeVar("T")
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP_HEADERS = frozenset(
@@ -71,6 +79,8 @@ SPENDGATE_HEADER_PREFIX = b"x-spendgate-"
 ZERO = Decimal(0)
 # A batch can take 24 hours to end and its results are read later: its hold lasts two days unless settled.
 BATCH_HOLD = timedelta(hours=48)
+# The API's own limit for a batch create (other Messages calls: 32 MB, or SPENDGATE_MAX_BODY_BYTES).
+BATCH_MAX_BODY_BYTES = 256 * 1024 * 1024
 # nginx's convention for "the client closed the connection before a response was sent".
 CLIENT_CLOSED_REQUEST = 499
 
@@ -125,7 +135,8 @@ class Forwarder:
             # Where this client reached us: what batch objects' results_url must point at.
             call.public_url = f"{scope.get('scheme', 'http')}://{headers.get(b'host', b'').decode('latin-1')}"
         try:
-            body = await _read_body(receive, self._max_body_bytes)
+            limit = BATCH_MAX_BODY_BYTES if route is not None and route.kind == "create" else self._max_body_bytes
+            body = await _read_body(receive, limit)
             key = await self._keys.authenticate(key_from_headers(headers))
             call.key, call.team, call.key_id, call.retry_window = key, key.team, key.key_id, key.retry_window_seconds
             request = describe_call(call, headers, body)
@@ -133,13 +144,18 @@ class Forwarder:
             if request is not None and endpoint == MESSAGES:
                 body = await self._preflight(call, key, request, body)
             if route is not None:
-                await self._prepare_batch(call, key, route, request)
+                body = await self._prepare_batch(call, key, route, request, body)
             await self._exchange(call, scope, receive, send, body)
         except ProxyError as error:
-            call.fail(error, "upstream_unreachable" if error.status >= 500 else "rejected")
+            unreachable = isinstance(error, UpstreamUnreachable | UpstreamTimeout)
+            call.fail(error, "upstream_unreachable" if unreachable else "rejected")
             await _send_error(send, error, call.id)
         except ClientGone:
             call.status, call.outcome = CLIENT_CLOSED_REQUEST, "client_disconnected"
+        except Exception:
+            # A bug of ours: still recorded, then left to the server (a 500, or a closed connection).
+            call.status, call.outcome, call.error_type = call.status or 500, "upstream_error", "internal_error"
+            raise
         finally:
             if endpoint is not None:
                 record = self._recorder_submit(call)
@@ -167,14 +183,10 @@ class Forwarder:
     async def _preflight(self, call: Call, key: KeyInfo, request: dict[str, Any], body: bytes) -> bytes:
         """Apply the team's rules and hold the call's worst-case cost; returns the body to forward."""
         check_model(call.model, key.models, key.team)
-        cap = key.max_output_tokens if key.max_output_tokens is not None else self._default_cap
-        capped = cap_output(request, body, cap=cap, policy=key.cap_policy, team=key.team)
+        capped = cap_output(request, body, cap=self._cap(key), policy=key.cap_policy, team=key.team)
         call.max_tokens_sent = capped.max_tokens
-        counters = counters_for(key, call.started_at)
-        if all(counter.budget_usd is None for counter in counters):
-            call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
-            return capped.body
-        estimate = estimate_cost(
+        estimate = partial(
+            estimate_cost,
             request,
             model=call.model or "",
             input_tokens=input_token_bound(request, len(capped.body)),
@@ -182,14 +194,28 @@ class Forwarder:
             prices=self._prices,
             at=call.started_at,
         )
-        if estimate is None:
-            raise UnpricedModel(
-                f"Model {call.model!r} has no price, so team {key.team}'s budget cannot bound this call. Add the "
-                "model to a price table named by SPENDGATE_PRICES (see `spendgate prices`), or use a priced model."
-            )
-        reservation = Reservation(call_id=call.id, counters=counters, amount=estimate, held=True)
-        await self._hold(call, reservation, expires_at=call.started_at + self._reservation_ttl)
+        await self._hold_worst_case(call, key, estimate, ttl=self._reservation_ttl, what=f"Model {call.model!r}")
         return capped.body
+
+    def _cap(self, key: KeyInfo) -> int | None:
+        return key.max_output_tokens if key.max_output_tokens is not None else self._default_cap
+
+    async def _hold_worst_case(
+        self, call: Call, key: KeyInfo, estimate: Callable[[], Decimal | None], *, ttl: timedelta, what: str
+    ) -> None:
+        """Hold the call's worst case on its budgets; counters without a budget just record its spend later."""
+        counters = counters_for(key, call.started_at)
+        if all(counter.budget_usd is None for counter in counters):
+            call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+            return
+        amount = estimate()
+        if amount is None:
+            raise UnpricedModel(
+                f"{what} has no price, so team {key.team}'s budget cannot bound this call. Add the model to a price "
+                "table named by SPENDGATE_PRICES (see `spendgate prices`), or use a priced model."
+            )
+        reservation = Reservation(call_id=call.id, counters=counters, amount=amount, held=True)
+        await self._hold(call, reservation, expires_at=call.started_at + ttl)
 
     async def _hold(self, call: Call, reservation: Reservation, *, expires_at: datetime) -> None:
         """Take the hold (or raise `BudgetExceeded`); a ledger outage fails closed unless configured open."""
@@ -205,38 +231,55 @@ class Forwarder:
             reservation = replace(reservation, amount=ZERO, held=False)
         call.reservation = reservation
 
-    async def _prepare_batch(self, call: Call, key: KeyInfo, route: BatchRoute, request: dict[str, Any] | None) -> None:
-        """Hold a new batch's worst case against the budget; refuse another team's batch as not found."""
+    async def _prepare_batch(
+        self, call: Call, key: KeyInfo, route: BatchRoute, request: dict[str, Any] | None, body: bytes
+    ) -> bytes:
+        """Apply the team's rules to a new batch and hold its worst case; refuse another team's batch as not found.
+
+        Returns the body to forward (rewritten only when the output cap clamped some request).
+        """
         if route.kind == "create":
-            counters = counters_for(key, call.started_at)
-            if all(counter.budget_usd is None for counter in counters):
-                call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
-                return
-            estimate = estimate_batch(request or {}, self._prices, call.started_at)
-            if estimate is None:
-                raise UnpricedModel(
-                    f"A request in this batch names a model with no price, so team {key.team}'s budget cannot bound "
-                    "it. Add the model to a price table named by SPENDGATE_PRICES, or use priced models."
-                )
-            reservation = Reservation(call_id=call.id, counters=counters, amount=estimate, held=True)
-            await self._hold(call, reservation, expires_at=call.started_at + BATCH_HOLD)
-            return
-        if route.batch_id is None:
-            return
-        owner = await anyio.to_thread.run_sync(find_batch, self._engine, route.batch_id)
+            request, body = self._cap_batch(key, request or {}, body)
+            estimate = partial(estimate_batch, request, self._prices, call.started_at)
+            await self._hold_worst_case(call, key, estimate, ttl=BATCH_HOLD, what="A model in this batch")
+            return body
+        if route.batch_id is None and route.kind != "other":
+            return body
+        owner = await self._ledger(partial(find_batch, self._engine, route.batch_id)) if route.batch_id else None
         if owner is None or owner.team_id != key.team_id:
             raise BatchNotFound(
                 f"No batch {route.batch_id} was created through spendgate by team {key.team}. "
                 "Batches are visible only to the team that created them."
             )
         call.batch = owner
+        return body
+
+    def _cap_batch(self, key: KeyInfo, request: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        """The allow-list and the output cap, applied to every request of a batch."""
+        requests = request.get("requests")
+        if not isinstance(requests, list):
+            return request, body
+        capped_requests, clamped = [], False
+        for item in requests:
+            params = item.get("params") if isinstance(item, dict) else None
+            if isinstance(params, dict):
+                model = params.get("model")
+                check_model(model if isinstance(model, str) else None, key.models, key.team)
+                capped = cap_output(params, b"", cap=self._cap(key), policy=key.cap_policy, team=key.team)
+                if capped.body:
+                    item, clamped = {**item, "params": json.loads(capped.body)}, True
+            capped_requests.append(item)
+        if not clamped:
+            return request, body
+        request = {**request, "requests": capped_requests}
+        return request, json.dumps(request, separators=(",", ":")).encode()
 
     async def _exchange(self, call: Call, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         url = self._upstream_url + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         # Exceptions must not escape the task group (anyio would wrap them in an ExceptionGroup).
-        failure: ProxyError | None = None
+        failure: Exception | None = None
         async with anyio.create_task_group() as watchers:
             watchers.start_soon(_watch_disconnect, receive, call, watchers.cancel_scope)
             try:
@@ -245,10 +288,10 @@ class Forwarder:
                     await self._relay(call, response, send)
                 finally:
                     await response.close()
-            except ProxyError as error:
-                failure = error
             except ClientGone:
                 call.disconnected = True
+            except Exception as error:
+                failure = error
             finally:
                 call.finished = True
                 watchers.cancel_scope.cancel()
@@ -279,7 +322,7 @@ class Forwarder:
         headers = [(name, value) for name, value in response.headers if name.lower() not in HOP_BY_HOP_HEADERS]
         for name, value in headers:
             if name.lower() == b"request-id":
-                call.upstream_request_id = value.decode("latin-1")
+                call.upstream_request_id = label(value.decode("latin-1"), 200)
             elif name.lower() == b"content-type":
                 call.streamed = value.startswith(b"text/event-stream")
         if response.status >= 400:
@@ -320,7 +363,7 @@ class Forwarder:
             return
         body = b"".join([chunk async for chunk in response.body])
         if response.status < 300 and call.key is not None:
-            body = await anyio.to_thread.run_sync(self._rewrite_batch, call, route, call.key, body)
+            body = await self._ledger(partial(self._rewrite_batch, call, route, call.key, body))
         headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         call.first_byte = time.perf_counter()
@@ -340,7 +383,15 @@ class Forwarder:
             if not isinstance(batch_id, str):
                 logger.error("batch create answered %s without a batch id; its hold is released", call.id)
                 return body
-            save_batch(self._engine, batch_id=batch_id, key=key, hold_call_id=call.id, created_at=call.started_at)
+            try:
+                save_batch(self._engine, batch_id=batch_id, key=key, hold_call_id=call.id, created_at=call.started_at)
+            except SQLAlchemyError:
+                # The batch exists upstream: hand it to the client all the same (a 5xx would make the SDK create
+                # a second one), and say loudly that spendgate does not know it.
+                logger.exception(
+                    "batch %s was created but could not be recorded; its results are not metered", batch_id
+                )
+                return point_results_at(body, self._public_url or call.public_url)
             # The hold now covers the batch: it is released by the record of the batch's last result.
             call.reservation = replace(call.reservation, held=False)
         if route.kind == "list":
@@ -356,20 +407,25 @@ class Forwarder:
         send: Send,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
-        # Spend counts against the key that created the batch (the reader is of the same team).
-        key = await anyio.to_thread.run_sync(lookup_key_by_id, self._engine, batch.key_id) or reader
-        hold = Reservation(
-            call_id=batch.hold_call_id, counters=counters_for(key, batch.created_at), amount=ZERO, held=False
+        meter = await self._ledger(
+            partial(
+                results_meter, self._engine, batch, reader=reader, prices=self._prices, submit=self._recorder.submit
+            )
         )
-        meter = ResultsMeter(batch, key=key, reservation=hold, prices=self._prices, submit=self._recorder.submit)
         complete = False
         try:
-            await _send_stream(call, response, send, headers, meter.feed)
+            await _send_stream(call, response, send, headers, meter.feed if meter else None)
             complete = call.outcome == "ok"
         finally:
-            meter.finish(complete=complete)
-        if complete:
-            await anyio.to_thread.run_sync(mark_recorded, self._engine, batch.id)
+            if meter is not None:
+                meter.finish(complete=complete)
+
+    async def _ledger(self, work: Callable[[], T]) -> T:
+        """Run blocking ledger work in a thread; a database failure becomes a 503 in Anthropic's shape."""
+        try:
+            return await anyio.to_thread.run_sync(work)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable("The spend ledger did not answer. Try again shortly.") from exc
 
 
 async def _send_stream(

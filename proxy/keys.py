@@ -12,8 +12,9 @@ from decimal import Decimal
 
 import anyio.to_thread
 from sqlalchemy import ColumnElement, Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from proxy.errors import InvalidKey
+from proxy.errors import InvalidKey, LedgerUnavailable
 from proxy.models import APIKey, Team
 from proxy.types import CapPolicy, Period
 
@@ -155,6 +156,10 @@ class KeyCache:
         self._lookups[key_hash] = future
         try:
             info = await anyio.to_thread.run_sync(lookup_key, self._engine, key_hash)
+        except SQLAlchemyError as exc:
+            future.set_exception(exc)
+            future.exception()
+            raise LedgerUnavailable("The spend ledger did not answer, so the key could not be checked.") from exc
         except Exception as exc:
             future.set_exception(exc)
             # Waiters get the error; nobody else may be waiting, so mark it retrieved.

@@ -15,19 +15,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 
 from proxy.audit import extend, lock_head, write_head
 from proxy.budgets import SoftLimitCrossed, settle
 from proxy.db import write_transaction
-from proxy.models import UsageRow
+from proxy.models import Batch, UsageRow
 from proxy.retries import fingerprint, link_retries
 from proxy.types import Counter, Reservation, Usage, UsageRecord
 
@@ -67,12 +68,23 @@ def insert_records(
         present = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
         fresh = [index for index, record in enumerate(records) if record.id not in present]
         rows = [rows[index] for index in fresh]
-        if not rows:
-            return []
         link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
         write_head(connection, *extend(rows, pos, head))
-        connection.execute(insert(UsageRow), rows)
-        return settle(connection, [records[index] for index in fresh], soft_fraction=soft_fraction)
+        if rows:
+            connection.execute(insert(UsageRow), rows)
+        # Holds are released even when their record was written before (a batch's last result read twice).
+        held = [record for record in records if record.reservation is not None and record.reservation.held]
+        finished = sorted({record.batch_id for record in held if record.batch_id is not None})
+        if finished:
+            connection.execute(
+                update(Batch).where(Batch.id.in_(finished)).values(results_recorded_at=datetime.now(UTC))
+            )
+        return settle(
+            connection,
+            [records[index] for index in fresh],
+            soft_fraction=soft_fraction,
+            release=[record.reservation.call_id for record in held if record.reservation is not None],
+        )
 
 
 class Recorder:
@@ -153,14 +165,36 @@ class Recorder:
             write = partial(insert_records, self._engine, batch, soft_fraction=self._soft_fraction)
             try:
                 crossed = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
-            except Exception:
-                logger.exception("could not write %d usage records; they stay queued and will be retried", len(batch))
-                return False
+            except Exception as exc:
+                if not _refused(exc):
+                    logger.exception("could not write %d usage records; they stay queued and retried", len(batch))
+                    return False
+                # The database refused some record's data: write the others one by one, set the bad ones aside,
+                # rather than retry a batch that can never succeed.
+                crossed = await anyio.to_thread.run_sync(self._one_by_one, batch, abandon_on_cancel=False)
             del self._pending[: len(batch)]
             queued -= len(batch)
             if crossed and self._on_soft_limit is not None:
                 self._on_soft_limit(crossed)
         return True
+
+    def _one_by_one(self, batch: list[UsageRecord]) -> list[SoftLimitCrossed]:
+        crossed: list[SoftLimitCrossed] = []
+        for record in batch:
+            try:
+                crossed += insert_records(self._engine, [record], soft_fraction=self._soft_fraction)
+            except Exception as exc:
+                if not _refused(exc):
+                    raise
+                self._set_aside(record, exc)
+        return crossed
+
+    def _set_aside(self, record: UsageRecord, error: Exception) -> None:
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self._spill_dir / f"refused-{os.getpid()}.jsonl"
+        with path.open("a") as refused:
+            refused.write(json.dumps({**_to_spill(record), "error": str(error)[:500]}, default=str) + "\n")
+        logger.error("the ledger refused usage record %s (%s); it was set aside in %s", record.id, error, path)
 
     def _spill(self) -> None:
         self._spill_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +208,15 @@ class Recorder:
             path,
         )
         self._pending.clear()
+
+
+def _refused(error: Exception) -> bool:
+    """Whether the database refused the data itself (retrying it can never succeed), not the connection."""
+    if isinstance(error, OperationalError):
+        return False
+    return isinstance(error, DataError | IntegrityError) or (
+        isinstance(error, StatementError) and not isinstance(error, DBAPIError)
+    )
 
 
 def replay_spilled(engine: Engine, spill_dir: Path) -> int:

@@ -42,8 +42,9 @@ def batch_records(stack: Stack, count: int) -> list[dict[str, Any]]:
         pytest.param("POST", "/v1/messages/batches/b1/cancel", ("cancel", "b1"), id="cancel"),
         pytest.param("DELETE", "/v1/messages/batches/b1", ("delete", "b1"), id="delete"),
         pytest.param("GET", "/v1/messages/batches/b1/results", ("results", "b1"), id="results"),
-        pytest.param("PUT", "/v1/messages/batches/b1", None, id="unknown-method"),
-        pytest.param("GET", "/v1/messages/batches/b1/other", None, id="unknown-action"),
+        pytest.param("PUT", "/v1/messages/batches/b1", ("other", "b1"), id="unknown-method"),
+        pytest.param("GET", "/v1/messages/batches/b1/other", ("other", "b1"), id="unknown-action"),
+        pytest.param("PUT", "/v1/messages/batches", None, id="unknown-method-on-the-collection"),
         pytest.param("POST", "/v1/messages", None, id="not-a-batch"),
     ],
 )
