@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.admin import admin_routes
 from proxy.alerts import AlertSender
-from proxy.batches import reconcile_batches
+from proxy.batches import ResultsFetcher
 from proxy.budgets import release_expired
 from proxy.config import Settings
 from proxy.db import make_engine
@@ -73,6 +73,14 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             soft_fraction=settings.soft_limit_fraction,
             on_soft_limit=alerts.notify,
         )
+        fetcher = ResultsFetcher(
+            engine=engine,
+            upstream=upstream,
+            upstream_url=settings.upstream_url,
+            upstream_key=settings.anthropic_api_key,
+            prices=prices,
+            submit=recorder.submit,
+        )
         forwarder = Forwarder(
             upstream=upstream,
             upstream_url=settings.upstream_url,
@@ -86,6 +94,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             reservation_ttl_seconds=settings.reservation_ttl_seconds,
             budget_fail_open=settings.budget_fail_open,
             public_url=settings.public_url,
+            batch_results=fetcher,
         )
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
@@ -93,16 +102,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         alerts.start()
         background = [asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))]
         if settings.batch_reconcile_seconds > 0:
-            reconcile = partial(
-                reconcile_batches,
-                engine,
-                upstream,
-                upstream_url=settings.upstream_url,
-                upstream_key=settings.anthropic_api_key,
-                prices=prices,
-                submit=recorder.submit,
-                lease=timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2)),
-            )
+            lease = timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2))
+            reconcile = partial(fetcher.reconcile, lease)
             background.append(asyncio.create_task(_every(settings.batch_reconcile_seconds, reconcile)))
         try:
             yield {"engine": engine, "forwarder": forwarder, "recorder": recorder, "keys": keys, "prices": prices}

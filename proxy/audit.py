@@ -155,7 +155,8 @@ def verify(engine: Engine) -> Verdict:
     if unchained is not None:
         outside = f"usage record {unchained} is outside the chain (inserted behind spendgate's back)"
         return Verdict(entries=0, head_pos=head_pos, head_hash=head_hash, problem=outside)
-    with contextlib.closing(_entries(engine)) as entries:
+    # Only up to the head read above: records committed while we walk belong to the next verification.
+    with contextlib.closing(_entries(engine, head_pos)) as entries:
         good, last, problem = _walk(entries)
     if problem is None and (good != head_pos or last != head_hash):
         problem = f"the chain ends at entry {good} but the head says {head_pos}: entries were removed"
@@ -237,20 +238,20 @@ def iter_events(engine: Engine, *, since: datetime | None = None) -> Iterator[di
             }
 
 
-def _entries(engine: Engine) -> Generator[Entry]:
+def _entries(engine: Engine, last: int) -> Generator[Entry]:
     """Usage records and admin events merged by chain position."""
     usage_columns = [_raw_time(UsageRow.__table__.c[name]) for name in USAGE_HASHED]
     event_columns = [_raw_time(AdminEvent.__table__.c[name]) for name in EVENT_HASHED]
     with engine.connect() as usage_connection, engine.connect() as event_connection:
         usage = usage_connection.execution_options(yield_per=STREAM_BATCH).execute(
             select(UsageRow.chain_pos, UsageRow.id, UsageRow.content_hash, UsageRow.chain_hash, *usage_columns)
-            .where(UsageRow.chain_pos.is_not(None))
+            .where(UsageRow.chain_pos.is_not(None), UsageRow.chain_pos <= last)
             .order_by(UsageRow.chain_pos)
         )
         events = event_connection.execution_options(yield_per=STREAM_BATCH).execute(
-            select(
-                AdminEvent.chain_pos, AdminEvent.seq, AdminEvent.content_hash, AdminEvent.chain_hash, *event_columns
-            ).order_by(AdminEvent.chain_pos)
+            select(AdminEvent.chain_pos, AdminEvent.seq, AdminEvent.content_hash, AdminEvent.chain_hash, *event_columns)
+            .where(AdminEvent.chain_pos <= last)
+            .order_by(AdminEvent.chain_pos)
         )
         streams = (
             ((row[0], "usage record", row[1], row[2], row[3], row[4:]) for row in usage),

@@ -21,7 +21,8 @@ from typing import Any, Literal
 import anyio.to_thread
 from sqlalchemy import Engine, insert, or_, select, update
 
-from proxy.budgets import counters_for
+from proxy.budgets import counters_for, settle
+from proxy.db import write_transaction
 from proxy.keys import KeyInfo, lookup_key_by_id
 from proxy.limits import estimate_cost, input_token_bound
 from proxy.models import Batch
@@ -329,41 +330,35 @@ def _owner(row: Any) -> BatchOwner:
     )
 
 
-async def reconcile_batches(
-    engine: Engine,
-    upstream: Upstream,
-    *,
-    upstream_url: str,
-    upstream_key: str | None,
-    prices: PriceTable,
-    submit: Callable[[UsageRecord], None],
-    lease: timedelta,
-) -> int:
-    """Record the results of ended batches nobody read through the proxy; returns how many batches it recorded.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultsFetcher:
+    """Reads a batch's results from the upstream on spendgate's own key, and meters them."""
 
-    Each batch is leased to one replica at a time; record ids make a second reader harmless anyway.
-    """
-    claimed = await anyio.to_thread.run_sync(partial(claim_unrecorded, engine, now=datetime.now(UTC), lease=lease))
-    headers = [
-        (b"x-api-key", (upstream_key or "").encode("latin-1")),
-        (b"anthropic-version", ANTHROPIC_VERSION),
-        (b"accept-encoding", b"identity"),
-    ]
-    recorded = 0
-    for batch in claimed:
-        response = await upstream.send("GET", f"{upstream_url}{BATCHES}/{batch.id}", headers, b"")
-        try:
-            body = b"".join([chunk async for chunk in response.body])
-        finally:
-            await response.close()
-        if response.status != 200 or json.loads(body).get("processing_status") != "ended":
-            continue
+    engine: Engine
+    upstream: Upstream
+    upstream_url: str
+    upstream_key: str | None
+    prices: PriceTable
+    submit: Callable[[UsageRecord], None]
+
+    async def record(self, batch: BatchOwner, *, reader: KeyInfo | None = None) -> bool:
+        """Meter the batch's results if it has ended; True when every result is recorded (or the batch is gone)."""
+        status, body = await self._get(f"{BATCHES}/{batch.id}")
+        if status == 404:
+            # Deleted upstream before anyone read its results: nothing more can be metered; free its hold.
+            await anyio.to_thread.run_sync(abandon, self.engine, batch)
+            logger.warning("batch %s is gone upstream with its results unread; its hold is released", batch.id)
+            return True
+        if status != 200 or _json_object(body).get("processing_status") != "ended":
+            return False
         meter = await anyio.to_thread.run_sync(
-            partial(results_meter, engine, batch, reader=None, prices=prices, submit=submit)
+            partial(results_meter, self.engine, batch, reader=reader, prices=self.prices, submit=self.submit)
         )
         if meter is None:
-            continue
-        response = await upstream.send("GET", f"{upstream_url}{BATCHES}/{batch.id}/results", headers, b"")
+            return False
+        response = await self.upstream.send(
+            "GET", f"{self.upstream_url}{BATCHES}/{batch.id}/results", self._headers(), b""
+        )
         complete = False
         try:
             if response.status == 200:
@@ -374,6 +369,41 @@ async def reconcile_batches(
             await response.close()
             meter.finish(complete=complete)
         if complete:
-            logger.info("recorded %d results of batch %s nobody read through the proxy", meter.results, batch.id)
-            recorded += 1
-    return recorded
+            logger.info("recorded %d results of batch %s", meter.results, batch.id)
+        return complete
+
+    async def reconcile(self, lease: timedelta) -> int:
+        """Record ended batches nobody read through the proxy; each is leased to one replica at a time."""
+        claimed = await anyio.to_thread.run_sync(
+            partial(claim_unrecorded, self.engine, now=datetime.now(UTC), lease=lease)
+        )
+        return sum([await self.record(batch) for batch in claimed])
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        response = await self.upstream.send("GET", f"{self.upstream_url}{path}", self._headers(), b"")
+        try:
+            return response.status, b"".join([chunk async for chunk in response.body])
+        finally:
+            await response.close()
+
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-api-key", (self.upstream_key or "").encode("latin-1")),
+            (b"anthropic-version", ANTHROPIC_VERSION),
+            (b"accept-encoding", b"identity"),
+        ]
+
+
+def abandon(engine: Engine, batch: BatchOwner) -> None:
+    """Release a vanished batch's hold and stop looking for its results (blocking)."""
+    with write_transaction(engine) as connection:
+        settle(connection, [], soft_fraction=Decimal(1), release=[batch.hold_call_id])
+        connection.execute(update(Batch).where(Batch.id == batch.id).values(results_recorded_at=datetime.now(UTC)))
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}

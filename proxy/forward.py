@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -28,6 +28,7 @@ from proxy.batches import (
     BATCHES,
     BatchOwner,
     BatchRoute,
+    ResultsFetcher,
     batch_route,
     estimate_batch,
     find_batch,
@@ -107,6 +108,7 @@ class Forwarder:
         reservation_ttl_seconds: float = 3600.0,
         budget_fail_open: bool = False,
         public_url: str | None = None,
+        batch_results: ResultsFetcher | None = None,
     ) -> None:
         self._upstream = upstream
         self._upstream_url = upstream_url
@@ -120,6 +122,7 @@ class Forwarder:
         self._reservation_ttl = timedelta(seconds=reservation_ttl_seconds)
         self._fail_open = budget_fail_open
         self._public_url = public_url
+        self._batch_results = batch_results
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -252,6 +255,9 @@ class Forwarder:
                 "Batches are visible only to the team that created them."
             )
         call.batch = owner
+        if route.kind == "delete" and not owner.results_recorded and self._batch_results is not None:
+            # Deleting a batch deletes its results: meter them first, or its spend would never be seen.
+            await self._batch_results.record(owner, reader=key)
         return body
 
     def _cap_batch(self, key: KeyInfo, request: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -301,10 +307,7 @@ class Forwarder:
             call.outcome = "client_disconnected"
 
     def _upstream_headers(self, call: Call, scope: Scope) -> list[tuple[bytes, bytes]]:
-        dropped = REQUEST_HEADERS_DROPPED
-        connection = dict(scope["headers"]).get(b"connection")
-        if connection:
-            dropped = dropped | {token.strip().lower() for token in connection.split(b",")}
+        dropped = REQUEST_HEADERS_DROPPED | _connection_tokens(scope["headers"])
         forwarded = [
             (name, value)
             for name, value in scope["headers"]
@@ -319,7 +322,8 @@ class Forwarder:
 
     async def _relay(self, call: Call, response: UpstreamResponse, send: Send) -> None:
         call.status = response.status
-        headers = [(name, value) for name, value in response.headers if name.lower() not in HOP_BY_HOP_HEADERS]
+        dropped = HOP_BY_HOP_HEADERS | _connection_tokens(response.headers)
+        headers = [(name, value) for name, value in response.headers if name.lower() not in dropped]
         for name, value in headers:
             if name.lower() == b"request-id":
                 call.upstream_request_id = label(value.decode("latin-1"), 200)
@@ -327,7 +331,9 @@ class Forwarder:
                 call.streamed = value.startswith(b"text/event-stream")
         if response.status >= 400:
             call.outcome = "upstream_error"
-        headers.append((b"x-spendgate-request-id", call.id.encode()))
+        if call.endpoint is not None:
+            # The id of this call's usage record; other paths leave none.
+            headers.append((b"x-spendgate-request-id", call.id.encode()))
         if call.batch_route is not None:
             await self._relay_batch(call, call.batch_route, response, send, headers)
             return
@@ -426,6 +432,13 @@ class Forwarder:
             return await anyio.to_thread.run_sync(work)
         except SQLAlchemyError as exc:
             raise LedgerUnavailable("The spend ledger did not answer. Try again shortly.") from exc
+
+
+def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in `Connection`: hop-by-hop for this connection only (RFC 9110 §7.6.1)."""
+    return frozenset(
+        token.strip().lower() for name, value in headers if name.lower() == b"connection" for token in value.split(b",")
+    )
 
 
 async def _send_stream(

@@ -126,3 +126,24 @@ def test_reconciler_records_a_batch_nobody_downloaded(engine: Engine, db_url: st
     assert sorted(r["custom_id"] for r in records) == ["first", "second"]
     assert {r["cost_usd"] for r in records} == {SUCCEEDED_COST}
     assert {r["batch_id"] for r in records} == {created.id}
+
+
+def test_deleting_unread_results_meters_them_first(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=REQUESTS[:2])
+        sdk.messages.batches.retrieve(created.id)
+        sdk.messages.batches.delete(created.id)
+        records = batch_records(stack, 3)
+    assert sorted(r["custom_id"] for r in records) == ["first", "second"]
+
+
+def test_a_batch_gone_upstream_releases_its_hold(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    team = TeamSettings(budget_usd=Decimal(5))
+    with running_stack(engine, db_url, tmp_path, team=team, batch_reconcile_seconds=0.2) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=REQUESTS[:1])
+        assert get_team(engine, "research").reserved_usd > 0
+        del stack.upstream.batches[created.id]
+        deadline = time.monotonic() + 10
+        while get_team(engine, "research").reserved_usd and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert get_team(engine, "research").reserved_usd == 0

@@ -68,7 +68,13 @@ def test_hop_by_hop_headers_are_dropped_both_ways(make_client: Callable[..., Tes
         return httpx.Response(
             200,
             content=fixture("message.json"),
-            headers={"content-type": "application/json", "keep-alive": "timeout=5", "x-custom": "kept"},
+            headers={
+                "content-type": "application/json",
+                "keep-alive": "timeout=5",
+                "connection": "x-hop",
+                "x-hop": "for this connection only",
+                "x-custom": "kept",
+            },
         )
 
     client = make_client(httpx.MockTransport(handler))
@@ -95,6 +101,7 @@ def test_hop_by_hop_headers_are_dropped_both_ways(make_client: Callable[..., Tes
     assert sent["accept-encoding"] == "identity"
     assert str(seen[0].url) == f"{UPSTREAM}/v1/messages"
     assert "keep-alive" not in response.headers
+    assert "x-hop" not in response.headers
     assert response.headers["x-custom"] == "kept"
     assert response.content == fixture("message.json")
 
@@ -112,6 +119,8 @@ def test_unmetered_paths_keep_client_encoding(make_client: Callable[..., TestCli
     assert seen[0].headers["accept-encoding"] == "gzip"
     assert seen[0].url.query == b"limit=5"
     assert seen[0].method == "GET"
+    # No usage record, so no record id.
+    assert "x-spendgate-request-id" not in response.headers
 
 
 @pytest.mark.parametrize(

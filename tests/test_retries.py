@@ -119,9 +119,14 @@ def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_pa
         replica(db_url, upstream, tmp_path) as (second_url, _),
     ):
         headers = {"x-api-key": key, "content-type": "application/json", "x-fake-fail-first": "1"}
-        failed = httpx.post(
-            f"{first_url}/v1/messages", content=body, headers={**headers, "x-stainless-retry-count": "0"}
-        )
+        try:
+            failed = httpx.post(
+                f"{first_url}/v1/messages", content=body, headers={**headers, "x-stainless-retry-count": "0"}
+            )
+        except httpx.ConnectError as exc:
+            # Seen once in CI: leave the replicas' own account of it for whoever investigates.
+            logs = "\n".join(path.read_text() for path in tmp_path.glob("serve-*.log"))
+            raise AssertionError(f"replica at {first_url} refused the connection:\n{logs}") from exc
         assert failed.status_code == 500
         # The SDK backs off (≥ 0.375 s) before retrying; by then the first replica has written its record.
         deadline = time.monotonic() + 5
@@ -132,8 +137,6 @@ def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_pa
         )
         assert retried.status_code == 200
     with engine.connect() as connection:
-        from sqlalchemy import text
-
         rows = connection.execute(
             text("SELECT id, retry_of, retry_reason FROM usage_records ORDER BY started_at")
         ).all()

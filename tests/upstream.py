@@ -141,6 +141,7 @@ class FakeAnthropic:
             batch["status"] = "canceling"
             answer = self._batch_object(parts[0])
         elif method == "DELETE":
+            del self.batches[parts[0]]
             answer = {"id": parts[0], "type": "message_batch_deleted"}
         else:
             lines = [json.dumps(_batch_result(request)) for request in batch["requests"]]
