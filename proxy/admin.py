@@ -11,7 +11,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -38,6 +38,7 @@ from proxy.teams import (
     revoke_key,
     update_team,
 )
+from proxy.types import parse_instant
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -251,13 +252,10 @@ def _page_size(raw: str | None) -> int:
 
 
 def _instant(raw: str | None, field: str) -> datetime | None:
-    if raw is None:
-        return None
     try:
-        value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ValueError(f"'{field}' must be an ISO 8601 date or time") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return None if raw is None else parse_instant(raw)
+    except ValueError as error:
+        raise ValueError(f"'{field}': {error}") from None
 
 
 def _encode_cursor(cursor: Cursor) -> str:

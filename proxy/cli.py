@@ -38,7 +38,7 @@ from proxy.teams import (
     revoke_key,
     update_team,
 )
-from proxy.types import CAP_POLICIES, PERIODS
+from proxy.types import CAP_POLICIES, PERIODS, parse_instant
 
 logger = logging.getLogger("spendgate")
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.
@@ -316,15 +316,7 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 def _instant(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(
-            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return None if text is None else parse_instant(text)
 
 
 def _print_table(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:

@@ -6,12 +6,12 @@ import csv
 import json
 from collections.abc import Iterator
 from datetime import datetime
-from decimal import Decimal
 from typing import IO, Any
 
 from sqlalchemy import Engine, literal, select, tuple_
 
 from proxy.models import UsageRow
+from proxy.types import usd
 
 # The spec's usage-record fields, in the order exports write them.
 PUBLIC_FIELDS = (
@@ -100,17 +100,13 @@ def public_record(row: Any) -> dict[str, Any]:
     record = {name: getattr(row, name) for name in RECORDED_FIELDS}
     record["started_at"] = row.started_at.isoformat()
     record["finished_at"] = row.finished_at.isoformat()
-    record["cost_usd"] = _money(row.cost_usd)
+    record["cost_usd"] = usd(row.cost_usd)
     record["repriced_from_cost_usd"] = record["repriced_from_price_version"] = None
     if row.repriced_cost_usd is not None:
         # After `spendgate reprice`, the corrected cost is the cost; the one first recorded is kept beside it.
         record["repriced_from_cost_usd"], record["repriced_from_price_version"] = record["cost_usd"], row.price_version
-        record["cost_usd"], record["price_version"] = _money(row.repriced_cost_usd), row.repriced_price_version
+        record["cost_usd"], record["price_version"] = usd(row.repriced_cost_usd), row.repriced_price_version
     return record
-
-
-def _money(value: Decimal | None) -> str | None:
-    return None if value is None else format(value, "f")
 
 
 def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:

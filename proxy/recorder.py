@@ -27,26 +27,25 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 
 from proxy.audit import extend, lock_head, write_head
 from proxy.budgets import SoftLimitCrossed, settle
+from proxy.calls import MESSAGES
 from proxy.db import write_transaction
 from proxy.models import Batch, UsageRow
 from proxy.retries import fingerprint, link_retries
-from proxy.types import Counter, Reservation, Usage, UsageRecord
+from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
 MAX_BACKOFF_SECONDS = 5.0
 DEFAULT_SOFT_FRACTION = Decimal("0.8")
-MESSAGES = "/v1/messages"
 _NOT_COLUMNS = ("usage", "reservation", "request_body", "retry_window_seconds")
 _RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in _NOT_COLUMNS)
-_USAGE_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
 SoftLimitSink = Callable[[list[SoftLimitCrossed]], None]
 
 
 def record_to_row(record: UsageRecord) -> dict[str, Any]:
     """The ledger columns of a usage record (token counts flattened beside the call's fields)."""
     row = {name: getattr(record, name) for name in _RECORD_COLUMNS}
-    row.update({name: getattr(record.usage, name) for name in _USAGE_COLUMNS})
+    row.update({name: getattr(record.usage, name) for name in USAGE_COLUMNS})
     if row["fingerprint"] is None and record.endpoint == MESSAGES:
         row["fingerprint"] = fingerprint(record.request_body)
     return row
@@ -260,5 +259,5 @@ def _from_spill(data: dict[str, Any]) -> UsageRecord:
         reservation = Reservation(
             call_id=held["call_id"], counters=counters, amount=Decimal(held["amount"]), held=held["held"]
         )
-    usage = Usage(**{name: data[name] for name in _USAGE_COLUMNS})
+    usage = Usage(**{name: data[name] for name in USAGE_COLUMNS})
     return UsageRecord(**fields, usage=usage, reservation=reservation)

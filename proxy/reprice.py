@@ -19,9 +19,8 @@ from proxy.budgets import key_counter, recount, team_counter
 from proxy.db import write_transaction
 from proxy.models import APIKey, RepriceEntry, Team, UsageRow
 from proxy.pricing import PriceTable
-from proxy.types import Usage
+from proxy.types import USAGE_COLUMNS, Usage
 
-TOKEN_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
 ZERO = Decimal(0)
 
 
@@ -39,7 +38,7 @@ class Repricing:
 def reprice(engine: Engine, prices: PriceTable, *, since: datetime, until: datetime | None, actor: str) -> Repricing:
     """Recompute the cost of every record started in [since, until) with `prices`, and write an audit event."""
     columns = [UsageRow.id, UsageRow.model, UsageRow.response_model, UsageRow.started_at, UsageRow.cost_usd]
-    columns += [UsageRow.repriced_cost_usd, *[getattr(UsageRow, name) for name in TOKEN_COLUMNS]]
+    columns += [UsageRow.repriced_cost_usd, *[getattr(UsageRow, name) for name in USAGE_COLUMNS]]
     query = select(*columns).where(UsageRow.started_at >= since).order_by(UsageRow.id)
     if until is not None:
         query = query.where(UsageRow.started_at < until)
@@ -51,7 +50,7 @@ def reprice(engine: Engine, prices: PriceTable, *, since: datetime, until: datet
         for row in connection.execute(query):
             examined += 1
             current = row.repriced_cost_usd if row.repriced_cost_usd is not None else row.cost_usd
-            usage = Usage(**{name: getattr(row, name) for name in TOKEN_COLUMNS})
+            usage = Usage(**{name: getattr(row, name) for name in USAGE_COLUMNS})
             cost = prices.price(model=row.response_model or row.model or "", usage=usage, at=row.started_at)
             # A model the corrected table does not price keeps what it had; so does a cost that did not change.
             if cost.cost_usd is None or cost.cost_usd == current:

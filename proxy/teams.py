@@ -16,7 +16,7 @@ from proxy.budgets import current_spend, recount, team_counter
 from proxy.db import write_transaction
 from proxy.keys import hash_key, new_key, new_key_id
 from proxy.models import APIKey, Team, UsageRow
-from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period
+from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period, usd
 
 
 class Unset:
@@ -83,15 +83,15 @@ class TeamView:
         """A JSON-ready dict; money as exact decimal strings."""
         return {
             "name": self.name,
-            "budget_usd": _money(self.budget_usd),
+            "budget_usd": usd(self.budget_usd),
             "period": self.period,
             "max_output_tokens": self.max_output_tokens,
             "cap_policy": self.cap_policy,
             "models": list(self.models) if self.models is not None else None,
             "retry_window_seconds": self.retry_window_seconds,
-            "spent_usd": _money(self.spent_usd),
-            "reserved_usd": _money(self.reserved_usd),
-            "remaining_usd": _money(self.remaining_usd),
+            "spent_usd": usd(self.spent_usd),
+            "reserved_usd": usd(self.reserved_usd),
+            "remaining_usd": usd(self.remaining_usd),
             "period_start": self.period_start.isoformat() if self.period_start else None,
         }
 
@@ -116,7 +116,7 @@ class KeyView:
             "team": self.team,
             "name": self.name,
             "prefix": self.prefix,
-            "budget_usd": _money(self.budget_usd),
+            "budget_usd": usd(self.budget_usd),
             "period": self.period,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
@@ -233,7 +233,7 @@ def create_key(
                 created_at=datetime.now(UTC),
             )
         )
-        after = {"team": team, "name": name, "prefix": key[:10], "budget_usd": _money(budget_usd), "period": period}
+        after = {"team": team, "name": name, "prefix": key[:10], "budget_usd": usd(budget_usd), "period": period}
         record_event(connection, actor=actor, action="key.create", target=key_id, after=after)
     return get_key(engine, key_id), key
 
@@ -303,7 +303,7 @@ _COLUMNS = (
 def _rules(team: Team) -> dict[str, Any]:
     """A team's settings as the audit trail shows them before and after a change."""
     return {
-        "budget_usd": _money(team.budget_usd),
+        "budget_usd": usd(team.budget_usd),
         "period": team.period,
         "max_output_tokens": team.max_output_tokens,
         "cap_policy": team.cap_policy,
@@ -323,7 +323,3 @@ def _apply(team: Team, settings: TeamSettings) -> None:
 
 def _columns(team: Team) -> dict[str, Any]:
     return {column: getattr(team, column) for column in _COLUMNS if getattr(team, column) is not None or column != "id"}
-
-
-def _money(value: Decimal | None) -> str | None:
-    return None if value is None else format(value, "f")

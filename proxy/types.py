@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -50,6 +50,26 @@ class Usage:
     speed: str | None = None
     inference_geo: str | None = None
     iterations: tuple[IterationUsage, ...] = ()
+
+
+# The token counts and modifiers of `Usage` that are ledger columns (iterations are not stored).
+USAGE_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
+
+
+def usd(value: Decimal | None) -> str | None:
+    """Money as JSON carries it: the exact decimal digits as a string (never exponent notation), or None."""
+    return None if value is None else format(value, "f")
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 date or time from a user; without a zone it is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
