@@ -13,12 +13,15 @@ from proxy.batches import BatchOwner, BatchRoute
 from proxy.errors import BadRequest, ProxyError
 from proxy.keys import KeyInfo
 from proxy.pricing import PriceTable
+from proxy.retries import fingerprint
 from proxy.types import Outcome, PriceSource, Reservation, Usage, UsageRecord
 from proxy.usage import MessageSummary
 
 MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
 ZERO = Decimal(0)
+# Request bodies up to this size travel with their record to the ledger writer (see `Call._retry_fields`).
+MAX_CARRIED_BODY = 64 * 1024
 # The largest count an INTEGER column holds; larger client-sent numbers are not stored as counts.
 MAX_COUNT = 2**31 - 1
 
@@ -135,9 +138,18 @@ class Call:
             latency_ms=round((now - self.started) * 1000, 3),
             ttfb_ms=None if self.first_byte is None else round((self.first_byte - self.started) * 1000, 3),
             reservation=self.reservation,
-            request_body=self.request_body,
+            **self._retry_fields(),
             retry_window_seconds=self.retry_window,
         )
+
+    def _retry_fields(self) -> dict[str, Any]:
+        # A small body rides along to the ledger writer, which fingerprints it off the response path; a large
+        # one is fingerprinted now, so a queue of records waiting on a slow ledger never holds megabytes each.
+        if self.endpoint != MESSAGES or self.request_body is None:
+            return {}
+        if len(self.request_body) <= MAX_CARRIED_BODY:
+            return {"request_body": self.request_body}
+        return {"fingerprint": fingerprint(self.request_body)}
 
 
 def describe_call(call: Call, headers: dict[bytes, bytes], body: bytes) -> dict[str, Any] | None:

@@ -147,3 +147,12 @@ def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_pa
 def _count(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(connection.execute(text("SELECT count(*) FROM usage_records")).scalar_one())
+
+
+def test_large_requests_are_linked_too(stack: Stack) -> None:
+    big: list[MessageParam] = [{"role": "user", "content": "x" * 100_000}]
+    with anthropic.Anthropic(base_url=stack.url, api_key=stack.key) as client:
+        client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=big)
+        client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=big)
+    first, repeat = stack.records(2)
+    assert (repeat["retry_reason"], repeat["retry_of"]) == ("repeat", first["id"])
