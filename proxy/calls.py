@@ -14,7 +14,7 @@ from proxy.errors import BadRequest, ProxyError
 from proxy.keys import KeyInfo
 from proxy.pricing import PriceTable
 from proxy.retries import fingerprint
-from proxy.types import Outcome, PriceSource, Reservation, Usage, UsageRecord
+from proxy.types import Cost, Outcome, Reservation, Usage, UsageRecord
 from proxy.usage import MessageSummary
 
 MESSAGES = "/v1/messages"
@@ -51,6 +51,7 @@ class Call:
         "max_tokens",
         "max_tokens_sent",
         "reservation",
+        "priced",
         "request_body",
         "retry_window",
         "key",
@@ -83,6 +84,7 @@ class Call:
         self.max_tokens: int | None = None
         self.max_tokens_sent: int | None = None
         self.reservation: Reservation | None = None
+        self.priced: Cost | None = None
         self.request_body: bytes | None = None
         self.retry_window = 0
         self.key: KeyInfo | None = None
@@ -98,17 +100,22 @@ class Call:
         self.outcome = outcome
         self.error_type = error.reason
 
+    def cost(self, prices: PriceTable) -> Cost:
+        """The call's price by the table in force when it started; computed once, when its usage is final."""
+        if self.priced is None:
+            if self.endpoint == COUNT_TOKENS or self.usage is None:
+                # Token counting is free; a call that never reported usage consumed nothing we can see.
+                self.priced = Cost(
+                    cost_usd=ZERO, price_version=prices.version_at(self.started_at), price_source="table"
+                )
+            else:
+                model = self.response_model or self.model or ""
+                self.priced = prices.price(model=model, usage=self.usage, at=self.started_at)
+        return self.priced
+
     def to_record(self, prices: PriceTable) -> UsageRecord:
-        """The ledger record of this call, priced by the table in force when it started."""
-        usage = self.usage or Usage()
-        if self.endpoint == COUNT_TOKENS or self.usage is None:
-            # Token counting is free; a call that never reported usage consumed nothing we can see.
-            cost_usd: Decimal | None = ZERO
-            price_source: PriceSource = "table"
-            price_version = prices.version_at(self.started_at)
-        else:
-            cost = prices.price(model=self.response_model or self.model or "", usage=usage, at=self.started_at)
-            cost_usd, price_version, price_source = cost.cost_usd, cost.price_version, cost.price_source
+        """The ledger record of this call."""
+        cost = self.cost(prices)
         now = time.perf_counter()
         return UsageRecord(
             id=self.id,
@@ -126,10 +133,10 @@ class Call:
             outcome=self.outcome,
             error_type=self.error_type,
             streamed=self.streamed,
-            usage=usage,
-            cost_usd=cost_usd,
-            price_version=price_version,
-            price_source=price_source,
+            usage=self.usage or Usage(),
+            cost_usd=cost.cost_usd,
+            price_version=cost.price_version,
+            price_source=cost.price_source,
             is_retry=self.retry_count > 0,
             retry_reason="sdk" if self.retry_count > 0 else None,
             retry_count=self.retry_count,

@@ -348,7 +348,7 @@ class Forwarder:
         body = b"".join([chunk async for chunk in response.body])
         note_summary(call, summarize_json(body))
         if call.endpoint == MESSAGES:
-            cost = call.to_record(self._prices).cost_usd
+            cost = call.cost(self._prices).cost_usd
             if cost is not None:
                 headers.append((b"x-spendgate-cost-usd", format(cost, "f").encode()))
         call.first_byte = time.perf_counter()
