@@ -148,6 +148,12 @@ def claim_unrecorded(engine: Engine, *, now: datetime, lease: timedelta, limit: 
     return claimed
 
 
+def release_lease(engine: Engine, batch_id: str) -> None:
+    """Give up a reconciler's claim on a batch (blocking)."""
+    with engine.begin() as connection:
+        connection.execute(update(Batch).where(Batch.id == batch_id).values(lease_until=None))
+
+
 def point_results_at(body: bytes, public_url: str) -> bytes:
     """Rewrite `results_url` in a batch object, or in every batch of a list, to fetch through the proxy."""
     try:
@@ -377,7 +383,18 @@ class ResultsFetcher:
         claimed = await anyio.to_thread.run_sync(
             partial(claim_unrecorded, self.engine, now=datetime.now(UTC), lease=lease)
         )
-        return sum([await self.record(batch) for batch in claimed])
+        recorded = 0
+        for batch in claimed:
+            done = False
+            try:
+                done = await self.record(batch)
+            finally:
+                if not done:
+                    # Not ended yet (or the upstream failed): the next pass, here or on any replica, looks again
+                    # rather than waiting out a lease that only guards reads in progress.
+                    await anyio.to_thread.run_sync(release_lease, self.engine, batch.id)
+            recorded += done
+        return recorded
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         response = await self.upstream.send("GET", f"{self.upstream_url}{path}", self._headers(), b"")

@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
 from tests.upstream import UPSTREAM_KEY
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -58,17 +58,18 @@ def replica(db_url: str, upstream_url: str, workdir: Path, **env: str) -> Iterat
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"spendgate serve exited early:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return
+            return httpx.get(f"{url}/healthz").status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"spendgate serve did not become healthy:\n{log.read_text()}")
+            return False
+
+    try:
+        wait_until(healthy, "spendgate serve to answer /healthz", timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{log.read_text()}") from None
 
 
 @contextlib.contextmanager

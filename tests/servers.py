@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from tests.waiting import wait_until
 
 
 class ThreadedServer(uvicorn.Server):
@@ -26,11 +27,13 @@ def serve_in_thread(app: ASGIApp) -> Iterator[str]:
     server = ThreadedServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+
+    def started() -> bool:
+        if not thread.is_alive():
             raise RuntimeError("test server did not start")
-        time.sleep(0.01)
+        return server.started
+
+    wait_until(started, "the test server to start")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}"

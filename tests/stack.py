@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy import Engine, func, select
 
 from proxy.app import create_app
@@ -19,6 +19,7 @@ from proxy.models import UsageRow
 from proxy.teams import TeamSettings, create_key, create_team
 from tests.servers import serve_in_thread
 from tests.upstream import UPSTREAM_KEY, FakeAnthropic
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -30,16 +31,19 @@ class Stack:
     upstream_url: str
     engine: Engine
 
-    def records(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def records(self, count: int) -> list[dict[str, Any]]:
         """Wait until the ledger holds `count` records, then return them oldest first."""
-        deadline = time.monotonic() + timeout
-        with self.engine.connect() as connection:
-            while connection.execute(select(func.count()).select_from(UsageRow)).scalar_one() < count:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"expected {count} usage records in the ledger")
-                time.sleep(0.02)
-                connection.rollback()
+        wait_until(lambda: self.count() >= count, f"{count} usage records in the ledger")
         return [record for _, record in iter_usage(self.engine)]
+
+    def count(self) -> int:
+        """How many usage records the ledger holds now."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.count()).select_from(UsageRow)).scalar_one())
+
+    def idle(self) -> None:
+        """Wait until the proxy has written every record it accepted."""
+        wait_until(lambda: httpx.get(f"{self.url}/healthz").json()["pending_records"] == 0, "an empty write queue")
 
 
 def settings_for(db_url: str, upstream_url: str, tmp_path: Path, **overrides: Any) -> Settings:
@@ -68,8 +72,22 @@ def running_stack(
     """Team `research` with one key, the fake upstream, and the proxy in front of it."""
     create_team(engine, "research", team or TeamSettings(), actor="test")
     view, key = create_key(engine, "research", actor="test", name="ci", budget_usd=key_budget)
-    upstream = FakeAnthropic()
+    with _serve(FakeAnthropic(), engine, db_url, tmp_path, key, view.id, **overrides) as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def running_stack_again(engine: Engine, db_url: str, tmp_path: Path, stack: Stack, **overrides: Any) -> Iterator[Stack]:
+    """A new proxy process's worth of state on the same ledger and fake upstream (state kept) as `stack`."""
+    with _serve(stack.upstream, engine, db_url, tmp_path, stack.key, stack.key_id, **overrides) as again:
+        yield again
+
+
+@contextlib.contextmanager
+def _serve(
+    upstream: FakeAnthropic, engine: Engine, db_url: str, tmp_path: Path, key: str, key_id: str, **overrides: Any
+) -> Iterator[Stack]:
     with serve_in_thread(upstream) as upstream_url:
         settings = settings_for(db_url, overrides.pop("upstream_url", upstream_url), tmp_path, **overrides)
         with serve_in_thread(create_app(settings)) as url:
-            yield Stack(url=url, key=key, key_id=view.id, upstream=upstream, upstream_url=upstream_url, engine=engine)
+            yield Stack(url=url, key=key, key_id=key_id, upstream=upstream, upstream_url=upstream_url, engine=engine)

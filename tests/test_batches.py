@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from sqlalchemy import Engine
 
 from proxy.batches import batch_route
 from proxy.teams import TeamSettings, create_key, create_team, get_team
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, running_stack, running_stack_again
+from tests.waiting import wait_until
 
 REQUESTS: list[Any] = [
     {"custom_id": "first", "params": {"model": "claude-sonnet-4-6", "max_tokens": 100, "messages": []}},
@@ -66,8 +66,8 @@ def test_lifecycle_is_metered_at_batch_rates(engine: Engine, db_url: str, tmp_pa
         records = batch_records(stack, 5)
         # Reading again records nothing new.
         assert len(list(sdk.messages.batches.results(created.id))) == 4
-        time.sleep(0.2)
-        assert len(stack.records(5)) == 5
+        stack.idle()
+        assert stack.count() == 5
         assert stack.upstream.requests[-1].path.endswith("/results")
     by_id = {r["custom_id"]: r for r in records}
     assert {r["batch_id"] for r in records} == {created.id}
@@ -139,11 +139,21 @@ def test_deleting_unread_results_meters_them_first(engine: Engine, db_url: str, 
 
 def test_a_batch_gone_upstream_releases_its_hold(engine: Engine, db_url: str, tmp_path: Path) -> None:
     team = TeamSettings(budget_usd=Decimal(5))
-    with running_stack(engine, db_url, tmp_path, team=team, batch_reconcile_seconds=0.2) as stack, client(stack) as sdk:
+    with running_stack(engine, db_url, tmp_path, team=team) as stack, client(stack) as sdk:
         created = sdk.messages.batches.create(requests=REQUESTS[:1])
         assert get_team(engine, "research").reserved_usd > 0
         del stack.upstream.batches[created.id]
-        deadline = time.monotonic() + 10
-        while get_team(engine, "research").reserved_usd and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert get_team(engine, "research").reserved_usd == 0
+    with running_stack_again(engine, db_url, tmp_path, stack, batch_reconcile_seconds=0.2):
+        wait_until(lambda: get_team(engine, "research").reserved_usd == 0, "the vanished batch's hold to be released")
+
+
+def test_a_batch_not_ended_is_looked_at_again(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=REQUESTS[:1])
+        stack.upstream.batches[created.id]["status"] = "in_progress"
+        stack.upstream.hold_batches = True
+    with running_stack_again(engine, db_url, tmp_path, stack, batch_reconcile_seconds=0.2):
+        # The first passes find it in progress; their claims must not keep the next passes away.
+        wait_until(lambda: stack.upstream.retrieves.get(created.id, 0) >= 3, "three looks at the batch")
+        stack.upstream.hold_batches = False
+        wait_until(lambda: len(batch_records(stack, 1)) == 1, "the batch's result record")

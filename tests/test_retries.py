@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack
 from tests.upstream import FakeAnthropic
+from tests.waiting import wait_until
 
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hello"}]
 
@@ -129,9 +129,7 @@ def test_attempts_on_two_replicas_are_linked(engine: Engine, db_url: str, tmp_pa
             raise AssertionError(f"replica at {first_url} refused the connection:\n{logs}") from exc
         assert failed.status_code == 500
         # The SDK backs off (≥ 0.375 s) before retrying; by then the first replica has written its record.
-        deadline = time.monotonic() + 5
-        while not _count(engine) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: _count(engine), "the first attempt's record")
         retried = httpx.post(
             f"{second_url}/v1/messages", content=body, headers={**headers, "x-stainless-retry-count": "1"}
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ from proxy.teams import TeamSettings, create_key, create_team
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
+from tests.waiting import wait_until
 
 CALLS = 24
 
@@ -23,19 +23,21 @@ def test_sigterm_under_load_drains_every_record(engine: Engine, db_url: str, tmp
     create_team(engine, "research", TeamSettings(), actor="test")
     _, key = create_key(engine, "research", actor="test")
     statuses: list[int] = []
-    with serve_in_thread(FakeAnthropic()) as upstream_url, replica(db_url, upstream_url, tmp_path) as (url, process):
+    upstream = FakeAnthropic()
+    with serve_in_thread(upstream) as upstream_url, replica(db_url, upstream_url, tmp_path) as (url, process):
 
         def call(n: int) -> None:
             body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [], "stream": n % 2 == 0}
             # Slow streams: still running when SIGTERM arrives.
-            headers = {"x-api-key": key, "x-fake-chunk": "200", "x-fake-delay": "0.1"}
+            headers = {"x-api-key": key, "x-fake-chunk": "100", "x-fake-delay": "0.2"}
             response = httpx.post(f"{url}/v1/messages", json=body, headers=headers, timeout=30)
             statuses.append(response.status_code)
 
         threads = [threading.Thread(target=call, args=(n,)) for n in range(CALLS)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)
+        # Every call has reached the upstream (none is still connecting): the signal lands mid-flight.
+        wait_until(lambda: len(upstream.requests) == CALLS, "every call to reach the upstream")
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=30)

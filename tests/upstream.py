@@ -9,7 +9,7 @@ Tests steer it with request headers, which the proxy forwards untouched:
 
 Message Batches follow their lifecycle: created `in_progress`, `ended` from the first retrieve on, results as
 JSONL (custom ids containing "bad" error, "late" expire, the rest succeed with the usage in `BATCH_USAGE`).
-A retrieve ends the batch: the first poll sees it `ended`.
+A retrieve ends the batch: the first poll sees it `ended` (unless `hold_batches` is set).
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class FakeAnthropic:
     requests: list[Seen] = field(default_factory=list)
     failures: dict[bytes, int] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # While set, retrieving a batch leaves it in progress; `retrieves` counts retrieves per batch.
+    hold_batches: bool = False
+    retrieves: dict[str, int] = field(default_factory=dict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -135,7 +138,9 @@ class FakeAnthropic:
             await _respond(send, 404, _error_body(404))
             return
         if method == "GET" and len(parts) == 1:
-            batch["status"] = "ended"
+            self.retrieves[parts[0]] = self.retrieves.get(parts[0], 0) + 1
+            if not self.hold_batches:
+                batch["status"] = "ended"
             answer = self._batch_object(parts[0])
         elif method == "POST" and parts[1:] == ["cancel"]:
             batch["status"] = "canceling"
