@@ -14,29 +14,33 @@ import anyio.to_thread
 import httpx
 from sqlalchemy import Engine, text
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from proxy.admin import admin_routes
 from proxy.alerts import AlertSender
-from proxy.batches import ResultsFetcher
 from proxy.budgets import release_expired
 from proxy.config import Settings
 from proxy.db import make_engine
-from proxy.forward import Forwarder
+from proxy.errors import MethodNotAllowed, ProxyError, RouteNotFound
+from proxy.gateway.batches import Batches, ResultsFetcher
+from proxy.gateway.gate import Gate, GateRules
+from proxy.gateway.handler import Gateway
+from proxy.gateway.relay import Relay
+from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.keys import KeyCache
 from proxy.pricing import PriceTable
 from proxy.recorder import Recorder
-from proxy.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 
 logger = logging.getLogger("spendgate")
 
 
 class State(TypedDict):
     engine: Engine
-    forwarder: Forwarder
+    gateway: Gateway
     recorder: Recorder
     keys: KeyCache
     prices: PriceTable
@@ -81,21 +85,29 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             prices=prices,
             submit=recorder.submit,
         )
-        forwarder = Forwarder(
-            upstream=upstream,
-            upstream_url=settings.upstream_url,
-            upstream_key=settings.anthropic_api_key,
+        gate = Gate(
             keys=keys,
             prices=prices,
-            recorder=recorder,
             engine=engine,
-            max_body_bytes=settings.max_body_bytes,
-            default_max_output_tokens=settings.default_max_output_tokens,
-            reservation_ttl_seconds=settings.reservation_ttl_seconds,
-            budget_fail_open=settings.budget_fail_open,
-            public_url=settings.public_url,
-            batch_results=fetcher,
+            rules=GateRules(
+                max_body_bytes=settings.max_body_bytes,
+                body_timeout_seconds=settings.body_timeout_seconds,
+                default_max_output_tokens=settings.default_max_output_tokens,
+                reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds),
+                fail_open=settings.budget_fail_open,
+            ),
         )
+        relay = Relay(upstream, upstream_url=settings.upstream_url, upstream_key=settings.anthropic_api_key)
+        batches = Batches(
+            gate=gate,
+            relay=relay,
+            engine=engine,
+            prices=prices,
+            submit=recorder.submit,
+            results=fetcher,
+            public_url=settings.public_url,
+        )
+        gateway = Gateway(gate=gate, relay=relay, batches=batches, prices=prices, recorder=recorder)
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
         recorder.start()
@@ -106,7 +118,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             reconcile = partial(fetcher.reconcile, lease)
             background.append(asyncio.create_task(_every(settings.batch_reconcile_seconds, reconcile)))
         try:
-            yield {"engine": engine, "forwarder": forwarder, "recorder": recorder, "keys": keys, "prices": prices}
+            yield {"engine": engine, "gateway": gateway, "recorder": recorder, "keys": keys, "prices": prices}
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.
@@ -118,10 +130,15 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await upstream.aclose()
             engine.dispose()
 
-    return Starlette(
-        routes=[Route("/healthz", healthz), *admin_routes(settings.admin_token), Mount("/v1", app=_forward)],
+    app = Starlette(
+        # Everything under /v1, however it is spelled, goes to the gateway, which refuses what is not canonical.
+        routes=[Route("/healthz", healthz), *admin_routes(settings.admin_token), Mount("/v1", app=_gateway)],
         lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
     )
+    # A redirect would send the client's key to a URL of our making; a wrong path is just not found.
+    app.router.redirect_slashes = False
+    return app
 
 
 async def _release_expired_holds(engine: Engine, interval: float) -> None:
@@ -143,9 +160,23 @@ async def _every(interval: float, work: Callable[[], Awaitable[object]]) -> None
             logger.exception("background task failed; will try again in %.0f s", interval)
 
 
-async def _forward(scope: Scope, receive: Receive, send: Send) -> None:
-    forwarder: Forwarder = scope["state"]["forwarder"]
-    await forwarder(scope, receive, send)
+async def _gateway(scope: Scope, receive: Receive, send: Send) -> None:
+    gateway: Gateway = scope["state"]["gateway"]
+    await gateway(scope, receive, send)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 answers (paths outside /v1), in Anthropic's error shape."""
+    error: ProxyError
+    if isinstance(exc, HTTPException) and exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        error = MethodNotAllowed(
+            f"{request.url.path[:200]} does not take {request.method[:20]}.", headers=((b"allow", allow.encode()),)
+        )
+    else:
+        error = RouteNotFound(f"No route {request.url.path[:200]}. spendgate serves /v1/*, /admin/* and /healthz.")
+    headers = {name.decode(): value.decode() for name, value in error.headers()}
+    return Response(error.body(), status_code=error.status, headers=headers)
 
 
 async def healthz(request: Request) -> JSONResponse:

@@ -32,6 +32,8 @@ class Settings:
     port: int = 8080
     prices_path: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # A request body still arriving after this long is refused (408): a client trickling bytes holds a slot.
+    body_timeout_seconds: float = 60.0
     # How long a key lookup is trusted before the ledger is asked again: the delay before a
     # revocation made on another replica takes effect here.
     key_cache_seconds: float = 5.0
@@ -71,6 +73,7 @@ class Settings:
             port=_read(environ, "SPENDGATE_PORT", int, 8080),
             prices_path=_read(environ, "SPENDGATE_PRICES", Path, None),
             max_body_bytes=_read(environ, "SPENDGATE_MAX_BODY_BYTES", int, DEFAULT_MAX_BODY_BYTES),
+            body_timeout_seconds=_read(environ, "SPENDGATE_BODY_TIMEOUT_SECONDS", float, 60.0),
             key_cache_seconds=_read(environ, "SPENDGATE_KEY_CACHE_SECONDS", float, 5.0),
             upstream_connect_timeout=_read(environ, "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT", float, 10.0),
             upstream_read_timeout=_read(environ, "SPENDGATE_UPSTREAM_READ_TIMEOUT", float, 600.0),

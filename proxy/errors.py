@@ -6,6 +6,10 @@ ProxyError
 ├── OutputCapExceeded     400 invalid_request_error output_cap
 ├── BudgetExceeded        402 billing_error         budget_exceeded
 ├── BadRequest            400 invalid_request_error bad_request
+├── NonCanonicalPath      400 invalid_request_error non_canonical_path
+├── RouteNotFound         404 not_found_error       not_found
+├── MethodNotAllowed      405 invalid_request_error method_not_allowed
+├── BodyTimeout           408 timeout_error         body_timeout
 ├── UnpricedModel         400 invalid_request_error unpriced_model
 ├── BatchNotFound         404 not_found_error       batch_not_found
 ├── RequestTooLarge       413 request_too_large     request_too_large
@@ -16,8 +20,12 @@ ProxyError
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import ClassVar
+
+from sqlalchemy.exc import SQLAlchemyError
 
 
 class ProxyError(Exception):
@@ -29,9 +37,10 @@ class ProxyError(Exception):
     # None: let the SDK apply its own policy (it retries 5xx); False: `x-should-retry: false`.
     should_retry: ClassVar[bool | None] = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
         self.message = message
+        self.extra_headers = headers
 
     def body(self) -> bytes:
         """The JSON body, shaped like Anthropic's own errors."""
@@ -45,6 +54,7 @@ class ProxyError(Exception):
         ]
         if self.should_retry is False:
             headers.append((b"x-should-retry", b"false"))
+        headers.extend(self.extra_headers)
         return headers
 
 
@@ -90,6 +100,42 @@ class BadRequest(ProxyError):
     status = 400
     error_type = "invalid_request_error"
     reason = "bad_request"
+    should_retry = False
+
+
+class NonCanonicalPath(ProxyError):
+    """The request target is not spelled the one way Anthropic spells its paths (dot segments, escapes, …)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+    reason = "non_canonical_path"
+    should_retry = False
+
+
+class RouteNotFound(ProxyError):
+    """No such route: an unknown Messages path, or `/v1/v1/…` from a `base_url` ending in `/v1`."""
+
+    status = 404
+    error_type = "not_found_error"
+    reason = "not_found"
+    should_retry = False
+
+
+class MethodNotAllowed(ProxyError):
+    """The route exists but not for this method; `allow` lists the ones it takes."""
+
+    status = 405
+    error_type = "invalid_request_error"
+    reason = "method_not_allowed"
+    should_retry = False
+
+
+class BodyTimeout(ProxyError):
+    """The request body did not arrive within SPENDGATE_BODY_TIMEOUT_SECONDS."""
+
+    status = 408
+    error_type = "timeout_error"
+    reason = "body_timeout"
     should_retry = False
 
 
@@ -142,3 +188,12 @@ class UpstreamTimeout(ProxyError):
     status = 504
     error_type = "api_error"
     reason = "upstream_timeout"
+
+
+@contextlib.contextmanager
+def ledger_errors(what: str = "The spend ledger did not answer.") -> Iterator[None]:
+    """The one mapping of database failures to API answers: any SQLAlchemy error becomes `LedgerUnavailable`."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise LedgerUnavailable(f"{what} Try again shortly.") from exc

@@ -27,8 +27,8 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 
 from proxy.audit import extend, lock_head, write_head
 from proxy.budgets import SoftLimitCrossed, settle
-from proxy.calls import MESSAGES
 from proxy.db import write_transaction
+from proxy.gateway.routes import MESSAGES
 from proxy.models import Batch, UsageRow
 from proxy.retries import fingerprint, link_retries
 from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord

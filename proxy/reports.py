@@ -89,7 +89,7 @@ def report(
         money(cost),
         func.sum(case((UsageRow.is_retry, 1), else_=0)),
         money(case((UsageRow.is_retry, cost), else_=None)),
-        func.sum(case((cost.is_(None), 1), else_=0)),
+        func.sum(case((UsageRow.price_source == "unpriced", 1), else_=0)),
         money(case((is_batch, cost), else_=None)),
         func.sum(case((is_batch, UsageRow.web_search_requests), else_=0)),
     ).group_by(*keys, priced_model)

@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
-Outcome = Literal["ok", "upstream_error", "rejected", "client_disconnected", "upstream_unreachable"]
+Outcome = Literal["ok", "upstream_error", "rejected", "client_disconnected", "upstream_unreachable", "interrupted"]
 RetryReason = Literal["sdk", "repeat"]
 CapPolicy = Literal["clamp", "reject"]
 Period = Literal["day", "week", "month", "total"]
-# How a call's price was found: an exact table entry, a family fallback for an unlisted model, or no price at all.
-PriceSource = Literal["table", "family", "unpriced"]
+# How a call's price was found: an exact table entry, a family fallback for an unlisted model, no price at all
+# for a model that should have one, or a route spendgate forwards without metering (cost null by design).
+PriceSource = Literal["table", "family", "unpriced", "unmetered"]
 
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
 CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")

@@ -16,13 +16,17 @@ from proxy.app import create_app
 from proxy.errors import (
     BadRequest,
     BatchNotFound,
+    BodyTimeout,
     BudgetExceeded,
     InvalidKey,
     LedgerUnavailable,
+    MethodNotAllowed,
     ModelNotAllowed,
+    NonCanonicalPath,
     OutputCapExceeded,
     ProxyError,
     RequestTooLarge,
+    RouteNotFound,
     UnpricedModel,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -119,8 +123,8 @@ def test_unmetered_paths_keep_client_encoding(make_client: Callable[..., TestCli
     assert seen[0].headers["accept-encoding"] == "gzip"
     assert seen[0].url.query == b"limit=5"
     assert seen[0].method == "GET"
-    # No usage record, so no record id.
-    assert "x-spendgate-request-id" not in response.headers
+    # Unmetered, but recorded all the same: nothing passes invisibly.
+    assert response.headers["x-spendgate-request-id"].startswith("sgr_")
 
 
 @pytest.mark.parametrize(
@@ -192,6 +196,10 @@ ERROR_TABLE = [
     pytest.param(LedgerUnavailable, 503, "api_error", "ledger_unavailable", False, id="ledger-unavailable"),
     pytest.param(UpstreamUnreachable, 502, "api_error", "upstream_unreachable", False, id="unreachable"),
     pytest.param(UpstreamTimeout, 504, "api_error", "upstream_timeout", False, id="timeout"),
+    pytest.param(NonCanonicalPath, 400, "invalid_request_error", "non_canonical_path", True, id="non-canonical"),
+    pytest.param(RouteNotFound, 404, "not_found_error", "not_found", True, id="no-route"),
+    pytest.param(MethodNotAllowed, 405, "invalid_request_error", "method_not_allowed", True, id="method"),
+    pytest.param(BodyTimeout, 408, "timeout_error", "body_timeout", True, id="body-timeout"),
 ]
 
 

@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from proxy.errors import ModelNotAllowed, OutputCapExceeded
-from proxy.limits import IMAGE_TOKEN_BOUND, TOOLS_TOKEN_BOUND, cap_output, check_model, estimate_cost, input_token_bound
+from proxy.gateway.limits import (
+    IMAGE_TOKEN_BOUND,
+    TOOLS_TOKEN_BOUND,
+    cap_output,
+    check_model,
+    estimate_cost,
+    input_token_bound,
+)
 from proxy.pricing import PriceTable
 
 AT = datetime(2026, 11, 20, tzinfo=UTC)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.sse import ServerSentEvent, SSEDecoder
+from proxy.gateway.sse import ServerSentEvent, SSEDecoder
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STREAMS = ["stream-text.sse", "stream-web-search.sse", "stream-error-midway.sse"]

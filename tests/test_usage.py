@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from proxy.gateway.usage import MessageSummary, StreamUsage, parse_usage, summarize_json
 from proxy.types import IterationUsage, Usage
-from proxy.usage import MessageSummary, StreamUsage, parse_usage, summarize_json
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

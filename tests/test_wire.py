@@ -246,12 +246,14 @@ def test_count_tokens_is_recorded_free(stack: Stack) -> None:
     assert record["cost_usd"] == "0"
 
 
-def test_other_paths_are_forwarded_not_metered(stack: Stack) -> None:
+def test_other_paths_are_forwarded_and_recorded_unmetered(stack: Stack) -> None:
     models = client(stack).models.list()
     assert [m.id for m in models.data] == ["claude-sonnet-4-6"]
     client(stack).messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
-    records = stack.records(1)
-    assert [r["endpoint"] for r in records] == ["/v1/messages"]
+    listed, created = stack.records(2)
+    assert (listed["endpoint"], listed["cost_usd"], listed["price_source"]) == ("/v1/models", None, "unmetered")
+    assert (listed["team"], listed["outcome"], listed["status"]) == ("research", "ok", 200)
+    assert (created["endpoint"], created["price_source"]) == ("/v1/messages", "table")
 
 
 def test_metadata_user_is_recorded(stack: Stack) -> None:

@@ -4,6 +4,7 @@ that a budget must be able to hold before the call goes out."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -116,34 +117,35 @@ def estimate_cost(
     return max(cost for cost in costs if cost is not None)
 
 
-def _images(node: Any) -> tuple[int, int]:
+def _walk(request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every object nested in the request, without recursion (a client can nest as deep as the parser allows)."""
+    stack: list[Any] = [request]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(value for value in node.values() if isinstance(value, list | dict))
+        elif isinstance(node, list):
+            stack.extend(item for item in node if isinstance(item, list | dict))
+
+
+def _images(request: dict[str, Any]) -> tuple[int, int]:
     """How many image blocks the request holds, and how many bytes of base64 data they carry."""
-    if isinstance(node, list):
-        found = [_images(item) for item in node]
-        return sum(n for n, _ in found), sum(b for _, b in found)
-    if not isinstance(node, dict):
-        return 0, 0
-    if node.get("type") == "image":
-        source = node.get("source")
-        data = source.get("data") if isinstance(source, dict) else None
-        return 1, len(data) if isinstance(data, str) else 0
     count = size = 0
-    for value in node.values():
-        if isinstance(value, list | dict):
-            n, b = _images(value)
-            count, size = count + n, size + b
+    for node in _walk(request):
+        if node.get("type") == "image":
+            source = node.get("source")
+            data = source.get("data") if isinstance(source, dict) else None
+            count, size = count + 1, size + (len(data) if isinstance(data, str) else 0)
     return count, size
 
 
-def _asks_for_1h_cache(node: Any) -> bool:
-    if isinstance(node, list):
-        return any(_asks_for_1h_cache(item) for item in node)
-    if not isinstance(node, dict):
-        return False
-    cache_control = node.get("cache_control")
-    if isinstance(cache_control, dict) and cache_control.get("ttl") == "1h":
-        return True
-    return any(_asks_for_1h_cache(value) for value in node.values() if isinstance(value, list | dict))
+def _asks_for_1h_cache(request: dict[str, Any]) -> bool:
+    for node in _walk(request):
+        cache_control = node.get("cache_control")
+        if isinstance(cache_control, dict) and cache_control.get("ttl") == "1h":
+            return True
+    return False
 
 
 def _web_search_uses(request: dict[str, Any]) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.sse import SSEDecoder
+from proxy.gateway.sse import SSEDecoder
 from proxy.types import IterationUsage, Usage
 
 # Only these stream events carry anything metering needs. The name is checked before the JSON is parsed,

@@ -1,0 +1,230 @@
+"""One call: the facts gathered as it passes through, the outcome they decide, and the usage record they make.
+
+Live calls and batch results become records through the same two functions: `decide_outcome` (pure, a
+function of what happened) and `make_record`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.gateway.routes import COUNT_TOKENS, MESSAGES
+from proxy.gateway.usage import MessageSummary
+from proxy.keys import KeyInfo
+from proxy.pricing import PriceTable
+from proxy.retries import fingerprint
+from proxy.types import Cost, Outcome, Reservation, Usage, UsageRecord
+
+ZERO = Decimal(0)
+# Request bodies up to this size travel with their record to the ledger writer (see `_retry_fields`).
+MAX_CARRIED_BODY = 64 * 1024
+# The largest count an INTEGER column holds; larger client-sent numbers are not stored as counts.
+MAX_COUNT = 2**31 - 1
+
+
+@dataclass(slots=True, kw_only=True)
+class Facts:
+    """What happened to a call, as far as its outcome is concerned."""
+
+    refusal: ProxyError | None = None  # the proxy answered with an error of its own
+    crashed: bool = False  # a bug of ours ended the call
+    interrupted: bool = False  # cancelled by the server's shutdown before it ended
+    disconnected: bool = False  # the client went away first
+    cut: ProxyError | None = None  # the upstream failed after the answer had started
+    status: int = 0  # the upstream's status
+    error_type: str | None = None  # the upstream's error type (an error body, or `event: error` in a stream)
+    complete: bool = True  # the response reached its end (`message_stop` for a Messages stream)
+
+
+def decide_outcome(facts: Facts) -> tuple[Outcome, str | None]:
+    """The outcome of a call and its `error_type`, from the facts alone (the spec's outcome rules, in order)."""
+    if facts.refusal is not None:
+        unreachable = isinstance(facts.refusal, UpstreamUnreachable | UpstreamTimeout)
+        return ("upstream_unreachable" if unreachable else "rejected"), facts.refusal.reason
+    if facts.crashed:
+        return "upstream_error", "internal_error"
+    if facts.interrupted:
+        return "interrupted", facts.error_type
+    if facts.disconnected:
+        return "client_disconnected", facts.error_type
+    if facts.cut is not None:
+        return "upstream_unreachable", facts.cut.reason
+    if facts.status >= 400 or facts.error_type is not None:
+        return "upstream_error", facts.error_type
+    if not facts.complete:
+        return "upstream_error", "incomplete_stream"
+    return "ok", None
+
+
+class Call:
+    """What one request has told us so far; becomes a `UsageRecord` when it ends."""
+
+    __slots__ = (
+        "batch_id",
+        "custom_id",
+        "endpoint",
+        "facts",
+        "first_byte",
+        "forwarded",
+        "id",
+        "key",
+        "max_tokens",
+        "max_tokens_sent",
+        "model",
+        "priced",
+        "request_body",
+        "reservation",
+        "response_model",
+        "retry_count",
+        "started",
+        "started_at",
+        "status",
+        "streamed",
+        "feature",
+        "upstream_request_id",
+        "usage",
+        "user",
+        "metered",
+    )
+
+    def __init__(self, endpoint: str, *, call_id: str | None = None, started_at: datetime | None = None) -> None:
+        self.id = call_id or "sgr_" + secrets.token_hex(12)
+        self.endpoint = endpoint
+        self.started_at = started_at or datetime.now(UTC)
+        self.started = time.perf_counter() if started_at is None else None
+        self.first_byte: float | None = None
+        self.facts = Facts()
+        self.key: KeyInfo | None = None
+        self.feature: str | None = None
+        self.user: str | None = None
+        self.model: str | None = None
+        self.response_model: str | None = None
+        self.upstream_request_id: str | None = None
+        self.status = 0  # what the client was answered
+        self.streamed = False
+        self.usage: Usage | None = None
+        self.retry_count = 0
+        self.max_tokens: int | None = None
+        self.max_tokens_sent: int | None = None
+        self.reservation: Reservation | None = None
+        self.priced: Cost | None = None
+        self.request_body: bytes | None = None
+        self.batch_id: str | None = None
+        self.custom_id: str | None = None
+        self.forwarded = False
+        # Whether its usage is priced (Messages, batch results) or it is unmetered (cost null): token counting
+        # and calls that never went out cost zero.
+        self.metered = False
+
+    def refuse(self, error: ProxyError) -> None:
+        """Note that the proxy answered this call with an error of its own."""
+        self.facts.refusal = error
+        self.status = error.status
+
+    def take(self, summary: MessageSummary, *, stream: bool) -> None:
+        """Take in what the response said: usage, the serving model, an error type, whether a stream ended."""
+        if summary.usage is not None:
+            self.usage = summary.usage
+        if summary.response_model is not None:
+            self.response_model = label(summary.response_model, 200)
+        if summary.error_type is not None:
+            self.facts.error_type = label(summary.error_type, 100)
+        if stream and self.facts.status < 300:
+            self.facts.complete = summary.complete
+
+    def cost(self, prices: PriceTable) -> Cost:
+        """The call's price by the table in force when it started; computed once, when its usage is final."""
+        if self.priced is None:
+            version = prices.version_at(self.started_at)
+            if self.forwarded and not self.metered and self.endpoint != COUNT_TOKENS:
+                self.priced = Cost(cost_usd=None, price_version=version, price_source="unmetered")
+            elif self.usage is None or not self.forwarded or self.endpoint == COUNT_TOKENS:
+                # Never sent, free (token counting), or no usage reported: nothing we can see was consumed.
+                self.priced = Cost(cost_usd=ZERO, price_version=version, price_source="table")
+            else:
+                model = self.response_model or self.model or ""
+                self.priced = prices.price(model=model, usage=self.usage, at=self.started_at)
+        return self.priced
+
+
+def make_record(call: Call, prices: PriceTable) -> UsageRecord:
+    """The ledger record of a call, live or a batch result."""
+    cost = call.cost(prices)
+    outcome, error_type = decide_outcome(call.facts)
+    finished_at = datetime.now(UTC)
+    if call.started is not None:
+        latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        ttfb_ms = None if call.first_byte is None else round((call.first_byte - call.started) * 1000, 3)
+    else:
+        latency_ms, ttfb_ms = round((finished_at - call.started_at).total_seconds() * 1000, 3), None
+    key = call.key
+    return UsageRecord(
+        id=call.id,
+        started_at=call.started_at,
+        finished_at=finished_at,
+        team=key.team if key else None,
+        key_id=key.key_id if key else None,
+        feature=call.feature,
+        user=call.user,
+        endpoint=call.endpoint,
+        model=call.model,
+        response_model=call.response_model,
+        upstream_request_id=call.upstream_request_id,
+        status=call.status,
+        outcome=outcome,
+        error_type=error_type,
+        streamed=call.streamed,
+        usage=call.usage or Usage(),
+        cost_usd=cost.cost_usd,
+        price_version=cost.price_version,
+        price_source=cost.price_source,
+        is_retry=call.retry_count > 0,
+        retry_reason="sdk" if call.retry_count > 0 else None,
+        retry_count=call.retry_count,
+        batch_id=call.batch_id,
+        custom_id=call.custom_id,
+        max_tokens_requested=call.max_tokens,
+        max_tokens_sent=call.max_tokens_sent,
+        latency_ms=latency_ms,
+        ttfb_ms=ttfb_ms,
+        reservation=call.reservation,
+        retry_window_seconds=key.retry_window_seconds if key else 0,
+        **_retry_fields(call),
+    )
+
+
+def _retry_fields(call: Call) -> dict[str, Any]:
+    # A small body rides along to the ledger writer, which fingerprints it off the response path; a large
+    # one is fingerprinted now, so a queue of records waiting on a slow ledger never holds megabytes each.
+    if call.endpoint != MESSAGES or call.request_body is None:
+        return {}
+    if len(call.request_body) <= MAX_CARRIED_BODY:
+        return {"request_body": call.request_body}
+    return {"fingerprint": fingerprint(call.request_body)}
+
+
+def describe(call: Call, headers: dict[bytes, bytes]) -> None:
+    """Take what the request's headers say about the call: feature, user, SDK retry count."""
+    feature = headers.get(b"x-spendgate-feature")
+    call.feature = label(feature.decode("utf-8", "replace"), 200) if feature else None
+    user = headers.get(b"x-spendgate-user")
+    call.user = label(user.decode("utf-8", "replace"), 256) if user else None
+    retry_count = headers.get(b"x-stainless-retry-count", b"0")
+    # Thousands of digits would cost a quadratic int() (and raise past 4,300): past ten digits it is just "many".
+    if retry_count.isdigit():
+        call.retry_count = min(int(retry_count[:10]), MAX_COUNT)
+
+
+def label(value: str, limit: int) -> str:
+    """A client- or upstream-supplied string made safe for a ledger column: valid UTF-8 (lone surrogates
+    replaced), no NUL (PostgreSQL refuses it), and no longer than the column."""
+    value = value[:limit]
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.replace("\x00", "")

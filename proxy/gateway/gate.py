@@ -1,0 +1,237 @@
+"""Admission: who is calling, what they sent, and whether their team's rules let it go out.
+
+The gate is the only code on the request path that asks the ledger anything, and every such question goes
+through `ledger`, so a database failure always becomes the same 503. Identity comes first, from the headers
+alone: nobody gets a byte of body read, or a batch looked up, without a valid key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from starlette.types import Receive
+
+from proxy.batch_owners import BatchOwner, find_batch
+from proxy.budgets import counters_for, reserve
+from proxy.errors import (
+    BadRequest,
+    BatchNotFound,
+    BodyTimeout,
+    LedgerUnavailable,
+    RequestTooLarge,
+    UnpricedModel,
+    ledger_errors,
+)
+from proxy.gateway.call import Call, label
+from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_token_bound
+from proxy.gateway.routes import Route
+from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
+from proxy.keys import KeyCache, KeyInfo, key_from_headers
+from proxy.pricing import PriceTable
+from proxy.types import Reservation
+
+logger = logging.getLogger("spendgate")
+T = TypeVar("T")
+ZERO = Decimal(0)
+# The API's own limit for a batch create; other requests: SPENDGATE_MAX_BODY_BYTES (the API's 32 MB).
+BATCH_MAX_BODY_BYTES = 256 * 1024 * 1024
+# A batch can take 24 hours to end and its results are read later: its hold lasts two days unless settled.
+BATCH_HOLD = timedelta(hours=48)
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GateRules:
+    """The gate's settings: body limits and timing, output caps, hold lifetimes, the fail-open switch."""
+
+    max_body_bytes: int
+    body_timeout_seconds: float
+    default_max_output_tokens: int | None
+    reservation_ttl: timedelta
+    fail_open: bool
+
+
+class Gate:
+    """Authenticates, reads and validates the body, applies the team's rules, and takes the budget hold."""
+
+    def __init__(self, *, keys: KeyCache, prices: PriceTable, engine: Any, rules: GateRules) -> None:
+        self._keys = keys
+        self._prices = prices
+        self._engine = engine
+        self._rules = rules
+        self._limits = OutputLimits.load()
+
+    async def authenticate(self, call: Call, headers: dict[bytes, bytes]) -> KeyInfo:
+        """The caller's key (or `InvalidKey`), from the headers alone."""
+        key = await self._keys.authenticate(key_from_headers(headers))
+        call.key = key
+        return key
+
+    async def read_body(self, route: Route, receive: Receive) -> bytes:
+        """The whole body, bounded in size for the route and in time (`BodyTimeout`)."""
+        limit = BATCH_MAX_BODY_BYTES if route.kind == "batch_create" else self._rules.max_body_bytes
+        with anyio.move_on_after(self._rules.body_timeout_seconds):
+            return await _read_body(receive, limit)
+        raise BodyTimeout(
+            f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it faster, "
+            "or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."
+        )
+
+    async def admit_message(self, call: Call, key: KeyInfo, body: bytes, *, tokens: bool) -> bytes:
+        """Validate a Messages (or, `tokens` false, token-counting) request and, for Messages, apply the team's
+        rules and hold its worst case; returns the body to forward (rewritten only when the cap clamped it)."""
+        request = parse_object(body, "a Messages API request")
+        check_message_request(request, self._limits, tokens=tokens)
+        call.model = request["model"]
+        call.streamed = request.get("stream") is True
+        if call.user is None:
+            metadata = request.get("metadata")
+            user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+            if isinstance(user_id, str):
+                call.user = label(user_id, 256)
+        if not tokens:
+            return body
+        call.max_tokens = call.max_tokens_sent = request["max_tokens"]
+        call.request_body = body
+        check_model(call.model, key.models, key.team)
+        capped = cap_output(request, body, cap=self._cap(key), policy=key.cap_policy, team=key.team)
+        call.max_tokens_sent = capped.max_tokens
+        estimate = partial(
+            estimate_cost,
+            request,
+            model=call.model or "",
+            input_tokens=input_token_bound(request, len(capped.body)),
+            max_tokens=capped.max_tokens,
+            prices=self._prices,
+            at=call.started_at,
+        )
+        await self._hold_worst_case(call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}")
+        return capped.body
+
+    async def admit_batch(self, call: Call, key: KeyInfo, body: bytes) -> bytes:
+        """Validate a batch create, apply the allow-list and cap to every request, and hold the batch's worst case
+        at batch rates; returns the body to forward."""
+        request = parse_object(body, "a Message Batches create request")
+        requests = check_batch_request(request, self._limits)
+        capped_requests, clamped = [], False
+        for item in requests:
+            params = item["params"]
+            check_model(params["model"], key.models, key.team)
+            capped = cap_output(params, b"", cap=self._cap(key), policy=key.cap_policy, team=key.team)
+            if capped.body:
+                item, clamped = {**item, "params": json.loads(capped.body)}, True
+            capped_requests.append(item)
+        if clamped:
+            request = {**request, "requests": capped_requests}
+            body = json.dumps(request, separators=(",", ":")).encode()
+        estimate = partial(_estimate_batch, capped_requests, self._prices, call)
+        await self._hold_worst_case(call, key, estimate, ttl=BATCH_HOLD, what="A model in this batch")
+        return body
+
+    async def owner(self, key: KeyInfo, batch_id: str) -> BatchOwner:
+        """The batch, if the caller's team created it through spendgate; `BatchNotFound` otherwise."""
+        owner = await self.ledger(partial(find_batch, self._engine, batch_id))
+        if owner is None or owner.team_id != key.team_id:
+            raise BatchNotFound(
+                f"No batch {batch_id} was created through spendgate by team {key.team}. "
+                "Batches are visible only to the team that created them."
+            )
+        return owner
+
+    async def ledger(self, work: Callable[[], T]) -> T:
+        """Run blocking ledger work in a thread; a database failure becomes a 503 in Anthropic's shape."""
+        with ledger_errors():
+            return await anyio.to_thread.run_sync(work)
+
+    def _cap(self, key: KeyInfo) -> int | None:
+        return key.max_output_tokens if key.max_output_tokens is not None else self._rules.default_max_output_tokens
+
+    async def _hold_worst_case(
+        self, call: Call, key: KeyInfo, estimate: Callable[[], Decimal | None], *, ttl: timedelta, what: str
+    ) -> None:
+        """Hold the call's worst case on its budgets; counters without a budget just record its spend later."""
+        counters = counters_for(key, call.started_at)
+        if all(counter.budget_usd is None for counter in counters):
+            call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+            return
+        amount = estimate()
+        if amount is None:
+            raise UnpricedModel(
+                f"{what} has no price, so team {key.team}'s budget cannot bound this call. Add the model to a price "
+                "table named by SPENDGATE_PRICES (see `spendgate prices`), or use a priced model."
+            )
+        if amount < 0:
+            # Validation admits only positive max_tokens, so this is a bug; a negative hold would let other
+            # calls overspend while it runs, so the call does not go out.
+            raise RuntimeError(f"negative worst case {amount} for {call.id}")
+        reservation = Reservation(call_id=call.id, counters=counters, amount=amount, held=True)
+        try:
+            with ledger_errors(
+                "The spend ledger did not answer, so the budget could not be checked and the call was not sent."
+            ):
+                await anyio.to_thread.run_sync(
+                    partial(reserve, self._engine, reservation, expires_at=call.started_at + ttl)
+                )
+        except LedgerUnavailable:
+            if not self._rules.fail_open:
+                raise
+            logger.warning("ledger unreachable; forwarding %s without a budget check (fail-open)", call.id)
+            reservation = replace(reservation, amount=ZERO, held=False)
+        call.reservation = reservation
+
+
+def _estimate_batch(requests: list[dict[str, Any]], prices: PriceTable, call: Call) -> Decimal | None:
+    """The most a batch can cost: every request's worst case at batch rates; None if any model is unpriced."""
+    total = ZERO
+    for item in requests:
+        params = item["params"]
+        estimate = estimate_cost(
+            params,
+            model=params["model"],
+            input_tokens=input_token_bound(params, _size(params)),
+            max_tokens=params["max_tokens"],
+            prices=prices,
+            at=call.started_at,
+            batch=True,
+        )
+        if estimate is None:
+            return None
+        total += estimate
+    return total
+
+
+def _size(params: dict[str, Any]) -> int:
+    try:
+        return len(json.dumps(params))
+    except RecursionError:
+        raise BadRequest("A batch request is nested too deeply to be read.") from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(
+                f"The request body is over {limit} bytes, the limit for this request. Send a smaller request."
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

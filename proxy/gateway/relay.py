@@ -1,0 +1,168 @@
+"""The relay: send a classified call upstream and hand its answer back, byte for byte.
+
+The upstream URL is built from the `Route` alone, never from what the client typed. Every refusal is raised
+before `http.response.start`, so it can still become a JSON error; once the answer has started, a failure
+can only be noted and the connection closed, which is what a client of Anthropic itself would see.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+from starlette.types import Message, Receive, Scope, Send
+
+from proxy.errors import ProxyError
+from proxy.gateway.call import Call, label
+from proxy.gateway.gate import ClientGone
+from proxy.gateway.routes import Route
+from proxy.gateway.upstream import Upstream, UpstreamResponse
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# The client's credentials are replaced by ours; Host and Content-Length are set by the upstream client.
+REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"x-api-key", b"authorization"}
+SPENDGATE_HEADER_PREFIX = b"x-spendgate-"
+Headers = list[tuple[bytes, bytes]]
+# Relays one upstream answer to the client: given the answer and the response headers to send.
+Responder = Callable[[UpstreamResponse, Headers], Awaitable[None]]
+
+
+class Relay:
+    """Sends calls to the upstream with spendgate's key and streams the answers back."""
+
+    def __init__(self, upstream: Upstream, *, upstream_url: str, upstream_key: str | None) -> None:
+        self._upstream = upstream
+        self._upstream_url = upstream_url
+        self._upstream_key = (upstream_key or "").encode("latin-1")
+
+    async def exchange(
+        self, call: Call, route: Route, scope: Scope, receive: Receive, body: bytes, respond: Responder
+    ) -> None:
+        """Send the call and let `respond` relay the answer, while watching for the client leaving."""
+        url = self._upstream_url + route.path
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("ascii")
+        # Exceptions must not escape the task group (anyio would wrap them in an ExceptionGroup).
+        failure: BaseException | None = None
+        finished = False
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(_watch_disconnect, receive, call, lambda: finished, watchers.cancel_scope)
+            try:
+                call.forwarded = True
+                headers = self._headers(scope, identity=route.kind != "other")
+                response = await self._upstream.send(scope["method"], url, headers, body)
+                try:
+                    call.status = call.facts.status = response.status
+                    await respond(response, self._response_headers(call, response))
+                finally:
+                    await response.close()
+            except ClientGone:
+                call.facts.disconnected = True
+            except Exception as error:
+                failure = error
+            finally:
+                finished = True
+                watchers.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    def _headers(self, scope: Scope, *, identity: bool) -> Headers:
+        dropped = REQUEST_HEADERS_DROPPED | _connection_tokens(scope["headers"])
+        forwarded = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name not in dropped and not name.startswith(SPENDGATE_HEADER_PREFIX)
+        ]
+        if identity:
+            # Taps and rewrites read the body as it passes, so the routes spendgate knows ask for it uncompressed.
+            forwarded = [(name, value) for name, value in forwarded if name != b"accept-encoding"]
+            forwarded.append((b"accept-encoding", b"identity"))
+        forwarded.append((b"x-api-key", self._upstream_key))
+        return forwarded
+
+    def _response_headers(self, call: Call, response: UpstreamResponse) -> Headers:
+        dropped = HOP_BY_HOP_HEADERS | _connection_tokens(response.headers)
+        headers = [(name, value) for name, value in response.headers if name.lower() not in dropped]
+        for name, value in headers:
+            if name.lower() == b"request-id":
+                call.upstream_request_id = label(value.decode("latin-1"), 200)
+        # The id of this call's usage record: every call through spendgate has one.
+        headers.append((b"x-spendgate-request-id", call.id.encode()))
+        return headers
+
+
+async def stream_back(
+    call: Call, response: UpstreamResponse, send: Send, headers: Headers, tap: Callable[[bytes], None] | None
+) -> None:
+    """Relay the answer chunk by chunk as it arrives, showing each chunk to `tap` first."""
+    await send_guarded(send, {"type": "http.response.start", "status": response.status, "headers": headers})
+    try:
+        async for chunk in response.body:
+            if tap is not None:
+                tap(chunk)
+            if call.first_byte is None:
+                call.first_byte = time.perf_counter()
+            await send_guarded(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+    except ProxyError as error:
+        # Too late for a JSON error: note why and end without completing, so the client sees a broken
+        # connection exactly as it would talking to Anthropic directly.
+        call.facts.cut = error
+        return
+    await send_guarded(send, {"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def read_whole(response: UpstreamResponse) -> bytes:
+    """The whole upstream body (for answers spendgate must read before relaying them)."""
+    return b"".join([chunk async for chunk in response.body])
+
+
+async def send_whole(call: Call, send: Send, status: int, headers: Headers, body: bytes) -> None:
+    """Send a complete answer at once, with its Content-Length set to the body sent."""
+    headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    call.first_byte = time.perf_counter()
+    await send_guarded(send, {"type": "http.response.start", "status": status, "headers": headers})
+    await send_guarded(send, {"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_guarded(send: Send, message: Message) -> None:
+    """`send`, with a closed client as `ClientGone`."""
+    try:
+        await send(message)
+    except OSError:
+        # ASGI servers advertising spec 2.4+ raise on a closed client instead of dropping the message.
+        raise ClientGone from None
+
+
+def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in `Connection`: hop-by-hop for this connection only (RFC 9110 §7.6.1)."""
+    return frozenset(
+        token.strip().lower() for name, value in headers if name.lower() == b"connection" for token in value.split(b",")
+    )
+
+
+async def _watch_disconnect(
+    receive: Receive, call: Call, finished: Callable[[], bool], scope: anyio.CancelScope
+) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if finished():
+        return
+    call.facts.disconnected = True
+    if call.streamed or not call.metered:
+        scope.cancel()
+    # A non-streaming Messages call keeps going: Anthropic bills it anyway, and finishing it gives the exact usage.
