@@ -17,8 +17,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.admin import admin_routes
 from proxy.alerts import AlertSender
@@ -46,7 +46,7 @@ class State(TypedDict):
     prices: PriceTable
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> ASGIApp:
     """Build the proxy. `transport` replaces the production upstream client (tests pass MockTransport)."""
     prices = PriceTable.load(settings.prices_path)
 
@@ -131,14 +131,30 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             engine.dispose()
 
     app = Starlette(
-        # Everything under /v1, however it is spelled, goes to the gateway, which refuses what is not canonical.
-        routes=[Route("/healthz", healthz), *admin_routes(settings.admin_token), Mount("/v1", app=_gateway)],
+        routes=[Route("/healthz", healthz), *admin_routes(settings.admin_token)],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
     # A redirect would send the client's key to a URL of our making; a wrong path is just not found.
     app.router.redirect_slashes = False
-    return app
+    return Dispatch(app)
+
+
+class Dispatch:
+    """Everything under /v1, however it is spelled, goes to the gateway (which refuses what is not canonical);
+    the rest, and the lifespan, to the admin API and health checks."""
+
+    def __init__(self, app: Starlette) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            target = scope.get("raw_path") or b""
+            if target[:3].lower() == b"/v1" or scope["path"][:3].lower() == "/v1" or target[:2] == b"/%":
+                gateway: Gateway = scope["state"]["gateway"]
+                await gateway(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
 
 
 async def _release_expired_holds(engine: Engine, interval: float) -> None:
@@ -158,11 +174,6 @@ async def _every(interval: float, work: Callable[[], Awaitable[object]]) -> None
             await work()
         except Exception:
             logger.exception("background task failed; will try again in %.0f s", interval)
-
-
-async def _gateway(scope: Scope, receive: Receive, send: Send) -> None:
-    gateway: Gateway = scope["state"]["gateway"]
-    await gateway(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -28,10 +28,11 @@ def fingerprint(body: bytes | None) -> str | None:
         return None
     try:
         request = json.loads(body)
-    except ValueError:
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):
         return None
-    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # `surrogatepass`: a lone surrogate (valid JSON, invalid text) is hashed as itself rather than raising.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def link_retries(connection: Connection, rows: list[dict[str, Any]], windows: list[int]) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text, update
 from proxy.audit import GENESIS
 from proxy.db import make_engine, normalize_url, upgrade
 from proxy.models import AuditHead, Base
+from tests.stack import Stack, running_stack
 
 POSTGRES_URL = os.environ.get("SPENDGATE_TEST_DB_URL")
 
@@ -71,3 +72,10 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def stack(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[Stack]:
+    """Team `research` with one key, a fake upstream, and spendgate in front of it, all on loopback."""
+    with running_stack(engine, db_url, tmp_path) as stack:
+        yield stack

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -22,12 +21,6 @@ from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture
-def stack(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[Stack]:
-    with running_stack(engine, db_url, tmp_path) as stack:
-        yield stack
 
 
 def test_fingerprint_ignores_key_order_and_spacing() -> None:

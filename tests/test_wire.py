@@ -19,12 +19,6 @@ from tests.upstream import UPSTREAM_KEY, fixture
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hello"}]
 
 
-@pytest.fixture
-def stack(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[Stack]:
-    with running_stack(engine, db_url, tmp_path) as stack:
-        yield stack
-
-
 _clients: list[anthropic.Anthropic] = []
 
 

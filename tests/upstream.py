@@ -52,6 +52,7 @@ class Seen:
 
     method: str
     path: str
+    raw_path: str
     query: str
     headers: dict[str, str]
     body: bytes
@@ -81,7 +82,10 @@ class FakeAnthropic:
             if not message.get("more_body"):
                 break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        self.requests.append(Seen(scope["method"], scope["path"], scope["query_string"].decode(), headers, body))
+        raw_path = scope["raw_path"].decode("latin-1")
+        self.requests.append(
+            Seen(scope["method"], scope["path"], raw_path, scope["query_string"].decode(), headers, body)
+        )
         if "x-fake-hang" in headers:
             await asyncio.sleep(float(headers["x-fake-hang"]))
         if headers.get("x-api-key") != UPSTREAM_KEY:

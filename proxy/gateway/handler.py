@@ -92,7 +92,7 @@ class Gateway:
             record = make_record(call, self._prices)
         except Exception:
             logger.exception("could not build the usage record of %s; recording it without its usage", call.id)
-            call.usage, call.priced = None, None
+            call.usage, call.priced, call.request_body = None, None, None
             record = make_record(call, self._prices)
         self._recorder.submit(record)
         _log(record, method)

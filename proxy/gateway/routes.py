@@ -87,6 +87,8 @@ def allowed_methods(target: bytes, query: bytes) -> tuple[str, ...]:
 
 
 def _canonical(target: bytes, query: bytes) -> str:
+    if target == b"/v1":
+        raise RouteNotFound("No route /v1. The Messages API is at /v1/messages.")
     if len(target) + len(query) > MAX_TARGET_BYTES or not _CANONICAL_PATH.fullmatch(target):
         raise NonCanonicalPath(
             "The request path is not canonical: send it as Anthropic spells it (e.g. /v1/messages), without dot "

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import aiohttp
 import httpx
+import yarl
 
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 
@@ -60,8 +61,10 @@ class AiohttpUpstream:
     async def send(self, method: str, url: str, headers: Headers, body: bytes) -> UpstreamResponse:
         decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers]
         try:
+            # `encoded=True`: the URL is sent exactly as built from the route; yarl must not normalize it again
+            # (it would turn `/v1/%2e/messages` into `/v1/messages`, and `/v1/../x` into `/x`).
             response = await self._session.request(
-                method, url, headers=decoded, data=body or None, allow_redirects=False
+                method, yarl.URL(url, encoded=True), headers=decoded, data=body or None, allow_redirects=False
             )
         except Exception as exc:
             raise _translate_aiohttp(exc) from exc
