@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from proxy.app import create_app
+    from proxy.serving import BoundedHttpToolsProtocol
 
     settings = Settings.from_environ(
         os.environ, db_url=args.db, host=args.host, port=args.port, upstream_url=args.upstream
@@ -94,6 +95,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
+        http=BoundedHttpToolsProtocol,
         # Upstream's own Date and Server headers pass through; uvicorn must not add a second pair.
         server_header=False,
         date_header=False,

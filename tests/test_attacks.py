@@ -6,6 +6,7 @@ captures the raw target of everything it receives: nothing may reach it unclassi
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -25,7 +26,10 @@ from sqlalchemy import Engine
 
 from proxy.export import iter_usage
 from proxy.teams import TeamSettings, create_key, create_team, get_team
+from tests.replicas import replica
+from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack
+from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
 CANONICAL = re.compile(r"/v1(?:/[A-Za-z0-9_~-][A-Za-z0-9_.~-]*)+")
@@ -306,3 +310,27 @@ def test_cors_preflight_is_answered_here(stack: Stack) -> None:
     assert headers["access-control-allow-headers"] == "x-api-key,anthropic-version"
     assert headers["access-control-allow-origin"] == "*"
     assert stack.upstream.requests == []
+
+
+def test_a_giant_header_is_cut_off_without_stalling_others(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """`spendgate serve` bounds request heads (httptools alone does not): 431, and other calls go on."""
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
+    with serve_in_thread(FakeAnthropic()) as upstream_url, replica(db_url, upstream_url, tmp_path) as (url, _):
+        host, port = urlsplit(url).hostname or "", urlsplit(url).port or 0
+        with socket.create_connection((host, port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-junk: ")
+            answer = b""
+            # The server may close with part of the 4 MB unread, which resets the connection and can drop the
+            # answer on the way: the refusal is then the reset itself (without the bound it would be a 401).
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    sock.sendall(b"a" * 65536)
+            with contextlib.suppress(ConnectionResetError):
+                answer = sock.recv(65536)
+        status, _, _ = send(url, "POST", "/v1/messages", json.dumps(MESSAGE).encode(), {"x-api-key": key})
+    if answer:
+        head, _, refusal = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431")
+        assert_anthropic_shaped(refusal)
+    assert status == 200
