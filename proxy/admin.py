@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.errors import ProxyError, ledger_errors
 from proxy.export import Cursor, iter_usage
 from proxy.keys import KeyCache
 from proxy.pricing import PriceTable
@@ -64,6 +65,8 @@ def admin_routes(token: str | None) -> list[Route]:
                 return await handler(request)
             except AdminError as error:
                 return _error(error.status, error.error_type, error.message)
+            except ProxyError as error:
+                return error.response()
             except NotFound as error:
                 return _error(404, "not_found_error", str(error))
             except Conflict as error:
@@ -189,7 +192,8 @@ async def _report(request: Request) -> Response:
 
 async def _run(request: Request, work: Callable[[Engine], Any]) -> Any:
     engine: Engine = request.state.engine
-    return await anyio.to_thread.run_sync(work, engine)
+    with ledger_errors():
+        return await anyio.to_thread.run_sync(work, engine)
 
 
 async def _json(request: Request) -> dict[str, Any]:

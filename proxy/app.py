@@ -186,8 +186,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         )
     else:
         error = RouteNotFound(f"No route {request.url.path[:200]}. spendgate serves /v1/*, /admin/* and /healthz.")
-    headers = {name.decode(): value.decode() for name, value in error.headers()}
-    return Response(error.body(), status_code=error.status, headers=headers)
+    return error.response()
 
 
 async def healthz(request: Request) -> JSONResponse:

@@ -25,7 +25,8 @@ import json
 from collections.abc import Iterator
 from typing import ClassVar
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
+from starlette.responses import Response
 
 
 class ProxyError(Exception):
@@ -45,6 +46,11 @@ class ProxyError(Exception):
     def body(self) -> bytes:
         """The JSON body, shaped like Anthropic's own errors."""
         return json.dumps({"type": "error", "error": {"type": self.error_type, "message": self.message}}).encode()
+
+    def response(self) -> Response:
+        """The whole answer, for code that answers through Starlette (the admin API, the router)."""
+        headers = {name.decode(): value.decode() for name, value in self.headers()}
+        return Response(self.body(), status_code=self.status, headers=headers)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """Response headers for this error, including `x-spendgate-error`."""
@@ -192,8 +198,11 @@ class UpstreamTimeout(ProxyError):
 
 @contextlib.contextmanager
 def ledger_errors(what: str = "The spend ledger did not answer.") -> Iterator[None]:
-    """The one mapping of database failures to API answers: any SQLAlchemy error becomes `LedgerUnavailable`."""
+    """The one mapping of database failures to API answers, for the gateway and the admin API alike: a value the
+    database refuses is the request's fault (`BadRequest`); any other failure is `LedgerUnavailable` (503)."""
     try:
         yield
+    except DataError as exc:
+        raise BadRequest(f"The ledger refused a value of this request: {str(exc.orig)[:200]}") from exc
     except SQLAlchemyError as exc:
         raise LedgerUnavailable(f"{what} Try again shortly.") from exc

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
@@ -143,3 +143,18 @@ def test_report_over_http(make_client: Callable[..., TestClient], engine: Engine
         ("b", 1, "1.5"),
     ]
     assert make_client().get("/admin/report", headers=AUTH, params={"by": "colour"}).status_code == 400
+
+
+def test_a_ledger_failure_is_a_503_like_the_proxy_gives(make_client: Callable[..., TestClient], engine: Engine) -> None:
+    client = make_client()
+    with engine.begin() as connection:
+        # The ledger breaking under the running server: every query on teams now fails.
+        connection.execute(text("ALTER TABLE teams RENAME TO teams_gone"))
+    response = client.get("/admin/teams", headers=AUTH)
+    assert response.status_code == 503
+    assert response.headers["x-spendgate-error"] == "ledger_unavailable"
+    assert response.json()["error"]["type"] == "api_error"
+    proxied = client.post(
+        "/v1/messages", json={"model": "m", "max_tokens": 1, "messages": []}, headers={"x-api-key": "sk-sg-unknown"}
+    )
+    assert (proxied.status_code, proxied.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
