@@ -25,8 +25,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def replica(db_url: str, upstream_url: str, workdir: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run `spendgate serve` in a child process until the block ends; yields its URL and process."""
+def replica(
+    db_url: str, upstream_url: str, workdir: Path, *, cwd: Path | None = None, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `spendgate serve` in a child process (in `cwd`, default this one) until the block ends; yields its URL
+    and process."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
     environ = {
@@ -42,6 +45,7 @@ def replica(db_url: str, upstream_url: str, workdir: Path, **env: str) -> Iterat
             env=environ,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            cwd=cwd,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,68 @@
+"""The wheel, not the source tree: every package of `proxy/` ships, and `spendgate serve` runs from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+from sqlalchemy import Engine
+
+from proxy.teams import TeamSettings, create_key, create_team
+from tests.replicas import replica
+from tests.servers import serve_in_thread
+from tests.upstream import FakeAnthropic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    [wheel] = tmp_path.glob("spendgate-*.whl")
+    unpacked = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+    packages = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "proxy").rglob("__init__.py")}
+    shipped = {str(p.parent.relative_to(unpacked)).replace("/", ".") for p in unpacked.rglob("__init__.py")}
+    assert packages <= shipped
+    assert (unpacked / "proxy" / "prices.toml").is_file() and (unpacked / "proxy" / "output_limits.toml").is_file()
+
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
+    # Run from elsewhere, with the unpacked wheel first on the path: the source tree cannot stand in for it.
+    env = {"PYTHONPATH": str(unpacked)}
+    with (
+        serve_in_thread(FakeAnthropic()) as upstream,
+        replica(db_url, upstream, tmp_path, cwd=tmp_path, **env) as (url, _),
+    ):
+        body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": []}
+        response = httpx.post(f"{url}/v1/messages", json=body, headers={"x-api-key": key})
+    assert response.status_code == 200, response.text
+    where = subprocess.run(
+        [sys.executable, "-c", "import json, proxy.gateway.handler as m; print(json.dumps(m.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(unpacked)},
+    )
+    assert json.loads(where.stdout).startswith(str(unpacked))
