@@ -26,10 +26,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def replica(
-    db_url: str, upstream_url: str, workdir: Path, *, cwd: Path | None = None, **env: str
+    db_url: str, upstream_url: str, workdir: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run `spendgate serve` in a child process (in `cwd`, default this one) until the block ends; yields its URL
-    and process."""
+    """Run `spendgate serve` in a child process (in `cwd`, default this one, with `env` added to the environment)
+    until the block ends; yields its URL and process."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
     environ = {
@@ -37,7 +37,7 @@ def replica(
         "SPENDGATE_DB_URL": db_url,
         "ANTHROPIC_API_KEY": UPSTREAM_KEY,
         "SPENDGATE_SPILL_DIR": str(workdir / "spill"),
-        **env,
+        **(env or {}),
     }
     with log.open("w") as log_file:
         process = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
@@ -50,3 +51,32 @@ def test_sigterm_under_load_drains_every_record(engine: Engine, db_url: str, tmp
     assert len({r["id"] for r in records}) == CALLS
     assert {r["outcome"] for r in records} == {"ok"}
     assert not (tmp_path / "spill").exists()
+
+
+def test_a_call_cut_by_the_shutdown_grace_is_interrupted(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
+    upstream = FakeAnthropic()
+    grace = {"SPENDGATE_SHUTDOWN_GRACE_SECONDS": "1"}
+    with (
+        serve_in_thread(upstream) as upstream_url,
+        replica(db_url, upstream_url, tmp_path, env=grace) as (url, process),
+    ):
+        body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [], "stream": True}
+        # A stream far longer than the grace: message_start, then the rest 5 s later.
+        headers = {"x-api-key": key, "x-fake-chunk": "1000", "x-fake-delay": "5"}
+
+        def call() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{url}/v1/messages", json=body, headers=headers, timeout=60)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        wait_until(lambda: upstream.requests, "the stream to start")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        caller.join(timeout=60)
+    [record] = [record for _, record in iter_usage(engine)]
+    assert record["outcome"] == "interrupted"
+    # The input was billed when the stream started: the usage seen so far is kept.
+    assert record["input_tokens"] > 0

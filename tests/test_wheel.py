@@ -52,7 +52,7 @@ def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path)
     env = {"PYTHONPATH": str(unpacked)}
     with (
         serve_in_thread(FakeAnthropic()) as upstream,
-        replica(db_url, upstream, tmp_path, cwd=tmp_path, **env) as (url, _),
+        replica(db_url, upstream, tmp_path, cwd=tmp_path, env=env) as (url, _),
     ):
         body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": []}
         response = httpx.post(f"{url}/v1/messages", json=body, headers={"x-api-key": key})
