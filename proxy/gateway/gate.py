@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from sqlalchemy import Engine
 from starlette.types import Receive
 
 from proxy.batch_owners import BatchOwner, find_batch
@@ -66,7 +67,7 @@ class GateRules:
 class Gate:
     """Authenticates, reads and validates the body, applies the team's rules, and takes the budget hold."""
 
-    def __init__(self, *, keys: KeyCache, prices: PriceTable, engine: Any, rules: GateRules) -> None:
+    def __init__(self, *, keys: KeyCache, prices: PriceTable, engine: Engine, rules: GateRules) -> None:
         self._keys = keys
         self._prices = prices
         self._engine = engine

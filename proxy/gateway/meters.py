@@ -46,7 +46,7 @@ def respond_messages(call: Call, prices: PriceTable, send: Send) -> Responder:
         body = await read_whole(response)
         call.take(summarize_json(body), stream=False)
         cost = call.cost(prices).cost_usd
-        if cost is not None and response.status < 300:
+        if cost is not None:
             headers.append((b"x-spendgate-cost-usd", format(cost, "f").encode()))
         await send_whole(call, send, response.status, headers, body)
 

@@ -56,11 +56,6 @@ class Route:
         return BATCHES if self.kind == "batch_create" else self.path
 
     @property
-    def parses_body(self) -> bool:
-        """Whether the gate reads the body as a request to validate (the metered routes and token counting)."""
-        return self.kind in ("messages", "count_tokens", "batch_create")
-
-    @property
     def is_batch(self) -> bool:
         return self.kind.startswith("batch_")
 
