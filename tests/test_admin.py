@@ -147,14 +147,21 @@ def test_report_over_http(make_client: Callable[..., TestClient], engine: Engine
 
 def test_a_ledger_failure_is_a_503_like_the_proxy_gives(make_client: Callable[..., TestClient], engine: Engine) -> None:
     client = make_client()
+    # The ledger breaking under the running server: every query on teams fails until the table is back (the
+    # PostgreSQL ledger is shared by the whole test session, so it must come back).
     with engine.begin() as connection:
-        # The ledger breaking under the running server: every query on teams now fails.
         connection.execute(text("ALTER TABLE teams RENAME TO teams_gone"))
-    response = client.get("/admin/teams", headers=AUTH)
+    try:
+        response = client.get("/admin/teams", headers=AUTH)
+        proxied = client.post(
+            "/v1/messages",
+            json={"model": "m", "max_tokens": 1, "messages": []},
+            headers={"x-api-key": "sk-sg-unknown"},
+        )
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE teams_gone RENAME TO teams"))
     assert response.status_code == 503
     assert response.headers["x-spendgate-error"] == "ledger_unavailable"
     assert response.json()["error"]["type"] == "api_error"
-    proxied = client.post(
-        "/v1/messages", json={"model": "m", "max_tokens": 1, "messages": []}, headers={"x-api-key": "sk-sg-unknown"}
-    )
     assert (proxied.status_code, proxied.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
