@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -13,6 +15,7 @@ from typing import TypedDict
 import anyio.to_thread
 import httpx
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,8 +35,10 @@ from proxy.gateway.handler import Gateway
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.keys import KeyCache
+from proxy.ledger.instances import beat, reap, register, retire
+from proxy.ledger.journal import Journal
+from proxy.ledger.writer import Writer
 from proxy.pricing import PriceTable
-from proxy.recorder import Recorder
 
 logger = logging.getLogger("spendgate")
 
@@ -41,7 +46,7 @@ logger = logging.getLogger("spendgate")
 class State(TypedDict):
     engine: Engine
     gateway: Gateway
-    recorder: Recorder
+    writer: Writer
     keys: KeyCache
     prices: PriceTable
 
@@ -68,14 +73,20 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             )
         alerts = AlertSender(settings.alert_webhook)
         keys = KeyCache(engine, ttl=settings.key_cache_seconds)
-        recorder = Recorder(
+        # This process's name in journals, holds and heartbeats (not the pid: every container's is 1).
+        instance = f"{socket.gethostname()[:20]}-{secrets.token_hex(6)}"
+        writer = Writer(
             engine,
             flush_seconds=settings.record_flush_seconds,
             batch_size=settings.record_batch_size,
             drain_seconds=settings.record_drain_seconds,
             spill_dir=settings.spill_dir,
+            instance=instance,
+            max_pending=settings.max_pending_records,
+            stall_seconds=settings.ledger_stall_seconds,
             soft_fraction=settings.soft_limit_fraction,
             on_soft_limit=alerts.notify,
+            journal=Journal(settings.spill_dir, instance),
         )
         fetcher = ResultsFetcher(
             engine=engine,
@@ -83,7 +94,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             upstream_url=settings.upstream_url,
             upstream_key=settings.anthropic_api_key,
             prices=prices,
-            submit=recorder.submit,
+            submit=writer.submit,
         )
         gate = Gate(
             keys=keys,
@@ -95,43 +106,54 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 default_max_output_tokens=settings.default_max_output_tokens,
                 reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds),
                 fail_open=settings.budget_fail_open,
+                instance=instance,
             ),
         )
-        relay = Relay(upstream, upstream_url=settings.upstream_url, upstream_key=settings.anthropic_api_key)
+        relay = Relay(
+            upstream, upstream_url=settings.upstream_url, upstream_key=settings.anthropic_api_key, ledger=writer
+        )
         batches = Batches(
             gate=gate,
             relay=relay,
             engine=engine,
             prices=prices,
-            submit=recorder.submit,
+            submit=writer.submit,
             results=fetcher,
             public_url=settings.public_url,
         )
-        gateway = Gateway(gate=gate, relay=relay, batches=batches, prices=prices, recorder=recorder)
+        gateway = Gateway(gate=gate, relay=relay, batches=batches, prices=prices, ledger=writer)
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
-        recorder.start()
+        await anyio.to_thread.run_sync(register, engine, instance, datetime.now(UTC))
+        writer.start()
         alerts.start()
-        background = [asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds))]
+        heartbeat = partial(_heartbeat, engine, prices, instance, timedelta(seconds=settings.heartbeat_limit_seconds))
+        background = [
+            asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds)),
+            asyncio.create_task(_every(settings.heartbeat_seconds, heartbeat)),
+        ]
         if settings.batch_reconcile_seconds > 0:
             lease = timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2))
             reconcile = partial(fetcher.reconcile, lease)
             background.append(asyncio.create_task(_every(settings.batch_reconcile_seconds, reconcile)))
         try:
-            yield {"engine": engine, "gateway": gateway, "recorder": recorder, "keys": keys, "prices": prices}
+            yield {"engine": engine, "gateway": gateway, "writer": writer, "keys": keys, "prices": prices}
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await recorder.close()
+            await writer.close()
+            with contextlib.suppress(SQLAlchemyError):
+                # Every call of this process is recorded; its holds (none are left) no longer need a heartbeat.
+                await anyio.to_thread.run_sync(retire, engine, instance)
             await alerts.close()
             await upstream.aclose()
             engine.dispose()
 
     app = Starlette(
-        routes=[Route("/healthz", healthz), *admin_routes(settings.admin_token)],
+        routes=[Route("/healthz", healthz), Route("/livez", livez), *admin_routes(settings.admin_token)],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
@@ -155,6 +177,13 @@ class Dispatch:
                 await gateway(scope, receive, send)
                 return
         await self._app(scope, receive, send)
+
+
+async def _heartbeat(engine: Engine, prices: PriceTable, instance: str, limit: timedelta) -> None:
+    """Beat for this process, then record the calls of processes that stopped beating."""
+    now = datetime.now(UTC)
+    await anyio.to_thread.run_sync(beat, engine, instance, now)
+    await anyio.to_thread.run_sync(partial(reap, engine, prices, now, limit=limit))
 
 
 async def _release_expired_holds(engine: Engine, interval: float) -> None:
@@ -190,13 +219,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def healthz(request: Request) -> JSONResponse:
-    """200 when the ledger answers; 503 otherwise."""
+    """Readiness: 200 while records reach the ledger; 503 with the reason when they do not."""
     engine: Engine = request.state.engine
+    writer: Writer = request.state.writer
+    status = {"pending_records": writer.pending, "oldest_pending_seconds": round(writer.oldest_age, 3)}
     try:
         await anyio.to_thread.run_sync(_ping, engine)
     except Exception as exc:
-        return JSONResponse({"status": "unavailable", "error": str(exc.__class__.__name__)}, status_code=503)
-    return JSONResponse({"status": "ok", "pending_records": request.state.recorder.pending})
+        return JSONResponse({"status": "unavailable", "error": exc.__class__.__name__, **status}, status_code=503)
+    problem = writer.problem
+    if problem is not None:
+        return JSONResponse({"status": "unavailable", "error": problem, **status}, status_code=503)
+    return JSONResponse({"status": "ok", **status})
+
+
+async def livez(request: Request) -> JSONResponse:
+    """Liveness: 200 while the process serves at all. A slow ledger is not a reason to kill a process that holds
+    records in memory; readiness (`/healthz`) says that."""
+    return JSONResponse({"status": "alive"})
 
 
 def _ping(engine: Engine) -> None:

@@ -70,6 +70,9 @@ USAGE_HASHED = (
     "latency_ms",
     "ttfb_ms",
 )
+# Columns added since, hashed after the others only when set, so entries written before them keep their hash.
+USAGE_HASHED_WHEN_SET = ("cost_source",)
+USAGE_HASHED_ALL = USAGE_HASHED + USAGE_HASHED_WHEN_SET
 EVENT_HASHED = ("at", "actor", "action", "target", "details")
 REPRICE_ACTION = "usage.reprice"
 Change = tuple[str, Decimal, str]  # record id, corrected cost, price version
@@ -89,6 +92,12 @@ class Verdict:
     head_pos: int
     head_hash: str
     problem: str | None
+
+
+def usage_hashed_values(values: Sequence[Any]) -> Sequence[Any]:
+    """A usage record's hashed values (in `USAGE_HASHED_ALL` order) with the later columns left out when unset."""
+    fixed = len(USAGE_HASHED)
+    return [*values[:fixed], *(value for value in values[fixed:] if value is not None)]
 
 
 def content_hash(values: Sequence[Any]) -> str:
@@ -112,7 +121,7 @@ def lock_head(connection: Connection) -> tuple[int, str]:
 def extend(rows: list[dict[str, Any]], pos: int, head: str) -> tuple[int, str]:
     """Give usage rows, in order, their content hash and place after (`pos`, `head`); returns the new end."""
     for row in rows:
-        row["content_hash"] = content_hash([row[name] for name in USAGE_HASHED])
+        row["content_hash"] = content_hash(usage_hashed_values([row[name] for name in USAGE_HASHED_ALL]))
         pos, head = pos + 1, link(head, row["content_hash"])
         row["chain_pos"], row["chain_hash"] = pos, head
     return pos, head
@@ -240,7 +249,7 @@ def iter_events(engine: Engine, *, since: datetime | None = None) -> Iterator[di
 
 def _entries(engine: Engine, last: int) -> Generator[Entry]:
     """Usage records and admin events merged by chain position."""
-    usage_columns = [_raw_time(UsageRow.__table__.c[name]) for name in USAGE_HASHED]
+    usage_columns = [_raw_time(UsageRow.__table__.c[name]) for name in USAGE_HASHED_ALL]
     event_columns = [_raw_time(AdminEvent.__table__.c[name]) for name in EVENT_HASHED]
     with engine.connect() as usage_connection, engine.connect() as event_connection:
         usage = usage_connection.execution_options(yield_per=STREAM_BATCH).execute(
@@ -254,7 +263,7 @@ def _entries(engine: Engine, last: int) -> Generator[Entry]:
             .order_by(AdminEvent.chain_pos)
         )
         streams = (
-            ((row[0], "usage record", row[1], row[2], row[3], row[4:]) for row in usage),
+            ((row[0], "usage record", row[1], row[2], row[3], usage_hashed_values(row[4:])) for row in usage),
             ((row[0], "admin event", row[1], row[2], row[3], row[4:]) for row in events),
         )
         try:

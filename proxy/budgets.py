@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -20,8 +20,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from proxy.db import write_transaction
 from proxy.errors import BudgetExceeded
 from proxy.keys import KeyInfo
-from proxy.models import BudgetCounter, BudgetReservation, UsageRow, effective_cost
-from proxy.types import Counter, Period, Reservation, UsageRecord
+from proxy.models import BudgetCounter, BudgetReservation, Instance, UsageRow, effective_cost
+from proxy.types import Counter, HoldOwner, Period, Reservation, UsageRecord
 
 # `total` budgets never reset: one counter, dated at the epoch.
 TOTAL_PERIOD_START = datetime(1970, 1, 1, tzinfo=UTC)
@@ -94,7 +94,14 @@ def _counter(scope: str, label: str, period: Period, budget: Decimal | None, at:
     )
 
 
-def reserve(engine: Engine, reservation: Reservation, *, expires_at: datetime) -> None:
+def reserve(
+    engine: Engine,
+    reservation: Reservation,
+    *,
+    expires_at: datetime,
+    started_at: datetime | None = None,
+    owner: HoldOwner | None = None,
+) -> None:
     """Hold `reservation.amount` on every budgeted counter, or raise `BudgetExceeded` and hold nothing."""
     budgeted = [(counter, counter.budget_usd) for counter in reservation.counters if counter.budget_usd is not None]
     amount = reservation.amount
@@ -121,6 +128,8 @@ def reserve(engine: Engine, reservation: Reservation, *, expires_at: datetime) -
                     "period_start": counter.period_start,
                     "amount_usd": amount,
                     "expires_at": expires_at,
+                    "started_at": started_at,
+                    **(asdict(owner) if owner is not None else {}),
                 }
                 for counter, _ in budgeted
             ],
@@ -173,10 +182,12 @@ def settle(
 
 
 def release_expired(engine: Engine, now: datetime, *, limit: int = 1000) -> int:
-    """Release holds past their expiry (their process died mid-call); returns how many were released."""
+    """Release holds past their expiry whose process is not serving any more: the last resort, after the
+    heartbeat reaper (`proxy/ledger/instances.py`). Returns how many calls' holds were released."""
+    alive = select(Instance.id).where(Instance.id == BudgetReservation.instance_id).exists()
     with write_transaction(engine) as connection:
         expired = connection.execute(
-            select(BudgetReservation.call_id).where(BudgetReservation.expires_at < now).limit(limit)
+            select(BudgetReservation.call_id).where(BudgetReservation.expires_at < now, ~alive).limit(limit)
         ).scalars()
         call_ids = sorted(set(expired))
         if not call_ids:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -22,8 +23,8 @@ from proxy.audit import iter_events, verify
 from proxy.config import ConfigError, Settings
 from proxy.db import make_engine, normalize_url, upgrade
 from proxy.export import iter_usage, write_csv, write_jsonl
+from proxy.ledger.disk import Replayed
 from proxy.pricing import PriceError, PriceTable
-from proxy.recorder import replay_spilled
 from proxy.reports import GROUPS, report
 from proxy.reprice import recount_current, reprice
 from proxy.teams import (
@@ -80,7 +81,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     _configure_logging()
     upgrade(settings.db_url)
     with _ledger(settings) as engine:
-        replay_spilled(engine, settings.spill_dir)
+        # What earlier processes left on disk: spilled records, and the journals of processes that are gone.
+        _recover(engine, settings.spill_dir, PriceTable.load(settings.prices_path), refused=False)
     app = create_app(settings)
     # Objects made at start-up (the app, SQLAlchemy, pricing) live forever: keep them out of every collection,
     # or each full collection walks them all and stalls the event loop for tens of milliseconds.
@@ -117,6 +119,24 @@ def _ledger(settings: Settings) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def _recover(engine: Engine, directory: Path, prices: PriceTable, *, refused: bool) -> Replayed:
+    """Replay journals of gone processes and spill files (and, if `refused`, records set aside as refused)."""
+    from proxy.ledger.disk import replay_refused, replay_spilled
+    from proxy.ledger.journal import replay_gone
+
+    total = replay_gone(engine, directory, prices, name="replay")
+    for step in (replay_spilled, replay_refused) if refused else (replay_spilled,):
+        total += step(engine, directory, name="replay")
+    return total
+
+
+def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
+    with _ledger(settings) as engine:
+        done = _recover(engine, Path(args.directory), PriceTable.load(settings.prices_path), refused=True)
+    print(f"replayed {args.directory}: {done.written} records written, {done.set_aside} set aside (refused-*.jsonl)")
+    return 0
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
@@ -402,6 +422,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     reprice_command.add_argument("--since", metavar="ISO8601", required=True)
     reprice_command.add_argument("--until", metavar="ISO8601")
+
+    journal = commands.add_parser("journal", help="crash journals and spilled records").add_subparsers(
+        metavar="COMMAND"
+    )
+    journal_replay = command(
+        journal,
+        "replay",
+        _journal_replay,
+        "write to the ledger what processes that are gone left in DIR: journals (unfinished calls become "
+        "'interrupted' records at their worst case), spill files, and records set aside as refused",
+    )
+    journal_replay.add_argument("directory", metavar="DIR")
 
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)
     prices.add_argument("--model")

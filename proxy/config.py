@@ -45,6 +45,13 @@ class Settings:
     record_batch_size: int = 500
     # On shutdown, how long we keep retrying a failing ledger before spilling records to a file.
     record_drain_seconds: float = 30.0
+    # Records waiting for the ledger, at most; past it new calls are refused (503) rather than sent unrecorded.
+    max_pending_records: int = 100_000
+    # How long records may wait for the ledger before /healthz answers 503.
+    ledger_stall_seconds: float = 30.0
+    # Each process beats this often; one silent for `heartbeat_limit_seconds` is dead and its holds recorded.
+    heartbeat_seconds: float = 5.0
+    heartbeat_limit_seconds: float = 30.0
     spill_dir: Path = Path("./spendgate-spill")
     graceful_shutdown_seconds: float = 60.0
     # Applies to teams without a cap of their own; None: no cap.
@@ -78,6 +85,10 @@ class Settings:
             upstream_connect_timeout=_read(environ, "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT", float, 10.0),
             upstream_read_timeout=_read(environ, "SPENDGATE_UPSTREAM_READ_TIMEOUT", float, 600.0),
             spill_dir=_read(environ, "SPENDGATE_SPILL_DIR", Path, Path("./spendgate-spill")),
+            max_pending_records=_read(environ, "SPENDGATE_MAX_PENDING_RECORDS", int, 100_000),
+            ledger_stall_seconds=_read(environ, "SPENDGATE_LEDGER_STALL_SECONDS", float, 30.0),
+            heartbeat_seconds=_read(environ, "SPENDGATE_HEARTBEAT_SECONDS", float, 5.0),
+            heartbeat_limit_seconds=_read(environ, "SPENDGATE_HEARTBEAT_LIMIT_SECONDS", float, 30.0),
             graceful_shutdown_seconds=_read(environ, "SPENDGATE_SHUTDOWN_GRACE_SECONDS", float, 60.0),
             default_max_output_tokens=_read(environ, "SPENDGATE_DEFAULT_MAX_OUTPUT_TOKENS", int, None),
             reservation_ttl_seconds=_read(environ, "SPENDGATE_RESERVATION_TTL_SECONDS", float, 3600.0),

@@ -45,6 +45,7 @@ PUBLIC_FIELDS = (
     "cost_usd",
     "price_version",
     "price_source",
+    "cost_source",
     "is_retry",
     "retry_reason",
     "retry_of",

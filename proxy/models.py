@@ -128,23 +128,24 @@ class UsageRow(Base):
     cache_creation_5m_input_tokens: Mapped[int] = mapped_column(BigInteger)
     cache_creation_1h_input_tokens: Mapped[int] = mapped_column(BigInteger)
     cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger)
-    web_search_requests: Mapped[int] = mapped_column(Integer)
-    web_fetch_requests: Mapped[int] = mapped_column(Integer)
+    web_search_requests: Mapped[int] = mapped_column(BigInteger)
+    web_fetch_requests: Mapped[int] = mapped_column(BigInteger)
     service_tier: Mapped[str | None] = mapped_column(String(30))
     speed: Mapped[str | None] = mapped_column(String(30))
     inference_geo: Mapped[str | None] = mapped_column(String(30))
     cost_usd: Mapped[Decimal | None] = mapped_column(Money)
     price_version: Mapped[str] = mapped_column(String(40))
     price_source: Mapped[str] = mapped_column(String(20))
+    cost_source: Mapped[str | None] = mapped_column(String(20))
     is_retry: Mapped[bool] = mapped_column(Boolean)
     retry_reason: Mapped[str | None] = mapped_column(String(20))
     retry_of: Mapped[str | None] = mapped_column(String(40))
-    retry_count: Mapped[int] = mapped_column(Integer)
+    retry_count: Mapped[int] = mapped_column(BigInteger)
     # SHA-256 of the request's canonical JSON: how attempts of one call find each other.
     fingerprint: Mapped[str | None] = mapped_column(String(64))
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    max_tokens_requested: Mapped[int | None] = mapped_column(Integer)
-    max_tokens_sent: Mapped[int | None] = mapped_column(Integer)
+    max_tokens_requested: Mapped[int | None] = mapped_column(BigInteger)
+    max_tokens_sent: Mapped[int | None] = mapped_column(BigInteger)
     latency_ms: Mapped[float] = mapped_column(Float)
     ttfb_ms: Mapped[float | None] = mapped_column(Float)
     # The audit chain (see proxy/audit.py): this record's content hash, its place in the chain, the chain's hash.
@@ -188,6 +189,27 @@ class BudgetReservation(Base):
     period_start: Mapped[datetime] = mapped_column(UTCDateTime)
     amount_usd: Mapped[Decimal] = mapped_column(Money)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The serving process whose call holds it (it never expires while that process's heartbeat is fresh), and
+    # what the call's record needs if that process dies mid-call.
+    instance_id: Mapped[str | None] = mapped_column(String(40))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    team: Mapped[str | None] = mapped_column(String(200))
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    endpoint: Mapped[str | None] = mapped_column(String(200))
+    model: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (Index("ix_budget_reservations_instance", "instance_id"),)
+
+
+class Instance(Base):
+    """A serving process and its heartbeat: a process whose heartbeat is stale is dead, and its holds are turned
+    into `interrupted` records by any live replica."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 def effective_cost() -> ColumnElement[Decimal]:

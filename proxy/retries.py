@@ -28,8 +28,16 @@ def fingerprint(body: bytes | None) -> str | None:
         return None
     try:
         request = json.loads(body)
-        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     except (ValueError, RecursionError):
+        return None
+    return fingerprint_request(request)
+
+
+def fingerprint_request(request: Any) -> str | None:
+    """`fingerprint` of a request already parsed (the gate's, so the body never travels with the record)."""
+    try:
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
         return None
     # `surrogatepass`: a lone surrogate (valid JSON, invalid text) is hashed as itself rather than raising.
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()

@@ -15,6 +15,8 @@ Period = Literal["day", "week", "month", "total"]
 # for a model that should have one, or a route spendgate forwards without metering (cost null by design).
 PriceSource = Literal["table", "family", "unpriced", "unmetered"]
 
+CostSource = Literal["estimate"]
+
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
 CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")
 
@@ -94,6 +96,17 @@ class Counter:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HoldOwner:
+    """Whose call a budget hold is: the serving process, and what the call's record needs if that process dies."""
+
+    instance_id: str
+    team: str
+    key_id: str
+    endpoint: str
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Reservation:
     """What a call holds against its budgets while it runs; settled to the actual cost when it is recorded."""
 
@@ -126,6 +139,8 @@ class UsageRecord:
     cost_usd: Decimal | None
     price_version: str
     price_source: PriceSource
+    # "estimate" when the cost is a worst case rather than priced usage (a call whose process died); else None.
+    cost_source: CostSource | None = None
     is_retry: bool = False
     retry_reason: RetryReason | None = None
     retry_of: str | None = None
@@ -138,8 +153,7 @@ class UsageRecord:
     max_tokens_sent: int | None = None
     latency_ms: float
     ttfb_ms: float | None
-    # Not columns: what the ledger writer settles in the same transaction that inserts the record, and what it
-    # needs to link retries (the request as sent by the client, the team's repeat window).
+    # Not columns: what the ledger writer settles in the same transaction that inserts the record, and the team's
+    # repeat window it links retries within.
     reservation: Reservation | None = None
-    request_body: bytes | None = None
     retry_window_seconds: int = 0

@@ -12,9 +12,9 @@ from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from proxy.recorder import insert_records
+from proxy.ledger.commit import insert_records
 from tests.stack import settings_for
-from tests.test_recorder import make_record
+from tests.test_writer import make_record
 from tests.upstream import fixture
 
 TOKEN = "admin-secret"

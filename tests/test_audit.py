@@ -15,12 +15,12 @@ from sqlalchemy import Engine, text
 
 from proxy.audit import verify
 from proxy.cli import main
-from proxy.recorder import insert_records
+from proxy.ledger.commit import insert_records
 from proxy.teams import TeamSettings, create_key, create_team, revoke_key, update_team
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
-from tests.test_recorder import make_record
+from tests.test_writer import make_record
 from tests.upstream import FakeAnthropic
 
 START = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)

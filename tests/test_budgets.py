@@ -19,10 +19,10 @@ from proxy.budgets import (
     team_counter,
 )
 from proxy.errors import BudgetExceeded
+from proxy.ledger.commit import insert_records
 from proxy.models import BudgetReservation
-from proxy.recorder import insert_records
 from proxy.types import Counter, Reservation
-from tests.test_recorder import make_record
+from tests.test_writer import make_record
 
 NOW = datetime(2026, 11, 25, 15, 30, tzinfo=UTC)  # a Wednesday
 LATER = NOW + timedelta(hours=2)

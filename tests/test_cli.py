@@ -124,8 +124,8 @@ def test_keys_list_and_revoke(db_url: str, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_usage_export_jsonl_and_csv(db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.recorder import insert_records
-    from tests.test_recorder import make_record
+    from proxy.ledger.commit import insert_records
+    from tests.test_writer import make_record
 
     insert_records(
         engine,

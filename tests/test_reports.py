@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import Engine
 
 from proxy.cli import main
+from proxy.ledger.commit import insert_records
 from proxy.pricing import PriceTable
-from proxy.recorder import insert_records
 from proxy.reports import report
 from proxy.types import Usage
-from tests.test_recorder import make_record
+from tests.test_writer import make_record
 
 DAY1 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 DAY2 = datetime(2026, 11, 21, 23, 59, tzinfo=UTC)

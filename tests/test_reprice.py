@@ -13,12 +13,12 @@ from sqlalchemy import Engine, text
 from proxy.audit import verify
 from proxy.budgets import team_counter
 from proxy.cli import main
+from proxy.ledger.commit import insert_records
 from proxy.pricing import PriceTable
-from proxy.recorder import insert_records
 from proxy.reprice import reprice
 from proxy.teams import TeamSettings, create_team, get_team
 from proxy.types import Reservation, Usage
-from tests.test_recorder import make_record
+from tests.test_writer import make_record
 
 NOW = datetime.now(UTC)
 # Sonnet 4.6 input corrected from $3 to $4 per MTok.

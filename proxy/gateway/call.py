@@ -11,19 +11,15 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.gateway.routes import COUNT_TOKENS, MESSAGES
+from proxy.gateway.routes import COUNT_TOKENS
 from proxy.gateway.usage import MessageSummary
 from proxy.keys import KeyInfo
 from proxy.pricing import PriceTable
-from proxy.retries import fingerprint
 from proxy.types import Cost, Outcome, Reservation, Usage, UsageRecord
 
 ZERO = Decimal(0)
-# Request bodies up to this size travel with their record to the ledger writer (see `_retry_fields`).
-MAX_CARRIED_BODY = 64 * 1024
 # The largest count an INTEGER column holds; larger client-sent numbers are not stored as counts.
 MAX_COUNT = 2**31 - 1
 
@@ -78,7 +74,7 @@ class Call:
         "max_tokens_sent",
         "model",
         "priced",
-        "request_body",
+        "fingerprint",
         "reservation",
         "response_model",
         "retry_count",
@@ -114,7 +110,7 @@ class Call:
         self.max_tokens_sent: int | None = None
         self.reservation: Reservation | None = None
         self.priced: Cost | None = None
-        self.request_body: bytes | None = None
+        self.fingerprint: str | None = None  # of a Messages request, for retry linking
         self.batch_id: str | None = None
         self.custom_id: str | None = None
         self.forwarded = False
@@ -194,19 +190,9 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
         latency_ms=latency_ms,
         ttfb_ms=ttfb_ms,
         reservation=call.reservation,
+        fingerprint=call.fingerprint,
         retry_window_seconds=key.retry_window_seconds if key else 0,
-        **_retry_fields(call),
     )
-
-
-def _retry_fields(call: Call) -> dict[str, Any]:
-    # A small body rides along to the ledger writer, which fingerprints it off the response path; a large
-    # one is fingerprinted now, so a queue of records waiting on a slow ledger never holds megabytes each.
-    if call.endpoint != MESSAGES or call.request_body is None:
-        return {}
-    if len(call.request_body) <= MAX_CARRIED_BODY:
-        return {"request_body": call.request_body}
-    return {"fingerprint": fingerprint(call.request_body)}
 
 
 def describe(call: Call, headers: dict[bytes, bytes]) -> None:

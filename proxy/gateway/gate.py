@@ -38,7 +38,8 @@ from proxy.gateway.routes import Route
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.pricing import PriceTable
-from proxy.types import Reservation
+from proxy.retries import fingerprint_request
+from proxy.types import HoldOwner, Reservation
 
 logger = logging.getLogger("spendgate")
 T = TypeVar("T")
@@ -62,6 +63,7 @@ class GateRules:
     default_max_output_tokens: int | None
     reservation_ttl: timedelta
     fail_open: bool
+    instance: str  # the serving process whose holds these are
 
 
 class Gate:
@@ -105,7 +107,7 @@ class Gate:
         if not tokens:
             return body
         call.max_tokens = call.max_tokens_sent = request["max_tokens"]
-        call.request_body = body
+        call.fingerprint = fingerprint_request(request)
         check_model(call.model, key.models, key.team)
         capped = cap_output(request, body, cap=self._cap(key), policy=key.cap_policy, team=key.team)
         call.max_tokens_sent = capped.max_tokens
@@ -182,9 +184,22 @@ class Gate:
             with ledger_errors(
                 "The spend ledger did not answer, so the budget could not be checked and the call was not sent."
             ):
-                await anyio.to_thread.run_sync(
-                    partial(reserve, self._engine, reservation, expires_at=call.started_at + ttl)
+                owner = HoldOwner(
+                    instance_id=self._rules.instance,
+                    team=key.team,
+                    key_id=key.key_id,
+                    endpoint=call.endpoint,
+                    model=call.model,
                 )
+                hold = partial(
+                    reserve,
+                    self._engine,
+                    reservation,
+                    expires_at=call.started_at + ttl,
+                    started_at=call.started_at,
+                    owner=owner,
+                )
+                await anyio.to_thread.run_sync(hold)
         except LedgerUnavailable:
             if not self._rules.fail_open:
                 raise

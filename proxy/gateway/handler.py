@@ -12,7 +12,7 @@ import logging
 
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ProxyError
+from proxy.errors import LedgerUnavailable, ProxyError
 from proxy.gateway.batches import Batches
 from proxy.gateway.call import Call, describe, label, make_record
 from proxy.gateway.gate import ClientGone, Gate
@@ -20,8 +20,8 @@ from proxy.gateway.meters import respond_messages, respond_plain
 from proxy.gateway.relay import Relay
 from proxy.gateway.routes import Route, allowed_methods, classify
 from proxy.keys import KeyInfo
+from proxy.ledger.writer import Writer
 from proxy.pricing import PriceTable
-from proxy.recorder import Recorder
 from proxy.types import UsageRecord
 
 logger = logging.getLogger("spendgate")
@@ -32,12 +32,12 @@ PREFLIGHT_MAX_AGE = b"86400"
 class Gateway:
     """The request path for every `/v1/*` target."""
 
-    def __init__(self, *, gate: Gate, relay: Relay, batches: Batches, prices: PriceTable, recorder: Recorder) -> None:
+    def __init__(self, *, gate: Gate, relay: Relay, batches: Batches, prices: PriceTable, ledger: Writer) -> None:
         self._gate = gate
         self._relay = relay
         self._batches = batches
         self._prices = prices
-        self._recorder = recorder
+        self._ledger = ledger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -50,6 +50,11 @@ class Gateway:
                 return
             route = classify(method, target, scope["query_string"])
             call.endpoint = route.endpoint
+            if self._ledger.full:
+                raise LedgerUnavailable(
+                    f"spendgate cannot record calls right now ({self._ledger.pending} records wait for the ledger), "
+                    "so it sends none."
+                )
             describe(call, headers)
             key = await self._gate.authenticate(call, headers)
             if route.is_batch:
@@ -92,9 +97,9 @@ class Gateway:
             record = make_record(call, self._prices)
         except Exception:
             logger.exception("could not build the usage record of %s; recording it without its usage", call.id)
-            call.usage, call.priced, call.request_body = None, None, None
+            call.usage, call.priced = None, None
             record = make_record(call, self._prices)
-        self._recorder.submit(record)
+        self._ledger.submit(record)
         _log(record, method)
 
 

@@ -18,6 +18,8 @@ from proxy.gateway.call import Call, label
 from proxy.gateway.gate import ClientGone
 from proxy.gateway.routes import Route
 from proxy.gateway.upstream import Upstream, UpstreamResponse
+from proxy.ledger.journal import Start, start_of
+from proxy.ledger.writer import Writer
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP_HEADERS = frozenset(
@@ -44,8 +46,9 @@ Responder = Callable[[UpstreamResponse, Headers], Awaitable[None]]
 class Relay:
     """Sends calls to the upstream with spendgate's key and streams the answers back."""
 
-    def __init__(self, upstream: Upstream, *, upstream_url: str, upstream_key: str | None) -> None:
+    def __init__(self, upstream: Upstream, *, upstream_url: str, upstream_key: str | None, ledger: Writer) -> None:
         self._upstream = upstream
+        self._ledger = ledger
         self._upstream_url = upstream_url
         self._upstream_key = (upstream_key or "").encode("latin-1")
 
@@ -62,6 +65,7 @@ class Relay:
         async with anyio.create_task_group() as watchers:
             watchers.start_soon(_watch_disconnect, receive, call, lambda: finished, watchers.cancel_scope)
             try:
+                self._ledger.began(_start(call, len(body)))
                 call.forwarded = True
                 headers = self._headers(scope, identity=route.kind != "other")
                 response = await self._upstream.send(scope["method"], url, headers, body)
@@ -146,6 +150,25 @@ async def send_guarded(send: Send, message: Message) -> None:
     except OSError:
         # ASGI servers advertising spec 2.4+ raise on a closed client instead of dropping the message.
         raise ClientGone from None
+
+
+def _start(call: Call, size: int) -> Start:
+    key = call.key
+    return start_of(
+        call_id=call.id,
+        started_at=call.started_at,
+        team=key.team if key else None,
+        key_id=key.key_id if key else None,
+        feature=call.feature,
+        user=call.user,
+        endpoint=call.endpoint,
+        model=call.model,
+        streamed=call.streamed,
+        max_tokens=call.max_tokens_sent,
+        input_bound=size,
+        reservation=call.reservation,
+        metered=call.metered,
+    )
 
 
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:

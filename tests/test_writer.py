@@ -1,4 +1,4 @@
-"""The batching ledger writer: nothing lost, nothing written twice."""
+"""The ledger writer: nothing lost, nothing written twice, nothing that stops it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from sqlalchemy import Engine, func, select
 
 from proxy.db import make_engine
 from proxy.export import iter_usage
+from proxy.ledger.commit import insert_records
+from proxy.ledger.disk import replay_spilled
+from proxy.ledger.writer import Writer
 from proxy.models import UsageRow
-from proxy.recorder import Recorder, insert_records, replay_spilled
 from proxy.types import Usage, UsageRecord
 
 pytestmark = pytest.mark.anyio
@@ -53,15 +55,16 @@ def count(engine: Engine) -> int:
         return int(connection.execute(select(func.count()).select_from(UsageRow)).scalar_one())
 
 
-def recorder_for(engine: Engine, tmp_path: Path, **overrides: Any) -> Recorder:
+def writer_for(engine: Engine, tmp_path: Path, **overrides: Any) -> Writer:
     options: dict[str, Any] = {
         "flush_seconds": 0.01,
         "batch_size": 3,
         "drain_seconds": 0.2,
         "spill_dir": tmp_path / "spill",
+        "instance": "test",
     }
     options.update(overrides)
-    return Recorder(engine, **options)
+    return Writer(engine, **options)
 
 
 def test_round_trip_is_exact(engine: Engine) -> None:
@@ -79,27 +82,27 @@ def test_same_id_is_written_once(engine: Engine) -> None:
 
 
 async def test_batches_are_written_and_drained_on_close(engine: Engine, tmp_path: Path) -> None:
-    recorder = recorder_for(engine, tmp_path)
-    recorder.start()
+    writer = writer_for(engine, tmp_path)
+    writer.start()
     for n in range(10):
-        recorder.submit(make_record(id=f"sgr_{n}"))
-    await recorder.close()
+        writer.submit(make_record(id=f"sgr_{n}"))
+    await writer.close()
     assert count(engine) == 10
-    assert recorder.pending == 0
+    assert writer.pending == 0
 
 
 async def test_unreachable_ledger_spills_then_replays(engine: Engine, tmp_path: Path) -> None:
     broken = make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'ledger.db'}")
-    recorder = recorder_for(broken, tmp_path)
-    recorder.start()
+    writer = writer_for(broken, tmp_path)
+    writer.start()
     for n in range(5):
-        recorder.submit(make_record(id=f"sgr_{n}"))
-    await recorder.close()
+        writer.submit(make_record(id=f"sgr_{n}"))
+    await writer.close()
     broken.dispose()
-    assert recorder.pending == 0
+    assert writer.pending == 0
     [spilled] = list((tmp_path / "spill").iterdir())
     assert len(spilled.read_text().splitlines()) == 5
-    assert replay_spilled(engine, tmp_path / "spill") == 5
+    assert replay_spilled(engine, tmp_path / "spill", name="test").written == 5
     assert list((tmp_path / "spill").iterdir()) == []
     exported = [record for _, record in iter_usage(engine)]
     assert [r["id"] for r in exported] == [f"sgr_{n}" for n in range(5)]
@@ -107,4 +110,4 @@ async def test_unreachable_ledger_spills_then_replays(engine: Engine, tmp_path: 
 
 
 def test_replay_without_spill_dir_is_a_no_op(engine: Engine, tmp_path: Path) -> None:
-    assert replay_spilled(engine, tmp_path / "nothing-here") == 0
+    assert replay_spilled(engine, tmp_path / "nothing-here", name="test").written == 0

@@ -1,0 +1,72 @@
+"""The one transaction that takes usage records into the ledger: insert, chain, link retries, settle holds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
+
+from proxy.audit import extend, lock_head, write_head
+from proxy.budgets import SoftLimitCrossed, settle
+from proxy.db import write_transaction
+from proxy.models import Batch, UsageRow
+from proxy.retries import link_retries
+from proxy.types import USAGE_COLUMNS, UsageRecord
+
+DEFAULT_SOFT_FRACTION = Decimal("0.8")
+_NOT_COLUMNS = ("usage", "reservation", "retry_window_seconds")
+RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in _NOT_COLUMNS)
+
+
+def record_to_row(record: UsageRecord) -> dict[str, Any]:
+    """The ledger columns of a usage record (token counts flattened beside the call's fields)."""
+    row = {name: getattr(record, name) for name in RECORD_COLUMNS}
+    row.update({name: getattr(record.usage, name) for name in USAGE_COLUMNS})
+    return row
+
+
+def insert_records(
+    engine: Engine, records: list[UsageRecord], *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
+) -> list[SoftLimitCrossed]:
+    """Insert usage records and settle their budget holds in one transaction (blocking).
+
+    Ids already in the ledger are skipped and not settled again, so retrying a batch whose commit succeeded
+    but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts and
+    every record is appended to the audit chain on the way in. Returns the soft limits the batch crossed.
+    """
+    rows = [record_to_row(record) for record in records]
+    with write_transaction(engine) as connection:
+        # The chain's lock serialises every writer, so the check for ids already written cannot race.
+        pos, head = lock_head(connection)
+        present = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
+        fresh = [index for index, record in enumerate(records) if record.id not in present]
+        rows = [rows[index] for index in fresh]
+        link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
+        write_head(connection, *extend(rows, pos, head))
+        if rows:
+            connection.execute(insert(UsageRow), rows)
+        # Holds are released even when their record was written before (a batch's last result read twice).
+        held = [record for record in records if record.reservation is not None and record.reservation.held]
+        finished = sorted({record.batch_id for record in held if record.batch_id is not None})
+        if finished:
+            connection.execute(
+                update(Batch).where(Batch.id.in_(finished)).values(results_recorded_at=datetime.now(UTC))
+            )
+        return settle(
+            connection,
+            [records[index] for index in fresh],
+            soft_fraction=soft_fraction,
+            release=[record.reservation.call_id for record in held if record.reservation is not None],
+        )
+
+
+def is_refused(error: Exception) -> bool:
+    """Whether the database refused the data itself (retrying it can never succeed), not the connection."""
+    if isinstance(error, OperationalError):
+        return False
+    return isinstance(error, DataError | IntegrityError) or (
+        isinstance(error, StatementError) and not isinstance(error, DBAPIError)
+    )

@@ -1,0 +1,119 @@
+"""Serving processes and their heartbeats: holds are tied to live processes, never to a clock alone.
+
+Each `spendgate serve` process registers under its instance id and beats every few seconds. A hold belongs to
+the process whose call took it and never expires while that process beats. When a process's heartbeat is older
+than the limit, any live replica turns its holds into `interrupted` records at the amount held (cost flagged
+`cost_source: estimate`) and settles them: Anthropic may have billed those calls, so their budget is spent, not
+freed. The record ids are the calls' ids, so the dead process's journal, replayed later, cannot count them twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from proxy.db import write_transaction
+from proxy.ledger.commit import insert_records
+from proxy.models import BudgetReservation, Instance
+from proxy.pricing import PriceTable
+from proxy.types import PERIODS, Counter, Period, Reservation, Usage, UsageRecord
+
+logger = logging.getLogger("spendgate")
+
+
+def register(engine: Engine, instance: str, now: datetime) -> None:
+    """Announce a serving process (blocking)."""
+    with engine.begin() as connection:
+        connection.execute(delete(Instance).where(Instance.id == instance))
+        connection.execute(insert(Instance).values(id=instance, started_at=now, heartbeat_at=now))
+
+
+def beat(engine: Engine, instance: str, now: datetime) -> None:
+    """Say this process is alive (blocking); re-registers it if a reaper took it for dead."""
+    with engine.begin() as connection:
+        found = connection.execute(update(Instance).where(Instance.id == instance).values(heartbeat_at=now))
+        if found.rowcount == 0:
+            logger.error("this process (%s) was taken for dead by another replica; registering again", instance)
+            connection.execute(insert(Instance).values(id=instance, started_at=now, heartbeat_at=now))
+
+
+def retire(engine: Engine, instance: str) -> None:
+    """A clean exit, after every call of the process has been recorded (blocking)."""
+    with engine.begin() as connection:
+        connection.execute(delete(Instance).where(Instance.id == instance))
+
+
+def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta) -> int:
+    """Turn the holds of processes whose heartbeat is older than `limit` into `interrupted` records (blocking).
+
+    Returns how many calls were recorded. Safe on any number of replicas at once: record ids are call ids.
+    """
+    with engine.connect() as connection:
+        dead = list(connection.execute(select(Instance.id).where(Instance.heartbeat_at < now - limit)).scalars())
+        rows = (
+            connection.execute(select(BudgetReservation).where(BudgetReservation.instance_id.in_(dead))).scalars().all()
+            if dead
+            else []
+        )
+    calls: dict[str, list[BudgetReservation]] = {}
+    for row in rows:
+        calls.setdefault(row.call_id, []).append(row)
+    records = [_interrupted(holds, prices, now) for holds in calls.values()]
+    if records:
+        insert_records(engine, records)
+        logger.warning(
+            "recorded %d calls of dead processes %s as interrupted at their held amount", len(records), ", ".join(dead)
+        )
+    if dead:
+        with write_transaction(engine) as connection:
+            connection.execute(delete(Instance).where(Instance.id.in_(dead), Instance.heartbeat_at < now - limit))
+    return len(records)
+
+
+def _interrupted(holds: list[BudgetReservation], prices: PriceTable, now: datetime) -> UsageRecord:
+    first = holds[0]
+    amount: Decimal = first.amount_usd
+    started_at = first.started_at or now
+    counters = tuple(
+        Counter(
+            scope=hold.scope,
+            label=hold.scope,
+            period=_period(hold.scope),
+            period_start=hold.period_start,
+            budget_usd=None,
+        )
+        for hold in holds
+    )
+    return UsageRecord(
+        id=first.call_id,
+        started_at=started_at,
+        finished_at=now,
+        team=first.team,
+        key_id=first.key_id,
+        feature=None,
+        user=None,
+        endpoint=first.endpoint or "",
+        model=first.model,
+        response_model=None,
+        upstream_request_id=None,
+        status=0,
+        outcome="interrupted",
+        error_type="process_died",
+        streamed=False,
+        usage=Usage(),
+        cost_usd=amount,
+        price_version=prices.version_at(started_at),
+        price_source="table",
+        cost_source="estimate",
+        latency_ms=round((now - started_at).total_seconds() * 1000, 3),
+        ttfb_ms=None,
+        reservation=Reservation(call_id=first.call_id, counters=counters, amount=amount, held=True),
+    )
+
+
+def _period(scope: str) -> Period:
+    period = scope.rsplit(":", 1)[-1]
+    return next((known for known in PERIODS if known == period), "month")

@@ -1,0 +1,324 @@
+"""The crash journal: every call that goes upstream leaves a line before it goes and a line when it ends.
+
+A process appends to its own files, `journal-<instance>.<segment>.jsonl` under `SPENDGATE_SPILL_DIR`, named by
+an id made at start (not the pid: in containers every replica is pid 1), and holds an advisory lock on
+`journal-<instance>.lock` while it lives. Each line is one `write()` to a file opened with O_APPEND, so it is in
+the kernel's page cache when the call goes on: it survives the process being killed (SIGKILL, OOM), though not
+the machine losing power (that would need an `fsync` per line; see the README).
+
+A process that starts replays the journals of processes that are gone (their lock is free), as does
+`spendgate journal replay DIR`: a call whose end line is there gets its record written (if the ledger lacks
+it); a call that started and never ended gets an `interrupted` record whose cost is its worst case, flagged
+`cost_source: estimate`, so every call the upstream may have billed has a record. A segment is deleted once
+every call started in it has ended and every record ended in it is in the ledger.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from proxy.budgets import counters_for
+from proxy.gateway.limits import estimate_cost
+from proxy.keys import lookup_key_by_id
+from proxy.ledger.disk import Replayed, encode, record_from_json, record_to_json, replay_records, set_aside
+from proxy.pricing import PriceTable
+from proxy.types import Reservation, Usage, UsageRecord
+
+logger = logging.getLogger("spendgate")
+# A segment is closed and a new one begun past this size, so finished calls stop costing disk.
+SEGMENT_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Start:
+    """What the journal keeps of a call as it goes upstream: enough for a record and a worst-case estimate."""
+
+    id: str
+    started_at: datetime
+    team: str | None
+    key_id: str | None
+    feature: str | None
+    user: str | None
+    endpoint: str
+    model: str | None
+    streamed: bool
+    max_tokens: int | None
+    input_bound: int  # bytes of the request body: no token is shorter than a byte
+    held: Decimal | None  # the budget hold taken for it, if any
+    metered: bool
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    open_calls: set[str] = field(default_factory=set)
+    unwritten: set[str] = field(default_factory=set)
+    closed: bool = False
+
+
+class Journal:
+    """This process's journal."""
+
+    def __init__(self, directory: Path, instance: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._directory = directory
+        self._instance = instance
+        self._lock_fd = os.open(directory / f"journal-{instance}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._segments: dict[int, _Segment] = {}
+        self._started_in: dict[str, int] = {}
+        self._ended_in: dict[str, int] = {}
+        self._number = 0
+        self._fd = -1
+        self._size = 0
+        self.failing: str | None = None
+        self._open_segment()
+
+    def started(self, start: Start) -> None:
+        """Note a call about to go upstream (raises OSError if the line cannot be written)."""
+        self._write({"s": _start_json(start)})
+        self._segments[self._number].open_calls.add(start.id)
+        self._started_in[start.id] = self._number
+
+    def ended(self, record: UsageRecord) -> None:
+        """Note a call's final record, before it is queued for the ledger; never raises (the record is queued
+        all the same, and `failing` says the journal is not keeping up)."""
+        number = self._started_in.pop(record.id, None)
+        if number is not None:
+            self._segments[number].open_calls.discard(record.id)
+        try:
+            self._write({"e": record_to_json(record)})
+        except OSError as exc:
+            self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
+            logger.error("%s", self.failing)
+            self._forget(number)
+            return
+        self._segments[self._number].unwritten.add(record.id)
+        self._ended_in[record.id] = self._number
+        self._forget(number)
+
+    def committed(self, records: Sequence[UsageRecord]) -> None:
+        """The ledger has these records (or set them aside): the journal may forget them."""
+        touched = set()
+        for record in records:
+            number = self._ended_in.pop(record.id, None)
+            if number is not None:
+                self._segments[number].unwritten.discard(record.id)
+                touched.add(number)
+        for number in touched:
+            self._forget(number)
+
+    def close(self) -> None:
+        """At a clean shutdown, after the writer drained: delete the segments nothing depends on, then unlock."""
+        for segment in self._segments.values():
+            segment.closed = True
+        for number in list(self._segments):
+            self._forget(number)
+        os.close(self._fd)
+        if not self._segments:
+            (self._directory / f"journal-{self._instance}.lock").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        data = (encode(entry) + "\n").encode("utf-8", "surrogatepass")
+        if os.write(self._fd, data) != len(data):
+            raise OSError(f"short write to the journal in {self._directory}")
+        self.failing = None
+        self._size += len(data)
+        if self._size > SEGMENT_BYTES:
+            self._segments[self._number].closed = True
+            previous = self._number
+            self._open_segment()
+            self._forget(previous)
+
+    def _open_segment(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._number += 1
+        path = self._directory / f"journal-{self._instance}.{self._number}.jsonl"
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = 0
+        self._segments[self._number] = _Segment(path)
+
+    def _forget(self, number: int | None) -> None:
+        segment = self._segments.get(number) if number is not None else None
+        if segment is None or not segment.closed or segment.open_calls or segment.unwritten:
+            return
+        segment.path.unlink(missing_ok=True)
+        del self._segments[number]  # type: ignore[arg-type]
+
+
+def start_of(
+    *,
+    call_id: str,
+    started_at: datetime,
+    team: str | None,
+    key_id: str | None,
+    feature: str | None,
+    user: str | None,
+    endpoint: str,
+    model: str | None,
+    streamed: bool,
+    max_tokens: int | None,
+    input_bound: int,
+    reservation: Reservation | None,
+    metered: bool,
+) -> Start:
+    """A journal `Start` from what the gateway knows of a call as it goes out."""
+    held = reservation.amount if reservation is not None and reservation.held else None
+    return Start(
+        id=call_id,
+        started_at=started_at,
+        team=team,
+        key_id=key_id,
+        feature=feature,
+        user=user,
+        endpoint=endpoint,
+        model=model,
+        streamed=streamed,
+        max_tokens=max_tokens,
+        input_bound=input_bound,
+        held=held,
+        metered=metered,
+    )
+
+
+def _start_json(start: Start) -> dict[str, Any]:
+    return {
+        "id": start.id,
+        "started_at": start.started_at.isoformat(),
+        "team": start.team,
+        "key_id": start.key_id,
+        "feature": start.feature,
+        "user": start.user,
+        "endpoint": start.endpoint,
+        "model": start.model,
+        "streamed": start.streamed,
+        "max_tokens": start.max_tokens,
+        "input_bound": start.input_bound,
+        "held": None if start.held is None else str(start.held),
+        "metered": start.metered,
+    }
+
+
+def replay_gone(engine: Engine, directory: Path, prices: PriceTable, *, name: str) -> Replayed:
+    """Replay the journals of every process that is gone (its lock is free), then delete them."""
+    total = Replayed()
+    for lock in sorted(directory.glob("journal-*.lock")) if directory.is_dir() else ():
+        instance = lock.name.removeprefix("journal-").removesuffix(".lock")
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive
+            total += replay_journal(engine, directory, instance, prices, name=name)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return total
+
+
+def replay_journal(engine: Engine, directory: Path, instance: str, prices: PriceTable, *, name: str) -> Replayed:
+    """Write the records a gone process's journal holds and the `interrupted` records of its unfinished calls."""
+    segments = sorted(directory.glob(f"journal-{instance}.*.jsonl"), key=lambda p: int(p.name.split(".")[-2]))
+    starts: dict[str, dict[str, Any]] = {}
+    ended: dict[str, UsageRecord] = {}
+    bad = 0
+    for path in segments:
+        for line in path.read_bytes().decode("utf-8", "surrogateescape").splitlines():
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if "s" in entry:
+                    starts[entry["s"]["id"]] = entry["s"]
+                else:
+                    record = record_from_json(entry["e"])
+                    ended[record.id] = record
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                # A line cut short by the crash, or damaged: kept with its reason, never a reason not to start.
+                set_aside(directory, name, {"line": line[:100_000]}, f"unreadable line in {path.name}: {exc}")
+                bad += 1
+    records = list(ended.values())
+    for call_id, start in starts.items():
+        if call_id not in ended:
+            try:
+                records.append(interrupted_record(engine, start, prices))
+            except (ValueError, KeyError, TypeError) as exc:
+                set_aside(directory, name, start, f"unusable journal start: {exc}")
+                bad += 1
+    done = replay_records(engine, records, directory=directory, name=name)
+    for path in segments:
+        path.unlink()
+    if records or bad:
+        logger.warning(
+            "replayed the journal of process %s: %d records written (%d of calls it never finished), %d set aside",
+            instance,
+            done.written,
+            len(records) - len(ended),
+            done.set_aside + bad,
+        )
+    return Replayed(written=done.written, set_aside=done.set_aside + bad)
+
+
+def interrupted_record(engine: Engine, start: dict[str, Any], prices: PriceTable) -> UsageRecord:
+    """The record of a call that went upstream and never ended: usage unknown, cost its worst case (the hold it
+    took, else an estimate from its model, size and `max_tokens`), flagged as an estimate (blocking)."""
+    started_at = datetime.fromisoformat(start["started_at"])
+    held = None if start.get("held") is None else Decimal(start["held"])
+    cost: Decimal | None = held
+    if cost is None and start.get("metered") and start.get("model"):
+        cost = estimate_cost(
+            {},
+            model=start["model"],
+            input_tokens=int(start["input_bound"]),
+            max_tokens=start.get("max_tokens"),
+            prices=prices,
+            at=started_at,
+        )
+    key = lookup_key_by_id(engine, start["key_id"]) if start.get("key_id") else None
+    reservation = None
+    if key is not None:
+        reservation = Reservation(
+            call_id=start["id"], counters=counters_for(key, started_at), amount=held or Decimal(0), held=True
+        )
+    now = datetime.now(UTC)
+    return UsageRecord(
+        id=start["id"],
+        started_at=started_at,
+        finished_at=now,
+        team=start.get("team"),
+        key_id=start.get("key_id"),
+        feature=start.get("feature"),
+        user=start.get("user"),
+        endpoint=start["endpoint"],
+        model=start.get("model"),
+        response_model=None,
+        upstream_request_id=None,
+        status=0,
+        outcome="interrupted",
+        error_type="process_died",
+        streamed=bool(start.get("streamed")),
+        usage=Usage(),
+        cost_usd=cost if start.get("metered") else None,
+        price_version=prices.version_at(started_at),
+        price_source="table" if start.get("metered") else "unmetered",
+        cost_source="estimate",
+        max_tokens_requested=start.get("max_tokens"),
+        max_tokens_sent=start.get("max_tokens"),
+        latency_ms=round((now - started_at).total_seconds() * 1000, 3),
+        ttfb_ms=None,
+        reservation=reservation,
+    )

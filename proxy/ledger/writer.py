@@ -1,0 +1,256 @@
+"""The ledger writer: usage records queued by the request path, written in batches by one supervised task.
+
+Nothing is lost and nothing stops it:
+- a batch the ledger cannot take stays queued and is retried with backoff; a batch it refuses as data is
+  written record by record, and the records it refuses are set aside on disk with their reason;
+- a record that cannot even be set aside (disk full, folder not writable) stays in memory and is tried again,
+  and `problem` says so, as it does when the ledger has not taken records for `stall_seconds`;
+- if the loop itself fails, it is logged and restarted;
+- the queue holds records only (never request bodies) and is bounded: when it is full the gate refuses new
+  metered calls (`full`) rather than forwarding calls it could not record;
+- shutdown drains the queue, then spills what the ledger would not take to a file the next start replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from decimal import Decimal
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import anyio.to_thread
+from sqlalchemy import Engine
+
+from proxy.budgets import SoftLimitCrossed
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, insert_records, is_refused
+from proxy.ledger.disk import encode, record_to_json, set_aside, write_atomically
+from proxy.ledger.journal import Journal, Start
+from proxy.types import UsageRecord
+
+logger = logging.getLogger("spendgate")
+
+MAX_BACKOFF_SECONDS = 5.0
+SoftLimitSink = Callable[[list[SoftLimitCrossed]], None]
+
+
+class Writer:
+    """Queues usage records from the request path and writes them in batches from one background task."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        flush_seconds: float,
+        batch_size: int,
+        drain_seconds: float,
+        spill_dir: Path,
+        instance: str,
+        max_pending: int = 100_000,
+        stall_seconds: float = 30.0,
+        soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
+        on_soft_limit: SoftLimitSink | None = None,
+        journal: Journal | None = None,
+    ) -> None:
+        self._engine = engine
+        self._flush_seconds = flush_seconds
+        self._batch_size = batch_size
+        self._drain_seconds = drain_seconds
+        self._spill_dir = spill_dir
+        self._instance = instance
+        self._max_pending = max_pending
+        self._stall_seconds = stall_seconds
+        self._soft_fraction = soft_fraction
+        self._on_soft_limit = on_soft_limit
+        self._journal = journal
+        # (monotonic time queued, record), oldest first.
+        self._pending: deque[tuple[float, UsageRecord]] = deque()
+        # Refused records that could not be set aside on disk either: kept until they can.
+        self._unplaced: list[tuple[UsageRecord, str]] = []
+        self._last_error: str | None = None
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Records accepted but not yet committed (or set aside)."""
+        return len(self._pending) + len(self._unplaced)
+
+    @property
+    def oldest_age(self) -> float:
+        """Seconds the oldest pending record has waited (0 when none is pending)."""
+        return time.monotonic() - self._pending[0][0] if self._pending else 0.0
+
+    @property
+    def full(self) -> bool:
+        """Whether the queue is at its bound: new metered calls must be refused."""
+        return len(self._pending) >= self._max_pending
+
+    @property
+    def problem(self) -> str | None:
+        """Why records are not reaching the ledger, or None while they are."""
+        if self._unplaced:
+            return f"{len(self._unplaced)} refused records could not be set aside on disk: {self._last_error}"
+        if self._journal is not None and self._journal.failing:
+            return self._journal.failing
+        if self.full:
+            return f"the write queue is full ({self._max_pending} records)"
+        age = self.oldest_age
+        if age > self._stall_seconds:
+            return f"records have waited {age:.0f} s for the ledger: {self._last_error or 'a write in progress'}"
+        return None
+
+    def began(self, start: Start) -> None:
+        """Journal a call about to go upstream, so its record survives this process being killed."""
+        if self._journal is None:
+            return
+        try:
+            self._journal.started(start)
+        except OSError as exc:
+            # The call still goes out and is recorded as usual; only a crash before its end would lose it.
+            self._journal.failing = f"cannot write the crash journal: {exc}"
+            logger.error("%s; call %s goes out unjournaled", self._journal.failing, start.id)
+
+    def submit(self, record: UsageRecord) -> None:
+        """Journal and queue a record; never blocks on the ledger and never fails (past the bound too: the call
+        already happened)."""
+        if self._journal is not None:
+            self._journal.ended(record)
+        self._pending.append((time.monotonic(), record))
+        if len(self._pending) >= self._batch_size:
+            self._wakeup.set()
+
+    def start(self) -> None:
+        """Start the supervised writer loop (from the lifespan, inside the running loop)."""
+        self._task = asyncio.create_task(self._supervise())
+
+    async def close(self) -> None:
+        """Stop the loop and drain: retry until `drain_seconds` have passed, then spill what is left."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            # Let an in-flight batch finish first: two flushes at once would take the same records.
+            await self._task
+        deadline = time.monotonic() + self._drain_seconds
+        backoff = 0.05
+        while self.pending:
+            if await self._flush_safely() and not self._unplaced:
+                continue
+            if time.monotonic() >= deadline and self._spill():
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+        if self._journal is not None:
+            self._journal.close()
+
+    async def _supervise(self) -> None:
+        backoff = self._flush_seconds
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=backoff)
+            except TimeoutError:
+                pass
+            self._wakeup.clear()
+            ok = await self._flush_safely()
+            backoff = self._flush_seconds if ok else min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS)
+
+    async def _flush_safely(self) -> bool:
+        try:
+            return await self._flush()
+        except Exception as exc:
+            # A bug of ours or a failing collaborator: say so and go on; the records are still queued.
+            self._last_error = f"{exc.__class__.__name__}: {exc}"
+            logger.exception("the ledger writer failed; it carries on with %d records queued", self.pending)
+            return False
+
+    async def _flush(self) -> bool:
+        if self._unplaced:
+            await anyio.to_thread.run_sync(self._place_unplaced, abandon_on_cancel=False)
+        # Only what was queued when the flush began: under steady load, chasing records that arrive meanwhile
+        # would turn batching into a stream of tiny transactions that starves the event loop of the GIL.
+        queued = len(self._pending)
+        while queued > 0:
+            batch = [record for _, record in islice(self._pending, min(self._batch_size, queued))]
+            write = partial(insert_records, self._engine, batch, soft_fraction=self._soft_fraction)
+            try:
+                crossed = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
+                done = len(batch)
+            except Exception as exc:
+                self._last_error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+                if not is_refused(exc):
+                    logger.error("could not write %d usage records (%s); they stay queued", len(batch), exc)
+                    return False
+                # The database refused some record's data: write the others one by one and set the bad ones
+                # aside, rather than retry a batch that can never succeed.
+                done, crossed = await anyio.to_thread.run_sync(self._one_by_one, batch, abandon_on_cancel=False)
+            for _ in range(done):
+                self._pending.popleft()
+            queued -= done
+            if self._journal is not None:
+                self._journal.committed(batch[:done])
+            if crossed and self._on_soft_limit is not None:
+                self._on_soft_limit(crossed)
+            if done < len(batch):
+                return False
+        self._last_error = None
+        return True
+
+    def _one_by_one(self, batch: list[UsageRecord]) -> tuple[int, list[SoftLimitCrossed]]:
+        """Write records singly; returns how many were dealt with (written or set aside) before a failure."""
+        crossed: list[SoftLimitCrossed] = []
+        for index, record in enumerate(batch):
+            try:
+                crossed += insert_records(self._engine, [record], soft_fraction=self._soft_fraction)
+            except Exception as exc:
+                if not is_refused(exc):
+                    logger.error("could not write usage record %s (%s); it stays queued", record.id, exc)
+                    return index, crossed
+                self._place(record, f"{exc.__class__.__name__}: {exc}")
+        return len(batch), crossed
+
+    def _place(self, record: UsageRecord, reason: str) -> None:
+        try:
+            set_aside(self._spill_dir, self._instance, record_to_json(record), reason)
+            logger.error(
+                "the ledger refused usage record %s (%s); it was set aside in %s", record.id, reason, self._spill_dir
+            )
+        except OSError as exc:
+            self._last_error = f"cannot set aside in {self._spill_dir}: {exc}"
+            logger.critical(
+                "usage record %s was refused by the ledger AND cannot be set aside (%s); it is kept "
+                "in memory until it can",
+                record.id,
+                exc,
+            )
+            self._unplaced.append((record, reason))
+
+    def _place_unplaced(self) -> None:
+        unplaced, self._unplaced = self._unplaced, []
+        for record, reason in unplaced:
+            self._place(record, reason)
+
+    def _spill(self) -> bool:
+        """Write what is left to a spill file for the next start; False (and everything kept) if the disk says no."""
+        records = [record for _, record in self._pending] + [record for record, _ in self._unplaced]
+        path = self._spill_dir / f"unwritten-{time.time_ns()}-{self._instance}.jsonl"
+        try:
+            write_atomically(path, (encode(record_to_json(record)) for record in records))
+        except OSError as exc:
+            logger.critical("could not spill %d usage records to %s (%s); still trying", len(records), path, exc)
+            return False
+        logger.error(
+            "the ledger stayed unreachable: %d usage records spilled to %s; the next `spendgate serve` replays them",
+            len(records),
+            path,
+        )
+        self._pending.clear()
+        self._unplaced.clear()
+        if self._journal is not None:
+            # On disk in a file the next start replays: the journal may let them go.
+            self._journal.committed(records)
+        return True
