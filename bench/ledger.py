@@ -23,8 +23,8 @@ from pathlib import Path
 from proxy.audit import verify
 from proxy.db import make_engine, upgrade
 from proxy.export import iter_usage, write_jsonl
+from proxy.ledger.commit import insert_records
 from proxy.pricing import PriceTable
-from proxy.recorder import insert_records
 from proxy.reports import report
 from proxy.types import Usage, UsageRecord
 

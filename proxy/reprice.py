@@ -8,18 +8,19 @@ append-only `reprice_entries`, and one audit event vouches for all of a run's en
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from proxy.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
-from proxy.budgets import key_counter, recount, team_counter
+from proxy.budgets import key_counter, recount, settle, team_counter
 from proxy.db import write_transaction
 from proxy.models import APIKey, RepriceEntry, Team, UsageRow
 from proxy.pricing import PriceTable
-from proxy.types import USAGE_COLUMNS, Usage
+from proxy.types import USAGE_COLUMNS, Usage, UsageRecord
 
 ZERO = Decimal(0)
 
@@ -76,6 +77,45 @@ def reprice(engine: Engine, prices: PriceTable, *, since: datetime, until: datet
         )
         _write(connection, changes, pos)
     return Repricing(examined=examined, changed=len(changes), total_before=before, total_after=after, event_pos=pos)
+
+
+def correct_estimates(engine: Engine, actual: Sequence[UsageRecord], *, actor: str) -> int:
+    """Correct records first written at an estimate (`cost_source: estimate`, a call whose process died) with the
+    actual records a journal replay found: the cost beside the estimate, vouched for by one audit event like a
+    reprice, and the difference settled on the calls' budgets. Returns how many were corrected (blocking)."""
+    by_id = {record.id: record for record in actual}
+    costs = {record.id: record.cost_usd for record in actual if record.cost_usd is not None}
+    if not costs:
+        return 0
+    query = select(UsageRow.id, UsageRow.cost_usd).where(
+        UsageRow.id.in_(list(costs)), UsageRow.cost_source == "estimate", UsageRow.repriced_cost_usd.is_(None)
+    )
+    with write_transaction(engine) as connection:
+        lock_head(connection)
+        estimates = {row.id: row.cost_usd or ZERO for row in connection.execute(query)}
+        changes: list[Change] = [(i, costs[i], by_id[i].price_version) for i in sorted(estimates)]
+        if not changes:
+            return 0
+        pos = record_event(
+            connection,
+            actor=actor,
+            action=REPRICE_ACTION,
+            target="usage_records",
+            before={"cost_usd": format(sum(estimates.values(), ZERO), "f")},
+            after={
+                "reason": "a journal replay found the actual usage of calls recorded at their worst case",
+                "changed": len(changes),
+                "cost_usd": format(sum((cost for _, cost, _ in changes), ZERO), "f"),
+                "digest": reprice_digest(changes),
+            },
+        )
+        _write(connection, changes, pos)
+        # The estimate was spent on the calls' budgets when it was recorded; now the difference is.
+        differences = [
+            replace(by_id[record_id], cost_usd=cost - estimates[record_id]) for record_id, cost, _ in changes
+        ]
+        settle(connection, differences, soft_fraction=Decimal(1))
+    return len(changes)
 
 
 def _write(connection: Connection, changes: list[Change], pos: int) -> None:

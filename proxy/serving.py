@@ -38,13 +38,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     _head_bytes = 0
     _in_head = True
+    _tail = b""
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
         if self._in_head:
-            # Counted by chunk, so a head is cut at most one read past the bound, before httptools copies it.
-            self._head_bytes += len(data)
+            # Counted before httptools sees the bytes (it would copy an oversize header first), and only up to
+            # the blank line that ends the head: the same read often carries the start of the body.
+            seen = self._tail + data
+            ends = [at + len(mark) for mark in (b"\r\n\r\n", b"\n\n") if (at := seen.find(mark)) >= 0]
+            self._head_bytes += (min(ends) - len(self._tail)) if ends else len(data)
+            self._tail = seen[-3:]
             if self._head_bytes > MAX_HEAD_BYTES:
                 logger.warning("closed a connection whose request head passed %d bytes", MAX_HEAD_BYTES)
                 self.transport.write(_REFUSAL)
@@ -53,7 +58,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_message_begin(self) -> None:
-        self._in_head, self._head_bytes = True, 0
+        self._in_head, self._head_bytes, self._tail = True, 0, b""
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:

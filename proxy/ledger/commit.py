@@ -64,9 +64,14 @@ def insert_records(
 
 
 def is_refused(error: Exception) -> bool:
-    """Whether the database refused the data itself (retrying it can never succeed), not the connection."""
+    """Whether the database (or its driver, binding a value) refused the data itself, so retrying it can never
+    succeed, rather than the connection failing."""
     if isinstance(error, OperationalError):
         return False
-    return isinstance(error, DataError | IntegrityError) or (
-        isinstance(error, StatementError) and not isinstance(error, DBAPIError)
+    # Drivers raise these unwrapped while binding: text with a lone surrogate, an integer too wide for SQLite.
+    unbindable = isinstance(error, UnicodeError | OverflowError | ValueError | TypeError)
+    return (
+        unbindable
+        or isinstance(error, DataError | IntegrityError)
+        or (isinstance(error, StatementError) and not isinstance(error, DBAPIError))
     )

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.orm import Session
 
 from proxy.db import write_transaction
 from proxy.ledger.commit import insert_records
@@ -51,13 +52,10 @@ def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta)
 
     Returns how many calls were recorded. Safe on any number of replicas at once: record ids are call ids.
     """
-    with engine.connect() as connection:
-        dead = list(connection.execute(select(Instance.id).where(Instance.heartbeat_at < now - limit)).scalars())
-        rows = (
-            connection.execute(select(BudgetReservation).where(BudgetReservation.instance_id.in_(dead))).scalars().all()
-            if dead
-            else []
-        )
+    with Session(engine) as session:
+        dead = list(session.execute(select(Instance.id).where(Instance.heartbeat_at < now - limit)).scalars())
+        holds = select(BudgetReservation).where(BudgetReservation.instance_id.in_(dead))
+        rows = list(session.execute(holds).scalars()) if dead else []
     calls: dict[str, list[BudgetReservation]] = {}
     for row in rows:
         calls.setdefault(row.call_id, []).append(row)

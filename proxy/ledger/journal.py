@@ -33,6 +33,7 @@ from proxy.gateway.limits import estimate_cost
 from proxy.keys import lookup_key_by_id
 from proxy.ledger.disk import Replayed, encode, record_from_json, record_to_json, replay_records, set_aside
 from proxy.pricing import PriceTable
+from proxy.reprice import correct_estimates
 from proxy.types import Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
@@ -260,14 +261,18 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
                 set_aside(directory, name, start, f"unusable journal start: {exc}")
                 bad += 1
     done = replay_records(engine, records, directory=directory, name=name)
+    # Calls a live replica recorded at their held amount when this process stopped beating: now the real cost.
+    corrected = correct_estimates(engine, list(ended.values()), actor=f"journal:{instance}")
     for path in segments:
         path.unlink()
     if records or bad:
         logger.warning(
-            "replayed the journal of process %s: %d records written (%d of calls it never finished), %d set aside",
+            "replayed the journal of process %s: %d records written (%d of calls it never finished), %d estimates "
+            "corrected, %d set aside",
             instance,
             done.written,
             len(records) - len(ended),
+            corrected,
             done.set_aside + bad,
         )
     return Replayed(written=done.written, set_aside=done.set_aside + bad)

@@ -1,0 +1,199 @@
+"""The ledger under faults and hostile data: nothing stops the writer, nothing is lost, nothing is counted twice.
+
+Real processes (`spendgate serve`), real signals (SIGTERM, SIGKILL), a real database made to fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, func, select, text
+
+from proxy.audit import verify
+from proxy.budgets import team_counter
+from proxy.export import iter_usage
+from proxy.ledger.writer import Writer
+from proxy.models import BudgetReservation, Instance, UsageRow
+from proxy.teams import TeamSettings, create_key, create_team, get_team
+from proxy.types import Reservation
+from tests.replicas import replica
+from tests.servers import serve_in_thread
+from tests.stack import running_stack
+from tests.test_writer import make_record, writer_for
+from tests.upstream import FakeAnthropic
+from tests.waiting import wait_for, wait_until
+
+MESSAGE = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+# Fast heartbeats, so a dead replica's holds are taken over within seconds.
+HEARTBEATS = {"SPENDGATE_HEARTBEAT_SECONDS": "0.3", "SPENDGATE_HEARTBEAT_LIMIT_SECONDS": "2"}
+
+
+def records(engine: Engine) -> list[dict[str, Any]]:
+    return [record for _, record in iter_usage(engine)]
+
+
+def count(engine: Engine, table: Any = UsageRow) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+@pytest.mark.anyio
+async def test_a_record_the_ledger_refuses_never_blocks_the_others(engine: Engine, tmp_path: Path) -> None:
+    writer = writer_for(engine, tmp_path, batch_size=50)
+    writer.start()
+    for n in range(10):
+        writer.submit(make_record(id=f"sgr_{n}"))
+        if n == 4:
+            # A lone surrogate no database driver can encode: refused as data, every time.
+            writer.submit(make_record(id="sgr_poison", team="\ud800"))
+    await writer.close()
+    assert sorted(r["id"] for r in records(engine)) == sorted(f"sgr_{n}" for n in range(10))
+    [aside] = (tmp_path / "spill").glob("refused-*.jsonl")
+    [line] = aside.read_text().splitlines()
+    assert json.loads(line)["id"] == "sgr_poison" and json.loads(line)["error"]
+
+
+@pytest.mark.anyio
+async def test_a_failing_collaborator_does_not_stop_the_writer(engine: Engine, tmp_path: Path) -> None:
+    failures: list[int] = []
+
+    def alert(crossed: object) -> None:
+        failures.append(1)
+        raise RuntimeError("webhook sender exploded")
+
+    writer = writer_for(engine, tmp_path, on_soft_limit=alert, batch_size=1)
+    writer.start()
+    counter = team_counter(1, "research", "month", Decimal(10), make_record().started_at)
+    hold = Reservation(call_id="sgr_big", counters=(counter,), amount=Decimal(0), held=False)
+    writer.submit(make_record(id="sgr_big", cost_usd=Decimal(9), reservation=hold))
+    await wait_for(lambda: failures, "the soft-limit alert to fail")
+    for n in range(5):
+        writer.submit(make_record(id=f"sgr_after_{n}"))
+    await wait_for(lambda: count(engine) == 6, "the records after the failure")
+    assert writer.problem is None
+    await writer.close()
+
+
+@pytest.mark.anyio
+async def test_records_that_cannot_be_set_aside_stay_in_memory_until_they_can(engine: Engine, tmp_path: Path) -> None:
+    blocked = tmp_path / "spill"
+    blocked.write_text("a file where the folder should be")  # not writable as a folder: like a broken volume
+    writer = Writer(engine, flush_seconds=0.01, batch_size=10, drain_seconds=5, spill_dir=blocked, instance="test")
+    writer.start()
+    writer.submit(make_record(id="sgr_poison", team="\ud800"))
+    writer.submit(make_record(id="sgr_fine"))
+    await wait_for(lambda: writer.problem is not None and "set aside" in writer.problem, "the writer to say so")
+    assert writer.pending == 1 and count(engine) == 1
+    blocked.unlink()
+    await wait_for(lambda: writer.pending == 0, "the refused record to be set aside once the disk allows")
+    assert writer.problem is None
+    assert len(list(blocked.glob("refused-*.jsonl"))) == 1
+    await writer.close()
+
+
+def test_an_unwritable_ledger_makes_healthz_say_why(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path, ledger_stall_seconds=0.5) as stack:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE usage_records RENAME TO usage_records_gone"))
+        try:
+            response = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
+            assert response.status_code == 200
+            wait_until(lambda: httpx.get(f"{stack.url}/healthz").status_code == 503, "/healthz to answer 503")
+            health = httpx.get(f"{stack.url}/healthz").json()
+            assert "waited" in health["error"] and health["pending_records"] == 1
+            assert httpx.get(f"{stack.url}/livez").status_code == 200
+        finally:
+            with engine.begin() as connection:
+                connection.execute(text("ALTER TABLE usage_records_gone RENAME TO usage_records"))
+        wait_until(lambda: httpx.get(f"{stack.url}/healthz").status_code == 200, "/healthz to recover")
+        assert len(stack.records(1)) == 1
+
+
+def test_hostile_records_then_sigterm_then_a_clean_restart(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
+    hostile: list[bytes] = [
+        json.dumps({**MESSAGE, "messages": [{"role": "user", "content": "\ud800"}]}).encode(),
+        json.dumps({**MESSAGE, "model": "\ud800"}).encode(),
+        json.dumps({**MESSAGE, "metadata": {"user_id": "\ud800\x00"}}).encode(),
+        json.dumps({**MESSAGE, "max_tokens": 2**63}).encode(),
+        json.dumps({**MESSAGE, "max_tokens": 2**31}).encode(),
+        b'{"model":"claude-sonnet-4-6","max_tokens":10,"messages":' + b"[" * 900 + b"]" * 900 + b"}",
+        json.dumps({**MESSAGE, "messages": [{"role": "user", "content": "\ud800" * 40_000}]}).encode(),
+    ]
+    upstream = FakeAnthropic()
+    answered: list[str] = []
+    with serve_in_thread(upstream) as upstream_url:
+        with replica(db_url, upstream_url, tmp_path) as (url, process):
+            headers = {b"x-api-key": key.encode(), b"content-type": b"application/json"}
+            for n, body in enumerate([*hostile, *(json.dumps(MESSAGE).encode() for _ in range(10))]):
+                extra = {b"x-spendgate-user": b"caf\xe9"} if n % 2 else {}
+                response = httpx.post(f"{url}/v1/messages", content=body, headers={**headers, **extra}, timeout=30)
+                assert response.status_code in (200, 400), (n, response.text)
+                answered.append(response.headers["x-spendgate-request-id"])
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        # A restart on the same spill folder starts cleanly and replays whatever was left.
+        with replica(db_url, upstream_url, tmp_path):
+            pass
+    written = records(engine)
+    assert sorted(r["id"] for r in written) == sorted(answered)
+    # One record per call the upstream saw, and those calls are exactly the ones answered 200.
+    assert len([r for r in written if r["status"] == 200]) == len(upstream.requests)
+
+
+@pytest.fixture
+def budgeted_key(engine: Engine) -> Iterator[str]:
+    create_team(engine, "research", TeamSettings(budget_usd=Decimal(100)), actor="test")
+    yield create_key(engine, "research", actor="test")[1]
+
+
+def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
+    engine: Engine, db_url: str, tmp_path: Path, budgeted_key: str
+) -> None:
+    upstream = FakeAnthropic()
+    calls = 16
+    with serve_in_thread(upstream) as upstream_url:
+        with (
+            replica(db_url, upstream_url, tmp_path, env=HEARTBEATS) as (doomed, process),
+            replica(db_url, upstream_url, tmp_path, env=HEARTBEATS) as (survivor, _),
+        ):
+            # Slow streams on both replicas: half are in flight on the one that dies.
+            headers = {"x-api-key": budgeted_key, "x-fake-chunk": "200", "x-fake-delay": "0.3"}
+
+            def call(url: str) -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.post(f"{url}/v1/messages", json={**MESSAGE, "stream": True}, headers=headers, timeout=60)
+
+            threads = [threading.Thread(target=call, args=(doomed if n % 2 else survivor,)) for n in range(calls)]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: len(upstream.requests) == calls, "every call to reach the upstream")
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+            for thread in threads:
+                thread.join(timeout=60)
+            # Without any restart, a live replica takes over the dead one's holds.
+            wait_until(lambda: count(engine, BudgetReservation) == 0, "the dead replica's holds to be recorded")
+            wait_until(lambda: count(engine) == calls, "a record for every call")
+            interrupted = [r for r in records(engine) if r["outcome"] == "interrupted"]
+            assert interrupted and {r["cost_source"] for r in interrupted} == {"estimate"}
+            assert get_team(engine, "research").reserved_usd == 0
+        # A restart on the same spill folder replays the dead replica's journal: nothing new, nothing twice.
+        with replica(db_url, upstream_url, tmp_path, env=HEARTBEATS):
+            pass
+    written = records(engine)
+    assert len(written) == len({r["id"] for r in written}) == len(upstream.requests) == calls
+    assert count(engine, Instance) == 0
+    assert not list((tmp_path / "spill").glob("journal-*.jsonl"))
+    # Estimates corrected from the journal are vouched for in the audit trail, which still verifies.
+    assert verify(engine).problem is None
