@@ -10,6 +10,7 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -101,21 +102,27 @@ async def test_records_that_cannot_be_set_aside_stay_in_memory_until_they_can(en
 
 
 def test_an_unwritable_ledger_makes_healthz_say_why(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    with running_stack(engine, db_url, tmp_path, ledger_stall_seconds=0.5) as stack:
+    with running_stack(engine, db_url, tmp_path, ledger_stall_seconds=0.5, max_pending_records=1) as stack:
         with engine.begin() as connection:
             connection.execute(text("ALTER TABLE usage_records RENAME TO usage_records_gone"))
         try:
             response = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
             assert response.status_code == 200
-            wait_until(lambda: httpx.get(f"{stack.url}/healthz").status_code == 503, "/healthz to answer 503")
-            health = httpx.get(f"{stack.url}/healthz").json()
-            assert "waited" in health["error"] and health["pending_records"] == 1
+            # First the queue is full (its bound is 1), then the record has waited past the stall limit.
+            wait_until(lambda: "waited" in httpx.get(f"{stack.url}/healthz").json().get("error", ""), "a stall")
+            health = httpx.get(f"{stack.url}/healthz")
+            assert health.status_code == 503 and health.json()["pending_records"] == 1
             assert httpx.get(f"{stack.url}/livez").status_code == 200
+            # The queue is at its bound: a call spendgate could not record is a call it does not make.
+            refused = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
+            assert (refused.status_code, refused.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
+            assert len(stack.upstream.requests) == 1
         finally:
             with engine.begin() as connection:
                 connection.execute(text("ALTER TABLE usage_records_gone RENAME TO usage_records"))
         wait_until(lambda: httpx.get(f"{stack.url}/healthz").status_code == 200, "/healthz to recover")
-        assert len(stack.records(1)) == 1
+        # The refusal is recorded too, once the ledger is back.
+        assert [r["outcome"] for r in stack.records(2)] == ["ok", "rejected"]
 
 
 def test_hostile_records_then_sigterm_then_a_clean_restart(engine: Engine, db_url: str, tmp_path: Path) -> None:
@@ -197,3 +204,41 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
     assert not list((tmp_path / "spill").glob("journal-*.jsonl"))
     # Estimates corrected from the journal are vouched for in the audit trail, which still verifies.
     assert verify(engine).problem is None
+
+
+def test_a_hold_lives_as_long_as_its_call(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """A hold past its TTL is kept while its process beats: a long stream never frees budget mid-call."""
+    team = TeamSettings(budget_usd=Decimal("0.05"))
+    with running_stack(
+        engine, db_url, tmp_path, team=team, reservation_ttl_seconds=0.2, reservation_sweep_seconds=0.1
+    ) as stack:
+        slow = {"x-api-key": stack.key, "x-fake-chunk": "100", "x-fake-delay": "0.2"}
+        body = {**MESSAGE, "max_tokens": 2000, "stream": True}
+        streaming = threading.Thread(
+            target=httpx.post, args=(f"{stack.url}/v1/messages",), kwargs={"json": body, "headers": slow, "timeout": 60}
+        )
+        streaming.start()
+        wait_until(lambda: stack.upstream.requests, "the stream to start")
+        # Several sweeps past the TTL, mid-stream: the hold is still there, and still refuses what would overrun.
+        wait_until(lambda: len(stack.upstream.requests) and streaming.is_alive() and _swept_past_ttl(stack), "sweeps")
+        assert get_team(engine, "research").reserved_usd > 0
+        second = httpx.post(f"{stack.url}/v1/messages", json=body, headers={"x-api-key": stack.key})
+        assert second.status_code == 402
+        streaming.join(timeout=60)
+        stack.idle()
+    view = get_team(engine, "research")
+    assert view.reserved_usd == 0 and view.spent_usd <= Decimal("0.05")
+
+
+def _swept_past_ttl(stack: Any) -> bool:
+    """True once a hold is older than its TTL by several sweeps (read from the ledger, not the clock)."""
+    with stack.engine.connect() as connection:
+        expired = connection.execute(
+            text("SELECT count(*) FROM budget_reservations WHERE expires_at < :now"),
+            {"now": _utc_naive_now() - timedelta(seconds=0.5)},
+        ).scalar_one()
+    return bool(expired)
+
+
+def _utc_naive_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)

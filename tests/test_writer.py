@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -13,7 +14,7 @@ from sqlalchemy import Engine, func, select
 from proxy.db import make_engine
 from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
-from proxy.ledger.disk import replay_spilled
+from proxy.ledger.disk import encode, record_to_json, replay_spilled
 from proxy.ledger.writer import Writer
 from proxy.models import UsageRow
 from proxy.types import Usage, UsageRecord
@@ -111,3 +112,17 @@ async def test_unreachable_ledger_spills_then_replays(engine: Engine, tmp_path: 
 
 def test_replay_without_spill_dir_is_a_no_op(engine: Engine, tmp_path: Path) -> None:
     assert replay_spilled(engine, tmp_path / "nothing-here", name="test").written == 0
+
+
+def test_a_truncated_spill_file_is_replayed_line_by_line(engine: Engine, tmp_path: Path) -> None:
+    """A disk that filled up mid-write leaves a cut line: it is set aside with its reason, the rest is written."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    good = encode(record_to_json(make_record(id="sgr_good")))
+    (spill / "unwritten-1-old.jsonl").write_text(good + "\n" + good.replace("sgr_good", "sgr_cut")[:40])
+    done = replay_spilled(engine, spill, name="test")
+    assert (done.written, done.set_aside) == (1, 1)
+    [aside] = spill.glob("refused-*.jsonl")
+    assert "unreadable line" in json.loads(aside.read_text())["error"]
+    assert [r["id"] for _, r in iter_usage(engine)] == ["sgr_good"]
+    assert not list(spill.glob("unwritten-*"))

@@ -98,11 +98,11 @@ class Writer:
             return f"{len(self._unplaced)} refused records could not be set aside on disk: {self._last_error}"
         if self._journal is not None and self._journal.failing:
             return self._journal.failing
-        if self.full:
-            return f"the write queue is full ({self._max_pending} records)"
         age = self.oldest_age
         if age > self._stall_seconds:
             return f"records have waited {age:.0f} s for the ledger: {self._last_error or 'a write in progress'}"
+        if self.full:
+            return f"the write queue is full ({self._max_pending} records)"
         return None
 
     def began(self, start: Start) -> None:
