@@ -35,7 +35,7 @@ from proxy.gateway.handler import Gateway
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.keys import KeyCache
-from proxy.ledger.instances import beat, reap, register, retire
+from proxy.ledger.instances import Heartbeat
 from proxy.ledger.journal import Journal
 from proxy.ledger.writer import Writer
 from proxy.pricing import PriceTable
@@ -124,13 +124,13 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         gateway = Gateway(gate=gate, relay=relay, batches=batches, prices=prices, ledger=writer)
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
-        await anyio.to_thread.run_sync(register, engine, instance, datetime.now(UTC))
+        heart = Heartbeat(engine, prices, instance, limit=timedelta(seconds=settings.heartbeat_limit_seconds))
+        await anyio.to_thread.run_sync(heart.start, datetime.now(UTC))
         writer.start()
         alerts.start()
-        heartbeat = partial(_heartbeat, engine, prices, instance, timedelta(seconds=settings.heartbeat_limit_seconds))
         background = [
             asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds)),
-            asyncio.create_task(_every(settings.heartbeat_seconds, heartbeat)),
+            asyncio.create_task(_every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer))),
         ]
         if settings.batch_reconcile_seconds > 0:
             lease = timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2))
@@ -147,7 +147,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await writer.close()
             with contextlib.suppress(SQLAlchemyError):
                 # Every call of this process is recorded; its holds (none are left) no longer need a heartbeat.
-                await anyio.to_thread.run_sync(retire, engine, instance)
+                await anyio.to_thread.run_sync(heart.stop)
             await alerts.close()
             await upstream.aclose()
             engine.dispose()
@@ -179,11 +179,10 @@ class Dispatch:
         await self._app(scope, receive, send)
 
 
-async def _heartbeat(engine: Engine, prices: PriceTable, instance: str, limit: timedelta) -> None:
-    """Beat for this process, then record the calls of processes that stopped beating."""
-    now = datetime.now(UTC)
-    await anyio.to_thread.run_sync(beat, engine, instance, now)
-    await anyio.to_thread.run_sync(partial(reap, engine, prices, now, limit=limit))
+async def _heartbeat(heart: Heartbeat, writer: Writer) -> None:
+    """Beat for this process and reap dead ones; once taken for dead, this process's records correct estimates."""
+    await anyio.to_thread.run_sync(heart.tick, datetime.now(UTC))
+    writer.correct_estimates = heart.taken_for_dead
 
 
 async def _release_expired_holds(engine: Engine, interval: float) -> None:

@@ -242,3 +242,47 @@ def _swept_past_ttl(stack: Any) -> bool:
 
 def _utc_naive_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def test_a_ledger_outage_does_not_make_live_replicas_look_dead(
+    engine: Engine, db_url: str, tmp_path: Path, budgeted_key: str
+) -> None:
+    """Every heartbeat is stale after an outage; no replica may take another's live calls for dead ones."""
+    upstream = FakeAnthropic()
+    with serve_in_thread(upstream) as upstream_url:
+        with (
+            replica(db_url, upstream_url, tmp_path, env=HEARTBEATS) as (first, _),
+            replica(db_url, upstream_url, tmp_path, env=HEARTBEATS) as (second, _),
+        ):
+            headers = {"x-api-key": budgeted_key, "x-fake-chunk": "50", "x-fake-delay": "0.3"}
+
+            def call(url: str) -> None:
+                httpx.post(f"{url}/v1/messages", json={**MESSAGE, "stream": True}, headers=headers, timeout=60)
+
+            threads = [threading.Thread(target=call, args=(url,)) for url in (first, second)]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: len(upstream.requests) == 2, "both streams to start")
+            # The heartbeats cannot be written (as in an outage) until both are older than the limit.
+            with engine.begin() as connection:
+                connection.execute(text("ALTER TABLE instances RENAME TO instances_gone"))
+            try:
+                wait_until(lambda: _stale(engine, seconds=2.5), "both heartbeats to go stale")
+            finally:
+                with engine.begin() as connection:
+                    connection.execute(text("ALTER TABLE instances_gone RENAME TO instances"))
+            for thread in threads:
+                thread.join(timeout=60)
+            wait_until(lambda: count(engine) == 2, "both records")
+    assert [(r["outcome"], r["cost_source"]) for r in records(engine)] == [("ok", None), ("ok", None)]
+    assert get_team(engine, "research").reserved_usd == 0
+
+
+def _stale(engine: Engine, *, seconds: float) -> bool:
+    """Whether every heartbeat in the renamed table is older than `seconds`."""
+    cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=seconds)
+    with engine.connect() as connection:
+        fresh = connection.execute(
+            text("SELECT count(*) FROM instances_gone WHERE heartbeat_at >= :cutoff"), {"cutoff": cutoff}
+        )
+        return bool(fresh.scalar_one() == 0)

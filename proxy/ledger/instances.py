@@ -25,6 +25,43 @@ from proxy.types import PERIODS, Counter, Period, Reservation, Usage, UsageRecor
 logger = logging.getLogger("spendgate")
 
 
+class Heartbeat:
+    """This process's heartbeat, and the reaper that runs with it."""
+
+    def __init__(self, engine: Engine, prices: PriceTable, instance: str, *, limit: timedelta) -> None:
+        self._engine = engine
+        self._prices = prices
+        self._instance = instance
+        self._limit = limit
+        self._beating_since: datetime | None = None
+        # Set once another replica took this process for dead and recorded its calls at their estimate.
+        self.taken_for_dead = False
+
+    def start(self, now: datetime) -> None:
+        """Register this process (blocking)."""
+        register(self._engine, self._instance, now)
+        self._beating_since = now
+
+    def tick(self, now: datetime) -> None:
+        """Beat, then record the calls of processes that stopped beating (blocking)."""
+        try:
+            if not beat(self._engine, self._instance, now):
+                self.taken_for_dead = True
+        except Exception:
+            self._beating_since = None
+            raise
+        if self._beating_since is None:
+            self._beating_since = now
+        # Only a process that has itself beaten for a whole limit may call another dead: after a ledger outage
+        # every heartbeat is stale, and the other replicas must get their chance to beat first.
+        if now - self._beating_since >= self._limit:
+            reap(self._engine, self._prices, now, limit=self._limit)
+
+    def stop(self) -> None:
+        """A clean exit, once every call of this process is recorded (blocking)."""
+        retire(self._engine, self._instance)
+
+
 def register(engine: Engine, instance: str, now: datetime) -> None:
     """Announce a serving process (blocking)."""
     with engine.begin() as connection:
@@ -32,13 +69,15 @@ def register(engine: Engine, instance: str, now: datetime) -> None:
         connection.execute(insert(Instance).values(id=instance, started_at=now, heartbeat_at=now))
 
 
-def beat(engine: Engine, instance: str, now: datetime) -> None:
-    """Say this process is alive (blocking); re-registers it if a reaper took it for dead."""
+def beat(engine: Engine, instance: str, now: datetime) -> bool:
+    """Say this process is alive (blocking). False when a reaper had taken it for dead (it registers again)."""
     with engine.begin() as connection:
         found = connection.execute(update(Instance).where(Instance.id == instance).values(heartbeat_at=now))
         if found.rowcount == 0:
             logger.error("this process (%s) was taken for dead by another replica; registering again", instance)
             connection.execute(insert(Instance).values(id=instance, started_at=now, heartbeat_at=now))
+            return False
+    return True
 
 
 def retire(engine: Engine, instance: str) -> None:

@@ -30,6 +30,7 @@ from proxy.budgets import SoftLimitCrossed
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, insert_records, is_refused
 from proxy.ledger.disk import encode, record_to_json, set_aside, write_atomically
 from proxy.ledger.journal import Journal, Start
+from proxy.reprice import correct_estimates
 from proxy.types import UsageRecord
 
 logger = logging.getLogger("spendgate")
@@ -67,6 +68,9 @@ class Writer:
         self._soft_fraction = soft_fraction
         self._on_soft_limit = on_soft_limit
         self._journal = journal
+        # Set when another replica took this process for dead and recorded its live calls at their estimate:
+        # then each batch's real records correct those estimates.
+        self.correct_estimates = False
         # (monotonic time queued, record), oldest first.
         self._pending: deque[tuple[float, UsageRecord]] = deque()
         # Refused records that could not be set aside on disk either: kept until they can.
@@ -180,6 +184,9 @@ class Writer:
             try:
                 crossed = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
                 done = len(batch)
+                if self.correct_estimates:
+                    correct = partial(correct_estimates, self._engine, batch, actor=f"instance:{self._instance}")
+                    await anyio.to_thread.run_sync(correct, abandon_on_cancel=False)
             except Exception as exc:
                 self._last_error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
                 if not is_refused(exc):
