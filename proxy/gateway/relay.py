@@ -18,7 +18,7 @@ from proxy.gateway.call import Call, label
 from proxy.gateway.gate import ClientGone
 from proxy.gateway.routes import Route
 from proxy.gateway.upstream import Upstream, UpstreamResponse
-from proxy.ledger.journal import Start, start_of
+from proxy.ledger.journal import Start
 from proxy.ledger.writer import Writer
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
@@ -153,9 +153,10 @@ async def send_guarded(send: Send, message: Message) -> None:
 
 
 def _start(call: Call, size: int) -> Start:
-    key = call.key
-    return start_of(
-        call_id=call.id,
+    """What the crash journal keeps of a call as it goes out."""
+    key, reservation = call.key, call.reservation
+    return Start(
+        id=call.id,
         started_at=call.started_at,
         team=key.team if key else None,
         key_id=key.key_id if key else None,
@@ -166,7 +167,7 @@ def _start(call: Call, size: int) -> Start:
         streamed=call.streamed,
         max_tokens=call.max_tokens_sent,
         input_bound=size,
-        reservation=call.reservation,
+        held=reservation.amount if reservation is not None and reservation.held else None,
         metered=call.metered,
     )
 

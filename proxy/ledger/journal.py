@@ -105,9 +105,14 @@ class Journal:
             logger.error("%s", self.failing)
             self._forget(number)
             return
+        # The same record can end twice (a batch's results read again): only its newest line is waited for.
+        earlier = self._ended_in.get(record.id)
+        if earlier is not None:
+            self._segments[earlier].unwritten.discard(record.id)
         self._segments[self._number].unwritten.add(record.id)
         self._ended_in[record.id] = self._number
         self._forget(number)
+        self._forget(earlier)
 
     def committed(self, records: Sequence[UsageRecord]) -> None:
         """The ledger has these records (or set them aside): the journal may forget them."""
@@ -158,41 +163,6 @@ class Journal:
             return
         segment.path.unlink(missing_ok=True)
         del self._segments[number]  # type: ignore[arg-type]
-
-
-def start_of(
-    *,
-    call_id: str,
-    started_at: datetime,
-    team: str | None,
-    key_id: str | None,
-    feature: str | None,
-    user: str | None,
-    endpoint: str,
-    model: str | None,
-    streamed: bool,
-    max_tokens: int | None,
-    input_bound: int,
-    reservation: Reservation | None,
-    metered: bool,
-) -> Start:
-    """A journal `Start` from what the gateway knows of a call as it goes out."""
-    held = reservation.amount if reservation is not None and reservation.held else None
-    return Start(
-        id=call_id,
-        started_at=started_at,
-        team=team,
-        key_id=key_id,
-        feature=feature,
-        user=user,
-        endpoint=endpoint,
-        model=model,
-        streamed=streamed,
-        max_tokens=max_tokens,
-        input_bound=input_bound,
-        held=held,
-        metered=metered,
-    )
 
 
 def _start_json(start: Start) -> dict[str, Any]:
