@@ -157,9 +157,11 @@ class KeyCache:
         try:
             info = await anyio.to_thread.run_sync(lookup_key, self._engine, key_hash)
         except SQLAlchemyError as exc:
-            future.set_exception(exc)
+            # Every caller waiting on this lookup gets the same answer: the ledger is unavailable, a 503.
+            unavailable = LedgerUnavailable("The spend ledger did not answer, so the key could not be checked.")
+            future.set_exception(unavailable)
             future.exception()
-            raise LedgerUnavailable("The spend ledger did not answer, so the key could not be checked.") from exc
+            raise unavailable from exc
         except Exception as exc:
             future.set_exception(exc)
             # Waiters get the error; nobody else may be waiting, so mark it retrieved.

@@ -93,7 +93,8 @@ async def test_records_that_cannot_be_set_aside_stay_in_memory_until_they_can(en
     writer.submit(make_record(id="sgr_poison", team="\ud800"))
     writer.submit(make_record(id="sgr_fine"))
     await wait_for(lambda: writer.problem is not None and "set aside" in writer.problem, "the writer to say so")
-    assert writer.pending == 1 and count(engine) == 1
+    await wait_for(lambda: count(engine) == 1, "the good record, written all the same")
+    assert writer.pending == 1
     blocked.unlink()
     await wait_for(lambda: writer.pending == 0, "the refused record to be set aside once the disk allows")
     assert writer.problem is None

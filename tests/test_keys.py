@@ -69,3 +69,26 @@ async def test_revocation_reaches_the_cache_after_its_ttl(engine: Engine) -> Non
         await cache.authenticate(key)
     with pytest.raises(InvalidKey, match="No spendgate key was sent"):
         await cache.authenticate(None)
+
+
+async def test_every_caller_waiting_on_a_failed_lookup_gets_a_503(tmp_path: Any) -> None:
+    """Calls that arrive while one lookup runs share its outcome: with the ledger down, the 503 of the spec."""
+    from proxy.db import make_engine
+    from proxy.errors import LedgerUnavailable
+
+    broken = make_engine(f"sqlite:///{tmp_path / 'no-such-dir' / 'ledger.db'}")
+    cache = KeyCache(broken, ttl=5)
+    outcomes: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await cache.authenticate("sk-sg-anything")
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as calls:
+        for _ in range(5):
+            calls.start_soon(call)
+    broken.dispose()
+    assert len(outcomes) == 5
+    assert all(isinstance(outcome, LedgerUnavailable) for outcome in outcomes)
