@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +24,7 @@ from sqlalchemy import Engine, func, select, text
 from proxy.audit import verify
 from proxy.budgets import team_counter
 from proxy.export import iter_usage
+from proxy.ledger.disk import encode, record_to_json
 from proxy.ledger.writer import Writer
 from proxy.models import BudgetReservation, Instance, UsageRow
 from proxy.teams import TeamSettings, create_key, create_team, get_team
@@ -287,3 +290,60 @@ def _stale(engine: Engine, *, seconds: float) -> bool:
             text("SELECT count(*) FROM instances_gone WHERE heartbeat_at >= :cutoff"), {"cutoff": cutoff}
         )
         return bool(fresh.scalar_one() == 0)
+
+
+def test_journal_replay_command_for_a_replica_that_will_not_come_back(
+    engine: Engine, db_url: str, tmp_path: Path, budgeted_key: str
+) -> None:
+    """`spendgate journal replay DIR`: what a dead replica's journal holds becomes records, once."""
+    journal = tmp_path / "dead-replica"
+    journal.mkdir()
+    key_id = records_key_id(engine)
+    started = make_record(id="sgr_started").started_at.isoformat()
+    start = {
+        "id": "sgr_unfinished",
+        "started_at": started,
+        "team": "research",
+        "key_id": key_id,
+        "feature": None,
+        "user": None,
+        "endpoint": "/v1/messages",
+        "model": "claude-sonnet-4-6",
+        "streamed": True,
+        "max_tokens": 1000,
+        "input_bound": 500,
+        "held": None,
+        "metered": True,
+    }
+    finished = record_to_json(make_record(id="sgr_finished", key_id=key_id))
+    lines = [encode({"s": start}), encode({"s": {**start, "id": "sgr_finished"}}), encode({"e": finished})]
+    (journal / "journal-gone.1.jsonl").write_text("\n".join(lines) + "\n" + '{"s": {"id": "sgr_cut')
+    (journal / "journal-gone.lock").touch()
+    # Twice: a second replay of the same folder finds nothing more to do.
+    for _ in range(2):
+        replayed = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "journal", "replay", str(journal), "--db", db_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert replayed.returncode == 0, replayed.stderr
+    by_id = {r["id"]: r for r in records(engine)}
+    assert sorted(by_id) == ["sgr_finished", "sgr_unfinished"]
+    unfinished = by_id["sgr_unfinished"]
+    assert (unfinished["outcome"], unfinished["cost_source"], unfinished["team"]) == (
+        "interrupted",
+        "estimate",
+        "research",
+    )
+    # Its worst case: 500 input tokens at the dearest input rate and 1,000 output tokens of Sonnet 4.6.
+    assert Decimal(unfinished["cost_usd"]) > Decimal("0.015")
+    # The interrupted call's worst case is spent on its team (the finished record here carries no hold).
+    assert get_team(engine, "research").spent_usd == Decimal(unfinished["cost_usd"])
+    assert "unreadable line" in (journal / "refused-replay.jsonl").read_text()
+    assert not list(journal.glob("journal-*"))
+
+
+def records_key_id(engine: Engine) -> str:
+    with engine.connect() as connection:
+        return str(connection.execute(text("SELECT id FROM api_keys")).scalar_one())
