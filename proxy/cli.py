@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError
 
 from proxy.audit import iter_events, verify
 from proxy.config import ConfigError, Settings
-from proxy.db import make_engine, normalize_url, upgrade
+from proxy.db import head_revision, make_engine, migration_of, normalize_url, upgrade
 from proxy.export import iter_usage, write_csv, write_jsonl
 from proxy.ledger.disk import Replayed
 from proxy.pricing import PriceError, PriceTable
@@ -55,12 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
-        parser.print_help(sys.stderr)
+        # A command group without its subcommand (`spendgate teams`): that group's help, not the top level's.
+        getattr(args, "group", parser).print_help(sys.stderr)
         return 2
     try:
         settings = Settings.from_environ(os.environ, db_url=getattr(args, "db", None))
         result: int = args.run(args, settings)
+        sys.stdout.flush()
         return result
+    except BrokenPipeError:
+        # `spendgate usage | head`: the reader has all it wanted. Point stdout at /dev/null so the interpreter's
+        # own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("spendgate: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, PriceError, UsageError, NotFound, Conflict, ValueError) as exc:
         print(f"spendgate: {exc}", file=sys.stderr)
         return 1
@@ -78,7 +90,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = Settings.from_environ(
         os.environ, db_url=args.db, host=args.host, port=args.port, upstream_url=args.upstream
     )
+    if settings.anthropic_api_key is None:
+        raise UsageError(
+            "ANTHROPIC_API_KEY is not set: spendgate forwards calls with your Anthropic API key, so set it "
+            "(export ANTHROPIC_API_KEY=sk-ant-...) and start again."
+        )
     _configure_logging()
+    _check_url(settings.db_url)
     upgrade(settings.db_url)
     with _ledger(settings) as engine:
         # What earlier processes left on disk: spilled records, and the journals of processes that are gone.
@@ -114,11 +132,38 @@ def _configure_logging() -> None:
 
 @contextlib.contextmanager
 def _ledger(settings: Settings) -> Iterator[Engine]:
+    """An engine on a ledger that exists and is migrated; a one-line `UsageError` naming the fix otherwise."""
+    url = _check_url(settings.db_url)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        # SQLite would create an empty file here and then fail on the first query.
+        raise UsageError(
+            f"no ledger at {shown}. Run `spendgate db upgrade --db {shown}` to create it, or pass --db (or set "
+            "SPENDGATE_DB_URL) to the ledger `spendgate serve` uses."
+        )
     engine = make_engine(settings.db_url)
     try:
+        current = migration_of(engine)
+        if current != head_revision():
+            state = "has no spendgate schema" if current is None else f"is at migration {current}"
+            raise UsageError(f"the ledger at {shown} {state}. Run `spendgate db upgrade --db {shown}` first.")
         yield engine
     finally:
         engine.dispose()
+
+
+def _check_url(db_url: str) -> URL:
+    """The parsed URL of a database spendgate supports; a one-line `UsageError` otherwise."""
+    try:
+        url = normalize_url(db_url)
+    except ArgumentError:
+        raise UsageError(f"{db_url!r} is not a database URL (e.g. sqlite:///./spendgate.db).") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise UsageError(
+            f"spendgate keeps its ledger in SQLite or PostgreSQL, not {url.get_backend_name()}: use sqlite:///PATH "
+            "or postgresql://USER@HOST/DB."
+        )
+    return url
 
 
 def _recover(engine: Engine, directory: Path, prices: PriceTable, *, refused: bool) -> Replayed:
@@ -351,24 +396,32 @@ def _print_table(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spendgate", description="A metering proxy for Anthropic's Messages API.")
+    db_help = "SQLAlchemy database URL (default: $SPENDGATE_DB_URL, else sqlite:///./spendgate.db)"
+    parser.add_argument("--db", metavar="URL", help=db_help)
     commands = parser.add_subparsers(metavar="COMMAND")
 
     def command(parent: Any, name: str, run: Callable[..., int], help: str, *, db: bool = True) -> Any:
         sub = parent.add_parser(name, help=help, description=help)
         sub.set_defaults(run=run)
         if db:
-            sub.add_argument("--db", metavar="URL", help="SQLAlchemy database URL (default: $SPENDGATE_DB_URL)")
+            # Before or after the subcommand alike; SUPPRESS keeps an absent one from hiding a global one.
+            sub.add_argument("--db", metavar="URL", help=db_help, default=argparse.SUPPRESS)
         return sub
+
+    def group(name: str, help: str) -> Any:
+        parent = commands.add_parser(name, help=help, description=help)
+        parent.set_defaults(group=parent)
+        return parent.add_subparsers(metavar="COMMAND")
 
     serve = command(commands, "serve", _serve, "migrate the database, then serve the proxy")
     serve.add_argument("--host", help="listen address (default: $SPENDGATE_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: $SPENDGATE_PORT or 8080)")
     serve.add_argument("--upstream", metavar="URL", help="where calls go (default: https://api.anthropic.com)")
 
-    db = commands.add_parser("db", help="database maintenance").add_subparsers(metavar="COMMAND")
+    db = group("db", "database maintenance")
     command(db, "upgrade", _db_upgrade, "run the migrations to the newest version")
 
-    teams = commands.add_parser("teams", help="manage teams").add_subparsers(metavar="COMMAND")
+    teams = group("teams", "manage teams")
     for name, run, help in (
         ("create", _teams_create, "create a team"),
         ("update", _teams_update, "change a team (options not given stay as they are)"),
@@ -388,7 +441,7 @@ def _parser() -> argparse.ArgumentParser:
     team_list = command(teams, "list", _teams_list, "list teams with their spend this period")
     team_list.add_argument("--format", choices=("table", "json"), default="table")
 
-    keys = commands.add_parser("keys", help="manage client keys").add_subparsers(metavar="COMMAND")
+    keys = group("keys", "manage client keys")
     key_create = command(keys, "create", _keys_create, "create a client key (printed once, on the last line)")
     key_create.add_argument("--team", required=True)
     key_create.add_argument("--name", help="a label for the key")
@@ -412,7 +465,7 @@ def _parser() -> argparse.ArgumentParser:
     report_command.add_argument("--until", metavar="ISO8601")
     report_command.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
-    audit = commands.add_parser("audit", help="the tamper-evident audit trail").add_subparsers(metavar="COMMAND")
+    audit = group("audit", "the tamper-evident audit trail")
     command(audit, "verify", _audit_verify, "check the hash chain of usage records and admin events")
     audit_export = command(audit, "export", _audit_export, "print admin events as JSON lines, oldest first")
     audit_export.add_argument("--since", metavar="ISO8601")
@@ -423,9 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     reprice_command.add_argument("--since", metavar="ISO8601", required=True)
     reprice_command.add_argument("--until", metavar="ISO8601")
 
-    journal = commands.add_parser("journal", help="crash journals and spilled records").add_subparsers(
-        metavar="COMMAND"
-    )
+    journal = group("journal", "crash journals and spilled records")
     journal_replay = command(
         journal,
         "replay",

@@ -12,7 +12,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 
 _SQLITE_WRITE_LOCKS: dict[str, threading.Lock] = {}
@@ -99,12 +100,30 @@ def upgrade(url: str) -> None:
     engine = make_engine(url)
     try:
         with _migration_lock(engine), engine.begin() as connection:
-            config = Config()
-            config.set_main_option("script_location", str(resources.files("proxy.migrations")))
+            config = _alembic_config()
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this version of spendgate."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
+
+
+def migration_of(engine: Engine) -> str | None:
+    """The migration a ledger is at, or None when it has no spendgate schema (read-only)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("proxy.migrations")))
+    return config
 
 
 @contextlib.contextmanager

@@ -65,6 +65,8 @@ class FakeAnthropic:
     requests: list[Seen] = field(default_factory=list)
     failures: dict[bytes, int] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The upstream key it accepts (the tests' own, unless a test runs the README with its placeholder).
+    key: str = UPSTREAM_KEY
     # While set, retrieving a batch leaves it in progress; `retrieves` counts retrieves per batch.
     hold_batches: bool = False
     retrieves: dict[str, int] = field(default_factory=dict)
@@ -88,7 +90,7 @@ class FakeAnthropic:
         )
         if "x-fake-hang" in headers:
             await asyncio.sleep(float(headers["x-fake-hang"]))
-        if headers.get("x-api-key") != UPSTREAM_KEY:
+        if headers.get("x-api-key") != self.key:
             error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
             await _respond(send, 401, json.dumps(error).encode())
             return

@@ -1,0 +1,84 @@
+"""The CLI's first hour: one-line errors that say what to do, and no surprises around pipes and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from proxy.ledger.commit import insert_records
+from tests.test_writer import make_record
+
+CLI = [sys.executable, "-m", "proxy.cli"]
+
+
+def spendgate(*argv: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SPENDGATE_", "ANTHROPIC_"))}
+    return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60, cwd=cwd, env={**environ, **env})
+
+
+def test_a_missing_ledger_names_the_fix_and_creates_nothing(tmp_path: Path) -> None:
+    ran = spendgate("teams", "list", cwd=tmp_path)
+    assert ran.returncode == 1
+    assert (
+        ran.stderr.count("\n") == 1
+        and "spendgate db upgrade" in ran.stderr
+        and "sqlite:///./spendgate.db" in ran.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unmigrated_ledger_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "empty.db").touch()
+    ran = spendgate("--db", f"sqlite:///{tmp_path / 'empty.db'}", "usage")
+    assert ran.returncode == 1
+    assert "has no spendgate schema" in ran.stderr and "spendgate db upgrade" in ran.stderr
+    assert "Traceback" not in ran.stderr and "SELECT" not in ran.stderr
+
+
+def test_bad_and_unsupported_urls_are_one_line(tmp_path: Path) -> None:
+    for url, words in (("notaurl", "is not a database URL"), ("mysql://u@h/db", "SQLite or PostgreSQL")):
+        ran = spendgate("usage", "--db", url)
+        assert ran.returncode == 1 and words in ran.stderr and ran.stderr.count("\n") == 1, ran.stderr
+
+
+def test_db_goes_before_or_after_the_subcommand(db_url: str) -> None:
+    assert spendgate("--db", db_url, "teams", "list").returncode == 0
+    assert spendgate("teams", "list", "--db", db_url).returncode == 0
+
+
+def test_a_group_without_its_command_prints_its_own_help() -> None:
+    ran = spendgate("teams")
+    assert ran.returncode == 2 and "usage: spendgate teams" in ran.stderr
+
+
+def test_serve_refuses_to_start_without_an_upstream_key(db_url: str) -> None:
+    ran = spendgate("serve", "--db", db_url, "--port", "1")
+    assert ran.returncode == 1 and "ANTHROPIC_API_KEY is not set" in ran.stderr
+
+
+def test_a_closed_pipe_ends_quietly(engine: Engine, db_url: str) -> None:
+    insert_records(engine, [make_record(id=f"sgr_{n}") for n in range(3000)])
+    ran = subprocess.run(
+        ["bash", "-c", f'{" ".join(CLI)} usage --db "$1" | head -1; exit "${{PIPESTATUS[0]}}"', "bash", db_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (ran.returncode, ran.stderr) == (0, "")
+    assert ran.stdout.count("\n") == 1
+
+
+def test_ctrl_c_ends_quietly(engine: Engine, db_url: str) -> None:
+    insert_records(engine, [make_record(id=f"sgr_{n}") for n in range(3000)])
+    # Nobody reads its output past the first bytes, so it is blocked writing when the interrupt arrives.
+    process = subprocess.Popen([*CLI, "usage", "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.read(1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.decode() == "spendgate: interrupted\n"
