@@ -29,14 +29,32 @@ class BatchOwner:
     hold_call_id: str
     created_at: datetime
     results_recorded: bool
+    # The create call's tags, carried by every result's record.
+    feature: str | None = None
+    user: str | None = None
 
 
-def save_batch(engine: Engine, *, batch_id: str, key: KeyInfo, hold_call_id: str, created_at: datetime) -> None:
-    """Remember that this team created this batch (blocking)."""
+def save_batch(
+    engine: Engine,
+    *,
+    batch_id: str,
+    key: KeyInfo,
+    hold_call_id: str,
+    created_at: datetime,
+    feature: str | None,
+    user: str | None,
+) -> None:
+    """Remember that this team created this batch, and the create call's tags (blocking)."""
     with engine.begin() as connection:
         connection.execute(
             insert(Batch).values(
-                id=batch_id, team_id=key.team_id, key_id=key.key_id, hold_call_id=hold_call_id, created_at=created_at
+                id=batch_id,
+                team_id=key.team_id,
+                key_id=key.key_id,
+                hold_call_id=hold_call_id,
+                created_at=created_at,
+                feature=feature,
+                user=user,
             )
         )
 
@@ -92,6 +110,8 @@ def _owner(row: Any) -> BatchOwner:
         hold_call_id=row.hold_call_id,
         created_at=row.created_at,
         results_recorded=row.results_recorded_at is not None,
+        feature=row.feature,
+        user=row.user,
     )
 
 

@@ -258,6 +258,9 @@ class Batch(Base):
     results_recorded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The reconciler working on it, so replicas do not all fetch the same results.
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The create call's feature and user tags, recorded on every result.
+    feature: Mapped[str | None] = mapped_column(String(200))
+    user: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
         Index("ix_batches_team", "team_id", "created_at"),

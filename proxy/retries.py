@@ -33,13 +33,18 @@ def fingerprint(body: bytes | None) -> str | None:
     return fingerprint_request(request)
 
 
-def fingerprint_request(request: Any) -> str | None:
-    """`fingerprint` of a request already parsed (the gate's, so the body never travels with the record)."""
+def fingerprint_request(request: Any, *, user: str | None = None) -> str | None:
+    """`fingerprint` of a request already parsed (the gate's, so the body never travels with the record).
+
+    The end user is part of a request's identity: two users sending the same prompt through one key are two
+    calls, not a repeat."""
     try:
         canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     except RecursionError:
         return None
     # `surrogatepass`: a lone surrogate (valid JSON, invalid text) is hashed as itself rather than raising.
+    if user is not None:
+        canonical += "\nuser:" + user
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 

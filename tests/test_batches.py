@@ -105,6 +105,16 @@ def test_batch_too_big_for_the_budget_is_refused_whole(engine: Engine, db_url: s
     assert (record["endpoint"], record["error_type"]) == ("/v1/messages/batches", "budget_exceeded")
 
 
+def test_result_records_carry_the_create_calls_tags(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path) as stack, client(stack) as sdk:
+        tags = {"x-spendgate-feature": "nightly-eval", "x-spendgate-user": "ann"}
+        created = sdk.messages.batches.create(requests=REQUESTS[:2], extra_headers=tags)
+        sdk.messages.batches.retrieve(created.id)
+        list(sdk.messages.batches.results(created.id))
+        records = batch_records(stack, 2)
+    assert {(r["feature"], r["user"]) for r in records} == {("nightly-eval", "ann")}
+
+
 def test_reconciler_records_a_batch_nobody_downloaded(engine: Engine, db_url: str, tmp_path: Path) -> None:
     with running_stack(engine, db_url, tmp_path, batch_reconcile_seconds=0.2) as stack, client(stack) as sdk:
         created = sdk.messages.batches.create(requests=REQUESTS[:2])

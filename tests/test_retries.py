@@ -61,6 +61,22 @@ def test_application_repeat_is_flagged(stack: Stack) -> None:
     )
 
 
+def test_two_users_asking_the_same_are_not_a_repeat(stack: Stack) -> None:
+    """The end user is part of a request's identity, by header or by `metadata.user_id`."""
+    with anthropic.Anthropic(base_url=stack.url, api_key=stack.key) as client:
+        for user in ("ann", "bob", "ann"):
+            client.messages.create(
+                model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES, extra_headers={"x-spendgate-user": user}
+            )
+        for user in ("carl", "dora"):
+            client.messages.create(
+                model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES, metadata={"user_id": user}
+            )
+    ann, bob, ann_again, carl, dora = stack.records(5)
+    assert [r["retry_reason"] for r in (bob, carl, dora)] == [None, None, None]
+    assert (ann_again["retry_reason"], ann_again["retry_of"]) == ("repeat", ann["id"])
+
+
 def test_same_json_in_another_key_order_is_a_repeat(stack: Stack) -> None:
     first = b'{"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": []}'
     second = b'{"messages":[],"max_tokens":10,"model":"claude-sonnet-4-6"}'

@@ -128,7 +128,15 @@ class Batches:
                 return body
             call.batch_id = batch_id
             try:
-                save_batch(self._engine, batch_id=batch_id, key=key, hold_call_id=call.id, created_at=call.started_at)
+                save_batch(
+                    self._engine,
+                    batch_id=batch_id,
+                    key=key,
+                    hold_call_id=call.id,
+                    created_at=call.started_at,
+                    feature=call.feature,
+                    user=call.user,
+                )
             except SQLAlchemyError:
                 # The batch exists upstream: hand it to the client all the same (a 5xx would make the SDK create
                 # a second one), and say loudly that spendgate does not know it.

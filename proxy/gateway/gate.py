@@ -107,7 +107,7 @@ class Gate:
         if not tokens:
             return body
         call.max_tokens = call.max_tokens_sent = request["max_tokens"]
-        call.fingerprint = fingerprint_request(request)
+        call.fingerprint = fingerprint_request(request, user=call.user)
         check_model(call.model, key.models, key.team)
         capped = cap_output(request, body, cap=self._cap(key), policy=key.cap_policy, team=key.team)
         call.max_tokens_sent = capped.max_tokens

@@ -134,6 +134,7 @@ class ResultsMeter:
         model = message.get("model")
         call = Call(BATCHES, call_id=result_record_id(self._batch.id, custom_id), started_at=self._batch.created_at)
         call.key, call.batch_id, call.custom_id = self._key, self._batch.id, label(custom_id, 200)
+        call.feature, call.user = self._batch.feature, self._batch.user
         call.metered = call.forwarded = True
         call.status = call.facts.status = 200
         if isinstance(model, str):
