@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY . .
 RUN pip install --no-cache-dir . \
-    && useradd --system --create-home --home-dir /home/spendgate --shell /usr/sbin/nologin spendgate
+    && useradd --system --create-home --home-dir /home/spendgate --shell /usr/sbin/nologin spendgate \
+    && mkdir -p /var/lib/spendgate/spill && chown spendgate: /var/lib/spendgate/spill
 
 USER spendgate
 WORKDIR /home/spendgate
