@@ -15,33 +15,20 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError
-
-from proxy.audit import iter_events, verify
 from proxy.config import ConfigError, Settings
-from proxy.db import head_revision, make_engine, migration_of, normalize_url, upgrade
-from proxy.export import iter_usage, write_csv, write_jsonl
-from proxy.ledger.disk import Replayed
-from proxy.pricing import PriceError, PriceTable
-from proxy.reports import GROUPS, report
-from proxy.reprice import recount_current, reprice
-from proxy.teams import (
-    UNSET,
-    Conflict,
-    NotFound,
-    TeamSettings,
-    create_key,
-    create_team,
-    list_keys,
-    list_teams,
-    revoke_key,
-    update_team,
-)
-from proxy.types import CAP_POLICIES, PERIODS, parse_instant
+from proxy.types import CAP_POLICIES, GROUPS, PERIODS, parse_instant
+
+# Commands import what they use when they run, so `spendgate --help` (and every command that does not need
+# them) starts without SQLAlchemy, Alembic or aiohttp; tests/test_cli_errors.py checks it.
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.engine import URL
+
+    from proxy.ledger.disk import Replayed
+    from proxy.pricing import PriceTable
+    from proxy.teams import TeamSettings
 
 logger = logging.getLogger("spendgate")
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.
@@ -73,18 +60,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spendgate: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, PriceError, UsageError, NotFound, Conflict, ValueError) as exc:
-        print(f"spendgate: {exc}", file=sys.stderr)
-        return 1
     except Exception as exc:
-        print(f"spendgate: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        told = exc if isinstance(exc, _user_errors()) else f"{exc.__class__.__name__}: {exc}"
+        print(f"spendgate: {told}", file=sys.stderr)
         return 1
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story; those of modules a command never loaded cannot have happened."""
+    known: list[type[Exception]] = [ConfigError, UsageError, ValueError]
+    for module, names in (("proxy.teams", ("NotFound", "Conflict")), ("proxy.pricing", ("PriceError",))):
+        if module in sys.modules:
+            known += [getattr(sys.modules[module], name) for name in names]
+    return tuple(known)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from proxy.app import create_app
+    from proxy.db import upgrade
+    from proxy.pricing import PriceTable
     from proxy.serving import BoundedHttpToolsProtocol
 
     settings = Settings.from_environ(
@@ -133,6 +129,8 @@ def _configure_logging() -> None:
 @contextlib.contextmanager
 def _ledger(settings: Settings) -> Iterator[Engine]:
     """An engine on a ledger that exists and is migrated; a one-line `UsageError` naming the fix otherwise."""
+    from proxy.db import head_revision, make_engine, migration_of
+
     url = _check_url(settings.db_url)
     shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
@@ -154,6 +152,10 @@ def _ledger(settings: Settings) -> Iterator[Engine]:
 
 def _check_url(db_url: str) -> URL:
     """The parsed URL of a database spendgate supports; a one-line `UsageError` otherwise."""
+    from sqlalchemy.exc import ArgumentError
+
+    from proxy.db import normalize_url
+
     try:
         url = normalize_url(db_url)
     except ArgumentError:
@@ -178,6 +180,8 @@ def _recover(engine: Engine, directory: Path, prices: PriceTable, *, refused: bo
 
 
 def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.pricing import PriceTable
+
     with _ledger(settings) as engine:
         done = _recover(engine, Path(args.directory), PriceTable.load(settings.prices_path), refused=True)
     print(f"replayed {args.directory}: {done.written} records written, {done.set_aside} set aside (refused-*.jsonl)")
@@ -185,12 +189,16 @@ def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.db import normalize_url, upgrade
+
     upgrade(settings.db_url)
     print(f"database is at the newest migration: {normalize_url(settings.db_url).render_as_string()}")
     return 0
 
 
 def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import create_team
+
     with _ledger(settings) as engine:
         view = create_team(engine, args.name, _team_settings(args), actor=_actor())
     print(json.dumps(view.to_json()))
@@ -198,6 +206,8 @@ def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import update_team
+
     with _ledger(settings) as engine:
         view = update_team(engine, args.name, _team_settings(args), actor=_actor())
     print(json.dumps(view.to_json()))
@@ -205,6 +215,8 @@ def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import list_teams
+
     with _ledger(settings) as engine:
         views = [view.to_json() for view in list_teams(engine)]
     if args.format == "json":
@@ -216,6 +228,8 @@ def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import create_key
+
     with _ledger(settings) as engine:
         view, key = create_key(
             engine,
@@ -225,12 +239,17 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
             budget_usd=_money(args.budget) if args.budget is not None else None,
             period=args.period,
         )
+    if args.format == "json":
+        print(json.dumps({**view.to_json(), "key": key}))
+        return 0
     print(f"created key {view.id} for team {view.team} (shown once; store it now):")
     print(key)
     return 0
 
 
 def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import revoke_key
+
     with _ledger(settings) as engine:
         view = revoke_key(engine, args.key_id, actor=_actor())
     print(f"revoked key {view.id} of team {view.team}")
@@ -238,6 +257,8 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import list_keys
+
     with _ledger(settings) as engine:
         views = [view.to_json() for view in list_keys(engine, team=args.team)]
     if args.format == "json":
@@ -248,6 +269,8 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.export import iter_usage, write_csv, write_jsonl
+
     since, until = _instant(args.since), _instant(args.until)
     writer = write_csv if args.format == "csv" else write_jsonl
     with _ledger(settings) as engine:
@@ -256,6 +279,9 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.pricing import PriceTable
+    from proxy.reports import report
+
     by = [name.strip() for name in args.by.split(",") if name.strip()] if args.by else []
     since, until = _instant(args.since), _instant(args.until)
     with _ledger(settings) as engine:
@@ -287,6 +313,8 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.audit import verify
+
     with _ledger(settings) as engine:
         verdict = verify(engine)
     if verdict.problem is not None:
@@ -297,12 +325,18 @@ def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.audit import iter_events
+    from proxy.export import write_jsonl
+
     with _ledger(settings) as engine:
         write_jsonl(iter_events(engine, since=_instant(args.since)), sys.stdout)
     return 0
 
 
 def _reprice(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.pricing import PriceTable
+    from proxy.reprice import recount_current, reprice
+
     since, until = _instant(args.since), _instant(args.until)
     if since is None:
         raise UsageError("--since is required")
@@ -325,6 +359,8 @@ def _reprice(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _prices(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.pricing import PriceTable
+
     table = PriceTable.load(settings.prices_path)
     print(table.describe(model=args.model, at=datetime.now(UTC)))
     return 0
@@ -336,6 +372,8 @@ def _actor() -> str:
 
 
 def _team_settings(args: argparse.Namespace) -> TeamSettings:
+    from proxy.teams import UNSET, TeamSettings
+
     def given(value: Any, parse: Callable[[str], Any]) -> Any:
         if value is None:
             return UNSET
@@ -376,10 +414,23 @@ def _seconds(text: str) -> int:
 
 
 def _models(text: str) -> tuple[str, ...]:
+    from proxy.pricing import PriceTable
+
     models = tuple(model.strip() for model in text.split(",") if model.strip())
     if not models:
         raise UsageError("--models needs at least one model id (or 'all' to allow every model)")
+    prices, now = PriceTable.load(Settings.from_environ(os.environ).prices_path), datetime.now(UTC)
+    for model in models:
+        if prices.lookup(model, now) is None:
+            # Allowed all the same (a model newer than this table), but a typo would silently refuse every call.
+            print(f"spendgate: warning: model {model!r} is not in the price table (a typo?)", file=sys.stderr)
     return models
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
+    return int(text)
 
 
 def _instant(text: str | None) -> datetime | None:
@@ -415,7 +466,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = command(commands, "serve", _serve, "migrate the database, then serve the proxy")
     serve.add_argument("--host", help="listen address (default: $SPENDGATE_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default: $SPENDGATE_PORT or 8080)")
+    serve.add_argument("--port", type=_port, help="listen port (default: $SPENDGATE_PORT or 8080)")
     serve.add_argument("--upstream", metavar="URL", help="where calls go (default: https://api.anthropic.com)")
 
     db = group("db", "database maintenance")
@@ -447,6 +498,7 @@ def _parser() -> argparse.ArgumentParser:
     key_create.add_argument("--name", help="a label for the key")
     key_create.add_argument("--budget", metavar="USD", help="the key's own spend limit per period")
     key_create.add_argument("--period", choices=PERIODS, default="month")
+    key_create.add_argument("--format", choices=("text", "json"), default="text")
     key_revoke = command(keys, "revoke", _keys_revoke, "revoke a key")
     key_revoke.add_argument("key_id")
     key_list = command(keys, "list", _keys_list, "list keys (never the keys themselves)")

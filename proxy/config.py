@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -102,7 +103,20 @@ class Settings:
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:
             given["upstream_url"] = given["upstream_url"].rstrip("/")
-        return replace(base, **given)
+        settings = replace(base, **given)
+        _check_upstream(settings.upstream_url)
+        if not 0 < settings.port < 65536:
+            raise ConfigError(f"port {settings.port} is not a TCP port (1 to 65535).")
+        return settings
+
+
+def _check_upstream(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(
+            f"upstream URL {url!r} is not an http(s) base URL (SPENDGATE_UPSTREAM_URL or --upstream), e.g. "
+            "https://api.anthropic.com."
+        )
 
 
 def _boolean(raw: str) -> bool:

@@ -17,8 +17,8 @@ from sqlalchemy import ColumnElement, Engine, case, func, select
 
 from proxy.models import UsageRow, effective_cost
 from proxy.pricing import WEB_SEARCH_USD, PriceTable
+from proxy.types import GROUPS
 
-GROUPS = ("team", "model", "feature", "user", "key", "day")
 TOKEN_KINDS = (
     "input_tokens",
     "output_tokens",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,6 +18,9 @@ from proxy.db import write_transaction
 from proxy.keys import hash_key, new_key, new_key_id
 from proxy.models import APIKey, Team, UsageRow
 from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period, usd
+
+# Team names travel in admin API paths and in every record: no spaces, slashes or look-alikes.
+TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 class Unset:
@@ -128,8 +132,11 @@ def create_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
 
     Every change here is written to the audit trail as `actor`, in the same transaction as the change.
     """
-    if not name.strip():
-        raise ValueError("team name must not be empty")
+    if not TEAM_NAME.fullmatch(name):
+        raise ValueError(
+            f"team name {name!r} is not usable: 1 to 100 letters, digits, '-', '_' or '.', starting with a letter or "
+            "digit (it appears in URLs of the admin API and in every record)"
+        )
     now = datetime.now(UTC)
     team = Team(name=name, period="month", cap_policy="clamp", retry_window_seconds=600, created_at=now, updated_at=now)
     _apply(team, settings)
@@ -263,7 +270,9 @@ def get_key(engine: Engine, key_id: str) -> KeyView:
 
 
 def list_keys(engine: Engine, *, team: str | None = None, key_id: str | None = None) -> list[KeyView]:
-    """Keys, oldest first, optionally of one team."""
+    """Keys, oldest first, optionally of one team (`NotFound` if there is no such team)."""
+    if team is not None:
+        get_team(engine, team)
     query = select(APIKey, Team.name).join(Team, Team.id == APIKey.team_id).order_by(APIKey.created_at, APIKey.id)
     if team is not None:
         query = query.where(Team.name == team)

@@ -17,6 +17,8 @@ PriceSource = Literal["table", "family", "unpriced", "unmetered"]
 
 CostSource = Literal["estimate"]
 
+# What reports can be grouped by.
+GROUPS = ("team", "model", "feature", "user", "key", "day")
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
 CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -82,3 +83,37 @@ def test_ctrl_c_ends_quietly(engine: Engine, db_url: str) -> None:
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert stderr.decode() == "spendgate: interrupted\n"
+
+
+def test_help_imports_no_database_or_http_library() -> None:
+    probe = (
+        "import sys\n"
+        "from proxy import cli\n"
+        "for argv in (['--help'], ['teams', '--help'], ['serve', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'alembic', 'aiohttp', 'uvicorn'})\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in ran.stderr, ran.stderr
+
+
+def test_typos_are_caught_where_they_are_typed(db_url: str) -> None:
+    assert "not a TCP port" in spendgate("serve", "--port", "99999").stderr
+    assert "not an http(s) base URL" in spendgate("prices", SPENDGATE_UPSTREAM_URL="notaurl").stderr
+    assert "team name" in spendgate("teams", "create", "research team", "--db", db_url).stderr
+    assert "team name" in spendgate("teams", "create", "a/b", "--db", db_url).stderr
+    made = spendgate("teams", "create", "research", "--models", "claude-sonet-4-6", "--db", db_url)
+    assert made.returncode == 0 and "not in the price table" in made.stderr
+    missing = spendgate("keys", "list", "--team", "nosuchteam", "--db", db_url)
+    assert missing.returncode == 1 and "nosuchteam" in missing.stderr
+
+
+def test_keys_create_speaks_json_too(db_url: str) -> None:
+    assert spendgate("teams", "create", "research", "--db", db_url).returncode == 0
+    made = spendgate("keys", "create", "--team", "research", "--format", "json", "--db", db_url)
+    created = json.loads(made.stdout)
+    assert created["key"].startswith("sk-sg-") and created["team"] == "research"
