@@ -31,10 +31,11 @@ from sqlalchemy import Engine
 from proxy.budgets import counters_for
 from proxy.gateway.limits import estimate_cost
 from proxy.keys import lookup_key_by_id
-from proxy.ledger.disk import Replayed, encode, record_from_json, record_to_json, replay_records, set_aside
+from proxy.ledger.commit import RECORD_COLUMNS
+from proxy.ledger.disk import Replayed, record_from_json, replay_records, set_aside
 from proxy.pricing import PriceTable
 from proxy.reprice import correct_estimates
-from proxy.types import Reservation, Usage, UsageRecord
+from proxy.types import USAGE_COLUMNS, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 # A segment is closed and a new one begun past this size, so finished calls stop costing disk.
@@ -88,7 +89,7 @@ class Journal:
 
     def started(self, start: Start) -> None:
         """Note a call about to go upstream (raises OSError if the line cannot be written)."""
-        self._write({"s": _start_json(start)})
+        self._write(["s", *_start_values(start)])
         self._segments[self._number].open_calls.add(start.id)
         self._started_in[start.id] = self._number
 
@@ -99,7 +100,7 @@ class Journal:
         if number is not None:
             self._segments[number].open_calls.discard(record.id)
         try:
-            self._write({"e": record_to_json(record)})
+            self._write(["e", *_record_values(record)])
         except OSError as exc:
             self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
             logger.error("%s", self.failing)
@@ -136,8 +137,9 @@ class Journal:
             (self._directory / f"journal-{self._instance}.lock").unlink(missing_ok=True)
         os.close(self._lock_fd)
 
-    def _write(self, entry: dict[str, Any]) -> None:
-        data = (encode(entry) + "\n").encode("utf-8", "surrogatepass")
+    def _write(self, entry: list[Any]) -> None:
+        # Positional JSON of plain values: the C encoder alone, a few microseconds, on every call's path.
+        data = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
         if os.write(self._fd, data) != len(data):
             raise OSError(f"short write to the journal in {self._directory}")
         self.failing = None
@@ -165,22 +167,60 @@ class Journal:
         del self._segments[number]  # type: ignore[arg-type]
 
 
-def _start_json(start: Start) -> dict[str, Any]:
-    return {
-        "id": start.id,
-        "started_at": start.started_at.isoformat(),
-        "team": start.team,
-        "key_id": start.key_id,
-        "feature": start.feature,
-        "user": start.user,
-        "endpoint": start.endpoint,
-        "model": start.model,
-        "streamed": start.streamed,
-        "max_tokens": start.max_tokens,
-        "input_bound": start.input_bound,
-        "held": None if start.held is None else str(start.held),
-        "metered": start.metered,
-    }
+START_FIELDS = tuple(Start.__dataclass_fields__)
+# An end line: a record's columns, its usage, then its hold and repeat window.
+END_FIELDS = (*RECORD_COLUMNS, *USAGE_COLUMNS)
+
+
+def _start_values(start: Start) -> list[Any]:
+    values = [getattr(start, name) for name in START_FIELDS]
+    values[START_FIELDS.index("started_at")] = start.started_at.isoformat()
+    values[START_FIELDS.index("held")] = None if start.held is None else str(start.held)
+    return values
+
+
+def _record_values(record: UsageRecord) -> list[Any]:
+    values: list[Any] = [getattr(record, name) for name in RECORD_COLUMNS]
+    values += [getattr(record.usage, name) for name in USAGE_COLUMNS]
+    values[_STARTED], values[_FINISHED] = record.started_at.isoformat(), record.finished_at.isoformat()
+    values[_COST] = None if record.cost_usd is None else str(record.cost_usd)
+    hold = record.reservation
+    held = None
+    if hold is not None:
+        counters = [
+            [
+                c.scope,
+                c.label,
+                c.period,
+                c.period_start.isoformat(),
+                None if c.budget_usd is None else str(c.budget_usd),
+            ]
+            for c in hold.counters
+        ]
+        held = [hold.call_id, str(hold.amount), hold.held, counters]
+    return [*values, held, record.retry_window_seconds]
+
+
+def _record_from_values(values: list[Any]) -> UsageRecord:
+    *columns, held, window = values
+    if len(columns) != len(END_FIELDS):
+        raise ValueError(f"an end line has {len(columns)} fields, not {len(END_FIELDS)}")
+    data = dict(zip(END_FIELDS, columns, strict=True))
+    reservation = None
+    if held is not None:
+        call_id, amount, is_held, counters = held
+        reservation = {
+            "call_id": call_id,
+            "amount": amount,
+            "held": is_held,
+            "counters": [
+                dict(zip(("scope", "label", "period", "period_start", "budget_usd"), c, strict=True)) for c in counters
+            ],
+        }
+    return record_from_json({**data, "reservation": reservation, "retry_window_seconds": window})
+
+
+_STARTED, _FINISHED, _COST = (END_FIELDS.index(name) for name in ("started_at", "finished_at", "cost_usd"))
 
 
 def replay_gone(engine: Engine, directory: Path, prices: PriceTable, *, name: str) -> Replayed:
@@ -212,11 +252,12 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
-                if "s" in entry:
-                    starts[entry["s"]["id"]] = entry["s"]
+                kind, *values = json.loads(line)
+                if kind == "s":
+                    start = dict(zip(START_FIELDS, values, strict=True))
+                    starts[start["id"]] = start
                 else:
-                    record = record_from_json(entry["e"])
+                    record = _record_from_values(values)
                     ended[record.id] = record
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 # A line cut short by the crash, or damaged: kept with its reason, never a reason not to start.
