@@ -24,7 +24,6 @@ from sqlalchemy import Engine, func, select, text
 from proxy.audit import verify
 from proxy.budgets import team_counter
 from proxy.export import iter_usage
-from proxy.ledger.disk import encode, record_to_json
 from proxy.ledger.writer import Writer
 from proxy.models import BudgetReservation, Instance, UsageRow
 from proxy.teams import TeamSettings, create_key, create_team, get_team
@@ -97,11 +96,13 @@ async def test_records_that_cannot_be_set_aside_stay_in_memory_until_they_can(en
     writer.submit(make_record(id="sgr_fine"))
     await wait_for(lambda: writer.problem is not None and "set aside" in writer.problem, "the writer to say so")
     await wait_for(lambda: count(engine) == 1, "the good record, written all the same")
-    assert writer.pending == 1
+    # Only the refused record is left (once the flush that wrote the good one has taken it off the queue).
+    await wait_for(lambda: writer.pending == 1, "the queue to hold the refused record alone")
     blocked.unlink()
     await wait_for(lambda: writer.pending == 0, "the refused record to be set aside once the disk allows")
     assert writer.problem is None
-    assert len(list(blocked.glob("refused-*.jsonl"))) == 1
+    [aside] = blocked.glob("refused-*.jsonl")
+    assert len(aside.read_text().splitlines()) == 1
     await writer.close()
 
 
@@ -297,28 +298,28 @@ def test_journal_replay_command_for_a_replica_that_will_not_come_back(
 ) -> None:
     """`spendgate journal replay DIR`: what a dead replica's journal holds becomes records, once."""
     journal = tmp_path / "dead-replica"
-    journal.mkdir()
     key_id = records_key_id(engine)
-    started = make_record(id="sgr_started").started_at.isoformat()
-    start = {
-        "id": "sgr_unfinished",
-        "started_at": started,
-        "team": "research",
-        "key_id": key_id,
-        "feature": None,
-        "user": None,
-        "endpoint": "/v1/messages",
-        "model": "claude-sonnet-4-6",
-        "streamed": True,
-        "max_tokens": 1000,
-        "input_bound": 500,
-        "held": None,
-        "metered": True,
-    }
-    finished = record_to_json(make_record(id="sgr_finished", key_id=key_id))
-    lines = [encode({"s": start}), encode({"s": {**start, "id": "sgr_finished"}}), encode({"e": finished})]
-    (journal / "journal-gone.1.jsonl").write_text("\n".join(lines) + "\n" + '{"s": {"id": "sgr_cut')
-    (journal / "journal-gone.lock").touch()
+    # A process that journals two calls, ends one, and dies without cleaning up (os._exit: no close, no drain).
+    dying = f"""
+import os, sys
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from proxy.ledger.journal import Journal, Start
+from tests.test_writer import make_record
+journal = Journal(Path({str(journal)!r}), "gone")
+started = make_record().started_at
+for call_id in ("sgr_unfinished", "sgr_finished"):
+    journal.started(Start(id=call_id, started_at=started, team="research", key_id={key_id!r}, feature=None,
+        user=None, endpoint="/v1/messages", model="claude-sonnet-4-6", streamed=True, max_tokens=1000,
+        input_bound=500, held=None, metered=True))
+journal.ended(make_record(id="sgr_finished", key_id={key_id!r}))
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", dying], check=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    [segment] = journal.glob("journal-gone.*.jsonl")
+    with segment.open("a") as cut:
+        cut.write('["s","sgr_cut_short')  # the line a power cut would leave half written
     # Twice: a second replay of the same folder finds nothing more to do.
     for _ in range(2):
         replayed = subprocess.run(
