@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import heapq
 import json
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -154,8 +154,10 @@ def record_event(
     return pos + 1
 
 
-def verify(engine: Engine) -> Verdict:
-    """Walk the whole chain in order, streaming, and report the first entry that does not hold."""
+def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None) -> Verdict:
+    """Walk the whole chain in order, streaming, and report the first entry that does not hold.
+
+    `progress(done, total)` is called every few thousand entries."""
     with engine.connect() as connection:
         head_pos, head_hash = connection.execute(select(AuditHead.pos, AuditHead.hash).where(AuditHead.id == 1)).one()
         unchained = connection.execute(
@@ -166,7 +168,7 @@ def verify(engine: Engine) -> Verdict:
         return Verdict(entries=0, head_pos=head_pos, head_hash=head_hash, problem=outside)
     # Only up to the head read above: records committed while we walk belong to the next verification.
     with contextlib.closing(_entries(engine, head_pos)) as entries:
-        good, last, problem = _walk(entries)
+        good, last, problem = _walk(entries, lambda done: progress(done, head_pos) if progress else None)
     if problem is None and (good != head_pos or last != head_hash):
         problem = f"the chain ends at entry {good} but the head says {head_pos}: entries were removed"
     if problem is None:
@@ -175,10 +177,12 @@ def verify(engine: Engine) -> Verdict:
     return Verdict(entries=good, head_pos=head_pos, head_hash=head_hash, problem=problem)
 
 
-def _walk(entries: Iterator[Entry]) -> tuple[int, str, str | None]:
+def _walk(entries: Iterator[Entry], progress: Callable[[int], None]) -> tuple[int, str, str | None]:
     """How many entries hold from the start, the chain hash of the last one, and the first problem."""
     previous, good = GENESIS, 0
     for pos, kind, ident, stored_content, stored_chain, values in entries:
+        if pos % STREAM_BATCH == 0:
+            progress(pos)
         if pos != good + 1:
             return good, previous, f"entry {good + 1} is missing (next is {kind} {ident} at {pos})"
         if content_hash(values) != stored_content:

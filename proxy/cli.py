@@ -273,9 +273,32 @@ def _usage(args: argparse.Namespace, settings: Settings) -> int:
 
     since, until = _instant(args.since), _instant(args.until)
     writer = write_csv if args.format == "csv" else write_jsonl
-    with _ledger(settings) as engine:
-        writer((record for _, record in iter_usage(engine, team=args.team, since=since, until=until)), sys.stdout)
+    with _ledger(settings) as engine, _progress("exporting usage records", "records") as advance:
+        records = iter_usage(engine, team=args.team, since=since, until=until)
+        writer((_counted(record, n, advance) for n, (_, record) in enumerate(records, 1)), sys.stdout)
     return 0
+
+
+def _counted(record: dict[str, Any], n: int, advance: Callable[[int, int | None], None]) -> dict[str, Any]:
+    if n % 1000 == 0:
+        advance(n, None)
+    return record
+
+
+@contextlib.contextmanager
+def _progress(what: str, unit: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A progress bar on stderr while a long command runs, only when stderr is a terminal (never in pipes,
+    logs or CI); yields `advance(done, total)`."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn())
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
@@ -315,8 +338,8 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.audit import verify
 
-    with _ledger(settings) as engine:
-        verdict = verify(engine)
+    with _ledger(settings) as engine, _progress("verifying the audit chain", "entries") as advance:
+        verdict = verify(engine, progress=advance)
     if verdict.problem is not None:
         print(f"spendgate: audit chain broken after {verdict.entries} good entries: {verdict.problem}", file=sys.stderr)
         return 3

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -117,3 +119,22 @@ def test_keys_create_speaks_json_too(db_url: str) -> None:
     made = spendgate("keys", "create", "--team", "research", "--format", "json", "--db", db_url)
     created = json.loads(made.stdout)
     assert created["key"].startswith("sk-sg-") and created["team"] == "research"
+
+
+def test_long_commands_show_progress_on_a_terminal_only(engine: Engine, db_url: str) -> None:
+    insert_records(engine, [make_record(id=f"sgr_{n}") for n in range(5000)])
+    primary, secondary = pty.openpty()
+    try:
+        on_terminal = subprocess.run(
+            [*CLI, "audit", "verify", "--db", db_url], stdout=subprocess.PIPE, stderr=secondary, timeout=120
+        )
+        os.close(secondary)
+        shown = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(primary, 65536):
+                shown += chunk
+    finally:
+        os.close(primary)
+    assert on_terminal.returncode == 0 and b"verifying the audit chain" in shown
+    in_a_pipe = spendgate("audit", "verify", "--db", db_url)
+    assert in_a_pipe.returncode == 0 and in_a_pipe.stderr == ""
