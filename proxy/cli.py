@@ -385,6 +385,9 @@ def _prices(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.pricing import PriceTable
 
     table = PriceTable.load(settings.prices_path)
+    if args.format == "json":
+        print(json.dumps(table.to_json(model=args.model, at=datetime.now(UTC)), indent=2))
+        return 0
     print(table.describe(model=args.model, at=datetime.now(UTC)))
     return 0
 
@@ -563,6 +566,7 @@ def _parser() -> argparse.ArgumentParser:
 
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)
     prices.add_argument("--model")
+    prices.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 

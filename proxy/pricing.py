@@ -202,6 +202,35 @@ class PriceTable:
                 lines.append(f'  inference_geo "us": x{price.residency_multiplier}')
         return "\n".join(lines)
 
+    def to_json(self, *, model: str | None, at: datetime) -> dict[str, Any]:
+        """`spendgate prices --format json`: the version in force and its models' cells as exact decimal text
+        (one model, as `describe` finds it, when `model` is given; `source` says how it was found)."""
+        version = self._version(at)
+        found = _lookup(version, model) if model is not None else None
+        if model is None:
+            chosen = [(price, "table") for price in sorted(version.models.values(), key=lambda price: price.model)]
+        else:
+            chosen = [] if found is None else [found]
+        return {
+            "version": version.id,
+            "effective_from": version.effective_from.isoformat(),
+            "unit": "USD per million tokens",
+            "models": [
+                {
+                    "model": price.model,
+                    "aliases": list(price.aliases),
+                    "source": source,
+                    "standard": _rates_json(price.standard),
+                    "fast": None if price.fast is None else _rates_json(price.fast),
+                    "long_context": None
+                    if price.long_context is None
+                    else {"threshold": price.long_context.threshold, **_rates_json(price.long_context.rates)},
+                    "residency_multiplier": format(price.residency_multiplier, "f"),
+                }
+                for price, source in chosen
+            ],
+        }
+
     def _version(self, at: datetime) -> _Version:
         if at.tzinfo is None:
             at = at.replace(tzinfo=UTC)
@@ -252,6 +281,10 @@ def _plain(amount: Decimal) -> Decimal:
     """`amount` with every significant digit and no exponent noise: 0.4500 → 0.45, 1.2E+1 → 12."""
     amount = amount.normalize(_EXACT)
     return amount.quantize(Decimal(1), context=_EXACT) if amount == amount.to_integral_value() else amount
+
+
+def _rates_json(rates: Rates) -> dict[str, str]:
+    return {name: format(getattr(rates, name), "f") for name in Rates.__dataclass_fields__}
 
 
 def _cells(rates: Rates) -> str:

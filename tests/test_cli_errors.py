@@ -138,3 +138,11 @@ def test_long_commands_show_progress_on_a_terminal_only(engine: Engine, db_url: 
     assert on_terminal.returncode == 0 and b"verifying the audit chain" in shown
     in_a_pipe = spendgate("audit", "verify", "--db", db_url)
     assert in_a_pipe.returncode == 0 and in_a_pipe.stderr == ""
+
+
+def test_prices_speak_json_too() -> None:
+    table = json.loads(spendgate("prices", "--format", "json").stdout)
+    assert table["version"] and any(model["model"] == "claude-sonnet-4-6" for model in table["models"])
+    [sonnet] = json.loads(spendgate("prices", "--format", "json", "--model", "claude-sonnet-4-6").stdout)["models"]
+    assert (sonnet["standard"]["input"], sonnet["standard"]["output"]) == ("3", "15")
+    assert json.loads(spendgate("prices", "--format", "json", "--model", "gpt-4").stdout)["models"] == []
