@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from proxy.db import write_transaction
 from proxy.ledger.commit import insert_records
+from proxy.ledger.journal import Start, interrupted
 from proxy.models import BudgetReservation, Instance
 from proxy.pricing import PriceTable
-from proxy.types import PERIODS, Counter, Period, Reservation, Usage, UsageRecord
+from proxy.types import PERIODS, Counter, Period, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
@@ -113,7 +114,6 @@ def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta)
 def _interrupted(holds: list[BudgetReservation], prices: PriceTable, now: datetime) -> UsageRecord:
     first = holds[0]
     amount: Decimal = first.amount_usd
-    started_at = first.started_at or now
     counters = tuple(
         Counter(
             scope=hold.scope,
@@ -124,31 +124,24 @@ def _interrupted(holds: list[BudgetReservation], prices: PriceTable, now: dateti
         )
         for hold in holds
     )
-    return UsageRecord(
+    # Only a metered call takes a hold; what else it was is not in the ledger.
+    start = Start(
         id=first.call_id,
-        started_at=started_at,
-        finished_at=now,
+        started_at=first.started_at or now,
         team=first.team,
         key_id=first.key_id,
         feature=None,
         user=None,
         endpoint=first.endpoint or "",
         model=first.model,
-        response_model=None,
-        upstream_request_id=None,
-        status=0,
-        outcome="interrupted",
-        error_type="process_died",
         streamed=False,
-        usage=Usage(),
-        cost_usd=amount,
-        price_version=prices.version_at(started_at),
-        price_source="table",
-        cost_source="estimate",
-        latency_ms=round((now - started_at).total_seconds() * 1000, 3),
-        ttfb_ms=None,
-        reservation=Reservation(call_id=first.call_id, counters=counters, amount=amount, held=True),
+        max_tokens=None,
+        input_bound=0,
+        held=amount,
+        metered=True,
     )
+    reservation = Reservation(call_id=first.call_id, counters=counters, amount=amount, held=True)
+    return interrupted(start, cost=amount, reservation=reservation, prices=prices)
 
 
 def _period(scope: str) -> Period:

@@ -179,6 +179,13 @@ def _start_values(start: Start) -> list[Any]:
     return values
 
 
+def _start_from_values(values: list[Any]) -> Start:
+    data = dict(zip(START_FIELDS, values, strict=True))
+    data["started_at"] = datetime.fromisoformat(data["started_at"])
+    data["held"] = None if data["held"] is None else Decimal(data["held"])
+    return Start(**data)
+
+
 def _record_values(record: UsageRecord) -> list[Any]:
     values: list[Any] = [getattr(record, name) for name in RECORD_COLUMNS]
     values += [getattr(record.usage, name) for name in USAGE_COLUMNS]
@@ -244,7 +251,7 @@ def replay_gone(engine: Engine, directory: Path, prices: PriceTable, *, name: st
 def replay_journal(engine: Engine, directory: Path, instance: str, prices: PriceTable, *, name: str) -> Replayed:
     """Write the records a gone process's journal holds and the `interrupted` records of its unfinished calls."""
     segments = sorted(directory.glob(f"journal-{instance}.*.jsonl"), key=lambda p: int(p.name.split(".")[-2]))
-    starts: dict[str, dict[str, Any]] = {}
+    starts: dict[str, Start] = {}
     ended: dict[str, UsageRecord] = {}
     bad = 0
     for path in segments:
@@ -254,8 +261,8 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
             try:
                 kind, *values = json.loads(line)
                 if kind == "s":
-                    start = dict(zip(START_FIELDS, values, strict=True))
-                    starts[start["id"]] = start
+                    start = _start_from_values(values)
+                    starts[start.id] = start
                 else:
                     record = _record_from_values(values)
                     ended[record.id] = record
@@ -266,11 +273,7 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
     records = list(ended.values())
     for call_id, start in starts.items():
         if call_id not in ended:
-            try:
-                records.append(interrupted_record(engine, start, prices))
-            except (ValueError, KeyError, TypeError) as exc:
-                set_aside(directory, name, start, f"unusable journal start: {exc}")
-                bad += 1
+            records.append(_unfinished(engine, start, prices))
     done = replay_records(engine, records, directory=directory, name=name)
     # Calls a live replica recorded at their held amount when this process stopped beating: now the real cost.
     corrected = correct_estimates(engine, list(ended.values()), actor=f"journal:{instance}")
@@ -289,52 +292,57 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
     return Replayed(written=done.written, set_aside=done.set_aside + bad)
 
 
-def interrupted_record(engine: Engine, start: dict[str, Any], prices: PriceTable) -> UsageRecord:
-    """The record of a call that went upstream and never ended: usage unknown, cost its worst case (the hold it
-    took, else an estimate from its model, size and `max_tokens`), flagged as an estimate (blocking)."""
-    started_at = datetime.fromisoformat(start["started_at"])
-    held = None if start.get("held") is None else Decimal(start["held"])
-    cost: Decimal | None = held
-    if cost is None and start.get("metered") and start.get("model"):
-        cost = estimate_cost(
-            {},
-            model=start["model"],
-            input_tokens=int(start["input_bound"]),
-            max_tokens=start.get("max_tokens"),
-            prices=prices,
-            at=started_at,
-        )
-    key = lookup_key_by_id(engine, start["key_id"]) if start.get("key_id") else None
-    reservation = None
-    if key is not None:
-        reservation = Reservation(
-            call_id=start["id"], counters=counters_for(key, started_at), amount=held or Decimal(0), held=True
-        )
+def interrupted(
+    start: Start, *, cost: Decimal | None, reservation: Reservation | None, prices: PriceTable
+) -> UsageRecord:
+    """The record of a call that went upstream and never ended: usage unknown, `cost` its worst case, flagged
+    `cost_source: estimate`. The one shape for the journal's unfinished calls and the reaper's dead holds."""
     now = datetime.now(UTC)
     return UsageRecord(
-        id=start["id"],
-        started_at=started_at,
+        id=start.id,
+        started_at=start.started_at,
         finished_at=now,
-        team=start.get("team"),
-        key_id=start.get("key_id"),
-        feature=start.get("feature"),
-        user=start.get("user"),
-        endpoint=start["endpoint"],
-        model=start.get("model"),
+        team=start.team,
+        key_id=start.key_id,
+        feature=start.feature,
+        user=start.user,
+        endpoint=start.endpoint,
+        model=start.model,
         response_model=None,
         upstream_request_id=None,
         status=0,
         outcome="interrupted",
         error_type="process_died",
-        streamed=bool(start.get("streamed")),
+        streamed=start.streamed,
         usage=Usage(),
-        cost_usd=cost if start.get("metered") else None,
-        price_version=prices.version_at(started_at),
-        price_source="table" if start.get("metered") else "unmetered",
+        cost_usd=cost if start.metered else None,
+        price_version=prices.version_at(start.started_at),
+        price_source="table" if start.metered else "unmetered",
         cost_source="estimate",
-        max_tokens_requested=start.get("max_tokens"),
-        max_tokens_sent=start.get("max_tokens"),
-        latency_ms=round((now - started_at).total_seconds() * 1000, 3),
+        max_tokens_requested=start.max_tokens,
+        max_tokens_sent=start.max_tokens,
+        latency_ms=round((now - start.started_at).total_seconds() * 1000, 3),
         ttfb_ms=None,
         reservation=reservation,
     )
+
+
+def _unfinished(engine: Engine, start: Start, prices: PriceTable) -> UsageRecord:
+    """A journaled call that never ended, at the hold it took, else an estimate from its model, size and
+    `max_tokens`; settled on its key's budgets (blocking)."""
+    cost = start.held
+    if cost is None and start.metered and start.model:
+        cost = estimate_cost(
+            {},
+            model=start.model,
+            input_tokens=start.input_bound,
+            max_tokens=start.max_tokens,
+            prices=prices,
+            at=start.started_at,
+        )
+    key = lookup_key_by_id(engine, start.key_id) if start.key_id else None
+    reservation = None
+    if key is not None:
+        counters = counters_for(key, start.started_at)
+        reservation = Reservation(call_id=start.id, counters=counters, amount=start.held or Decimal(0), held=True)
+    return interrupted(start, cost=cost, reservation=reservation, prices=prices)
