@@ -32,11 +32,12 @@ from proxy.errors import MethodNotAllowed, ProxyError, RouteNotFound
 from proxy.gateway.batches import Batches, ResultsFetcher
 from proxy.gateway.gate import Gate, GateRules
 from proxy.gateway.handler import Gateway
+from proxy.gateway.leases import TRIM_SECONDS, Leases
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.keys import KeyCache
 from proxy.ledger.instances import Heartbeat
-from proxy.ledger.journal import Journal
+from proxy.ledger.journal import Journal, replay_gone
 from proxy.ledger.writer import Writer
 from proxy.pricing import PriceTable
 
@@ -75,6 +76,12 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         keys = KeyCache(engine, ttl=settings.key_cache_seconds)
         # This process's name in journals, holds and heartbeats (not the pid: every container's is 1).
         instance = f"{socket.gethostname()[:20]}-{secrets.token_hex(6)}"
+        journal = Journal(settings.spill_dir, instance)
+        # A worker restarted after its sibling died replays the sibling's journal (its lock is free now).
+        await anyio.to_thread.run_sync(partial(replay_gone, engine, settings.spill_dir, prices, name=instance))
+        leases = Leases(
+            engine, instance=instance, ttl=timedelta(seconds=settings.reservation_ttl_seconds), note=journal.leased
+        )
         writer = Writer(
             engine,
             flush_seconds=settings.record_flush_seconds,
@@ -86,7 +93,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             stall_seconds=settings.ledger_stall_seconds,
             soft_fraction=settings.soft_limit_fraction,
             on_soft_limit=alerts.notify,
-            journal=Journal(settings.spill_dir, instance),
+            journal=journal,
+            on_committed=leases.committed,
         )
         fetcher = ResultsFetcher(
             engine=engine,
@@ -100,6 +108,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             keys=keys,
             prices=prices,
             engine=engine,
+            leases=leases,
             rules=GateRules(
                 max_body_bytes=settings.max_body_bytes,
                 body_timeout_seconds=settings.body_timeout_seconds,
@@ -130,7 +139,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         alerts.start()
         background = [
             asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds)),
-            asyncio.create_task(_every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer))),
+            asyncio.create_task(_every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer, leases))),
+            asyncio.create_task(_every(TRIM_SECONDS, leases.trim)),
         ]
         if settings.batch_reconcile_seconds > 0:
             lease = timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2))
@@ -145,6 +155,11 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await writer.close()
+            with contextlib.suppress(SQLAlchemyError):
+                # Every record is written: what the leases still hold is nobody's.
+                await leases.close()
+            # Only now may the journal go: had this process died before its leases ended, a replay would need it.
+            journal.close()
             with contextlib.suppress(SQLAlchemyError):
                 # Every call of this process is recorded; its holds (none are left) no longer need a heartbeat.
                 await anyio.to_thread.run_sync(heart.stop)
@@ -179,9 +194,12 @@ class Dispatch:
         await self._app(scope, receive, send)
 
 
-async def _heartbeat(heart: Heartbeat, writer: Writer) -> None:
-    """Beat for this process and reap dead ones; once taken for dead, this process's records correct estimates."""
+async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases) -> None:
+    """Beat for this process and reap dead ones; once taken for dead, this process's records correct estimates
+    and its leases (recorded by the reaper) admit nothing more."""
     await anyio.to_thread.run_sync(heart.tick, datetime.now(UTC))
+    if heart.taken_for_dead and not writer.correct_estimates:
+        leases.forget()
     writer.correct_estimates = heart.taken_for_dead
 
 

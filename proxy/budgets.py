@@ -1,15 +1,16 @@
-"""Budgets in the ledger: a hold taken before a call goes out, settled to its actual cost when it is recorded.
+"""Budgets in the ledger: a hold taken before a call goes out (its own, or a slice of a process's lease that
+covers many calls), settled to its actual cost when it is recorded.
 
 Every check-and-hold is one transaction holding the counters' row locks (`SELECT … FOR UPDATE` on
 PostgreSQL, `BEGIN IMMEDIATE` on SQLite), so concurrent calls on any number of replicas see each other's
-holds: never check-then-act. Arithmetic is `Decimal` in Python, exact on both databases. A hold whose call
-never settles (its process died) expires and is released by `release_expired`.
+holds: never check-then-act. Arithmetic is `Decimal` in Python, exact on both databases. Holds of a process
+that died are recorded by the heartbeat reaper; `release_expired` is the last resort.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,6 +28,8 @@ from proxy.types import Counter, HoldOwner, Period, Reservation, UsageRecord
 TOTAL_PERIOD_START = datetime(1970, 1, 1, tzinfo=UTC)
 ZERO = Decimal(0)
 CounterKey = tuple[str, datetime]
+# A process's budget leases are holds whose call id starts with this (`proxy/gateway/leases.py`).
+LEASE_PREFIX = "lease-"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +161,9 @@ def settle(
             spent[(counter.scope, counter.period_start)] += record.cost_usd or ZERO
     released = _release(connection, sorted(set(release)))
     current = _lock(connection, [*counters.values(), *(_stub(key) for key in released)])
+    # Calls admitted under a lease: their cost moves from the lease's slice to spent.
+    for key, amount in _consume(connection, records).items():
+        released[key] += amount
     crossed = []
     for key in sorted(current):
         before, reserved = current[key]
@@ -179,6 +185,94 @@ def settle(
                 )
             )
     return crossed
+
+
+def grant_lease(
+    engine: Engine,
+    lease_id: str,
+    counters: Sequence[Counter],
+    size: Callable[[Decimal], Decimal],
+    *,
+    owner: HoldOwner,
+    now: datetime,
+    expires_at: datetime,
+) -> Decimal:
+    """Grow a process's budget lease on every budgeted counter by `size(left)`, where `left` is the least any of
+    them has left (budget - spent - held), under the counters' locks; returns the amount granted (zero when
+    `size` says so). The lease is a hold like a call's (`budget_reservations`, owned by the process), so spent +
+    held <= budget keeps holding for every counter, whoever leases or holds."""
+    budgeted = [counter for counter in counters if counter.budget_usd is not None]
+    with write_transaction(engine) as connection:
+        current = _lock(connection, budgeted)
+        left = min(
+            counter.budget_usd - sum(current[(counter.scope, counter.period_start)], ZERO)
+            for counter in budgeted
+            if counter.budget_usd is not None
+        )
+        grant = min(size(left), left)
+        if grant <= 0:
+            return ZERO
+        query = select(BudgetReservation.scope, BudgetReservation.amount_usd).where(
+            BudgetReservation.call_id == lease_id
+        )
+        held = {scope: amount for scope, amount in connection.execute(query)}
+        for counter in budgeted:
+            spent, reserved = current[(counter.scope, counter.period_start)]
+            _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved + grant)
+            if counter.scope in held:
+                connection.execute(
+                    update(BudgetReservation)
+                    .where(BudgetReservation.call_id == lease_id, BudgetReservation.scope == counter.scope)
+                    .values(amount_usd=held[counter.scope] + grant, expires_at=expires_at)
+                )
+            else:
+                connection.execute(
+                    insert(BudgetReservation).values(
+                        call_id=lease_id,
+                        scope=counter.scope,
+                        period_start=counter.period_start,
+                        amount_usd=grant,
+                        expires_at=expires_at,
+                        started_at=now,
+                        **asdict(owner),
+                    )
+                )
+        return grant
+
+
+def return_lease(engine: Engine, lease_id: str, amount: Decimal | None) -> None:
+    """Give back `amount` of a lease on each of its counters, or all of it (ending the lease) when None."""
+    query = select(BudgetReservation.scope, BudgetReservation.period_start, BudgetReservation.amount_usd).where(
+        BudgetReservation.call_id == lease_id
+    )
+    with write_transaction(engine) as connection:
+        # The amounts are read again once the counters are locked: a settlement may have taken from them.
+        current = _lock(connection, [_stub((scope, start)) for scope, start, _ in connection.execute(query)])
+        for scope, start, held in connection.execute(query):
+            back = held if amount is None else min(amount, held)
+            spent, reserved = current[(scope, start)]
+            _write(connection, scope, start, spent=spent, reserved=max(reserved - back, ZERO))
+            change = BudgetReservation.call_id == lease_id, BudgetReservation.scope == scope
+            if amount is None:
+                connection.execute(delete(BudgetReservation).where(*change))
+            else:
+                connection.execute(update(BudgetReservation).where(*change).values(amount_usd=held - back))
+
+
+def end_leases(engine: Engine, instance: str) -> int:
+    """Give back every lease of a process (at its clean exit, or once its journal has been replayed: by then each
+    call it admitted has its own record). Returns how many leases ended (blocking)."""
+    query = select(BudgetReservation.call_id).where(
+        BudgetReservation.instance_id == instance, BudgetReservation.call_id.startswith(LEASE_PREFIX)
+    )
+    with write_transaction(engine) as connection:
+        leases = sorted(set(connection.execute(query).scalars()))
+        released = _release(connection, leases)
+        current = _lock(connection, [_stub(key) for key in released])
+        for key, amount in sorted(released.items()):
+            spent, reserved = current[key]
+            _write(connection, key[0], key[1], spent=spent, reserved=max(reserved - amount, ZERO))
+    return len(leases)
 
 
 def release_expired(engine: Engine, now: datetime, *, limit: int = 1000) -> int:
@@ -247,17 +341,51 @@ def _write(connection: Connection, scope: str, start: datetime, *, spent: Decima
 
 def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey, Decimal]:
     """Delete the holds of these calls; returns the amounts they held per counter (holds already expired are gone)."""
+    released: dict[CounterKey, Decimal] = defaultdict(Decimal)
     if not call_ids:
-        return {}
+        return released
     rows = connection.execute(
         delete(BudgetReservation)
         .where(BudgetReservation.call_id.in_(call_ids))
         .returning(BudgetReservation.scope, BudgetReservation.period_start, BudgetReservation.amount_usd)
     )
-    released: dict[CounterKey, Decimal] = defaultdict(Decimal)
     for scope, start, amount in rows:
         released[(scope, start)] += amount
     return released
+
+
+def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[CounterKey, Decimal]:
+    """Take the costs of calls admitted under leases out of the leases' slices; returns what left each counter's
+    holds. A lease already ended (or reaped) gives nothing back: the cost is then only added to spent."""
+    wanted: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for record in records:
+        hold = record.reservation
+        if hold is None or hold.lease is None or not record.cost_usd or record.cost_usd < 0:
+            continue
+        for counter in hold.counters:
+            wanted[(hold.lease, counter.scope)] += record.cost_usd
+    freed: dict[CounterKey, Decimal] = defaultdict(Decimal)
+    if not wanted:
+        return freed
+    rows = connection.execute(
+        select(
+            BudgetReservation.call_id,
+            BudgetReservation.scope,
+            BudgetReservation.period_start,
+            BudgetReservation.amount_usd,
+        ).where(BudgetReservation.call_id.in_(sorted({lease for lease, _ in wanted})))
+    )
+    for lease, scope, start, held in rows:
+        take = min(wanted.get((lease, scope), ZERO), held)
+        if take <= 0:
+            continue
+        connection.execute(
+            update(BudgetReservation)
+            .where(BudgetReservation.call_id == lease, BudgetReservation.scope == scope)
+            .values(amount_usd=held - take)
+        )
+        freed[(scope, start)] += take
+    return freed
 
 
 def _mark_alerted(connection: Connection, key: CounterKey) -> bool:

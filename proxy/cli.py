@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import gc
 import getpass
 import json
 import logging
@@ -76,54 +75,38 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
-    from proxy.app import create_app
     from proxy.db import upgrade
     from proxy.pricing import PriceTable
-    from proxy.serving import BoundedHttpToolsProtocol
+    from proxy.serving import configure_logging, run
 
     settings = Settings.from_environ(
-        os.environ, db_url=args.db, host=args.host, port=args.port, upstream_url=args.upstream
+        os.environ, db_url=args.db, host=args.host, port=args.port, upstream_url=args.upstream, workers=args.workers
     )
     if settings.anthropic_api_key is None:
         raise UsageError(
             "ANTHROPIC_API_KEY is not set: spendgate forwards calls with your Anthropic API key, so set it "
             "(export ANTHROPIC_API_KEY=sk-ant-...) and start again."
         )
-    _configure_logging()
-    _check_url(settings.db_url)
+    configure_logging()
+    url = _check_url(settings.db_url)
+    if settings.workers > 1 and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise UsageError(
+            "--workers needs a ledger every worker can open: an in-memory SQLite database would be one per worker. "
+            "Use a SQLite file or PostgreSQL."
+        )
     upgrade(settings.db_url)
     with _ledger(settings) as engine:
         # What earlier processes left on disk: spilled records, and the journals of processes that are gone.
         _recover(engine, settings.spill_dir, PriceTable.load(settings.prices_path), refused=False)
-    app = create_app(settings)
-    # Objects made at start-up (the app, SQLAlchemy, pricing) live forever: keep them out of every collection,
-    # or each full collection walks them all and stalls the event loop for tens of milliseconds.
-    gc.collect()
-    gc.freeze()
     logger.info(
-        "spendgate serving on http://%s:%d, forwarding to %s", settings.host, settings.port, settings.upstream_url
+        "spendgate serving on http://%s:%d with %d worker(s), forwarding to %s",
+        settings.host,
+        settings.port,
+        settings.workers,
+        settings.upstream_url,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        http=BoundedHttpToolsProtocol,
-        # Upstream's own Date and Server headers pass through; uvicorn must not add a second pair.
-        server_header=False,
-        date_header=False,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds),
-    )
+    run(settings)
     return 0
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx and aiohttp would log every upstream request again; one line per request is ours.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -494,6 +477,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: $SPENDGATE_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="listen port (default: $SPENDGATE_PORT or 8080)")
     serve.add_argument("--upstream", metavar="URL", help="where calls go (default: https://api.anthropic.com)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="serving processes, each a replica on the same ledger (default: $SPENDGATE_WORKERS or 1)",
+    )
 
     db = group("db", "database maintenance")
     command(db, "upgrade", _db_upgrade, "run the migrations to the newest version")

@@ -55,6 +55,8 @@ class Settings:
     heartbeat_limit_seconds: float = 30.0
     spill_dir: Path = Path("./spendgate-spill")
     graceful_shutdown_seconds: float = 60.0
+    # Serving processes on this machine, each a replica of its own (instance, journal, writer, leases).
+    workers: int = 1
     # Applies to teams without a cap of their own; None: no cap.
     default_max_output_tokens: int | None = None
     # A hold whose call never settles (its process died) is released after this long.
@@ -91,6 +93,7 @@ class Settings:
             heartbeat_seconds=_read(environ, "SPENDGATE_HEARTBEAT_SECONDS", float, 5.0),
             heartbeat_limit_seconds=_read(environ, "SPENDGATE_HEARTBEAT_LIMIT_SECONDS", float, 30.0),
             graceful_shutdown_seconds=_read(environ, "SPENDGATE_SHUTDOWN_GRACE_SECONDS", float, 60.0),
+            workers=_read(environ, "SPENDGATE_WORKERS", int, 1),
             default_max_output_tokens=_read(environ, "SPENDGATE_DEFAULT_MAX_OUTPUT_TOKENS", int, None),
             reservation_ttl_seconds=_read(environ, "SPENDGATE_RESERVATION_TTL_SECONDS", float, 3600.0),
             reservation_sweep_seconds=_read(environ, "SPENDGATE_RESERVATION_SWEEP_SECONDS", float, 30.0),
@@ -107,6 +110,8 @@ class Settings:
         _check_upstream(settings.upstream_url)
         if not 0 < settings.port < 65536:
             raise ConfigError(f"port {settings.port} is not a TCP port (1 to 65535).")
+        if settings.workers < 1:
+            raise ConfigError(f"workers {settings.workers}: at least one serving process is needed.")
         return settings
 
 

@@ -1,4 +1,9 @@
-"""The HTTP server: uvicorn's httptools parser, with the bound on request heads it does not have.
+"""The HTTP server: uvicorn with httptools, in one process or `workers` of them.
+
+Each worker is a replica in all but name: its own instance id, crash journal, ledger writer, heartbeat and
+budget leases, on the one ledger. They share the listening socket (uvicorn's supervisor restarts a worker that
+dies; the dead one's holds and leases are recorded by the others' heartbeat reaper, its journal replayed by the
+next worker to start).
 
 httptools accepts a header of any size and copies the whole value for every chunk that arrives, so one client
 sending a 100 MB header stalled every other call on the server for about 9 s (measured; see the README). h11
@@ -8,10 +13,16 @@ passes `MAX_HEAD_BYTES`, answering 431 in Anthropic's error shape.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 
+import uvicorn
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.config import Settings
 
 logger = logging.getLogger("spendgate")
 # The request line and every header together; nginx's default `large_client_header_buffers` allows 32 KB.
@@ -64,3 +75,50 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+
+
+def configure_logging() -> None:
+    """One line per event on stderr, ours only: httpx and aiohttp would log every upstream request again."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM or Ctrl-C: in this process, or in `settings.workers` worker processes configured
+    through the environment (the settings given as flags are passed on as `SPENDGATE_*` variables)."""
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "http": BoundedHttpToolsProtocol,
+        # Upstream's own Date and Server headers pass through; uvicorn must not add a second pair.
+        "server_header": False,
+        "date_header": False,
+        "timeout_graceful_shutdown": int(settings.graceful_shutdown_seconds),
+    }
+    if settings.workers == 1:
+        uvicorn.run(_frozen(settings), **options)  # type: ignore[arg-type]
+        return
+    os.environ.update(
+        SPENDGATE_DB_URL=settings.db_url, SPENDGATE_UPSTREAM_URL=settings.upstream_url, SPENDGATE_WORKERS="1"
+    )
+    uvicorn.run("proxy.serving:worker_app", factory=True, workers=settings.workers, **options)  # type: ignore[arg-type]
+
+
+def worker_app() -> ASGIApp:
+    """The app of one worker process (uvicorn imports this in each)."""
+    configure_logging()
+    return _frozen(Settings.from_environ(os.environ))
+
+
+def _frozen(settings: Settings) -> ASGIApp:
+    from proxy.app import create_app
+
+    app = create_app(settings)
+    # Objects made at start-up (the app, SQLAlchemy, pricing) live forever: keep them out of every collection,
+    # or each full collection walks them all and stalls the event loop for tens of milliseconds.
+    gc.collect()
+    gc.freeze()
+    return app

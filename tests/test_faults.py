@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from proxy.audit import verify
-from proxy.budgets import team_counter
+from proxy.budgets import LEASE_PREFIX, team_counter
 from proxy.export import iter_usage
 from proxy.ledger.writer import Writer
 from proxy.models import BudgetReservation, Instance, UsageRow
@@ -169,9 +169,24 @@ def budgeted_key(engine: Engine) -> Iterator[str]:
     yield create_key(engine, "research", actor="test")[1]
 
 
+def is_lease(record: dict[str, Any]) -> bool:
+    return str(record["id"]).startswith(LEASE_PREFIX)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        # Less than SMALL_BUDGET worst cases of MESSAGE (about $0.0005 each): every call takes its own hold.
+        pytest.param(Decimal("0.012"), id="per-call-holds"),
+        # Plenty: calls are admitted against the replicas' leases.
+        pytest.param(Decimal(100), id="leases"),
+    ],
+)
 def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
-    engine: Engine, db_url: str, tmp_path: Path, budgeted_key: str
+    engine: Engine, db_url: str, tmp_path: Path, budget: Decimal
 ) -> None:
+    create_team(engine, "research", TeamSettings(budget_usd=budget), actor="test")
+    _, budgeted_key = create_key(engine, "research", actor="test")
     upstream = FakeAnthropic()
     calls = 16
     with serve_in_thread(upstream) as upstream_url:
@@ -194,17 +209,30 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
             process.wait(timeout=30)
             for thread in threads:
                 thread.join(timeout=60)
-            # Without any restart, a live replica takes over the dead one's holds.
+            # Without any restart, a live replica takes over the dead one's holds: each call's own hold becomes
+            # its record, a lease becomes one record at the amount leased (the calls it covered may have been
+            # billed; only the dead replica's journal knows them). The survivor's idle lease ends by itself.
             wait_until(lambda: count(engine, BudgetReservation) == 0, "the dead replica's holds to be recorded")
-            wait_until(lambda: count(engine) == calls, "a record for every call")
+            if budget == 100:
+                wait_until(lambda: [r for r in records(engine) if is_lease(r)], "the dead replica's lease recorded")
+            else:
+                wait_until(lambda: count(engine) == calls, "a record for every call")
             interrupted = [r for r in records(engine) if r["outcome"] == "interrupted"]
             assert interrupted and {r["cost_source"] for r in interrupted} == {"estimate"}
             assert get_team(engine, "research").reserved_usd == 0
-        # A restart on the same spill folder replays the dead replica's journal: nothing new, nothing twice.
+            assert get_team(engine, "research").spent_usd <= budget
+        # A restart on the same spill folder replays the dead replica's journal: nothing new, nothing twice, and
+        # a lease recorded at its amount is corrected to nothing (every call it covered has its own record).
         with replica(db_url, upstream_url, tmp_path, env=HEARTBEATS):
             pass
     written = records(engine)
-    assert len(written) == len({r["id"] for r in written}) == len(upstream.requests) == calls
+    leases = [r for r in written if is_lease(r)]
+    assert {Decimal(r["cost_usd"]) for r in leases} <= {Decimal(0)}
+    assert (budget == 100) == bool(leases)
+    calls_written = [r for r in written if not is_lease(r)]
+    assert len(calls_written) == len({r["id"] for r in calls_written}) == len(upstream.requests) == calls
+    spent = sum((Decimal(r["cost_usd"]) for r in calls_written), Decimal(0))
+    assert get_team(engine, "research").spent_usd == spent
     assert count(engine, Instance) == 0
     assert not list((tmp_path / "spill").glob("journal-*.jsonl"))
     # Estimates corrected from the journal are vouched for in the audit trail, which still verifies.

@@ -33,13 +33,14 @@ from proxy.errors import (
     ledger_errors,
 )
 from proxy.gateway.call import Call, label
+from proxy.gateway.leases import Leases
 from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.gateway.routes import Route
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.pricing import PriceTable
 from proxy.retries import fingerprint_request
-from proxy.types import HoldOwner, Reservation
+from proxy.types import HoldOwner, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")
 T = TypeVar("T")
@@ -69,8 +70,9 @@ class GateRules:
 class Gate:
     """Authenticates, reads and validates the body, applies the team's rules, and takes the budget hold."""
 
-    def __init__(self, *, keys: KeyCache, prices: PriceTable, engine: Engine, rules: GateRules) -> None:
+    def __init__(self, *, keys: KeyCache, prices: PriceTable, engine: Engine, leases: Leases, rules: GateRules) -> None:
         self._keys = keys
+        self._leases = leases
         self._prices = prices
         self._engine = engine
         self._rules = rules
@@ -120,7 +122,9 @@ class Gate:
             prices=self._prices,
             at=call.started_at,
         )
-        await self._hold_worst_case(call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}")
+        await self._hold_worst_case(
+            call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}", lease=True
+        )
         return capped.body
 
     async def admit_batch(self, call: Call, key: KeyInfo, body: bytes) -> bytes:
@@ -140,7 +144,7 @@ class Gate:
             request = {**request, "requests": capped_requests}
             body = json.dumps(request, separators=(",", ":")).encode()
         estimate = partial(_estimate_batch, capped_requests, self._prices, call)
-        await self._hold_worst_case(call, key, estimate, ttl=BATCH_HOLD, what="A model in this batch")
+        await self._hold_worst_case(call, key, estimate, ttl=BATCH_HOLD, what="A model in this batch", lease=False)
         return body
 
     async def owner(self, key: KeyInfo, batch_id: str) -> BatchOwner:
@@ -161,10 +165,22 @@ class Gate:
     def _cap(self, key: KeyInfo) -> int | None:
         return key.max_output_tokens if key.max_output_tokens is not None else self._rules.default_max_output_tokens
 
+    def finished(self, record: UsageRecord) -> None:
+        """A call's record is made: what it took from a lease is settled in memory."""
+        self._leases.finished(record)
+
     async def _hold_worst_case(
-        self, call: Call, key: KeyInfo, estimate: Callable[[], Decimal | None], *, ttl: timedelta, what: str
+        self,
+        call: Call,
+        key: KeyInfo,
+        estimate: Callable[[], Decimal | None],
+        *,
+        ttl: timedelta,
+        what: str,
+        lease: bool,
     ) -> None:
-        """Hold the call's worst case on its budgets; counters without a budget just record its spend later."""
+        """Hold the call's worst case on its budgets (against this process's lease when `lease` and the budgets
+        are large enough, else a hold of its own); counters without a budget just record its spend later."""
         counters = counters_for(key, call.started_at)
         if all(counter.budget_usd is None for counter in counters):
             call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
@@ -184,6 +200,11 @@ class Gate:
             with ledger_errors(
                 "The spend ledger did not answer, so the budget could not be checked and the call was not sent."
             ):
+                if lease:
+                    leased = await self._leases.admit(key, counters, amount, endpoint=call.endpoint)
+                    if leased is not None:
+                        call.reservation = replace(reservation, held=False, lease=leased)
+                        return
                 owner = HoldOwner(
                     instance_id=self._rules.instance,
                     team=key.team,

@@ -167,7 +167,7 @@ def _start(call: Call, size: int) -> Start:
         streamed=call.streamed,
         max_tokens=call.max_tokens_sent,
         input_bound=size,
-        held=reservation.amount if reservation is not None and reservation.held else None,
+        held=reservation.amount if reservation is not None and (reservation.held or reservation.lease) else None,
         metered=call.metered,
     )
 

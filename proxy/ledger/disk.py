@@ -64,7 +64,11 @@ def record_from_json(data: dict[str, Any]) -> UsageRecord:
             for c in held["counters"]
         )
         reservation = Reservation(
-            call_id=held["call_id"], counters=counters, amount=Decimal(held["amount"]), held=held["held"]
+            call_id=held["call_id"],
+            counters=counters,
+            amount=Decimal(held["amount"]),
+            held=held["held"],
+            lease=held.get("lease"),
         )
     usage = Usage(**{name: data[name] for name in USAGE_COLUMNS})
     window = int(data.get("retry_window_seconds") or 0)

@@ -21,30 +21,33 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, delete
 
-from proxy.budgets import counters_for
+from proxy.budgets import counters_for, end_leases
 from proxy.gateway.limits import estimate_cost
 from proxy.keys import lookup_key_by_id
 from proxy.ledger.commit import RECORD_COLUMNS
 from proxy.ledger.disk import Replayed, record_from_json, replay_records, set_aside
+from proxy.models import Instance
 from proxy.pricing import PriceTable
 from proxy.reprice import correct_estimates
-from proxy.types import USAGE_COLUMNS, Reservation, Usage, UsageRecord
+from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 # A segment is closed and a new one begun past this size, so finished calls stop costing disk.
 SEGMENT_BYTES = 8 * 1024 * 1024
+ZERO = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Start:
-    """What the journal keeps of a call as it goes upstream: enough for a record and a worst-case estimate."""
+class Start(NamedTuple):
+    """What the journal keeps of a call as it goes upstream: enough for a record and a worst-case estimate.
+    (A named tuple: built on every call's path, and a tuple is the cheapest immutable record Python makes.)"""
 
     id: str
     started_at: datetime
@@ -82,6 +85,7 @@ class Journal:
         self._started_in: dict[str, int] = {}
         self._ended_in: dict[str, int] = {}
         self._number = 0
+        self._leases: list[list[Any]] = []
         self._fd = -1
         self._size = 0
         self.failing: str | None = None
@@ -92,6 +96,17 @@ class Journal:
         self._write(["s", *_start_values(start)])
         self._segments[self._number].open_calls.add(start.id)
         self._started_in[start.id] = self._number
+
+    def leased(self, lease: str, counters: Sequence[Counter], at: datetime) -> None:
+        """Note a budget lease of this process; never raises (`failing` says the journal is not keeping up). Every
+        segment repeats the notes, so a replay finds each lease whose estimate it may have to correct."""
+        entry = ["l", lease, at.isoformat(), [[c.scope, c.period_start.isoformat()] for c in counters]]
+        self._leases.append(entry)
+        try:
+            self._write(entry)
+        except OSError as exc:
+            self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
+            logger.error("%s", self.failing)
 
     def ended(self, record: UsageRecord) -> None:
         """Note a call's final record, before it is queued for the ledger; never raises (the record is queued
@@ -139,7 +154,7 @@ class Journal:
 
     def _write(self, entry: list[Any]) -> None:
         # Positional JSON of plain values: the C encoder alone, a few microseconds, on every call's path.
-        data = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
+        data = (_encode(entry) + "\n").encode("ascii")
         if os.write(self._fd, data) != len(data):
             raise OSError(f"short write to the journal in {self._directory}")
         self.failing = None
@@ -158,6 +173,8 @@ class Journal:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = 0
         self._segments[self._number] = _Segment(path)
+        for entry in self._leases:
+            self._write(entry)
 
     def _forget(self, number: int | None) -> None:
         segment = self._segments.get(number) if number is not None else None
@@ -167,28 +184,33 @@ class Journal:
         del self._segments[number]  # type: ignore[arg-type]
 
 
-START_FIELDS = tuple(Start.__dataclass_fields__)
 # An end line: a record's columns, its usage, then its hold and repeat window.
 END_FIELDS = (*RECORD_COLUMNS, *USAGE_COLUMNS)
+# Every line is encoded on a call's path: one encoder made once (json.dumps with options makes one per call),
+# ASCII-only, so lone surrogates from client data are escaped rather than unencodable.
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_record_columns = attrgetter(*RECORD_COLUMNS)
+_usage_columns = attrgetter(*USAGE_COLUMNS)
+_START_AT, _HELD = Start._fields.index("started_at"), Start._fields.index("held")
 
 
 def _start_values(start: Start) -> list[Any]:
-    values = [getattr(start, name) for name in START_FIELDS]
-    values[START_FIELDS.index("started_at")] = start.started_at.isoformat()
-    values[START_FIELDS.index("held")] = None if start.held is None else str(start.held)
+    values = list(start)
+    values[_START_AT] = start.started_at.isoformat()
+    values[_HELD] = None if start.held is None else str(start.held)
     return values
 
 
 def _start_from_values(values: list[Any]) -> Start:
-    data = dict(zip(START_FIELDS, values, strict=True))
-    data["started_at"] = datetime.fromisoformat(data["started_at"])
-    data["held"] = None if data["held"] is None else Decimal(data["held"])
-    return Start(**data)
+    if len(values) != len(Start._fields):
+        raise ValueError(f"a start line has {len(values)} fields, not {len(Start._fields)}")
+    values[_START_AT] = datetime.fromisoformat(values[_START_AT])
+    values[_HELD] = None if values[_HELD] is None else Decimal(values[_HELD])
+    return Start(*values)
 
 
 def _record_values(record: UsageRecord) -> list[Any]:
-    values: list[Any] = [getattr(record, name) for name in RECORD_COLUMNS]
-    values += [getattr(record.usage, name) for name in USAGE_COLUMNS]
+    values: list[Any] = [*_record_columns(record), *_usage_columns(record.usage)]
     values[_STARTED], values[_FINISHED] = record.started_at.isoformat(), record.finished_at.isoformat()
     values[_COST] = None if record.cost_usd is None else str(record.cost_usd)
     hold = record.reservation
@@ -204,7 +226,7 @@ def _record_values(record: UsageRecord) -> list[Any]:
             ]
             for c in hold.counters
         ]
-        held = [hold.call_id, str(hold.amount), hold.held, counters]
+        held = [hold.call_id, str(hold.amount), hold.held, counters, hold.lease]
     return [*values, held, record.retry_window_seconds]
 
 
@@ -215,11 +237,12 @@ def _record_from_values(values: list[Any]) -> UsageRecord:
     data = dict(zip(END_FIELDS, columns, strict=True))
     reservation = None
     if held is not None:
-        call_id, amount, is_held, counters = held
+        call_id, amount, is_held, counters, lease = held
         reservation = {
             "call_id": call_id,
             "amount": amount,
             "held": is_held,
+            "lease": lease,
             "counters": [
                 dict(zip(("scope", "label", "period", "period_start", "budget_usd"), c, strict=True)) for c in counters
             ],
@@ -250,9 +273,13 @@ def replay_gone(engine: Engine, directory: Path, prices: PriceTable, *, name: st
 
 def replay_journal(engine: Engine, directory: Path, instance: str, prices: PriceTable, *, name: str) -> Replayed:
     """Write the records a gone process's journal holds and the `interrupted` records of its unfinished calls."""
+    # Replayed here, so no heartbeat reaper need take it for dead (and record its leases) meanwhile.
+    with engine.begin() as connection:
+        connection.execute(delete(Instance).where(Instance.id == instance))
     segments = sorted(directory.glob(f"journal-{instance}.*.jsonl"), key=lambda p: int(p.name.split(".")[-2]))
     starts: dict[str, Start] = {}
     ended: dict[str, UsageRecord] = {}
+    leases: dict[str, UsageRecord] = {}
     bad = 0
     for path in segments:
         for line in path.read_bytes().decode("utf-8", "surrogateescape").splitlines():
@@ -263,6 +290,9 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
                 if kind == "s":
                     start = _start_from_values(values)
                     starts[start.id] = start
+                elif kind == "l":
+                    void = _lease_void(values, prices)
+                    leases[void.id] = void
                 else:
                     record = _record_from_values(values)
                     ended[record.id] = record
@@ -275,8 +305,11 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
         if call_id not in ended:
             records.append(_unfinished(engine, start, prices))
     done = replay_records(engine, records, directory=directory, name=name)
+    # Every call admitted under its leases has its record now: what the leases still hold is free, and a lease a
+    # live replica recorded at its held amount when this process stopped beating was spent by nothing.
+    end_leases(engine, instance)
     # Calls a live replica recorded at their held amount when this process stopped beating: now the real cost.
-    corrected = correct_estimates(engine, list(ended.values()), actor=f"journal:{instance}")
+    corrected = correct_estimates(engine, [*ended.values(), *leases.values()], actor=f"journal:{instance}")
     for path in segments:
         path.unlink()
     if records or bad:
@@ -290,6 +323,33 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
             done.set_aside + bad,
         )
     return Replayed(written=done.written, set_aside=done.set_aside + bad)
+
+
+def _lease_void(values: list[Any], prices: PriceTable) -> UsageRecord:
+    """What a lease of a gone process turns out to have cost once every call it covered has its own record:
+    nothing (the correction of the estimate the heartbeat reaper wrote for it, if it did)."""
+    lease, at, scopes = values
+    counters = tuple(
+        Counter(scope=scope, label=scope, period="total", period_start=datetime.fromisoformat(start), budget_usd=None)
+        for scope, start in scopes
+    )
+    start = Start(
+        id=lease,
+        started_at=datetime.fromisoformat(at),
+        team=None,
+        key_id=None,
+        feature=None,
+        user=None,
+        endpoint="",
+        model=None,
+        streamed=False,
+        max_tokens=None,
+        input_bound=0,
+        held=None,
+        metered=True,
+    )
+    reservation = Reservation(call_id=lease, counters=counters, amount=ZERO, held=False)
+    return interrupted(start, cost=ZERO, reservation=reservation, prices=prices)
 
 
 def interrupted(

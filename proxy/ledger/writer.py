@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from functools import partial
 from itertools import islice
@@ -56,6 +56,7 @@ class Writer:
         soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
         on_soft_limit: SoftLimitSink | None = None,
         journal: Journal | None = None,
+        on_committed: Callable[[Sequence[UsageRecord]], None] | None = None,
     ) -> None:
         self._engine = engine
         self._flush_seconds = flush_seconds
@@ -68,6 +69,7 @@ class Writer:
         self._soft_fraction = soft_fraction
         self._on_soft_limit = on_soft_limit
         self._journal = journal
+        self._on_committed = on_committed
         # Set when another replica took this process for dead and recorded its live calls at their estimate:
         # then each batch's real records correct those estimates.
         self.correct_estimates = False
@@ -149,8 +151,6 @@ class Writer:
                 break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-        if self._journal is not None:
-            self._journal.close()
 
     async def _supervise(self) -> None:
         backoff = self._flush_seconds
@@ -200,6 +200,8 @@ class Writer:
             queued -= done
             if self._journal is not None:
                 self._journal.committed(batch[:done])
+            if self._on_committed is not None:
+                self._on_committed(batch[:done])
             if crossed and self._on_soft_limit is not None:
                 self._on_soft_limit(crossed)
             if done < len(batch):

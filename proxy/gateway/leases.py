@@ -1,0 +1,185 @@
+"""Budget leases: calls admitted in memory, the budget guaranteed by the ledger in bulk.
+
+A per-call hold is a locking transaction before every call. Instead, a process leases a slice of what a key's
+budgets have left (its team's counter and its own, at once) in one such transaction, admits calls against the
+slice with no I/O, and the writer takes each call's actual cost out of the slice in its batched transaction.
+Slices are sized from the recent demand (the worst cases admitted per second) and given back when demand drops.
+
+Why it cannot overrun: a slice is a hold in the ledger (`budget_reservations`, owned by this process), granted
+under the counters' locks only while spent + held stays within every budget, exactly like a call's hold. At
+every instant, what this process has admitted against a slice — calls in flight at their worst case, plus
+finished calls whose records are not yet written — is at most the slice, so spent + everything that may still
+be spent <= budget, across any number of replicas. When what is left is small beside the call's worst case
+(`SMALL_BUDGET`), no slice is taken: the call takes its own hold, exact as before, and refusals are exact.
+
+A process that dies leaves its slices behind: the heartbeat reaper records each as an `interrupted` call at
+the amount held (the calls it covered may have been billed), and a replay of the process's journal, which
+has every call it admitted, corrects that estimate to zero and ends the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import partial
+
+import anyio.to_thread
+from sqlalchemy import Engine
+
+from proxy.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
+from proxy.keys import KeyInfo
+from proxy.types import Counter, HoldOwner, UsageRecord
+
+ZERO = Decimal(0)
+# No slice while a budget has less left than this many worst cases of the call asking: per-call holds then.
+SMALL_BUDGET = 32
+# A slice covers at least this many such calls, and at most this share of what is left (so other replicas
+# can lease too), and otherwise the demand of `HORIZON_SECONDS`.
+LEASE_CALLS = 8
+SHARE = Decimal("0.25")
+HORIZON_SECONDS = 2
+# Unused slices beyond the demand are given back this often; a lease unused for this long ends.
+TRIM_SECONDS = 1.0
+IDLE_SECONDS = 1.0
+Slot = tuple[str, tuple[tuple[str, datetime], ...]]
+LeaseNote = Callable[[str, Sequence[Counter], datetime], None]
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """One slice of a key's budgets held by this process, and what it has admitted against it."""
+
+    id: str
+    counters: tuple[Counter, ...]
+    granted: Decimal = ZERO  # in the ledger, as far as this process's own writes go
+    in_flight: Decimal = ZERO  # worst cases of calls admitted and still running
+    unwritten: Decimal = ZERO  # actual costs of finished calls whose records are not written yet
+    returning: Decimal = ZERO  # being given back right now
+    demand: Decimal = ZERO  # worst cases admitted since the last trim
+    rate: Decimal = ZERO  # worst cases admitted per second, as of the last trim
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def available(self) -> Decimal:
+        """What calls may still be admitted against."""
+        return self.granted - self.in_flight - self.unwritten - self.returning
+
+    def take(self, amount: Decimal) -> str:
+        self.in_flight += amount
+        self.demand += amount
+        self.last_used = time.monotonic()
+        return self.id
+
+
+class Leases:
+    """This process's budget leases: admission against them on the request path, upkeep in the background."""
+
+    def __init__(self, engine: Engine, *, instance: str, ttl: timedelta, note: LeaseNote) -> None:
+        self._engine = engine
+        self._instance = instance
+        self._ttl = ttl
+        self._note = note
+        self._slots: dict[Slot, Lease] = {}
+        self._by_id: dict[str, Lease] = {}
+
+    async def admit(self, key: KeyInfo, counters: tuple[Counter, ...], amount: Decimal, *, endpoint: str) -> str | None:
+        """Admit a call of worst case `amount` against this process's lease of the key's budgets, growing it in
+        the ledger when needed; the lease id, or None when the budgets have too little left for leasing (the
+        call then takes its own hold)."""
+        budgeted = tuple(counter for counter in counters if counter.budget_usd is not None)
+        slot = (key.key_id, tuple((counter.scope, counter.period_start) for counter in budgeted))
+        lease = self._slots.get(slot)
+        if lease is not None and lease.available >= amount:
+            return lease.take(amount)
+        if lease is None:
+            lease = Lease(id=f"{LEASE_PREFIX}{secrets.token_hex(12)}", counters=budgeted)
+            self._slots[slot] = lease
+            self._by_id[lease.id] = lease
+            self._note(lease.id, budgeted, datetime.now(UTC))
+        async with lease.lock:
+            # Another call may have grown it while this one waited.
+            if lease.available >= amount:
+                return lease.take(amount)
+            lease.counters = budgeted  # the budgets as the key cache has them now
+            now = datetime.now(UTC)
+            owner = HoldOwner(
+                instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None
+            )
+            size = partial(_slice_size, amount=amount, rate=lease.rate)
+            grow = partial(
+                grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
+            )
+            granted = await anyio.to_thread.run_sync(grow)
+            lease.granted += granted
+            if lease.available >= amount:
+                return lease.take(amount)
+        return None
+
+    def finished(self, record: UsageRecord) -> None:
+        """A call admitted under a lease ended: its worst case is no longer in flight, its cost is owed."""
+        hold = record.reservation
+        lease = self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
+        if lease is None or hold is None:
+            return
+        lease.in_flight -= hold.amount
+        lease.unwritten += max(record.cost_usd or ZERO, ZERO)
+
+    def committed(self, records: Sequence[UsageRecord]) -> None:
+        """The writer wrote these records: their costs left the leases' slices in the ledger."""
+        for record in records:
+            hold = record.reservation
+            lease = self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
+            if lease is None:
+                continue
+            cost = max(record.cost_usd or ZERO, ZERO)
+            lease.unwritten -= cost
+            lease.granted = max(lease.granted - cost, ZERO)
+
+    async def trim(self) -> None:
+        """Give back what the recent demand does not need, and end leases nobody used for a while."""
+        now = time.monotonic()
+        for slot, lease in list(self._slots.items()):
+            lease.rate, lease.demand = lease.demand / Decimal(TRIM_SECONDS), ZERO
+            if lease.lock.locked():
+                continue  # growing right now
+            if now - lease.last_used > IDLE_SECONDS and lease.in_flight == 0 and lease.unwritten == 0:
+                del self._slots[slot]
+                await self._give_back(lease, None)
+                del self._by_id[lease.id]
+                continue
+            # Kept: the demand of a horizon; given back only past twice that, so a steady load does not churn.
+            keep = lease.rate * HORIZON_SECONDS
+            if lease.available > 2 * keep:
+                await self._give_back(lease, lease.available - keep)
+
+    async def close(self) -> None:
+        """At a clean exit, once every record is written: end every lease of this process."""
+        self._slots.clear()
+        self._by_id.clear()
+        await anyio.to_thread.run_sync(end_leases, self._engine, self._instance)
+
+    def forget(self) -> None:
+        """Another replica took this process for dead and recorded its leases: admit nothing more against them."""
+        self._slots.clear()
+
+    async def _give_back(self, lease: Lease, amount: Decimal | None) -> None:
+        back = lease.available if amount is None else amount
+        lease.returning += back
+        try:
+            await anyio.to_thread.run_sync(return_lease, self._engine, lease.id, amount)
+            lease.granted -= back
+        finally:
+            lease.returning -= back
+
+
+def _slice_size(left: Decimal, *, amount: Decimal, rate: Decimal) -> Decimal:
+    """How much to lease, given what the tightest budget has left: nothing when that is small beside the call."""
+    if left < amount * SMALL_BUDGET:
+        return ZERO
+    return min(max(amount * LEASE_CALLS, rate * HORIZON_SECONDS), left * SHARE)
