@@ -21,9 +21,9 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from datetime import UTC, datetime
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
