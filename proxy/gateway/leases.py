@@ -149,8 +149,13 @@ class Leases:
             if lease.lock.locked():
                 continue  # growing right now
             if now - lease.last_used > IDLE_SECONDS and lease.in_flight == 0 and lease.unwritten == 0:
+                # Out of the slots first, so no call is admitted against it while it ends; back in if it cannot.
                 del self._slots[slot]
-                await self._give_back(lease, None)
+                try:
+                    await self._give_back(lease, None)
+                except BaseException:
+                    self._slots.setdefault(slot, lease)
+                    raise
                 del self._by_id[lease.id]
                 continue
             # Kept: the demand of a horizon; given back only past twice that, so a steady load does not churn.
