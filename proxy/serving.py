@@ -80,6 +80,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 def configure_logging() -> None:
     """One line per event on stderr, ours only: httpx and aiohttp would log every upstream request again."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every call logs a line: skip what the format never shows (the logging docs' "Optimization" section), the
+    # caller's frame walk above all.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     for noisy in ("httpx", "httpcore", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

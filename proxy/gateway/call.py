@@ -6,6 +6,8 @@ function of what happened) and `make_record`.
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,6 +22,25 @@ from proxy.pricing import PriceTable
 from proxy.types import Cost, Outcome, Reservation, Usage, UsageRecord
 
 ZERO = Decimal(0)
+
+
+class _CallIds:
+    """Record ids unique across processes without a system call each: 48 random bits drawn once per process
+    (again in a forked child), then a counter."""
+
+    def __init__(self) -> None:
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = "sgr_" + secrets.token_hex(6)
+        self._next = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._next) & 0xFFFFFFFFFFFF:012x}"
+
+
+new_call_id = _CallIds()
 # The largest count an INTEGER column holds; larger client-sent numbers are not stored as counts.
 MAX_COUNT = 2**31 - 1
 
@@ -90,7 +111,7 @@ class Call:
     )
 
     def __init__(self, endpoint: str, *, call_id: str | None = None, started_at: datetime | None = None) -> None:
-        self.id = call_id or "sgr_" + secrets.token_hex(12)
+        self.id = call_id or new_call_id()
         self.endpoint = endpoint
         self.started_at = started_at or datetime.now(UTC)
         self.started = time.perf_counter() if started_at is None else None

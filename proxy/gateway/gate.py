@@ -7,6 +7,7 @@ alone: nobody gets a byte of body read, or a batch looked up, without a valid ke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -16,7 +17,6 @@ from decimal import Decimal
 from functools import partial
 from typing import Any, TypeVar
 
-import anyio
 import anyio.to_thread
 from sqlalchemy import Engine
 from starlette.types import Receive
@@ -87,8 +87,11 @@ class Gate:
     async def read_body(self, route: Route, receive: Receive) -> bytes:
         """The whole body, bounded in size for the route and in time (`BodyTimeout`)."""
         limit = BATCH_MAX_BODY_BYTES if route.kind == "batch_create" else self._rules.max_body_bytes
-        with anyio.move_on_after(self._rules.body_timeout_seconds):
-            return await _read_body(receive, limit)
+        try:
+            async with asyncio.timeout(self._rules.body_timeout_seconds):
+                return await _read_body(receive, limit)
+        except TimeoutError:
+            pass
         raise BodyTimeout(
             f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it faster, "
             "or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."

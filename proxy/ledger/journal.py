@@ -15,6 +15,7 @@ every call started in it has ended and every record ended in it is in the ledger
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import logging
@@ -86,14 +87,19 @@ class Journal:
         self._ended_in: dict[str, int] = {}
         self._number = 0
         self._leases: list[list[Any]] = []
+        # End lines not yet written: (call id, line).
+        self._held: list[tuple[str, str]] = []
         self._fd = -1
         self._size = 0
         self.failing: str | None = None
         self._open_segment()
 
     def started(self, start: Start) -> None:
-        """Note a call about to go upstream (raises OSError if the line cannot be written)."""
-        self._write(["s", *_start_values(start)])
+        """Note a call about to go upstream (raises OSError if the line cannot be written); end lines waiting to
+        be written go in the same `write()`."""
+        line = "s", *_start_values(start)
+        self._write_lines([*(held for _, held in self._held), _encode(line)])
+        self._note_ended()
         self._segments[self._number].open_calls.add(start.id)
         self._started_in[start.id] = self._number
 
@@ -110,28 +116,46 @@ class Journal:
 
     def ended(self, record: UsageRecord) -> None:
         """Note a call's final record, before it is queued for the ledger; never raises (the record is queued
-        all the same, and `failing` says the journal is not keeping up)."""
-        number = self._started_in.pop(record.id, None)
-        if number is not None:
-            self._segments[number].open_calls.discard(record.id)
+        all the same, and `failing` says the journal is not keeping up).
+
+        The line is written with the next start line or at the end of this turn of the event loop, whichever
+        comes first: under load one `write()` carries many lines. Until then the call's start line is kept."""
+        self._held.append((record.id, _encode(["e", *_record_values(record)])))
+        if len(self._held) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._write_held)
+            except RuntimeError:  # no loop: a replay or a test, write it now
+                self._write_held()
+
+    def _write_held(self) -> None:
+        if not self._held:
+            return
         try:
-            self._write(["e", *_record_values(record)])
+            self._write_lines([line for _, line in self._held])
         except OSError as exc:
             self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
             logger.error("%s", self.failing)
+        self._note_ended()
+
+    def _note_ended(self) -> None:
+        """Bookkeeping for end lines just written (or lost: the records are queued all the same)."""
+        held, self._held = self._held, []
+        for call_id, _ in held:
+            number = self._started_in.pop(call_id, None)
+            if number is not None:
+                self._segments[number].open_calls.discard(call_id)
+            # The same record can end twice (a batch's results read again): only its newest line is waited for.
+            earlier = self._ended_in.get(call_id)
+            if earlier is not None:
+                self._segments[earlier].unwritten.discard(call_id)
+            self._segments[self._number].unwritten.add(call_id)
+            self._ended_in[call_id] = self._number
             self._forget(number)
-            return
-        # The same record can end twice (a batch's results read again): only its newest line is waited for.
-        earlier = self._ended_in.get(record.id)
-        if earlier is not None:
-            self._segments[earlier].unwritten.discard(record.id)
-        self._segments[self._number].unwritten.add(record.id)
-        self._ended_in[record.id] = self._number
-        self._forget(number)
-        self._forget(earlier)
+            self._forget(earlier)
 
     def committed(self, records: Sequence[UsageRecord]) -> None:
         """The ledger has these records (or set them aside): the journal may forget them."""
+        self._write_held()
         touched = set()
         for record in records:
             number = self._ended_in.pop(record.id, None)
@@ -143,6 +167,7 @@ class Journal:
 
     def close(self) -> None:
         """At a clean shutdown, after the writer drained: delete the segments nothing depends on, then unlock."""
+        self._write_held()
         for segment in self._segments.values():
             segment.closed = True
         for number in list(self._segments):
@@ -153,17 +178,21 @@ class Journal:
         os.close(self._lock_fd)
 
     def _write(self, entry: list[Any]) -> None:
-        # Positional JSON of plain values: the C encoder alone, a few microseconds, on every call's path.
-        data = (_encode(entry) + "\n").encode("ascii")
-        if os.write(self._fd, data) != len(data):
-            raise OSError(f"short write to the journal in {self._directory}")
-        self.failing = None
-        self._size += len(data)
+        self._write_lines([_encode(entry)])
+
+    def _write_lines(self, lines: list[str]) -> None:
+        # Positional JSON of plain values, ASCII: the C encoder alone, a few microseconds per line.
+        data = ("\n".join(lines) + "\n").encode("ascii")
         if self._size > SEGMENT_BYTES:
+            # Before the write, so the lines land in the segment the caller then notes them in.
             self._segments[self._number].closed = True
             previous = self._number
             self._open_segment()
             self._forget(previous)
+        if os.write(self._fd, data) != len(data):
+            raise OSError(f"short write to the journal in {self._directory}")
+        self.failing = None
+        self._size += len(data)
 
     def _open_segment(self) -> None:
         if self._fd >= 0:
