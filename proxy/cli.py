@@ -76,8 +76,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.db import upgrade
+    from proxy.logs import configure_logging
     from proxy.pricing import PriceTable
-    from proxy.serving import configure_logging, run
+    from proxy.serving import run
 
     settings = Settings.from_environ(
         os.environ, db_url=args.db, host=args.host, port=args.port, upstream_url=args.upstream, workers=args.workers

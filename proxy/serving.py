@@ -77,17 +77,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
 
-def configure_logging() -> None:
-    """One line per event on stderr, ours only: httpx and aiohttp would log every upstream request again."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Every call logs a line: skip what the format never shows (the logging docs' "Optimization" section), the
-    # caller's frame walk above all.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    for noisy in ("httpx", "httpcore", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run(settings: Settings) -> None:
     """Serve until SIGTERM or Ctrl-C: in this process, or in `settings.workers` worker processes configured
     through the environment (the settings given as flags are passed on as `SPENDGATE_*` variables)."""
@@ -113,6 +102,8 @@ def run(settings: Settings) -> None:
 
 def worker_app() -> ASGIApp:
     """The app of one worker process (uvicorn imports this in each)."""
+    from proxy.logs import configure_logging
+
     configure_logging()
     return _frozen(Settings.from_environ(os.environ))
 
