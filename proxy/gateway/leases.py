@@ -55,7 +55,6 @@ class Lease:
     """One slice of a key's budgets held by this process, and what it has admitted against it."""
 
     id: str
-    counters: tuple[Counter, ...]
     granted: Decimal = ZERO  # in the ledger, as far as this process's own writes go
     in_flight: Decimal = ZERO  # worst cases of calls admitted and still running
     unwritten: Decimal = ZERO  # actual costs of finished calls whose records are not written yet
@@ -63,6 +62,7 @@ class Lease:
     demand: Decimal = ZERO  # worst cases admitted since the last trim
     rate: Decimal = ZERO  # worst cases admitted per second, as of the last trim
     last_used: float = field(default_factory=time.monotonic)
+    small_until: float = 0.0  # until then (monotonic), the budget is too small for leasing: per-call holds
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -97,8 +97,10 @@ class Leases:
         lease = self._slots.get(slot)
         if lease is not None and lease.available >= amount:
             return lease.take(amount)
+        if lease is not None and lease.small_until > time.monotonic():
+            return None  # the budget was found small a moment ago: no transaction to learn it again
         if lease is None:
-            lease = Lease(id=f"{LEASE_PREFIX}{secrets.token_hex(12)}", counters=budgeted)
+            lease = Lease(id=f"{LEASE_PREFIX}{secrets.token_hex(12)}")
             self._slots[slot] = lease
             self._by_id[lease.id] = lease
             self._note(lease.id, budgeted, datetime.now(UTC))
@@ -106,7 +108,6 @@ class Leases:
             # Another call may have grown it while this one waited.
             if lease.available >= amount:
                 return lease.take(amount)
-            lease.counters = budgeted  # the budgets as the key cache has them now
             now = datetime.now(UTC)
             owner = HoldOwner(
                 instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None
@@ -119,6 +120,8 @@ class Leases:
             lease.granted += granted
             if lease.available >= amount:
                 return lease.take(amount)
+            if not granted:
+                lease.small_until = time.monotonic() + TRIM_SECONDS
         return None
 
     def finished(self, record: UsageRecord) -> None:

@@ -266,7 +266,9 @@ def _record_from_values(values: list[Any]) -> UsageRecord:
     data = dict(zip(END_FIELDS, columns, strict=True))
     reservation = None
     if held is not None:
-        call_id, amount, is_held, counters, lease = held
+        # Lines written before leases existed have no fifth element.
+        call_id, amount, is_held, counters, *rest = held
+        lease = rest[0] if rest else None
         reservation = {
             "call_id": call_id,
             "amount": amount,
