@@ -210,9 +210,8 @@ def test_odd_fields_never_go_out_and_never_leave_a_hold(
         records = stack.records(len(odd) + 1)
         stack.idle()
         # Nothing is left held: no phantom hold, and the lease the stream took ends once unused.
-        view = wait_until(
-            lambda: (team := get_team(engine, "research")).reserved_usd == 0 and team, "nothing held by this team"
-        )
+        wait_until(lambda: get_team(engine, "research").reserved_usd == 0, "nothing held by this team")
+        view = get_team(engine, "research")
     assert len(stack.upstream.requests) == 1
     assert [r["outcome"] for r in records].count("rejected") == len(odd)
     assert view.reserved_usd == 0
