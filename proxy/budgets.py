@@ -267,11 +267,7 @@ def end_leases(engine: Engine, instance: str) -> int:
     )
     with write_transaction(engine) as connection:
         leases = sorted(set(connection.execute(query).scalars()))
-        released = _release(connection, leases)
-        current = _lock(connection, [_stub(key) for key in released])
-        for key, amount in sorted(released.items()):
-            spent, reserved = current[key]
-            _write(connection, key[0], key[1], spent=spent, reserved=max(reserved - amount, ZERO))
+        _unhold(connection, leases)
     return len(leases)
 
 
@@ -286,11 +282,7 @@ def release_expired(engine: Engine, now: datetime, *, limit: int = 1000) -> int:
         call_ids = sorted(set(expired))
         if not call_ids:
             return 0
-        released = _release(connection, call_ids)
-        current = _lock(connection, [_stub(key) for key in released])
-        for key, amount in sorted(released.items()):
-            spent, reserved = current[key]
-            _write(connection, key[0], key[1], spent=spent, reserved=max(reserved - amount, ZERO))
+        _unhold(connection, call_ids)
         return len(call_ids)
 
 
@@ -337,6 +329,15 @@ def _write(connection: Connection, scope: str, start: datetime, *, spent: Decima
         .where(BudgetCounter.scope == scope, BudgetCounter.period_start == start)
         .values(spent_usd=spent, reserved_usd=reserved)
     )
+
+
+def _unhold(connection: Connection, call_ids: Sequence[str]) -> None:
+    """Delete the holds of these calls (or leases) and take what they held off their counters."""
+    released = _release(connection, call_ids)
+    current = _lock(connection, [_stub(key) for key in released])
+    for key, amount in sorted(released.items()):
+        spent, reserved = current[key]
+        _write(connection, key[0], key[1], spent=spent, reserved=max(reserved - amount, ZERO))
 
 
 def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey, Decimal]:

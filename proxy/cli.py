@@ -76,8 +76,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.db import upgrade
+    from proxy.ledger.disk import replay_spilled
     from proxy.logs import configure_logging
-    from proxy.pricing import PriceTable
     from proxy.serving import run
 
     settings = Settings.from_environ(
@@ -97,8 +97,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     upgrade(settings.db_url)
     with _ledger(settings) as engine:
-        # What earlier processes left on disk: spilled records, and the journals of processes that are gone.
-        _recover(engine, settings.spill_dir, PriceTable.load(settings.prices_path), refused=False)
+        # Records spilled at an earlier shutdown; the journals of gone processes are replayed by every serving
+        # process as it starts (proxy/app.py), so a restarted worker replays its dead sibling's too.
+        replay_spilled(engine, settings.spill_dir, name="replay")
     logger.info(
         "spendgate serving on http://%s:%d with %d worker(s), forwarding to %s",
         settings.host,
@@ -152,13 +153,13 @@ def _check_url(db_url: str) -> URL:
     return url
 
 
-def _recover(engine: Engine, directory: Path, prices: PriceTable, *, refused: bool) -> Replayed:
-    """Replay journals of gone processes and spill files (and, if `refused`, records set aside as refused)."""
+def _recover(engine: Engine, directory: Path, prices: PriceTable) -> Replayed:
+    """Replay journals of gone processes, spill files and records set aside as refused."""
     from proxy.ledger.disk import replay_refused, replay_spilled
     from proxy.ledger.journal import replay_gone
 
     total = replay_gone(engine, directory, prices, name="replay")
-    for step in (replay_spilled, replay_refused) if refused else (replay_spilled,):
+    for step in (replay_spilled, replay_refused):
         total += step(engine, directory, name="replay")
     return total
 
@@ -167,7 +168,7 @@ def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.pricing import PriceTable
 
     with _ledger(settings) as engine:
-        done = _recover(engine, Path(args.directory), PriceTable.load(settings.prices_path), refused=True)
+        done = _recover(engine, Path(args.directory), PriceTable.load(settings.prices_path))
     print(f"replayed {args.directory}: {done.written} records written, {done.set_aside} set aside (refused-*.jsonl)")
     return 0
 

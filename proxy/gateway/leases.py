@@ -126,18 +126,16 @@ class Leases:
 
     def finished(self, record: UsageRecord) -> None:
         """A call admitted under a lease ended: its worst case is no longer in flight, its cost is owed."""
-        hold = record.reservation
-        lease = self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
-        if lease is None or hold is None:
+        lease = self._lease_of(record)
+        if lease is None or record.reservation is None:
             return
-        lease.in_flight -= hold.amount
+        lease.in_flight -= record.reservation.amount
         lease.unwritten += max(record.cost_usd or ZERO, ZERO)
 
     def committed(self, records: Sequence[UsageRecord]) -> None:
         """The writer wrote these records: their costs left the leases' slices in the ledger."""
         for record in records:
-            hold = record.reservation
-            lease = self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
+            lease = self._lease_of(record)
             if lease is None:
                 continue
             cost = max(record.cost_usd or ZERO, ZERO)
@@ -175,6 +173,10 @@ class Leases:
     def forget(self) -> None:
         """Another replica took this process for dead and recorded its leases: admit nothing more against them."""
         self._slots.clear()
+
+    def _lease_of(self, record: UsageRecord) -> Lease | None:
+        hold = record.reservation
+        return self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
 
     async def _give_back(self, lease: Lease, amount: Decimal | None) -> None:
         back = lease.available if amount is None else amount

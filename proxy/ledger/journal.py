@@ -111,8 +111,7 @@ class Journal:
         try:
             self._write(entry)
         except OSError as exc:
-            self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
-            logger.error("%s", self.failing)
+            self._failed(exc)
 
     def ended(self, record: UsageRecord) -> None:
         """Note a call's final record, before it is queued for the ledger; never raises (the record is queued
@@ -133,9 +132,12 @@ class Journal:
         try:
             self._write_lines([line for _, line in self._held])
         except OSError as exc:
-            self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
-            logger.error("%s", self.failing)
+            self._failed(exc)
         self._note_ended()
+
+    def _failed(self, exc: OSError) -> None:
+        self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
+        logger.error("%s", self.failing)
 
     def _note_ended(self) -> None:
         """Bookkeeping for end lines just written (or lost: the records are queued all the same)."""
