@@ -7,27 +7,50 @@ Errors use Anthropic's error shape, like every other answer spendgate makes itse
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from http import HTTPStatus
+from importlib.metadata import version
 from typing import Any
 
 import anyio.to_thread
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from sqlalchemy import Engine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.errors import ProxyError, ledger_errors
+from proxy.admin_models import (
+    Document,
+    Error,
+    Key as KeyOut,
+    KeyCreate,
+    KeyCreated,
+    Keys,
+    Report,
+    ReportQuery,
+    Team as TeamOut,
+    TeamCreate,
+    TeamFields,
+    Teams,
+    UsagePage,
+    UsageQuery,
+    explain,
+)
+from proxy.errors import ProxyError, error_response, ledger_errors
 from proxy.export import Cursor, iter_usage
 from proxy.keys import KeyCache
 from proxy.pricing import PriceTable
 from proxy.reports import report
 from proxy.teams import (
-    UNSET,
     Conflict,
     NotFound,
     TeamSettings,
@@ -41,10 +64,8 @@ from proxy.teams import (
 )
 from proxy.types import parse_instant
 
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
-TEAM_FIELDS = ("budget_usd", "period", "max_output_tokens", "cap_policy", "models", "retry_window_seconds")
 Handler = Callable[[Request], Awaitable[Response]]
+JSON = "application/json"
 
 
 class AdminError(Exception):
@@ -53,6 +74,22 @@ class AdminError(Exception):
     def __init__(self, status: int, error_type: str, message: str) -> None:
         super().__init__(message)
         self.status, self.error_type, self.message = status, error_type, message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Operation:
+    """One admin route: what it does, what it takes and answers (the OpenAPI document is made from these)."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    answer: type[BaseModel]
+    status: int = 200
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    # Refusals besides 401 (every route) and 503 (the ledger did not answer).
+    errors: tuple[int, ...] = ()
 
 
 def admin_routes(token: str | None) -> list[Route]:
@@ -64,29 +101,22 @@ def admin_routes(token: str | None) -> list[Route]:
                 _authorize(request, token)
                 return await handler(request)
             except AdminError as error:
-                return _error(error.status, error.error_type, error.message)
+                return error_response(error.status, error.error_type, error.message)
             except ProxyError as error:
                 return error.response()
             except NotFound as error:
-                return _error(404, "not_found_error", str(error))
+                return error_response(404, "not_found_error", str(error))
             except Conflict as error:
-                return _error(409, "invalid_request_error", str(error))
+                return error_response(409, "invalid_request_error", str(error))
+            except ValidationError as error:
+                return error_response(400, "invalid_request_error", explain(error))
             except ValueError as error:
-                return _error(400, "invalid_request_error", str(error))
+                return error_response(400, "invalid_request_error", str(error))
 
         return endpoint
 
-    return [
-        Route("/admin/teams", guarded(_create_team), methods=["POST"]),
-        Route("/admin/teams", guarded(_list_teams), methods=["GET"]),
-        Route("/admin/teams/{name}", guarded(_get_team), methods=["GET"]),
-        Route("/admin/teams/{name}", guarded(_update_team), methods=["PATCH"]),
-        Route("/admin/teams/{name}/keys", guarded(_create_key), methods=["POST"]),
-        Route("/admin/teams/{name}/keys", guarded(_list_keys), methods=["GET"]),
-        Route("/admin/keys/{key_id}", guarded(_revoke_key), methods=["DELETE"]),
-        Route("/admin/usage", guarded(_usage), methods=["GET"]),
-        Route("/admin/report", guarded(_report), methods=["GET"]),
-    ]
+    routes = [Route(op.path, guarded(op.handler), methods=[op.method]) for op in OPERATIONS]
+    return [*routes, Route("/admin/openapi.json", guarded(_openapi), methods=["GET"])]
 
 
 def _actor(request: Request) -> str:
@@ -105,12 +135,11 @@ def _authorize(request: Request, token: str | None) -> None:
 
 
 async def _create_team(request: Request) -> Response:
-    body = await _json(request)
-    name = body.pop("name", None)
-    if not isinstance(name, str):
-        raise ValueError("'name' (a string) is required")
-    settings = _team_settings(body)
-    view = await _run(request, lambda engine: create_team(engine, name, settings, actor=_actor(request)))
+    body = TeamCreate.model_validate(await _json(request))
+    fields = body.given()
+    fields.pop("name", None)
+    settings = TeamSettings(**fields)
+    view = await _run(request, lambda engine: create_team(engine, body.name, settings, actor=_actor(request)))
     return JSONResponse(view.to_json(), status_code=201)
 
 
@@ -127,23 +156,19 @@ async def _get_team(request: Request) -> Response:
 
 async def _update_team(request: Request) -> Response:
     name = request.path_params["name"]
-    settings = _team_settings(await _json(request))
+    settings = TeamSettings(**TeamFields.model_validate(await _json(request)).given())
     view = await _run(request, lambda engine: update_team(engine, name, settings, actor=_actor(request)))
     return JSONResponse(view.to_json())
 
 
 async def _create_key(request: Request) -> Response:
     team = request.path_params["name"]
-    body = await _json(request)
-    unknown = set(body) - {"name", "budget_usd", "period"}
-    if unknown:
-        raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-    label = body.get("name")
-    budget = _decimal(body.get("budget_usd"), "budget_usd")
-    period = body.get("period", "month")
+    body = KeyCreate.model_validate(await _json(request))
     view, key = await _run(
         request,
-        lambda engine: create_key(engine, team, actor=_actor(request), name=label, budget_usd=budget, period=period),
+        lambda engine: create_key(
+            engine, team, actor=_actor(request), name=body.name, budget_usd=body.budget_usd, period=body.period
+        ),
     )
     return JSONResponse({**view.to_json(), "key": key}, status_code=201)
 
@@ -165,11 +190,10 @@ async def _revoke_key(request: Request) -> Response:
 
 
 async def _usage(request: Request) -> Response:
-    query = request.query_params
-    limit = _page_size(query.get("limit"))
-    after = _decode_cursor(query["cursor"]) if "cursor" in query else None
-    since, until = _instant(query.get("since"), "since"), _instant(query.get("until"), "until")
-    team = query.get("team")
+    query = UsageQuery.model_validate(dict(request.query_params))
+    limit, team = query.limit, query.team
+    after = _decode_cursor(query.cursor) if query.cursor is not None else None
+    since, until = _instant(query.since, "since"), _instant(query.until, "until")
 
     def page(engine: Engine) -> list[tuple[Cursor, dict[str, Any]]]:
         return list(iter_usage(engine, team=team, since=since, until=until, after=after, limit=limit + 1))
@@ -182,12 +206,148 @@ async def _usage(request: Request) -> Response:
 
 
 async def _report(request: Request) -> Response:
-    query = request.query_params
-    by = [name.strip() for name in query.get("by", "").split(",") if name.strip()]
-    since, until = _instant(query.get("since"), "since"), _instant(query.get("until"), "until")
+    query = ReportQuery.model_validate(dict(request.query_params))
+    by = query.groups()
+    since, until = _instant(query.since, "since"), _instant(query.until, "until")
     prices: PriceTable = request.state.prices
     rows = await _run(request, lambda engine: report(engine, prices, by=by, since=since, until=until))
     return JSONResponse({"data": [row.to_json() for row in rows]})
+
+
+async def _openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+OPERATIONS = (
+    Operation(
+        method="POST",
+        path="/admin/teams",
+        handler=_create_team,
+        summary="Create a team",
+        body=TeamCreate,
+        answer=TeamOut,
+        status=201,
+        errors=(400, 409),
+    ),
+    Operation(
+        method="GET", path="/admin/teams", handler=_list_teams, summary="List teams with their spend", answer=Teams
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}",
+        handler=_get_team,
+        summary="One team with its spend",
+        answer=TeamOut,
+        errors=(404,),
+    ),
+    Operation(
+        method="PATCH",
+        path="/admin/teams/{name}",
+        handler=_update_team,
+        summary="Change a team's rules",
+        body=TeamFields,
+        answer=TeamOut,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="POST",
+        path="/admin/teams/{name}/keys",
+        handler=_create_key,
+        summary="Create a client key",
+        body=KeyCreate,
+        answer=KeyCreated,
+        status=201,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}/keys",
+        handler=_list_keys,
+        summary="List a team's keys",
+        answer=Keys,
+        errors=(404,),
+    ),
+    Operation(
+        method="DELETE",
+        path="/admin/keys/{key_id}",
+        handler=_revoke_key,
+        summary="Revoke a key",
+        answer=KeyOut,
+        errors=(404,),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/usage",
+        handler=_usage,
+        summary="Usage records, oldest first, in pages",
+        query=UsageQuery,
+        answer=UsagePage,
+        errors=(400,),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/report",
+        handler=_report,
+        summary="Spend totals by group",
+        query=ReportQuery,
+        answer=Report,
+        errors=(400,),
+    ),
+    Operation(method="GET", path="/admin/openapi.json", handler=_openapi, summary="This document", answer=Document),
+)
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The admin API as OpenAPI 3.1, made from the models that validate its requests and shape its answers."""
+    pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(Error, "serialization")]
+    for op in OPERATIONS:
+        pairs.append((op.answer, "serialization"))
+        if op.body is not None:
+            pairs.append((op.body, "validation"))
+    refs, top = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        answer = refs[(op.answer, "serialization")]
+        responses = {str(op.status): {"description": op.summary, "content": {JSON: {"schema": answer}}}}
+        for status in (*op.errors, 401, 503):
+            error = refs[(Error, "serialization")]
+            responses[str(status)] = {"description": HTTPStatus(status).phrase, "content": {JSON: {"schema": error}}}
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", op.path)
+        ]
+        if op.query is not None:
+            properties = op.query.model_json_schema()["properties"]
+            parameters += [
+                {"name": name, "in": "query", "required": False, "schema": schema, "description": field.description}
+                for name, field in op.query.model_fields.items()
+                for schema in [properties[name]]
+            ]
+        operation: dict[str, Any] = {
+            "summary": op.summary,
+            "operationId": op.handler.__name__.strip("_"),
+            "parameters": parameters,
+            "responses": responses,
+        }
+        if op.body is not None:
+            schema = refs[(op.body, "validation")]
+            operation["requestBody"] = {"required": True, "content": {JSON: {"schema": schema}}}
+        paths.setdefault(op.path, {})[op.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "spendgate admin API",
+            "version": version("spendgate"),
+            "description": "The CLI's operations over JSON. Errors use Anthropic's error shape.",
+        },
+        "security": [{"admin": []}],
+        "paths": paths,
+        "components": {
+            "schemas": top["$defs"],
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer", "description": "SPENDGATE_ADMIN_TOKEN"}},
+        },
+    }
 
 
 async def _run(request: Request, work: Callable[[Engine], Any]) -> Any:
@@ -205,54 +365,6 @@ async def _json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     return body
-
-
-def _team_settings(body: dict[str, Any]) -> TeamSettings:
-    """Fields present are set (null clears a limit); fields absent are left as they are."""
-    unknown = set(body) - set(TEAM_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown fields: {', '.join(sorted(unknown))}")
-    models = body.get("models", UNSET)
-    if models is not None and models is not UNSET:
-        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-            raise ValueError("'models' must be a non-empty list of model ids, or null for every model")
-        models = tuple(models)
-    tokens = body.get("max_output_tokens", UNSET)
-    if tokens is not None and tokens is not UNSET and (not isinstance(tokens, int) or isinstance(tokens, bool)):
-        raise ValueError("'max_output_tokens' must be a whole number, or null for no cap")
-    window = body.get("retry_window_seconds", UNSET)
-    if window is not UNSET and (not isinstance(window, int) or isinstance(window, bool)):
-        raise ValueError("'retry_window_seconds' must be a whole number of seconds (0: off)")
-    return TeamSettings(
-        retry_window_seconds=window,
-        budget_usd=_decimal(body["budget_usd"], "budget_usd") if "budget_usd" in body else UNSET,
-        period=body.get("period", UNSET),
-        max_output_tokens=tokens,
-        cap_policy=body.get("cap_policy", UNSET),
-        models=models,
-    )
-
-
-def _decimal(value: Any, field: str) -> Decimal | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
-        raise ValueError(f"'{field}' must be an amount in USD, e.g. \"250.00\"")
-    try:
-        amount = Decimal(value)
-    except ArithmeticError:
-        raise ValueError(f"'{field}' must be an amount in USD, e.g. \"250.00\"") from None
-    if not amount.is_finite():
-        raise ValueError(f"'{field}' must be an amount in USD, e.g. \"250.00\"")
-    return amount
-
-
-def _page_size(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
-        raise ValueError(f"'limit' must be a whole number from 1 to {MAX_PAGE}")
-    return int(raw)
 
 
 def _instant(raw: str | None, field: str) -> datetime | None:
@@ -273,7 +385,3 @@ def _decode_cursor(raw: str) -> Cursor:
         return datetime.fromisoformat(started_at), int(seq)
     except ValueError:
         raise ValueError("'cursor' is not one this API returned") from None
-
-
-def _error(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"type": "error", "error": {"type": error_type, "message": message}}, status_code=status)

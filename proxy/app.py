@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import TypedDict
 
 import anyio.to_thread
 import httpx
+from prometheus_client import start_http_server
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
@@ -39,6 +42,15 @@ from proxy.keys import KeyCache
 from proxy.ledger.instances import Heartbeat
 from proxy.ledger.journal import Journal, replay_gone
 from proxy.ledger.writer import Writer
+from proxy.logs import Trouble
+from proxy.metrics import (
+    MULTIPROCESS_ENV,
+    LabelPolicy,
+    Metrics,
+    forget_dead_workers,
+    metrics_route,
+    scrape_registry,
+)
 from proxy.pricing import PriceTable
 
 logger = logging.getLogger("spendgate")
@@ -50,6 +62,7 @@ class State(TypedDict):
     writer: Writer
     keys: KeyCache
     prices: PriceTable
+    metrics: Metrics
 
 
 def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> ASGIApp:
@@ -59,6 +72,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         engine = make_engine(settings.db_url)
+        policy = LabelPolicy(lists_model=prices.lists, features=settings.metrics_features, users=settings.metrics_users)
+        # One per app: several apps may share a process (tests), each counting only its own calls.
+        metrics = Metrics(policy)
         upstream: Upstream
         if transport is None:
             upstream = AiohttpUpstream(
@@ -80,7 +96,11 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         # A worker restarted after its sibling died replays the sibling's journal (its lock is free now).
         await anyio.to_thread.run_sync(partial(replay_gone, engine, settings.spill_dir, prices, name=instance))
         leases = Leases(
-            engine, instance=instance, ttl=timedelta(seconds=settings.reservation_ttl_seconds), note=journal.leased
+            engine,
+            instance=instance,
+            ttl=timedelta(seconds=settings.reservation_ttl_seconds),
+            note=journal.leased,
+            metrics=metrics,
         )
         writer = Writer(
             engine,
@@ -95,6 +115,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             on_soft_limit=alerts.notify,
             journal=journal,
             on_committed=leases.committed,
+            metrics=metrics,
         )
         fetcher = ResultsFetcher(
             engine=engine,
@@ -117,6 +138,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
                 fail_open=settings.budget_fail_open,
                 instance=instance,
             ),
+            metrics=metrics,
         )
         relay = Relay(
             upstream, upstream_url=settings.upstream_url, upstream_key=settings.anthropic_api_key, ledger=writer
@@ -133,24 +155,48 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         gateway = Gateway(gate=gate, relay=relay, batches=batches, prices=prices, ledger=writer)
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
+        forget_dead_workers()
         heart = Heartbeat(engine, prices, instance, limit=timedelta(seconds=settings.heartbeat_limit_seconds))
         await anyio.to_thread.run_sync(heart.start, datetime.now(UTC))
         writer.start()
         alerts.start()
         background = [
             asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds)),
-            asyncio.create_task(_every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer, leases))),
-            asyncio.create_task(_every(TRIM_SECONDS, leases.trim)),
+            asyncio.create_task(
+                _every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer, leases), "heartbeat")
+            ),
+            asyncio.create_task(_every(TRIM_SECONDS, leases.trim, "lease upkeep")),
+            asyncio.create_task(
+                _every(1.0, partial(_ledger_gauges, metrics, writer, settings.spill_dir), "ledger gauges")
+            ),
         ]
+        # With workers, their supervisor serves this address for all of them (`proxy/serving.py`).
+        listener = None
+        if settings.metrics_addr is not None and not os.environ.get(MULTIPROCESS_ENV):
+            listener = start_http_server(
+                settings.metrics_addr[1], settings.metrics_addr[0], registry=scrape_registry(metrics, engine)
+            )[0]
         if settings.batch_reconcile_seconds > 0:
             lease = timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2))
             reconcile = partial(fetcher.reconcile, lease)
-            background.append(asyncio.create_task(_every(settings.batch_reconcile_seconds, reconcile)))
+            background.append(
+                asyncio.create_task(_every(settings.batch_reconcile_seconds, reconcile, "batch reconcile"))
+            )
         try:
-            yield {"engine": engine, "gateway": gateway, "writer": writer, "keys": keys, "prices": prices}
+            yield {
+                "engine": engine,
+                "gateway": gateway,
+                "writer": writer,
+                "keys": keys,
+                "prices": prices,
+                "metrics": metrics,
+            }
         finally:
             # Starlette runs this after the server has stopped taking requests and in-flight ones have
             # ended, so every record is already queued: drain them, then release the rest.
+            if listener is not None:
+                listener.shutdown()
+                listener.server_close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -168,7 +214,12 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             engine.dispose()
 
     app = Starlette(
-        routes=[Route("/healthz", healthz), Route("/livez", livez), *admin_routes(settings.admin_token)],
+        routes=[
+            Route("/healthz", healthz),
+            Route("/livez", livez),
+            metrics_route([token for token in (settings.metrics_token, settings.admin_token) if token]),
+            *admin_routes(settings.admin_token),
+        ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
@@ -203,23 +254,33 @@ async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases) -> None:
     writer.correct_estimates = heart.taken_for_dead
 
 
+async def _ledger_gauges(metrics: Metrics, writer: Writer, spill_dir: Path) -> None:
+    metrics.ledger_state(pending=writer.pending, oldest_seconds=writer.oldest_age, spill_dir=spill_dir)
+
+
 async def _release_expired_holds(engine: Engine, interval: float) -> None:
     async def release() -> None:
         released = await anyio.to_thread.run_sync(release_expired, engine, datetime.now(UTC))
         if released:
             logger.warning("released the budget holds of %d calls that never settled", released)
 
-    await _every(interval, release)
+    await _every(interval, release, "hold expiry")
 
 
-async def _every(interval: float, work: Callable[[], Awaitable[object]]) -> None:
-    """Run background work every `interval` seconds until cancelled; a failure is logged, not fatal."""
+async def _every(interval: float, work: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run background work every `interval` seconds until cancelled; a failure is logged when it starts and when
+    it ends, not at every attempt (a bug's traceback once)."""
+    trouble = Trouble(logger, f"background task {name}")
     while True:
         await asyncio.sleep(interval)
         try:
             await work()
-        except Exception:
-            logger.exception("background task failed; will try again in %.0f s", interval)
+        except Exception as exc:
+            trouble.failed(
+                exc, detail=f" (it runs every {interval:g} s)", traceback=not isinstance(exc, SQLAlchemyError)
+            )
+        else:
+            trouble.succeeded()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -88,7 +88,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "ANTHROPIC_API_KEY is not set: spendgate forwards calls with your Anthropic API key, so set it "
             "(export ANTHROPIC_API_KEY=sk-ant-...) and start again."
         )
-    configure_logging()
+    configure_logging(settings.log_format)
     url = _check_url(settings.db_url)
     if settings.workers > 1 and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         raise UsageError(

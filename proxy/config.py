@@ -6,10 +6,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
+LogFormat = Literal["text", "json"]
 
 DEFAULT_DB_URL = "sqlite:///./spendgate.db"
 DEFAULT_UPSTREAM_URL = "https://api.anthropic.com"
@@ -70,6 +71,14 @@ class Settings:
     public_url: str | None = None
     # How often ended batches whose results nobody read are fetched and recorded; 0: never.
     batch_reconcile_seconds: float = 300.0
+    # Where Prometheus scrapes without a token (host, port); None: only `/metrics` on the proxy's port, which
+    # wants `metrics_token` or the admin token.
+    metrics_addr: tuple[str, int] | None = None
+    metrics_token: str | None = field(default=None, repr=False)
+    # Feature and end-user values that may become metric labels; every other value is counted as `other`.
+    metrics_features: frozenset[str] = frozenset()
+    metrics_users: frozenset[str] = frozenset()
+    log_format: LogFormat = "text"
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -102,6 +111,11 @@ class Settings:
             alert_webhook=environ.get("SPENDGATE_ALERT_WEBHOOK") or None,
             public_url=(environ.get("SPENDGATE_PUBLIC_URL") or "").rstrip("/") or None,
             batch_reconcile_seconds=_read(environ, "SPENDGATE_BATCH_RECONCILE_SECONDS", float, 300.0),
+            metrics_addr=_read(environ, "SPENDGATE_METRICS_ADDR", _address, None),
+            metrics_token=environ.get("SPENDGATE_METRICS_TOKEN") or None,
+            metrics_features=_read(environ, "SPENDGATE_METRICS_FEATURES", _names, frozenset()),
+            metrics_users=_read(environ, "SPENDGATE_METRICS_USERS", _names, frozenset()),
+            log_format=_read(environ, "SPENDGATE_LOG_FORMAT", _log_format, "text"),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:
@@ -122,6 +136,25 @@ def _check_upstream(url: str) -> None:
             f"upstream URL {url!r} is not an http(s) base URL (SPENDGATE_UPSTREAM_URL or --upstream), e.g. "
             "https://api.anthropic.com."
         )
+
+
+def _address(raw: str) -> tuple[str, int]:
+    host, colon, port = raw.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(raw)
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _names(raw: str) -> frozenset[str]:
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def _log_format(raw: str) -> LogFormat:
+    if raw == "json":
+        return "json"
+    if raw == "text":
+        return "text"
+    raise ValueError(raw)
 
 
 def _boolean(raw: str) -> bool:
@@ -149,7 +182,12 @@ def _read(environ: Mapping[str, str], name: str, cast: Callable[[str], T], defau
     try:
         value = cast(raw)
     except ValueError:
-        kind = {"_boolean": "boolean (true/false)", "_fraction": "fraction between 0 and 1"}.get(cast.__name__)
+        kind = {
+            "_boolean": "boolean (true/false)",
+            "_fraction": "fraction between 0 and 1",
+            "_address": "host:port address",
+            "_log_format": "log format (text or json)",
+        }.get(cast.__name__)
         raise ConfigError(f"{name} has value {raw!r}, which is not a valid {kind or cast.__name__}.") from None
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool) and value < 0:
         raise ConfigError(f"{name} has value {raw!r}; it must not be negative.")

@@ -26,7 +26,12 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 from sqlalchemy.exc import DataError, SQLAlchemyError
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
+
+
+def error_response(status: int, error_type: str, message: str) -> JSONResponse:
+    """An answer in Anthropic's error shape, for surfaces that refuse without a `ProxyError` (admin, metrics)."""
+    return JSONResponse({"type": "error", "error": {"type": error_type, "message": message}}, status_code=status)
 
 
 class ProxyError(Exception):

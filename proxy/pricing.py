@@ -120,6 +120,7 @@ class PriceTable:
     def __init__(self, versions: list[_Version]) -> None:
         self._versions = versions
         self._starts = [version.effective_from for version in versions]
+        self._listed = frozenset(name for version in versions for name in version.index)
 
     @classmethod
     def load(cls, override: Path | None = None) -> PriceTable:
@@ -146,6 +147,10 @@ class PriceTable:
     def version_at(self, at: datetime) -> str:
         """The id of the version in force at `at`; a naive `at` is taken as UTC."""
         return self._version(at).id
+
+    def lists(self, model: str) -> bool:
+        """Whether some version lists `model` by its id or an alias (a family fallback does not count)."""
+        return model in self._listed
 
     def lookup(self, model: str, at: datetime) -> tuple[ModelPrice, PriceSource] | None:
         """The price of `model` at `at` and where it came from: its id or alias (`"table"`), else the newest

@@ -17,12 +17,16 @@ import gc
 import json
 import logging
 import os
+import tempfile
 
 import uvicorn
+from prometheus_client import start_http_server
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import Settings
+from proxy.db import make_engine
+from proxy.metrics import MULTIPROCESS_ENV, scrape_registry
 
 logger = logging.getLogger("spendgate")
 # The request line and every header together; nginx's default `large_client_header_buffers` allows 32 KB.
@@ -97,15 +101,30 @@ def run(settings: Settings) -> None:
     os.environ.update(
         SPENDGATE_DB_URL=settings.db_url, SPENDGATE_UPSTREAM_URL=settings.upstream_url, SPENDGATE_WORKERS="1"
     )
-    uvicorn.run("proxy.serving:worker_app", factory=True, workers=settings.workers, **options)  # type: ignore[arg-type]
+    # Every worker counts into files here, and a scrape sums them (prometheus_client's multiprocess mode); a fresh
+    # folder per run, or counts from an earlier run would be added in.
+    with tempfile.TemporaryDirectory(prefix="spendgate-metrics-") as counts:
+        os.environ[MULTIPROCESS_ENV] = counts
+        listener = None
+        if settings.metrics_addr is not None:
+            engine = make_engine(settings.db_url)
+            host, port = settings.metrics_addr
+            listener = start_http_server(port, host, registry=scrape_registry(None, engine))[0]
+        try:
+            uvicorn.run("proxy.serving:worker_app", factory=True, workers=settings.workers, **options)  # type: ignore[arg-type]
+        finally:
+            if listener is not None:
+                listener.shutdown()
+                engine.dispose()
 
 
 def worker_app() -> ASGIApp:
     """The app of one worker process (uvicorn imports this in each)."""
     from proxy.logs import configure_logging
 
-    configure_logging()
-    return _frozen(Settings.from_environ(os.environ))
+    settings = Settings.from_environ(os.environ)
+    configure_logging(settings.log_format)
+    return _frozen(settings)
 
 
 def _frozen(settings: Settings) -> ASGIApp:

@@ -158,6 +158,9 @@ class UsageRecord:
     max_tokens_sent: int | None = None
     latency_ms: float
     ttfb_ms: float | None
+    # Not a column: of `latency_ms`, the time spent waiting on the upstream (0 for a call never sent; None for a
+    # batch result, which has no timings of its own), for metrics and logs.
+    upstream_ms: float | None = None
     # Not columns: what the ledger writer settles in the same transaction that inserts the record, and the team's
     # repeat window it links retries within.
     reservation: Reservation | None = None

@@ -81,12 +81,16 @@ def test_team_lifecycle(make_client: Callable[..., TestClient]) -> None:
 @pytest.mark.parametrize(
     "body, message",
     [
-        pytest.param({"name": "t", "period": "year"}, "period must be one of", id="period"),
-        pytest.param({"name": "t", "budget_usd": "lots"}, "must be an amount in USD", id="budget"),
-        pytest.param({"name": "t", "max_output_tokens": "many"}, "must be a whole number", id="cap"),
-        pytest.param({"name": "t", "models": []}, "non-empty list", id="models"),
-        pytest.param({"name": "t", "colour": "red"}, "unknown fields: colour", id="unknown"),
-        pytest.param({"budget_usd": "1"}, "'name' (a string) is required", id="no-name"),
+        pytest.param({"name": "t", "period": "year"}, "'period': Input should be 'day'", id="period"),
+        pytest.param({"name": "t", "budget_usd": "lots"}, "'budget_usd': Input should be a valid decimal", id="budget"),
+        pytest.param({"name": "t", "budget_usd": "-1"}, "'budget_usd': Input should be greater than", id="negative"),
+        pytest.param({"name": "t", "budget_usd": "NaN"}, "'budget_usd'", id="nan"),
+        pytest.param({"name": "t", "max_output_tokens": "many"}, "'max_output_tokens': Input should be", id="cap"),
+        pytest.param({"name": "t", "max_output_tokens": True}, "'max_output_tokens'", id="bool-cap"),
+        pytest.param({"name": "t", "models": []}, "'models': List should have at least 1 item", id="models"),
+        pytest.param({"name": "t", "colour": "red"}, "unknown field 'colour'", id="unknown"),
+        pytest.param({"budget_usd": "1"}, "'name' is required", id="no-name"),
+        pytest.param({"name": "no spaces"}, "'name': String should match pattern", id="bad-name"),
     ],
 )
 def test_bad_team_bodies_are_400(make_client: Callable[..., TestClient], body: dict[str, object], message: str) -> None:

@@ -133,7 +133,7 @@ def test_expired_holds_are_released(engine: Engine) -> None:
 def test_soft_limit_is_reported_once_per_period(engine: Engine) -> None:
     def settle(call_id: str, cost: str) -> list[str]:
         record = make_record(id=call_id, cost_usd=Decimal(cost), reservation=hold(call_id, "0", team("10")))
-        return [alert.label for alert in insert_records(engine, [record], soft_fraction=Decimal("0.8"))]
+        return [alert.label for alert in insert_records(engine, [record], soft_fraction=Decimal("0.8")).crossed]
 
     assert settle("sgr_1", "7.99") == []
     assert settle("sgr_2", "0.01") == ["team research"]

@@ -25,6 +25,7 @@ from proxy.audit import verify
 from proxy.budgets import LEASE_PREFIX, team_counter
 from proxy.export import iter_usage
 from proxy.ledger.writer import Writer
+from proxy.metrics import Metrics
 from proxy.models import BudgetReservation, Instance, UsageRow
 from proxy.teams import TeamSettings, create_key, create_team, get_team
 from proxy.types import Reservation
@@ -90,7 +91,15 @@ async def test_a_failing_collaborator_does_not_stop_the_writer(engine: Engine, t
 async def test_records_that_cannot_be_set_aside_stay_in_memory_until_they_can(engine: Engine, tmp_path: Path) -> None:
     blocked = tmp_path / "spill"
     blocked.write_text("a file where the folder should be")  # not writable as a folder: like a broken volume
-    writer = Writer(engine, flush_seconds=0.01, batch_size=10, drain_seconds=5, spill_dir=blocked, instance="test")
+    writer = Writer(
+        engine,
+        flush_seconds=0.01,
+        batch_size=10,
+        drain_seconds=5,
+        spill_dir=blocked,
+        instance="test",
+        metrics=Metrics(),
+    )
     writer.start()
     writer.submit(make_record(id="sgr_poison", team="\ud800"))
     writer.submit(make_record(id="sgr_fine"))

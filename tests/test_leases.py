@@ -16,6 +16,7 @@ from proxy.errors import BudgetExceeded
 from proxy.gateway.leases import LEASE_CALLS, SMALL_BUDGET, Leases
 from proxy.keys import KeyInfo
 from proxy.ledger.commit import insert_records
+from proxy.metrics import Metrics
 from proxy.models import BudgetCounter, BudgetReservation
 from proxy.types import Counter, HoldOwner, Reservation
 from tests.test_writer import make_record
@@ -104,7 +105,9 @@ def test_recorded_costs_move_from_the_lease_to_spent(engine: Engine) -> None:
 @pytest.mark.anyio
 async def test_calls_are_admitted_in_memory_until_the_slice_is_used(engine: Engine) -> None:
     noted: list[str] = []
-    leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda lease, *_: noted.append(lease))
+    leases = Leases(
+        engine, instance="test-1", ttl=timedelta(hours=1), note=lambda lease, *_: noted.append(lease), metrics=Metrics()
+    )
     first = await leases.admit(KEY, counters(), WORST, endpoint="/v1/messages")
     assert first is not None and noted == [first]
     # One grant covers several calls: no more ledger rows change until it is used up.
@@ -119,7 +122,7 @@ async def test_calls_are_admitted_in_memory_until_the_slice_is_used(engine: Engi
 
 @pytest.mark.anyio
 async def test_a_small_budget_gets_per_call_holds(engine: Engine) -> None:
-    leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None)
+    leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
     small = replace(KEY, team_budget_usd=WORST * (SMALL_BUDGET - 1))
     assert await leases.admit(small, counters(small), WORST, endpoint="/v1/messages") is None
     assert leased(engine) == {}
@@ -139,7 +142,10 @@ async def test_what_is_admitted_never_passes_the_budget(engine: Engine, worst: l
         connection.execute(delete(BudgetCounter))
     budget = Decimal(100)
     key = replace(KEY, team_budget_usd=budget)
-    processes = [Leases(engine, instance=f"test-{n}", ttl=timedelta(hours=1), note=lambda *_: None) for n in (1, 2)]
+    processes = [
+        Leases(engine, instance=f"test-{n}", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
+        for n in (1, 2)
+    ]
     in_flight: list[tuple[int, Reservation, Decimal]] = []
     total = Decimal(0)
     example = next(EXAMPLES)

@@ -12,13 +12,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
 from proxy.budgets import LEASE_PREFIX
 from proxy.export import iter_usage
 from proxy.models import BudgetReservation, Instance
 from proxy.teams import TeamSettings, create_key, create_team, get_team
-from tests.replicas import replica
+from tests.replicas import free_port, replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
@@ -45,6 +46,11 @@ def calls_journaled(spill: Path) -> dict[str, int]:
         instance = path.name.removeprefix("journal-").rsplit(".", 2)[0]
         started[instance] = started.get(instance, 0) + path.read_bytes().count(b'["s",')
     return started
+
+
+def calls_counted(metrics_url: str) -> float:
+    families = text_string_to_metric_families(httpx.get(metrics_url).text)
+    return sum(s.value for f in families if f.name == "spendgate_calls" for s in f.samples if s.name.endswith("_total"))
 
 
 def count(engine: Engine, table: type[Instance] | type[BudgetReservation]) -> int:
@@ -74,13 +80,17 @@ def test_two_workers_both_serve_and_keep_every_guarantee(engine: Engine, db_url:
     create_team(engine, "research", TeamSettings(budget_usd=Decimal(100)), actor="test")
     _, key = create_key(engine, "research", actor="test")
     upstream = FakeAnthropic()
+    metrics = f"http://127.0.0.1:{free_port()}/metrics"
+    env = {**WORKERS, "SPENDGATE_METRICS_ADDR": metrics.split("/")[2]}
     with serve_in_thread(upstream) as upstream_url:
-        with replica(db_url, upstream_url, tmp_path, env=WORKERS) as (url, process):
+        with replica(db_url, upstream_url, tmp_path, env=env) as (url, process):
             wait_until(lambda: len(workers_of(process.pid)) == 2, "two workers")
             wait_until(lambda: count(engine, Instance) == 2, "each worker to register as a replica")
             statuses = send(url, key, 120, {"x-fake-hang": "0.05"})
             carried = calls_journaled(tmp_path / "spill")
             assert len(carried) == 2 and min(carried.values()) > 0, carried
+            # The supervisor's metrics address sums both workers' counts.
+            wait_until(lambda: calls_counted(metrics) == 120, "both workers' calls in /metrics")
         # SIGTERM: both drain, end their leases and retire.
         assert process.returncode == 0
     assert statuses == [200] * 120

@@ -16,6 +16,7 @@ from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
 from proxy.ledger.disk import encode, record_to_json, replay_spilled
 from proxy.ledger.writer import Writer
+from proxy.metrics import Metrics
 from proxy.models import UsageRow
 from proxy.types import Usage, UsageRecord
 
@@ -63,6 +64,7 @@ def writer_for(engine: Engine, tmp_path: Path, **overrides: Any) -> Writer:
         "drain_seconds": 0.2,
         "spill_dir": tmp_path / "spill",
         "instance": "test",
+        "metrics": Metrics(),
     }
     options.update(overrides)
     return Writer(engine, **options)

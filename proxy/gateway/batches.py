@@ -111,7 +111,7 @@ class Batches:
     ) -> None:
         """Relay a batch answer after recording a new batch's owner, filtering lists to the caller's team and
         pointing `results_url` at the proxy."""
-        body = await read_whole(response)
+        body = await read_whole(response, call)
         if response.status < 300:
             body = await self._gate.ledger(partial(self._rewrite, call, route, key, public_url, body))
         await send_whole(call, send, response.status, headers, body)

@@ -99,11 +99,13 @@ class Call:
         "reservation",
         "response_model",
         "retry_count",
+        "sent",
         "started",
         "started_at",
         "status",
         "streamed",
         "feature",
+        "upstream_done",
         "upstream_request_id",
         "usage",
         "user",
@@ -116,6 +118,10 @@ class Call:
         self.started_at = started_at or datetime.now(UTC)
         self.started = time.perf_counter() if started_at is None else None
         self.first_byte: float | None = None
+        # When the request went upstream, and when the upstream's part was last done (its headers, then its
+        # whole body): `perf_counter` readings, for the time spendgate adds.
+        self.sent: float | None = None
+        self.upstream_done: float | None = None
         self.facts = Facts()
         self.key: KeyInfo | None = None
         self.feature: str | None = None
@@ -155,6 +161,18 @@ class Call:
         if stream and self.facts.status < 300:
             self.facts.complete = summary.complete
 
+    def upstream_seconds(self) -> float:
+        """How long the call has waited on the upstream so far."""
+        if self.sent is None or self.upstream_done is None:
+            return 0.0
+        return self.upstream_done - self.sent
+
+    def overhead_ms(self) -> str:
+        """The `x-spendgate-overhead-ms` value as an answer starts: time since arrival not spent on the upstream."""
+        if self.started is None:
+            return "0"
+        return format((time.perf_counter() - self.started - self.upstream_seconds()) * 1000, ".3f")
+
     def cost(self, prices: PriceTable) -> Cost:
         """The call's price by the table in force when it started; computed once, when its usage is final."""
         if self.priced is None:
@@ -175,9 +193,11 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
     cost = call.cost(prices)
     outcome, error_type = decide_outcome(call.facts)
     finished_at = datetime.now(UTC)
+    upstream_ms: float | None = None
     if call.started is not None:
         latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
         ttfb_ms = None if call.first_byte is None else round((call.first_byte - call.started) * 1000, 3)
+        upstream_ms = round(call.upstream_seconds() * 1000, 3)
     else:
         latency_ms, ttfb_ms = round((finished_at - call.started_at).total_seconds() * 1000, 3), None
     key = call.key
@@ -210,6 +230,7 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
         max_tokens_sent=call.max_tokens_sent,
         latency_ms=latency_ms,
         ttfb_ms=ttfb_ms,
+        upstream_ms=upstream_ms,
         reservation=call.reservation,
         fingerprint=call.fingerprint,
         retry_window_seconds=key.retry_window_seconds if key else 0,

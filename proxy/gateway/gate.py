@@ -38,6 +38,7 @@ from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_t
 from proxy.gateway.routes import Route
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.keys import KeyCache, KeyInfo, key_from_headers
+from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
 from proxy.retries import fingerprint_request
 from proxy.types import HoldOwner, Reservation, UsageRecord
@@ -70,8 +71,11 @@ class GateRules:
 class Gate:
     """Authenticates, reads and validates the body, applies the team's rules, and takes the budget hold."""
 
-    def __init__(self, *, keys: KeyCache, prices: PriceTable, engine: Engine, leases: Leases, rules: GateRules) -> None:
+    def __init__(
+        self, *, keys: KeyCache, prices: PriceTable, engine: Engine, leases: Leases, rules: GateRules, metrics: Metrics
+    ) -> None:
         self._keys = keys
+        self._metrics = metrics
         self._leases = leases
         self._prices = prices
         self._engine = engine
@@ -207,6 +211,7 @@ class Gate:
                     leased = await self._leases.admit(key, counters, amount, endpoint=call.endpoint)
                     if leased is not None:
                         call.reservation = replace(reservation, held=False, lease=leased)
+                        self._metrics.leased.inc()
                         return
                 owner = HoldOwner(
                     instance_id=self._rules.instance,
@@ -224,6 +229,8 @@ class Gate:
                     owner=owner,
                 )
                 await anyio.to_thread.run_sync(hold)
+                self._metrics.hold_trips.inc()
+                self._metrics.held.inc()
         except LedgerUnavailable:
             if not self._rules.fail_open:
                 raise

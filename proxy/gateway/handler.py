@@ -17,12 +17,12 @@ from proxy.gateway.batches import Batches
 from proxy.gateway.call import Call, describe, label, make_record
 from proxy.gateway.gate import ClientGone, Gate
 from proxy.gateway.meters import respond_messages, respond_plain
-from proxy.gateway.relay import Relay
+from proxy.gateway.relay import OVERHEAD_HEADER, Relay
 from proxy.gateway.routes import Route, allowed_methods, classify
 from proxy.keys import KeyInfo
 from proxy.ledger.writer import Writer
 from proxy.pricing import PriceTable
-from proxy.types import UsageRecord
+from proxy.types import UsageRecord, usd
 
 logger = logging.getLogger("spendgate")
 # How long a browser may cache a preflight answer.
@@ -46,7 +46,7 @@ class Gateway:
         call = Call(label(target.decode("latin-1"), 200))
         try:
             if method == "OPTIONS":
-                await _preflight(allowed_methods(target, scope["query_string"]), headers, send)
+                await _preflight(allowed_methods(target, scope["query_string"]), headers, send, call)
                 return
             route = classify(method, target, scope["query_string"])
             call.endpoint = route.endpoint
@@ -63,7 +63,7 @@ class Gateway:
                 await self._call(call, route, key, scope, receive, send)
         except ProxyError as error:
             call.refuse(error)
-            await _send_error(send, error, call.id)
+            await _send_error(send, error, call)
         except ClientGone:
             call.facts.disconnected = True
         except asyncio.CancelledError:
@@ -105,8 +105,24 @@ class Gateway:
 
 
 def _log(record: UsageRecord, method: str) -> None:
+    added_ms = round(record.latency_ms - (record.upstream_ms or 0.0), 3)
+    fields = {
+        "call_id": record.id,
+        "method": method[:20],
+        "endpoint": record.endpoint,
+        "status": record.status,
+        "outcome": record.outcome,
+        "error_type": record.error_type,
+        "team": record.team,
+        "key_id": record.key_id,
+        "model": record.response_model or record.model,
+        "cost_usd": usd(record.cost_usd),
+        "latency_ms": record.latency_ms,
+        "added_ms": added_ms,
+        "upstream_request_id": record.upstream_request_id,
+    }
     logger.info(
-        "%s %s %d %s team=%s key=%s model=%s cost=%s id=%s %.1fms",
+        "%s %s %d %s team=%s key=%s model=%s cost=%s id=%s %.1fms (added %.2fms)",
         method[:20],
         record.endpoint,
         record.status,
@@ -117,10 +133,12 @@ def _log(record: UsageRecord, method: str) -> None:
         record.cost_usd,
         record.id,
         record.latency_ms,
+        added_ms,
+        extra={"call": fields},
     )
 
 
-async def _preflight(methods: tuple[str, ...], headers: dict[bytes, bytes], send: Send) -> None:
+async def _preflight(methods: tuple[str, ...], headers: dict[bytes, bytes], send: Send, call: Call) -> None:
     """Answer a CORS preflight here, as Anthropic's API does for browsers (the TypeScript SDK's browser mode):
     any origin, the route's methods, the headers asked for. Nothing is forwarded: a preflight carries no key."""
     requested = headers.get(b"access-control-request-headers", b"")[:1024]
@@ -129,6 +147,7 @@ async def _preflight(methods: tuple[str, ...], headers: dict[bytes, bytes], send
         (b"access-control-allow-methods", ", ".join(methods).encode()),
         (b"access-control-max-age", PREFLIGHT_MAX_AGE),
         (b"content-length", b"0"),
+        (OVERHEAD_HEADER, call.overhead_ms().encode()),
     ]
     if requested:
         answer.append((b"access-control-allow-headers", requested))
@@ -137,12 +156,13 @@ async def _preflight(methods: tuple[str, ...], headers: dict[bytes, bytes], send
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _send_error(send: Send, error: ProxyError, request_id: str) -> None:
+async def _send_error(send: Send, error: ProxyError, call: Call) -> None:
     body = error.body()
     headers = [
         *error.headers(),
         (b"content-length", str(len(body)).encode()),
-        (b"x-spendgate-request-id", request_id.encode()),
+        (b"x-spendgate-request-id", call.id.encode()),
+        (OVERHEAD_HEADER, call.overhead_ms().encode()),
     ]
     with contextlib.suppress(OSError):
         await send({"type": "http.response.start", "status": error.status, "headers": headers})

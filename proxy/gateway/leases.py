@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 
 from proxy.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
 from proxy.keys import KeyInfo
+from proxy.metrics import Metrics
 from proxy.types import Counter, HoldOwner, UsageRecord
 
 ZERO = Decimal(0)
@@ -80,8 +81,9 @@ class Lease:
 class Leases:
     """This process's budget leases: admission against them on the request path, upkeep in the background."""
 
-    def __init__(self, engine: Engine, *, instance: str, ttl: timedelta, note: LeaseNote) -> None:
+    def __init__(self, engine: Engine, *, instance: str, ttl: timedelta, note: LeaseNote, metrics: Metrics) -> None:
         self._engine = engine
+        self._metrics = metrics
         self._instance = instance
         self._ttl = ttl
         self._note = note
@@ -117,6 +119,7 @@ class Leases:
                 grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
             )
             granted = await anyio.to_thread.run_sync(grow)
+            self._metrics.round_trips.labels("lease_grant").inc()
             lease.granted += granted
             if lease.available >= amount:
                 return lease.take(amount)
@@ -169,6 +172,7 @@ class Leases:
         self._slots.clear()
         self._by_id.clear()
         await anyio.to_thread.run_sync(end_leases, self._engine, self._instance)
+        self._metrics.round_trips.labels("lease_end").inc()
 
     def forget(self) -> None:
         """Another replica took this process for dead and recorded its leases: admit nothing more against them."""
@@ -183,6 +187,7 @@ class Leases:
         lease.returning += back
         try:
             await anyio.to_thread.run_sync(return_lease, self._engine, lease.id, amount)
+            self._metrics.round_trips.labels("lease_return").inc()
             lease.granted -= back
         finally:
             lease.returning -= back

@@ -43,7 +43,7 @@ def respond_messages(call: Call, prices: PriceTable, send: Send) -> Responder:
             finally:
                 call.take(tap.summary(), stream=True)
             return
-        body = await read_whole(response)
+        body = await read_whole(response, call)
         call.take(summarize_json(body), stream=False)
         cost = call.cost(prices).cost_usd
         if cost is not None:

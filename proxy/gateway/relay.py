@@ -39,6 +39,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 # The client's credentials are replaced by ours; Host and Content-Length are set by the upstream client.
 REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"x-api-key", b"authorization"}
 SPENDGATE_HEADER_PREFIX = b"x-spendgate-"
+# Milliseconds spendgate added before the answer started: arrival to first byte, minus the upstream's part.
+OVERHEAD_HEADER = b"x-spendgate-overhead-ms"
 Headers = list[tuple[bytes, bytes]]
 # Relays one upstream answer to the client: given the answer and the response headers to send.
 Responder = Callable[[UpstreamResponse, Headers], Awaitable[None]]
@@ -68,7 +70,9 @@ class Relay:
             self._ledger.began(_start(call, len(body)))
             call.forwarded = True
             headers = self._headers(scope, identity=route.kind != "other")
+            call.sent = time.perf_counter()
             response = await self._upstream.send(scope["method"], url, headers, body)
+            call.upstream_done = time.perf_counter()
             try:
                 call.status = call.facts.status = response.status
                 await respond(response, self._response_headers(call, response))
@@ -113,13 +117,15 @@ async def stream_back(
     call: Call, response: UpstreamResponse, send: Send, headers: Headers, tap: Callable[[bytes], None] | None
 ) -> None:
     """Relay the answer chunk by chunk as it arrives, showing each chunk to `tap` first."""
+    headers.append((OVERHEAD_HEADER, call.overhead_ms().encode()))
     await send_guarded(send, {"type": "http.response.start", "status": response.status, "headers": headers})
     try:
         async for chunk in response.body:
+            now = call.upstream_done = time.perf_counter()
             if tap is not None:
                 tap(chunk)
             if call.first_byte is None:
-                call.first_byte = time.perf_counter()
+                call.first_byte = now
             await send_guarded(send, {"type": "http.response.body", "body": chunk, "more_body": True})
     except ProxyError as error:
         # Too late for a JSON error: note why and end without completing, so the client sees a broken
@@ -129,15 +135,20 @@ async def stream_back(
     await send_guarded(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def read_whole(response: UpstreamResponse) -> bytes:
-    """The whole upstream body (for answers spendgate must read before relaying them)."""
-    return b"".join([chunk async for chunk in response.body])
+async def read_whole(response: UpstreamResponse, call: Call | None = None) -> bytes:
+    """The whole upstream body (for answers spendgate must read before relaying them); for a `call`, the
+    upstream's part is done when it has arrived."""
+    body = b"".join([chunk async for chunk in response.body])
+    if call is not None:
+        call.upstream_done = time.perf_counter()
+    return body
 
 
 async def send_whole(call: Call, send: Send, status: int, headers: Headers, body: bytes) -> None:
     """Send a complete answer at once, with its Content-Length set to the body sent."""
     headers = [(name, value) for name, value in headers if name.lower() != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((OVERHEAD_HEADER, call.overhead_ms().encode()))
     call.first_byte = time.perf_counter()
     await send_guarded(send, {"type": "http.response.start", "status": status, "headers": headers})
     await send_guarded(send, {"type": "http.response.body", "body": body, "more_body": False})

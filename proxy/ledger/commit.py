@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
@@ -17,7 +17,7 @@ from proxy.retries import link_retries
 from proxy.types import USAGE_COLUMNS, UsageRecord
 
 DEFAULT_SOFT_FRACTION = Decimal("0.8")
-_NOT_COLUMNS = ("usage", "reservation", "retry_window_seconds")
+_NOT_COLUMNS = ("usage", "reservation", "retry_window_seconds", "upstream_ms")
 RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in _NOT_COLUMNS)
 
 
@@ -28,14 +28,26 @@ def record_to_row(record: UsageRecord) -> dict[str, Any]:
     return row
 
 
+# A record written as a retry: its team and cost.
+Retried = tuple[str | None, Decimal | None]
+
+
+class Inserted(NamedTuple):
+    """What one write did besides inserting: the soft limits it crossed, and the (team, cost) of each record it
+    linked as a retry (known only here, where earlier attempts are looked up)."""
+
+    crossed: list[SoftLimitCrossed]
+    retries: list[Retried]
+
+
 def insert_records(
     engine: Engine, records: list[UsageRecord], *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
-) -> list[SoftLimitCrossed]:
+) -> Inserted:
     """Insert usage records and settle their budget holds in one transaction (blocking).
 
     Ids already in the ledger are skipped and not settled again, so retrying a batch whose commit succeeded
     but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts and
-    every record is appended to the audit chain on the way in. Returns the soft limits the batch crossed.
+    every record is appended to the audit chain on the way in.
     """
     rows = [record_to_row(record) for record in records]
     with write_transaction(engine) as connection:
@@ -55,12 +67,13 @@ def insert_records(
             connection.execute(
                 update(Batch).where(Batch.id.in_(finished)).values(results_recorded_at=datetime.now(UTC))
             )
-        return settle(
+        crossed = settle(
             connection,
             [records[index] for index in fresh],
             soft_fraction=soft_fraction,
             release=[record.reservation.call_id for record in held if record.reservation is not None],
         )
+    return Inserted(crossed, [(row["team"], row["cost_usd"]) for row in rows if row["is_retry"]])
 
 
 def is_refused(error: Exception) -> bool:

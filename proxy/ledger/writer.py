@@ -27,9 +27,11 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.budgets import SoftLimitCrossed
-from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, insert_records, is_refused
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, Retried, insert_records, is_refused
 from proxy.ledger.disk import encode, record_to_json, set_aside, write_atomically
 from proxy.ledger.journal import Journal, Start
+from proxy.logs import Trouble
+from proxy.metrics import Metrics
 from proxy.reprice import correct_estimates
 from proxy.types import UsageRecord
 
@@ -57,6 +59,7 @@ class Writer:
         on_soft_limit: SoftLimitSink | None = None,
         journal: Journal | None = None,
         on_committed: Callable[[Sequence[UsageRecord]], None] | None = None,
+        metrics: Metrics,
     ) -> None:
         self._engine = engine
         self._flush_seconds = flush_seconds
@@ -70,6 +73,8 @@ class Writer:
         self._on_soft_limit = on_soft_limit
         self._journal = journal
         self._on_committed = on_committed
+        self._metrics = metrics
+        self._trouble = Trouble(logger, "writing usage records to the ledger")
         # Set when another replica took this process for dead and recorded its live calls at their estimate:
         # then each batch's real records correct those estimates.
         self.correct_estimates = False
@@ -128,6 +133,7 @@ class Writer:
         if self._journal is not None:
             self._journal.ended(record)
         self._pending.append((time.monotonic(), record))
+        self._metrics.recorded(record)
         if len(self._pending) >= self._batch_size:
             self._wakeup.set()
 
@@ -169,7 +175,7 @@ class Writer:
         except Exception as exc:
             # A bug of ours or a failing collaborator: say so and go on; the records are still queued.
             self._last_error = f"{exc.__class__.__name__}: {exc}"
-            logger.exception("the ledger writer failed; it carries on with %d records queued", self.pending)
+            self._trouble.failed(exc, detail=f" ({self.pending} records queued)", traceback=True)
             return False
 
     async def _flush(self) -> bool:
@@ -182,19 +188,24 @@ class Writer:
             batch = [record for _, record in islice(self._pending, min(self._batch_size, queued))]
             write = partial(insert_records, self._engine, batch, soft_fraction=self._soft_fraction)
             try:
-                crossed = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
+                crossed, retries = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
                 done = len(batch)
                 if self.correct_estimates:
                     correct = partial(correct_estimates, self._engine, batch, actor=f"instance:{self._instance}")
                     await anyio.to_thread.run_sync(correct, abandon_on_cancel=False)
             except Exception as exc:
                 self._last_error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+                self._metrics.write_errors.inc()
                 if not is_refused(exc):
-                    logger.error("could not write %d usage records (%s); they stay queued", len(batch), exc)
+                    self._trouble.failed(exc, detail=f" ({self.pending} records queued, kept until it works)")
                     return False
                 # The database refused some record's data: write the others one by one and set the bad ones
                 # aside, rather than retry a batch that can never succeed.
-                done, crossed = await anyio.to_thread.run_sync(self._one_by_one, batch, abandon_on_cancel=False)
+                done, crossed, retries = await anyio.to_thread.run_sync(
+                    self._one_by_one, batch, abandon_on_cancel=False
+                )
+            self._trouble.succeeded()
+            self._metrics.written(retries)
             for _ in range(done):
                 self._pending.popleft()
             queued -= done
@@ -209,22 +220,27 @@ class Writer:
         self._last_error = None
         return True
 
-    def _one_by_one(self, batch: list[UsageRecord]) -> tuple[int, list[SoftLimitCrossed]]:
+    def _one_by_one(self, batch: list[UsageRecord]) -> tuple[int, list[SoftLimitCrossed], list[Retried]]:
         """Write records singly; returns how many were dealt with (written or set aside) before a failure."""
         crossed: list[SoftLimitCrossed] = []
+        retries: list[Retried] = []
         for index, record in enumerate(batch):
             try:
-                crossed += insert_records(self._engine, [record], soft_fraction=self._soft_fraction)
+                inserted = insert_records(self._engine, [record], soft_fraction=self._soft_fraction)
             except Exception as exc:
                 if not is_refused(exc):
                     logger.error("could not write usage record %s (%s); it stays queued", record.id, exc)
-                    return index, crossed
+                    return index, crossed, retries
                 self._place(record, f"{exc.__class__.__name__}: {exc}")
-        return len(batch), crossed
+                continue
+            crossed += inserted.crossed
+            retries += inserted.retries
+        return len(batch), crossed, retries
 
     def _place(self, record: UsageRecord, reason: str) -> None:
         try:
             set_aside(self._spill_dir, self._instance, record_to_json(record), reason)
+            self._metrics.set_aside.inc()
             logger.error(
                 "the ledger refused usage record %s (%s); it was set aside in %s", record.id, reason, self._spill_dir
             )

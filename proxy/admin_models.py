@@ -1,0 +1,255 @@
+"""The admin API's shapes: pydantic models that validate every request and describe every answer.
+
+`/admin/openapi.json` is generated from these same models (`proxy/admin.py`), so the document cannot drift from
+what the API accepts. Money is an exact decimal: accepted as a JSON string or number (parsed without floats),
+always answered as a string.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+
+from proxy.types import CAP_POLICIES, GROUPS, PERIODS, CapPolicy, Outcome, Period, PriceSource, RetryReason
+
+MAX_PAGE = 1000
+# A money amount in a request: a finite decimal given as a string ("250.00") or a JSON number, never negative.
+Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, examples=["250.00"])]
+# A money amount in an answer: the exact decimal digits as a string.
+MoneyText = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", examples=["12.345678"])]
+ModelIds = Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeamFields(_Strict):
+    """A team's rules. In an update, a field present is set (null clears a limit) and a field absent is kept."""
+
+    budget_usd: Money | None = Field(None, description="Spend limit per period in USD; null: none.")
+    period: Period = Field("month", description=f"Budget period: {', '.join(PERIODS)}.")
+    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Cap on max_tokens per call; null: the server default."
+    )
+    cap_policy: CapPolicy = Field("clamp", description=f"Over the cap: {' or '.join(CAP_POLICIES)}.")
+    models: ModelIds | None = Field(None, description="Models allowed; null: every model.")
+    retry_window_seconds: Annotated[StrictInt, Field(ge=0)] = Field(
+        600, description="How far back a repeat of the same request is linked as a retry; 0: off."
+    )
+
+    def given(self) -> dict[str, Any]:
+        """Only the fields the client sent, as `TeamSettings` keyword arguments."""
+        fields = {name: getattr(self, name) for name in self.model_fields_set}
+        if fields.get("models") is not None:
+            fields["models"] = tuple(fields["models"])
+        return fields
+
+
+class TeamCreate(TeamFields):
+    """`POST /admin/teams`."""
+
+    name: StrictStr = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="Unique: letters, digits, '-', '_', '.'."
+    )
+
+
+class KeyCreate(_Strict):
+    """`POST /admin/teams/{name}/keys`."""
+
+    name: StrictStr | None = Field(None, max_length=200, description="A label for people; not secret.")
+    budget_usd: Money | None = Field(None, description="The key's own spend limit per period in USD; null: none.")
+    period: Period = Field("month", description=f"Budget period: {', '.join(PERIODS)}.")
+
+
+class UsageQuery(_Strict):
+    """`GET /admin/usage` query parameters."""
+
+    team: str | None = Field(None, description="Only this team's records.")
+    since: str | None = Field(None, description="ISO 8601 date or time (UTC without a zone), inclusive.")
+    until: str | None = Field(None, description="ISO 8601 date or time, exclusive.")
+    limit: int = Field(100, ge=1, le=MAX_PAGE, description="Records per page.")
+    cursor: str | None = Field(None, description="`next_cursor` of the previous page.")
+
+
+class ReportQuery(_Strict):
+    """`GET /admin/report` query parameters."""
+
+    by: str = Field("", description=f"Comma-separated groups, any of: {', '.join(GROUPS)}; empty: one total.")
+    since: str | None = Field(None, description="ISO 8601 date or time, inclusive.")
+    until: str | None = Field(None, description="ISO 8601 date or time, exclusive.")
+
+    @field_validator("by")
+    @classmethod
+    def _known_groups(cls, value: str) -> str:
+        unknown = [name for name in _groups(value) if name not in GROUPS]
+        if unknown:
+            raise ValueError(f"unknown group {unknown[0]!r}; use any of {', '.join(GROUPS)}")
+        return value
+
+    def groups(self) -> list[str]:
+        """The groups asked for, in order."""
+        return _groups(self.by)
+
+
+def _groups(by: str) -> list[str]:
+    return [name.strip() for name in by.split(",") if name.strip()]
+
+
+class Team(BaseModel):
+    """A team with its spend in the current period."""
+
+    name: str
+    budget_usd: MoneyText | None
+    period: Period
+    max_output_tokens: int | None
+    cap_policy: CapPolicy
+    models: list[str] | None
+    retry_window_seconds: int
+    spent_usd: MoneyText
+    reserved_usd: MoneyText = Field(description="Held by calls in flight and by replicas' budget leases.")
+    remaining_usd: MoneyText | None
+    period_start: str | None = Field(description="Start of the current period (null for `total`).")
+
+
+class Teams(BaseModel):
+    data: list[Team]
+
+
+class Key(BaseModel):
+    """A client key; never the key itself."""
+
+    id: str
+    team: str
+    name: str | None
+    prefix: str = Field(description="The key's first characters, to recognise it.")
+    budget_usd: MoneyText | None
+    period: Period
+    created_at: str
+    revoked_at: str | None
+
+
+class KeyCreated(Key):
+    key: str = Field(description="The key itself: shown once, never again.")
+
+
+class Keys(BaseModel):
+    data: list[Key]
+
+
+class UsageRecord(BaseModel):
+    """One usage record (see the README's record fields)."""
+
+    id: str
+    started_at: str
+    finished_at: str
+    team: str | None
+    key_id: str | None
+    feature: str | None
+    user: str | None
+    endpoint: str
+    model: str | None
+    response_model: str | None
+    upstream_request_id: str | None
+    status: int
+    outcome: Outcome
+    error_type: str | None
+    streamed: bool
+    batch_id: str | None
+    custom_id: str | None
+    input_tokens: int
+    output_tokens: int
+    cache_creation_5m_input_tokens: int
+    cache_creation_1h_input_tokens: int
+    cache_read_input_tokens: int
+    web_search_requests: int
+    web_fetch_requests: int
+    service_tier: str | None
+    speed: str | None
+    inference_geo: str | None
+    cost_usd: MoneyText | None
+    price_version: str
+    price_source: PriceSource
+    cost_source: Literal["estimate"] | None
+    is_retry: bool
+    retry_reason: RetryReason | None
+    retry_of: str | None
+    retry_count: int
+    attempt: int
+    max_tokens_requested: int | None
+    max_tokens_sent: int | None
+    latency_ms: float
+    ttfb_ms: float | None
+    repriced_from_cost_usd: MoneyText | None = Field(description="What a reprice replaced, if one did.")
+    repriced_from_price_version: str | None
+
+
+class UsagePage(BaseModel):
+    data: list[UsageRecord]
+    has_more: bool
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
+
+
+class ReportRow(BaseModel):
+    """Totals of one group: the group's fields (those asked for), then the sums."""
+
+    team: str | None = None
+    model: str | None = None
+    feature: str | None = None
+    user: str | None = None
+    key: str | None = None
+    day: str | None = None
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cache_creation_5m_input_tokens: int
+    cache_creation_1h_input_tokens: int
+    cache_read_input_tokens: int
+    cost_usd: MoneyText
+    retries: int
+    retry_cost_usd: MoneyText
+    retry_share: MoneyText
+    unpriced_calls: int
+    cache_savings_usd: MoneyText
+    batch_savings_usd: MoneyText
+
+
+class Report(BaseModel):
+    data: list[ReportRow]
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(examples=["invalid_request_error"])
+    message: str
+
+
+class Error(BaseModel):
+    """Every refusal, in Anthropic's error shape."""
+
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+class Document(BaseModel):
+    """An OpenAPI 3.1 document."""
+
+    model_config = ConfigDict(extra="allow")
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]
+
+
+def explain(error: ValidationError) -> str:
+    """A validation failure as one readable sentence naming each field."""
+    problems = []
+    for problem in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{where}'")
+        elif problem["type"] == "missing":
+            problems.append(f"'{where}' is required")
+        else:
+            problems.append(f"'{where}': {problem['msg']}" if where else problem["msg"])
+    return "; ".join(problems)
