@@ -5,7 +5,8 @@
 
 With no --db, a fresh SQLite file in a temporary folder is used; pass a PostgreSQL URL (an empty database) to
 measure PostgreSQL. Records go in through the real ledger writer (`insert_records`: hashing, chaining), spread
-over 60 days, 20 teams, 200 keys and 8 models. Prints one line per measurement.
+over 60 days, 20 teams, 200 keys and 8 models. Prints one line per measurement: filling, reports, export, the
+dashboard's pages (data and HTML), and audit verify.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from proxy.audit import verify
+from proxy.dashboard.pages import LastVerify, render
+from proxy.dashboard.views import ledger_page, outlooks, team_page
 from proxy.db import make_engine, upgrade
 from proxy.export import iter_usage, write_jsonl
 from proxy.ledger.commit import insert_records
 from proxy.pricing import PriceTable
 from proxy.reports import report
+from proxy.teams import TeamSettings, create_team
 from proxy.types import Usage, UsageRecord
 
 MODELS = (
@@ -92,6 +97,10 @@ def make_records(first: int, count: int, prices: PriceTable, rng: random.Random)
     return records
 
 
+def _page(template: str, **context: object) -> str:
+    return f"{len(render(template, **context)):,} bytes of HTML"
+
+
 def timed(label: str, work: Callable[[], str]) -> float:
     start = time.perf_counter()
     result = work()
@@ -136,6 +145,25 @@ def main() -> int:
             return f"{count:,} records"
 
         timed("usage export, jsonl (last 30 days)", export)
+
+        # The dashboard's pages, at a time inside the data: the same queries and templates a browser gets.
+        for team in range(20):
+            create_team(engine, f"team-{team:02}", TeamSettings(budget_usd=Decimal(50_000)), actor="bench")
+        now = END - timedelta(hours=1)
+        timed(
+            "dashboard overview (20 teams, forecasts)",
+            lambda: _page("overview.html", teams=outlooks(engine, prices, now), now=now),
+        )
+
+        def team_page_html() -> str:
+            page = team_page(engine, prices, "team-07", now)
+            return _page("team.html", page=page, outlook=page.outlook, now=now)
+
+        timed("dashboard team page", team_page_html)
+        timed(
+            "dashboard ledger page",
+            lambda: _page("ledger.html", page=ledger_page(engine, Path(folder)), pending=0, last=LastVerify(), now=now),
+        )
 
         def audit() -> str:
             verdict = verify(engine)

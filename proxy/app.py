@@ -30,6 +30,7 @@ from proxy.admin import admin_routes
 from proxy.alerts import AlertSender
 from proxy.budgets import release_expired
 from proxy.config import Settings
+from proxy.dashboard.pages import dashboard_routes
 from proxy.db import make_engine
 from proxy.errors import MethodNotAllowed, ProxyError, RouteNotFound
 from proxy.gateway.batches import Batches, ResultsFetcher
@@ -65,8 +66,14 @@ class State(TypedDict):
     metrics: Metrics
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> ASGIApp:
-    """Build the proxy. `transport` replaces the production upstream client (tests pass MockTransport)."""
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> ASGIApp:
+    """Build the proxy. `transport` replaces the production upstream client (tests pass MockTransport); `clock`
+    is the dashboard's now (tests fix it to check forecasts)."""
     prices = PriceTable.load(settings.prices_path)
 
     @contextlib.asynccontextmanager
@@ -219,6 +226,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             Route("/livez", livez),
             metrics_route([token for token in (settings.metrics_token, settings.admin_token) if token]),
             *admin_routes(settings.admin_token),
+            *dashboard_routes(settings.admin_token, spill_dir=settings.spill_dir, clock=clock),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
@@ -292,7 +300,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             f"{request.url.path[:200]} does not take {request.method[:20]}.", headers=((b"allow", allow.encode()),)
         )
     else:
-        error = RouteNotFound(f"No route {request.url.path[:200]}. spendgate serves /v1/*, /admin/* and /healthz.")
+        error = RouteNotFound(
+            f"No route {request.url.path[:200]}. spendgate serves /v1/*, /admin/*, /dashboard, /metrics, /healthz "
+            "and /livez."
+        )
     return error.response()
 
 

@@ -56,6 +56,17 @@ def period_start(period: str, now: datetime) -> datetime | None:
     return None
 
 
+def period_end(period: str, start: datetime) -> datetime | None:
+    """The end of the calendar period that starts at `start` (None for `total`)."""
+    if period == "day":
+        return start + timedelta(days=1)
+    if period == "week":
+        return start + timedelta(days=7)
+    if period == "month":
+        return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return None
+
+
 def counters_for(key: KeyInfo, at: datetime) -> tuple[Counter, ...]:
     """The two budgets a call with this key counts against: its team's and its own."""
     return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -72,12 +73,14 @@ def iter_usage(
     until: datetime | None = None,
     after: Cursor | None = None,
     limit: int | None = None,
+    newest_first: bool = False,
 ) -> Iterator[tuple[Cursor, dict[str, Any]]]:
-    """Usage records oldest first as `(cursor, record)`, streamed from the database in batches.
+    """Usage records oldest first (or `newest_first`) as `(cursor, record)`, streamed from the database in batches.
 
     Pass the last cursor seen as `after` to page: records sort by start time, ties by insertion order.
     """
-    query = select(*UsageRow.__table__.columns).order_by(UsageRow.started_at, UsageRow.seq)
+    order = (UsageRow.started_at.desc(), UsageRow.seq.desc()) if newest_first else (UsageRow.started_at, UsageRow.seq)
+    query = select(*UsageRow.__table__.columns).order_by(*order)
     if team is not None:
         query = query.where(UsageRow.team == team)
     if since is not None:
@@ -121,10 +124,25 @@ def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
 
 def write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
     """A header line and one row per record; returns how many were written."""
-    writer = csv.DictWriter(out, fieldnames=PUBLIC_FIELDS, lineterminator="\n")
+    count = 0
+    for chunk, rows in csv_chunks(records):
+        out.write(chunk)
+        count += rows
+    return count
+
+
+def csv_chunks(records: Iterator[dict[str, Any]], rows: int = 1000) -> Iterator[tuple[str, int]]:
+    """The CSV text of `write_csv` in chunks of up to `rows` records, each with how many records it holds."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PUBLIC_FIELDS, lineterminator="\n")
     writer.writeheader()
     count = 0
     for record in records:
         writer.writerow(record)
         count += 1
-    return count
+        if count == rows:
+            yield buffer.getvalue(), count
+            buffer.seek(0)
+            buffer.truncate()
+            count = 0
+    yield buffer.getvalue(), count

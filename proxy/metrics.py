@@ -12,12 +12,11 @@ With several worker processes, prometheus_client's multiprocess mode aggregates 
 
 from __future__ import annotations
 
-import calendar
 import os
 import secrets
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.budgets import current_spend, key_counter, period_start
+from proxy.budgets import current_spend, key_counter, period_end, period_start
 from proxy.errors import error_response
 from proxy.gateway.routes import BATCHES, COUNT_TOKENS, MESSAGES
 from proxy.models import APIKey, Team
@@ -346,15 +345,9 @@ class BudgetCollector(Collector):
 
 def _add_elapsed(family: GaugeMetricFamily, values: list[str], period: Period, now: datetime) -> None:
     start = period_start(period, now)
-    if start is None:  # a `total` budget never ends
-        return
-    if period == "day":
-        end = start + timedelta(days=1)
-    elif period == "week":
-        end = start + timedelta(days=7)
-    else:
-        end = start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
-    family.add_metric(values, (now - start) / (end - start))
+    end = None if start is None else period_end(period, start)
+    if start is not None and end is not None:  # a `total` budget never ends
+        family.add_metric(values, (now - start) / (end - start))
 
 
 def scrape_registry(metrics: Metrics | None, engine: Engine) -> CollectorRegistry:

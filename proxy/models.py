@@ -160,7 +160,8 @@ class UsageRow(Base):
 
     __table_args__ = (
         Index("ix_usage_chain_pos", "chain_pos", unique=True),
-        Index("ix_usage_team_started", "team", "started_at"),
+        # Covering: spend by team and day is read from the index alone (migration 0009).
+        Index("ix_usage_team_spend", "team", "started_at", "repriced_cost_usd", "cost_usd"),
         Index("ix_usage_key_started", "key_id", "started_at"),
         Index("ix_usage_started", "started_at"),
         Index("ix_usage_key_fingerprint", "key_id", "fingerprint", "started_at"),

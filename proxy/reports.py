@@ -69,8 +69,10 @@ def report(
     by: Sequence[str],
     since: datetime | None = None,
     until: datetime | None = None,
+    team: str | None = None,
 ) -> list[ReportRow]:
-    """Totals per group, ordered by group; `by` is any of `GROUPS` (none: one grand total)."""
+    """Totals per group, ordered by group; `by` is any of `GROUPS` (none: one grand total); `team`: only its
+    records."""
     unknown = [name for name in by if name not in GROUPS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
@@ -97,6 +99,8 @@ def report(
         query = query.where(UsageRow.started_at >= since)
     if until is not None:
         query = query.where(UsageRow.started_at < until)
+    if team is not None:
+        query = query.where(UsageRow.team == team)
     at = until or datetime.now(UTC)
     rows: dict[tuple[Any, ...], ReportRow] = {}
     with engine.connect() as connection:
@@ -120,6 +124,23 @@ def report(
             # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
             row.batch_savings_usd += _decimal(batch_cost) - WEB_SEARCH_USD * int(batch_searches or 0)
     return [rows[group] for group in sorted(rows, key=lambda g: tuple("" if v is None else v for v in g))]
+
+
+def daily_spend(engine: Engine, *, since: datetime, team: str | None = None) -> dict[tuple[str | None, str], Decimal]:
+    """Spend per (team, UTC day) from `since`: the `cost_usd` of `report(by=["team", "day"])` alone, summed the
+    same exact way, from a covering index (for pages that need nothing else)."""
+    sqlite = engine.dialect.name == "sqlite"
+    day = _group_column("day", sqlite)
+    money = func.decimal_sum if sqlite else func.sum
+    query = (
+        select(UsageRow.team, day, money(effective_cost()))
+        .where(UsageRow.started_at >= since, effective_cost().is_not(None))
+        .group_by(UsageRow.team, day)
+    )
+    if team is not None:
+        query = query.where(UsageRow.team == team)
+    with engine.connect() as connection:
+        return {(name, when): _decimal(cost) for name, when, cost in connection.execute(query)}
 
 
 def _group_column(name: str, sqlite: bool) -> ColumnElement[Any]:

@@ -45,18 +45,24 @@ def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path)
     shipped = {str(p.parent.relative_to(unpacked)).replace("/", ".") for p in unpacked.rglob("__init__.py")}
     assert packages <= shipped
     assert (unpacked / "proxy" / "prices.toml").is_file() and (unpacked / "proxy" / "output_limits.toml").is_file()
+    # The dashboard's templates and stylesheet: everything its pages load ships in the wheel.
+    dashboard = ROOT / "proxy" / "dashboard"
+    assets = {p.relative_to(dashboard) for p in [*dashboard.glob("templates/*"), *dashboard.glob("static/*")]}
+    assert assets and all((unpacked / "proxy" / "dashboard" / asset).is_file() for asset in assets)
 
     create_team(engine, "research", TeamSettings(), actor="test")
     _, key = create_key(engine, "research", actor="test")
     # Run from elsewhere, with the unpacked wheel first on the path: the source tree cannot stand in for it.
-    env = {"PYTHONPATH": str(unpacked)}
+    env = {"PYTHONPATH": str(unpacked), "SPENDGATE_ADMIN_TOKEN": "admin"}
     with (
         serve_in_thread(FakeAnthropic()) as upstream,
         replica(db_url, upstream, tmp_path, cwd=tmp_path, env=env) as (url, _),
     ):
         body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": []}
         response = httpx.post(f"{url}/v1/messages", json=body, headers={"x-api-key": key})
+        pages = [httpx.get(f"{url}/dashboard/{path}").status_code for path in ("sign-in", "static/style.css")]
     assert response.status_code == 200, response.text
+    assert pages == [200, 200]
     where = subprocess.run(
         [sys.executable, "-c", "import json, proxy.gateway.handler as m; print(json.dumps(m.__file__))"],
         capture_output=True,

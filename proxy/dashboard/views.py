@@ -1,0 +1,188 @@
+"""What each dashboard page shows, read from the ledger (blocking; run in a thread).
+
+Spend comes from the same SQL aggregates as `spendgate report` (`proxy/reports.py`), for the team's current
+budget period, so the page and the command agree to the digit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from markupsafe import Markup
+from sqlalchemy import Engine, func, select
+
+from proxy.budgets import TOTAL_PERIOD_START, period_end
+from proxy.dashboard import charts
+from proxy.dashboard.forecast import Forecast, forecast
+from proxy.export import iter_usage
+from proxy.models import AuditHead, UsageRow
+from proxy.pricing import PriceTable
+from proxy.reports import TOKEN_KINDS, ReportRow, daily_spend, report
+from proxy.teams import TeamView, get_team, list_teams
+
+ZERO = Decimal(0)
+TOP = 10
+LATEST = 25
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TeamOutlook:
+    """One team on the overview."""
+
+    team: TeamView
+    since: datetime  # the start of its current period (the start of time for `total`)
+    until: datetime | None  # the end of the period
+    spent: Decimal  # this period, as `spendgate report` sums it
+    remaining: Decimal | None
+    forecast: Forecast
+    daily: dict[date, Decimal]
+
+    @property
+    def risk(self) -> float:
+        """Projected spend as a share of the budget (spent and held for a budget that never ends); teams without
+        a budget come last."""
+        budget = self.team.budget_usd
+        if budget is None:
+            return -1.0
+        projected = self.forecast.projected_usd
+        expected = projected if projected is not None else self.spent + self.team.reserved_usd
+        return float(expected / budget) if budget > 0 else float("inf")
+
+
+def outlooks(engine: Engine, prices: PriceTable, now: datetime, *, name: str | None = None) -> list[TeamOutlook]:
+    """Every team (or one) with its spend this period and its forecast, riskiest first."""
+    teams = [get_team(engine, name, now=now)] if name is not None else list_teams(engine, now=now)
+    if not teams:
+        return []
+    earliest = min(team.period_start or TOTAL_PERIOD_START for team in teams)
+    daily_by_team: dict[str | None, dict[date, Decimal]] = defaultdict(dict)
+    for (team_name, day), cost in daily_spend(engine, since=earliest, team=name).items():
+        daily_by_team[team_name][date.fromisoformat(day)] = cost
+    found = []
+    for team in teams:
+        since = team.period_start or TOTAL_PERIOD_START
+        until = period_end(team.period, since) if team.period_start else None
+        daily = {day: cost for day, cost in daily_by_team[team.name].items() if day >= since.date()}
+        spent = sum(daily.values(), ZERO)
+        outlook = forecast(
+            daily,
+            spent=spent,
+            held=team.reserved_usd,
+            budget=team.budget_usd,
+            period_start=since,
+            period_end=until,
+            now=now,
+        )
+        remaining = None if team.budget_usd is None else team.budget_usd - spent - team.reserved_usd
+        found.append(
+            TeamOutlook(
+                team=team, since=since, until=until, spent=spent, remaining=remaining, forecast=outlook, daily=daily
+            )
+        )
+    return sorted(found, key=lambda o: (-o.risk, o.team.name))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TeamPage:
+    """Everything on one team's page."""
+
+    outlook: TeamOutlook
+    totals: ReportRow
+    daily_chart: Markup
+    to_date_chart: Markup
+    models: list[tuple[str, str]]  # legend: (model, colour)
+    top: dict[str, list[ReportRow]]  # by feature, user and key: the most expensive first
+    latest: list[dict[str, Any]]
+
+
+def team_page(engine: Engine, prices: PriceTable, name: str, now: datetime) -> TeamPage:
+    """One team's period: daily spend by model, the budget and its forecast, where the money went."""
+    [outlook] = outlooks(engine, prices, now, name=name)
+    since = outlook.since
+    by_day_model = report(engine, prices, by=["day", "model"], since=since, team=name)
+    if outlook.team.period_start is not None:
+        start = since.date()
+    else:  # a budget that never ends: from the first day with spend
+        start = min((date.fromisoformat(row.group["day"] or "") for row in by_day_model), default=now.date())
+    shown_days = [start + timedelta(days=n) for n in range((now.date() - start).days + 1)]
+    cost_by_model: dict[str, Decimal] = defaultdict(Decimal)
+    for row in by_day_model:
+        cost_by_model[row.group["model"] or "unknown"] += row.cost_usd
+    models = sorted(cost_by_model, key=lambda m: -cost_by_model[m])
+    series = {model: [ZERO] * len(shown_days) for model in models}
+    index = {day: i for i, day in enumerate(shown_days)}
+    for row in by_day_model:
+        day = date.fromisoformat(row.group["day"] or "")
+        if day in index:
+            series[row.group["model"] or "unknown"][index[day]] += row.cost_usd
+    cumulative, running = [], ZERO
+    for day in shown_days:
+        running += outlook.daily.get(day, ZERO)
+        cumulative.append(running)
+    projected = outlook.forecast
+    band = (
+        (projected.projected_low or ZERO, projected.projected_usd, projected.projected_high or ZERO)
+        if projected.projected_usd is not None
+        else None
+    )
+    totals = report(engine, prices, by=[], since=since, team=name)
+    top = {
+        group: sorted(report(engine, prices, by=[group], since=since, team=name), key=lambda r: -r.cost_usd)[:TOP]
+        for group in ("feature", "user", "key")
+    }
+    latest = [record for _, record in iter_usage(engine, team=name, limit=LATEST, newest_first=True)]
+    return TeamPage(
+        outlook=outlook,
+        totals=totals[0] if totals else ReportRow(group={}, tokens=dict.fromkeys(TOKEN_KINDS, 0)),
+        daily_chart=charts.stacked_days(shown_days, series, title=f"Daily spend of team {name} by model"),
+        to_date_chart=charts.to_date(
+            shown_days, cumulative, budget=outlook.team.budget_usd, forecast=band, title=f"Spend of team {name} to date"
+        ),
+        models=[(model, charts.colour(i)) for i, model in enumerate(models)],
+        top=top,
+        latest=latest,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerPage:
+    """The ledger's health."""
+
+    head_pos: int
+    head_hash: str
+    interrupted: int
+    fallbacks: list[tuple[str, str, int]]  # (model, price source, calls): the price table is stale
+    set_aside: int
+
+
+def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
+    """The audit chain's head, interrupted calls, calls the price table could not price exactly, records set
+    aside on disk."""
+    model = func.coalesce(UsageRow.response_model, UsageRow.model)
+    with engine.connect() as connection:
+        head_pos, head_hash = connection.execute(select(AuditHead.pos, AuditHead.hash).where(AuditHead.id == 1)).one()
+        interrupted = connection.execute(
+            select(func.count()).select_from(UsageRow).where(UsageRow.outcome == "interrupted")
+        ).scalar_one()
+        fallbacks = connection.execute(
+            select(model, UsageRow.price_source, func.count())
+            .where(UsageRow.price_source.in_(("family", "unpriced")))
+            .group_by(model, UsageRow.price_source)
+            .order_by(func.count().desc())
+        ).all()
+    set_aside = 0
+    for path in sorted(spill_dir.glob("refused-*.jsonl")) if spill_dir.is_dir() else ():
+        with path.open("rb") as lines:
+            set_aside += sum(1 for line in lines if line.strip())
+    return LedgerPage(
+        head_pos=head_pos,
+        head_hash=head_hash,
+        interrupted=interrupted,
+        fallbacks=[(m or "unknown", source, count) for m, source, count in fallbacks],
+        set_aside=set_aside,
+    )
