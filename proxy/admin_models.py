@@ -212,6 +212,7 @@ class ReportRow(BaseModel):
     retry_cost_usd: MoneyText
     retry_share: MoneyText
     unpriced_calls: int
+    family_priced_calls: int
     cache_savings_usd: MoneyText
     batch_savings_usd: MoneyText
 

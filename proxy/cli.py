@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("spendgate")
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.
 CLEAR_WORDS = ("none", "unlimited", "all")
+# Exit status of a check that found something to fix (stale prices, drift from Anthropic's own figures).
+DRIFT = 4
 
 
 class UsageError(Exception):
@@ -377,6 +379,20 @@ def _prices(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _prices_check(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.reports import price_fallbacks
+
+    with _ledger(settings) as engine:
+        found = [f.to_json() for f in price_fallbacks(engine, since=_instant(args.since), until=_instant(args.until))]
+    if args.format == "json":
+        print(json.dumps(found, indent=2))
+    elif found:
+        _print_table(("model", "price_source", "calls", "first_seen", "last_seen"), found)
+    else:
+        print("every call in the period was priced from the table")
+    return DRIFT if found else 0
+
+
 def _actor() -> str:
     """Who the audit trail says made a change from the command line."""
     return f"cli:{getpass.getuser()}"
@@ -557,6 +573,15 @@ def _parser() -> argparse.ArgumentParser:
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)
     prices.add_argument("--model")
     prices.add_argument("--format", choices=("text", "json"), default="text")
+    check = command(
+        prices.add_subparsers(metavar="COMMAND"),
+        "check",
+        _prices_check,
+        "list models in the ledger priced by a family fallback or not at all (exit 4 if any: the table is stale)",
+    )
+    check.add_argument("--since", metavar="ISO8601")
+    check.add_argument("--until", metavar="ISO8601")
+    check.add_argument("--format", choices=("table", "json"), default="table")
     return parser
 
 

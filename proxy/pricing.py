@@ -7,6 +7,8 @@ below is https://docs.claude.com/en/docs/about-claude/pricing.
 from __future__ import annotations
 
 import bisect
+import logging
+import re
 import tomllib
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -21,12 +23,16 @@ from proxy.types import Cost, IterationUsage, PriceSource, Usage
 # Web search is $10 per 1,000 searches on top of tokens; web fetch has no fee (the pricing page, "Web search").
 WEB_SEARCH_USD = Decimal("0.01")
 CELLS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "batch_input", "batch_output")
+logger = logging.getLogger("spendgate")
 SHIPPED_TABLE = "proxy/prices.toml"
 
 _MODEL_KEYS = frozenset({*CELLS, "aliases", "residency_multiplier", "fast", "long_context"})
 _HALF = Decimal("0.5")
 _FAST_SIDES = {cell: "output" if cell.endswith("output") else "input" for cell in CELLS}
 # Money is never rounded: any arithmetic that would need rounding raises `decimal.Inexact` instead.
+# Models warned about at most, per table: model ids can come from clients (worst-case estimates).
+MAX_WARNED_MODELS = 1000
+_DATED = re.compile(r"-\d{8}$")
 _EXACT = Context(prec=60, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
 
 
@@ -121,6 +127,8 @@ class PriceTable:
         self._versions = versions
         self._starts = [version.effective_from for version in versions]
         self._listed = frozenset(name for version in versions for name in version.index)
+        # Models already warned about (family-priced or unpriced), so each is logged once per process.
+        self._warned: set[str] = set()
 
     @classmethod
     def load(cls, override: Path | None = None) -> PriceTable:
@@ -150,7 +158,7 @@ class PriceTable:
 
     def lists(self, model: str) -> bool:
         """Whether some version lists `model` by its id or an alias (a family fallback does not count)."""
-        return model in self._listed
+        return model in self._listed or undated(model) in self._listed
 
     def lookup(self, model: str, at: datetime) -> tuple[ModelPrice, PriceSource] | None:
         """The price of `model` at `at` and where it came from: its id or alias (`"table"`), else the newest
@@ -176,9 +184,12 @@ class PriceTable:
             for part_model, tokens in parts:
                 found = _lookup(version, part_model)
                 if found is None:
+                    self._say_once(part_model, None)
                     return Cost(cost_usd=None, price_version=version.id, price_source="unpriced")
                 total += _token_cost(found[0], tokens, usage)
-                source = "family" if found[1] == "family" else source
+                if found[1] == "family":
+                    self._say_once(part_model, found[0].model)
+                    source = "family"
             # The search fee is not a token category, so neither the batch discount nor data residency
             # touches it; the pricing page states neither.
             total += usage.web_search_requests * WEB_SEARCH_USD
@@ -236,6 +247,26 @@ class PriceTable:
             ],
         }
 
+    def _say_once(self, model: str, family_model: str | None) -> None:
+        """Warn, once per model and table, that a model is priced by its family or not at all: the table is stale
+        (the calls are also counted in metrics and reports)."""
+        if model in self._warned or len(self._warned) >= MAX_WARNED_MODELS:
+            return
+        self._warned.add(model)
+        if family_model is None:
+            logger.warning(
+                "model %r has no price in the table: its calls are recorded with cost null (price_source unpriced); "
+                "add it with a SPENDGATE_PRICES file",
+                model[:200],
+            )
+        else:
+            logger.warning(
+                "model %r is not in the price table: priced as its family's %s (price_source family), which may be "
+                "wrong; add it with a SPENDGATE_PRICES file",
+                model[:200],
+                family_model,
+            )
+
     def _version(self, at: datetime) -> _Version:
         if at.tzinfo is None:
             at = at.replace(tzinfo=UTC)
@@ -244,14 +275,20 @@ class PriceTable:
 
 
 def _lookup(version: _Version, model: str) -> tuple[ModelPrice, PriceSource] | None:
-    price = version.index.get(model)
+    price = version.index.get(model) or version.index.get(undated(model))
     if price is not None:
+        # A dated snapshot (`claude-opus-4-6-20260205`) is its listed model, never its family's newest.
         return price, "table"
     # An unlisted id of a known family is priced, and flagged, rather than recorded as $0.
     for family, newest in version.families.items():
         if family in model:
             return version.index[newest], "family"
     return None
+
+
+def undated(model: str) -> str:
+    """A model id without its snapshot date suffix (`-YYYYMMDD`), as the table lists models."""
+    return _DATED.sub("", model)
 
 
 def _token_cost(price: ModelPrice, tokens: Usage | IterationUsage, usage: Usage) -> Decimal:

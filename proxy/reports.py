@@ -42,6 +42,7 @@ class ReportRow:
     retries: int = 0
     retry_cost_usd: Decimal = ZERO
     unpriced_calls: int = 0
+    family_priced_calls: int = 0
     cache_savings_usd: Decimal = ZERO
     batch_savings_usd: Decimal = ZERO
 
@@ -57,6 +58,7 @@ class ReportRow:
             "retry_cost_usd": _plain(self.retry_cost_usd),
             "retry_share": _plain(round(share, 4)),
             "unpriced_calls": self.unpriced_calls,
+            "family_priced_calls": self.family_priced_calls,
             "cache_savings_usd": _plain(self.cache_savings_usd),
             "batch_savings_usd": _plain(self.batch_savings_usd),
         }
@@ -92,6 +94,7 @@ def report(
         func.sum(case((UsageRow.is_retry, 1), else_=0)),
         money(case((UsageRow.is_retry, cost), else_=None)),
         func.sum(case((UsageRow.price_source == "unpriced", 1), else_=0)),
+        func.sum(case((UsageRow.price_source == "family", 1), else_=0)),
         money(case((is_batch, cost), else_=None)),
         func.sum(case((is_batch, UsageRow.web_search_requests), else_=0)),
     ).group_by(*keys, priced_model)
@@ -108,7 +111,7 @@ def report(
             group = tuple(_text(value) for value in result[: len(keys)])
             values = result[len(keys) :]
             model_id, calls, *tokens = values[:8]
-            cost, retries, retry_cost, unpriced, batch_cost, batch_searches = values[8:]
+            cost, retries, retry_cost, unpriced, family, batch_cost, batch_searches = values[8:]
             row = rows.setdefault(
                 group,
                 ReportRow(group=dict(zip(by, group, strict=True)), tokens=dict.fromkeys(TOKEN_KINDS, 0)),
@@ -120,6 +123,7 @@ def report(
             row.retries += int(retries or 0)
             row.retry_cost_usd += _decimal(retry_cost)
             row.unpriced_calls += int(unpriced or 0)
+            row.family_priced_calls += int(family or 0)
             row.cache_savings_usd += _cache_savings(prices, model_id, dict(zip(TOKEN_KINDS, tokens, strict=True)), at)
             # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
             row.batch_savings_usd += _decimal(batch_cost) - WEB_SEARCH_USD * int(batch_searches or 0)
@@ -141,6 +145,49 @@ def daily_spend(engine: Engine, *, since: datetime, team: str | None = None) -> 
         query = query.where(UsageRow.team == team)
     with engine.connect() as connection:
         return {(name, when): _decimal(cost) for name, when, cost in connection.execute(query)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PriceFallback:
+    """A model the price table could not price exactly, and its calls over a period."""
+
+    model: str
+    price_source: str  # "family" (priced as its family's newest model) or "unpriced" (cost null)
+    calls: int
+    first_seen: datetime
+    last_seen: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "model": self.model,
+            "price_source": self.price_source,
+            "calls": self.calls,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+
+def price_fallbacks(
+    engine: Engine, *, since: datetime | None = None, until: datetime | None = None
+) -> list[PriceFallback]:
+    """Models seen in the ledger whose price came from a family fallback or nowhere, most calls first."""
+    model = func.coalesce(UsageRow.response_model, UsageRow.model)
+    query = (
+        select(model, UsageRow.price_source, func.count(), func.min(UsageRow.started_at), func.max(UsageRow.started_at))
+        .where(UsageRow.price_source.in_(("family", "unpriced")))
+        .group_by(model, UsageRow.price_source)
+        .order_by(func.count().desc(), model)
+    )
+    if since is not None:
+        query = query.where(UsageRow.started_at >= since)
+    if until is not None:
+        query = query.where(UsageRow.started_at < until)
+    with engine.connect() as connection:
+        return [
+            PriceFallback(model=name or "unknown", price_source=source, calls=calls, first_seen=first, last_seen=last)
+            for name, source, calls, first, last in connection.execute(query)
+        ]
 
 
 def _group_column(name: str, sqlite: bool) -> ColumnElement[Any]:

@@ -153,3 +153,14 @@ def test_a_batch_not_ended_is_looked_at_again(engine: Engine, db_url: str, tmp_p
         wait_until(lambda: stack.upstream.retrieves.get(created.id, 0) >= 3, "three looks at the batch")
         stack.upstream.hold_batches = False
         batch_records(stack, 1)
+
+
+def test_a_result_without_service_tier_is_priced_at_batch_rates(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    requests = [{**REQUESTS[0], "custom_id": "untiered-one"}, REQUESTS[1]]
+    with running_stack(engine, db_url, tmp_path) as stack, client(stack) as sdk:
+        created = sdk.messages.batches.create(requests=requests)
+        sdk.messages.batches.retrieve(created.id)
+        assert len(list(sdk.messages.batches.results(created.id))) == 2
+        records = {r["custom_id"]: r for r in batch_records(stack, 2)}
+    assert records["untiered-one"]["cost_usd"] == records["second"]["cost_usd"] == SUCCEEDED_COST
+    assert records["untiered-one"]["service_tier"] == "batch"

@@ -156,3 +156,36 @@ def test_prices_shows_version_and_model(capsys: pytest.CaptureFixture[str]) -> N
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: spendgate" in capsys.readouterr().err
+
+
+def test_prices_check_lists_models_the_table_could_not_price(
+    db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime
+
+    from proxy.ledger.commit import insert_records
+    from tests.test_writer import make_record
+
+    at = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    insert_records(engine, [make_record(id="sgr_ok", started_at=at)])
+    assert run(capsys, "prices", "check", "--db", db_url)[:2] == (
+        0,
+        "every call in the period was priced from the table\n",
+    )
+    insert_records(
+        engine,
+        [
+            make_record(id="sgr_f1", started_at=at, response_model="claude-sonnet-9-9", price_source="family"),
+            make_record(id="sgr_f2", started_at=at, response_model="claude-sonnet-9-9", price_source="family"),
+            make_record(id="sgr_u", started_at=at, response_model="gpt-4o", price_source="unpriced", cost_usd=None),
+        ],
+    )
+    code, out, _ = run(capsys, "prices", "check", "--db", db_url, "--since", "2026-11-01", "--format", "json")
+    assert code == 4
+    assert [(f["model"], f["price_source"], f["calls"]) for f in json.loads(out)] == [
+        ("claude-sonnet-9-9", "family", 2),
+        ("gpt-4o", "unpriced", 1),
+    ]
+    assert run(capsys, "prices", "check", "--db", db_url, "--since", "2026-11-21")[0] == 0
+    [total] = json.loads(run(capsys, "report", "--db", db_url, "--format", "json")[1])
+    assert (total["family_priced_calls"], total["unpriced_calls"]) == (2, 1)

@@ -355,6 +355,27 @@ def test_price_unlisted_models(model: str, usage: Usage, expected: str | None, s
     assert (cost.price_source, cost.price_version) == (source, "2026-09-01")
 
 
+@pytest.mark.parametrize("model", ["claude-opus-4-6", "claude-opus-4-7", "claude-sonnet-4-6", "claude-haiku-4-5"])
+def test_a_dated_snapshot_of_a_listed_model_is_that_model(model: str) -> None:
+    """Not its family's newest: `claude-opus-4-6-20260205` was priced as Opus 5.5 (20% under the bill)."""
+    usage = Usage(input_tokens=1_000_000, output_tokens=100_000, cache_read_input_tokens=10_000)
+    listed = TABLE.price(model=model, usage=usage, at=OCT)
+    dated = TABLE.price(model=f"{model}-20260205", usage=usage, at=OCT)
+    assert (dated.cost_usd, dated.price_source) == (listed.cost_usd, "table")
+    assert TABLE.lists(f"{model}-20260205")
+
+
+def test_fallbacks_are_logged_once_per_model(caplog: pytest.LogCaptureFixture) -> None:
+    table = PriceTable.load()
+    for _ in range(3):
+        table.price(model="claude-sonnet-9-9", usage=Usage(input_tokens=1), at=OCT)
+        table.price(model="gpt-4o", usage=Usage(input_tokens=1), at=OCT)
+    said = [record.getMessage() for record in caplog.records if record.name == "spendgate"]
+    assert len(said) == 2
+    assert "claude-sonnet-9-9" in said[0] and "price_source family" in said[0]
+    assert "gpt-4o" in said[1] and "unpriced" in said[1]
+
+
 @pytest.mark.parametrize(
     "model",
     [

@@ -8,7 +8,8 @@ Tests steer it with request headers, which the proxy forwards untouched:
 - `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally.
 
 Message Batches follow their lifecycle: created `in_progress`, `ended` from the first retrieve on, results as
-JSONL (custom ids containing "bad" error, "late" expire, the rest succeed with the usage in `BATCH_USAGE`).
+JSONL (custom ids containing "bad" error, "late" expire, the rest succeed with the usage in `BATCH_USAGE`, without
+its `service_tier` when the id contains "untiered").
 A retrieve ends the batch: the first poll sees it `ended` (unless `hold_batches` is set).
 """
 
@@ -189,7 +190,9 @@ def _batch_result(request: dict[str, Any]) -> dict[str, Any]:
     if "late" in custom_id:
         return {"custom_id": custom_id, "result": {"type": "expired"}}
     message = json.loads(fixture("message.json"))
-    message.update(model=request["params"]["model"], usage=BATCH_USAGE)
+    # "untiered" results carry no service_tier, as the documented results example does.
+    usage = {k: v for k, v in BATCH_USAGE.items() if k != "service_tier" or "untiered" not in custom_id}
+    message.update(model=request["params"]["model"], usage=usage)
     return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
 
 

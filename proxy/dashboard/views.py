@@ -22,7 +22,7 @@ from proxy.dashboard.forecast import Forecast, forecast
 from proxy.export import iter_usage
 from proxy.models import AuditHead, UsageRow
 from proxy.pricing import PriceTable
-from proxy.reports import TOKEN_KINDS, ReportRow, daily_spend, report
+from proxy.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
 from proxy.teams import TeamView, get_team, list_teams
 
 ZERO = Decimal(0)
@@ -156,25 +156,18 @@ class LedgerPage:
     head_pos: int
     head_hash: str
     interrupted: int
-    fallbacks: list[tuple[str, str, int]]  # (model, price source, calls): the price table is stale
+    fallbacks: list[PriceFallback]  # the price table is stale
     set_aside: int
 
 
 def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
     """The audit chain's head, interrupted calls, calls the price table could not price exactly, records set
     aside on disk."""
-    model = func.coalesce(UsageRow.response_model, UsageRow.model)
     with engine.connect() as connection:
         head_pos, head_hash = connection.execute(select(AuditHead.pos, AuditHead.hash).where(AuditHead.id == 1)).one()
         interrupted = connection.execute(
             select(func.count()).select_from(UsageRow).where(UsageRow.outcome == "interrupted")
         ).scalar_one()
-        fallbacks = connection.execute(
-            select(model, UsageRow.price_source, func.count())
-            .where(UsageRow.price_source.in_(("family", "unpriced")))
-            .group_by(model, UsageRow.price_source)
-            .order_by(func.count().desc())
-        ).all()
     set_aside = 0
     for path in sorted(spill_dir.glob("refused-*.jsonl")) if spill_dir.is_dir() else ():
         with path.open("rb") as lines:
@@ -183,6 +176,6 @@ def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
         head_pos=head_pos,
         head_hash=head_hash,
         interrupted=interrupted,
-        fallbacks=[(m or "unknown", source, count) for m, source, count in fallbacks],
+        fallbacks=price_fallbacks(engine),
         set_aside=set_aside,
     )

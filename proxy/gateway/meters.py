@@ -140,7 +140,9 @@ class ResultsMeter:
         if isinstance(model, str):
             call.model = call.response_model = label(model, 200)
         if isinstance(usage, dict):
-            call.usage = parse_usage(usage)
+            # Results are always billed at batch rates, whatever their usage says: the documented results
+            # example carries no `service_tier`, and a standard price would be twice the bill.
+            call.usage = replace(parse_usage(usage), service_tier="batch")
         if kind != "succeeded":
             call.facts.error_type = label(_error_type(result) or str(kind), 100)
         call.reservation = self._hold
