@@ -393,6 +393,50 @@ def _prices_check(args: argparse.Namespace, settings: Settings) -> int:
     return DRIFT if found else 0
 
 
+def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.reconcile.anthropic import AdminClient
+    from proxy.reconcile.compare import ledger_buckets, reconcile
+
+    if settings.anthropic_admin_key is None:
+        raise UsageError(
+            "SPENDGATE_ANTHROPIC_ADMIN_KEY is not set: reconcile reads Anthropic's usage and cost reports with an "
+            "Admin API key (Console > Settings > Admin keys, sk-ant-admin...)."
+        )
+    since, until = parse_instant(args.since), parse_instant(args.until)
+    if until <= since:
+        raise UsageError(f"--until {args.until} is not after --since {args.since}")
+    tolerance = _money(args.tolerance) if args.tolerance is not None else settings.reconcile_tolerance
+    client = AdminClient(
+        settings.anthropic_admin_key, base_url=settings.anthropic_admin_url, api_key_id=settings.anthropic_api_key_id
+    )
+    days = (since.replace(hour=0, minute=0, second=0, microsecond=0), until)
+    with _ledger(settings) as engine:
+        result = reconcile(
+            ledger_tokens=ledger_buckets(engine, since, until, args.by),
+            ledger_days=ledger_buckets(engine, *days, "day"),
+            usage=client.usage(since, until, args.by),
+            cost=client.cost(*days),
+            width=args.by,
+            now=datetime.now(UTC),
+            tolerance_usd=tolerance,
+            key_id_known=settings.anthropic_api_key_id is not None,
+        )
+    rows = [difference.to_json() for difference in result.differences]
+    if args.format == "json":
+        print(json.dumps({"drift": result.drifted, "buckets": result.buckets_compared, "differences": rows}, indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["bucket"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    elif rows:
+        _print_table(
+            ("bucket", "model", "service_tier", "measure", "ledger", "anthropic", "delta", "final", "cause"), rows
+        )
+    else:
+        print(f"no differences: {result.buckets_compared} buckets agree with Anthropic's reports")
+    return DRIFT if result.drifted else 0
+
+
 def _actor() -> str:
     """Who the audit trail says made a change from the command line."""
     return f"cli:{getpass.getuser()}"
@@ -569,6 +613,18 @@ def _parser() -> argparse.ArgumentParser:
         "'interrupted' records at their worst case), spill files, and records set aside as refused",
     )
     journal_replay.add_argument("directory", metavar="DIR")
+
+    reconcile_command = command(
+        commands,
+        "reconcile",
+        _reconcile,
+        "compare the ledger with Anthropic's usage and cost reports (SPENDGATE_ANTHROPIC_ADMIN_KEY); exit 4 on drift",
+    )
+    reconcile_command.add_argument("--since", metavar="ISO8601", required=True)
+    reconcile_command.add_argument("--until", metavar="ISO8601", required=True)
+    reconcile_command.add_argument("--by", choices=("hour", "day"), default="day", help="token buckets (cost: daily)")
+    reconcile_command.add_argument("--tolerance", metavar="USD", help="cost difference that is not drift (0.01)")
+    reconcile_command.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)
     prices.add_argument("--model")

@@ -79,6 +79,12 @@ class Settings:
     metrics_features: frozenset[str] = frozenset()
     metrics_users: frozenset[str] = frozenset()
     log_format: LogFormat = "text"
+    # `spendgate reconcile`: an Anthropic Admin API key (sk-ant-admin…), where the Admin API is, the upstream key's
+    # `apikey_…` id (so other keys' traffic is left out), and the cost difference in USD that is not drift.
+    anthropic_admin_key: str | None = field(default=None, repr=False)
+    anthropic_admin_url: str = DEFAULT_UPSTREAM_URL
+    anthropic_api_key_id: str | None = None
+    reconcile_tolerance: Decimal = Decimal("0.01")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -116,6 +122,10 @@ class Settings:
             metrics_features=_read(environ, "SPENDGATE_METRICS_FEATURES", _names, frozenset()),
             metrics_users=_read(environ, "SPENDGATE_METRICS_USERS", _names, frozenset()),
             log_format=_read(environ, "SPENDGATE_LOG_FORMAT", _log_format, "text"),
+            anthropic_admin_key=environ.get("SPENDGATE_ANTHROPIC_ADMIN_KEY") or None,
+            anthropic_admin_url=(environ.get("SPENDGATE_ANTHROPIC_ADMIN_URL") or DEFAULT_UPSTREAM_URL).rstrip("/"),
+            anthropic_api_key_id=environ.get("SPENDGATE_ANTHROPIC_API_KEY_ID") or None,
+            reconcile_tolerance=_read(environ, "SPENDGATE_RECONCILE_TOLERANCE", Decimal, Decimal("0.01")),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, select
 from proxy.cli import main
 from proxy.keys import hash_key
 from proxy.models import APIKey
+from proxy.pricing import PriceTable
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -150,7 +152,7 @@ def test_prices_shows_version_and_model(capsys: pytest.CaptureFixture[str]) -> N
     code, out, _ = run(capsys, "prices", "--model", "claude-sonnet-4-6")
     assert code == 0
     assert "claude-sonnet-4-6" in out
-    assert "2026-09-01" in out
+    assert f"price version {PriceTable.load().version_at(datetime.now(UTC))} " in out
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -329,7 +329,7 @@ def test_price_matches_hand_computed(model: str, usage: Usage, at: datetime, exp
         pytest.param(
             "claude-sonnet-9-9", Usage(input_tokens=100_000, output_tokens=10_000), "0.3", "family", id="family"
         ),
-        pytest.param("claude-mythos-preview", Usage(cache_read_input_tokens=1_000_000), "0.25", "family", id="mythos"),
+        pytest.param("claude-mythos-preview", Usage(cache_read_input_tokens=1_000_000), "0.2", "family", id="mythos"),
         pytest.param("gpt-4o", Usage(input_tokens=100_000), None, "unpriced", id="unknown"),
         pytest.param(
             "claude-sonnet-4-6",

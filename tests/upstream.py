@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ class FakeAnthropic:
     # While set, retrieving a batch leaves it in progress; `retrieves` counts retrieves per batch.
     hold_batches: bool = False
     retrieves: dict[str, int] = field(default_factory=dict)
+    # Every non-streaming message answered: when, the model it named, and its usage (what Anthropic would bill).
+    served: list[tuple[datetime, str, dict[str, Any]]] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -125,8 +128,9 @@ class FakeAnthropic:
         else:
             # The recording's bytes, with only the model swapped, so tests can compare bytes exactly.
             recorded = fixture("message.json")
-            model = json.dumps(_resolved(request["model"])).encode()
-            await _respond(send, 200, recorded.replace(b'"claude-sonnet-4-5-20250929"', model))
+            model = _resolved(request["model"])
+            self.served.append((datetime.now(UTC), model, json.loads(recorded)["usage"]))
+            await _respond(send, 200, recorded.replace(b'"claude-sonnet-4-5-20250929"', json.dumps(model).encode()))
 
     async def _batch(self, method: str, path: str, body: bytes, send: Send) -> None:
         parts = path.removeprefix("/v1/messages/batches").strip("/").split("/")

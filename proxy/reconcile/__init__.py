@@ -1,0 +1,1 @@
+"""`spendgate reconcile`: the ledger held against Anthropic's own usage and cost reports."""

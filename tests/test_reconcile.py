@@ -1,0 +1,203 @@
+"""`spendgate reconcile` against a fake Admin API serving what the fake upstream really answered."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+from sqlalchemy import Engine
+
+from proxy.ledger.commit import insert_records
+from proxy.pricing import PriceTable
+from proxy.teams import TeamSettings, create_team
+from proxy.types import Usage
+from tests.admin_api import ADMIN_KEY, KEY_ID, FakeAdminAPI
+from tests.servers import serve_in_thread
+from tests.stack import Stack, running_stack
+from tests.test_writer import make_record
+from tests.upstream import UPSTREAM_KEY, fixture
+
+MESSAGE: dict[str, Any] = {"max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+USAGE = json.loads(fixture("message.json"))["usage"]
+
+
+def reconcile(db_url: str, admin_url: str, *args: str, key_id: bool = True) -> tuple[int, dict[str, Any]]:
+    env = {
+        **os.environ,
+        "SPENDGATE_DB_URL": db_url,
+        "SPENDGATE_ANTHROPIC_ADMIN_KEY": ADMIN_KEY,
+        "SPENDGATE_ANTHROPIC_ADMIN_URL": admin_url,
+    }
+    if key_id:
+        env["SPENDGATE_ANTHROPIC_API_KEY_ID"] = KEY_ID
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "reconcile", *args, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, 4), done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def today() -> tuple[str, str]:
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return start.isoformat(), (start + timedelta(days=1)).isoformat()
+
+
+def drive(
+    stack: Stack, models: tuple[str, ...] = ("claude-sonnet-4-6", "claude-haiku-4-5", "claude-sonnet-4-6")
+) -> None:
+    with anthropic.Anthropic(base_url=stack.url, api_key=stack.key) as sdk:
+        for model in models:
+            sdk.messages.create(model=model, **MESSAGE)
+    stack.idle()
+
+
+def test_everything_through_the_proxy_reconciles_to_zero(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    since, until = today()
+    with running_stack(engine, db_url, tmp_path) as stack:
+        drive(stack)
+        admin = FakeAdminAPI(stack.upstream.served)
+        with serve_in_thread(admin) as admin_url:
+            for by in ("hour", "day"):
+                code, answer = reconcile(db_url, admin_url, "--since", since, "--until", until, "--by", by)
+                assert (code, answer["differences"], answer["drift"]) == (0, [], False)
+                assert answer["buckets"] == 2  # two models (today's buckets)
+        # Every request answered 429 once (retry-after honoured), and paged one row at a time.
+        assert admin.asked.count("/v1/organizations/analytics/usage") >= 3
+
+
+def test_the_legacy_api_when_analytics_is_missing(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    since, until = today()
+    with running_stack(engine, db_url, tmp_path) as stack:
+        drive(stack)
+        admin = FakeAdminAPI(stack.upstream.served, legacy_only=True)
+        with serve_in_thread(admin) as admin_url:
+            code, answer = reconcile(db_url, admin_url, "--since", since, "--until", until, "--by", "hour")
+    assert (code, answer["differences"]) == (0, [])
+    assert "/v1/organizations/usage_report/messages" in admin.asked and "/v1/organizations/cost_report" in admin.asked
+
+
+def test_calls_that_bypassed_the_proxy_are_exact_drift(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    since, until = today()
+    with running_stack(engine, db_url, tmp_path) as stack:
+        drive(stack)
+        # The same upstream key, used directly: Anthropic bills it, the ledger never saw it.
+        direct = httpx.post(
+            f"{stack.upstream_url}/v1/messages",
+            json={"model": "claude-sonnet-4-6", **MESSAGE},
+            headers={"x-api-key": UPSTREAM_KEY},
+        )
+        assert direct.status_code == 200
+        with serve_in_thread(FakeAdminAPI(stack.upstream.served)) as admin_url:
+            _, answer = reconcile(db_url, admin_url, "--since", since, "--until", until, "--by", "day")
+    found = {(d["model"], d["measure"]): d for d in answer["differences"]}
+    assert set(found) == {
+        ("claude-sonnet-4-6", "input"),
+        ("claude-sonnet-4-6", "output"),
+        ("claude-sonnet-4-6", "cost_usd"),
+    }
+    assert Decimal(found[("claude-sonnet-4-6", "input")]["delta"]) == USAGE["input_tokens"]
+    assert Decimal(found[("claude-sonnet-4-6", "output")]["delta"]) == USAGE["output_tokens"]
+    one_call = PriceTable.load().price(
+        model="claude-sonnet-4-6", usage=Usage(input_tokens=406, output_tokens=50), at=datetime.now(UTC)
+    )
+    assert Decimal(found[("claude-sonnet-4-6", "cost_usd")]["delta"]) == one_call.cost_usd
+    assert all("did not go through spendgate" in d["cause"] for d in found.values())
+    assert not any(d["final"] for d in found.values())  # today's bucket may still grow
+
+
+def test_a_wrong_price_in_the_table_is_cost_drift_with_equal_tokens(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    since, until = today()
+    wrong = tmp_path / "prices.toml"
+    # Our table says Sonnet 4.6 output costs $16 per million; Anthropic bills $15.
+    cells = "input = 3\noutput = 16\ncache_write_5m = 3.75\ncache_write_1h = 6\ncache_read = 0.30\nbatch_input = 1.50\n"
+    wrong.write_text(f'[[version]]\nid = "2026-09-01"\n[version.models.claude-sonnet-4-6]\n{cells}batch_output = 8\n')
+    with running_stack(engine, db_url, tmp_path, prices_path=wrong) as stack:
+        drive(stack, ("claude-sonnet-4-6",))
+        with serve_in_thread(FakeAdminAPI(stack.upstream.served)) as admin_url:
+            _, answer = reconcile(db_url, admin_url, "--since", since, "--until", until)
+    [difference] = answer["differences"]
+    assert (difference["measure"], difference["model"]) == ("cost_usd", "claude-sonnet-4-6")
+    assert Decimal(difference["delta"]) == Decimal(-50) / 1_000_000  # 50 output tokens at $1 per million too many
+    assert "price table is wrong" in difference["cause"]
+
+
+def test_an_interrupted_call_is_drift_past_the_tolerance(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """A replica killed mid-call: the reaper records it `interrupted` at its worst-case estimate, no tokens."""
+    create_team(engine, "research", TeamSettings(), actor="test")
+    at = datetime(2026, 11, 10, 14, 30, tzinfo=UTC)
+    insert_records(
+        engine,
+        [
+            make_record(
+                id="sgr_done",
+                started_at=at,
+                usage=Usage(input_tokens=406, output_tokens=50, service_tier="standard"),
+                cost_usd=Decimal("0.001968"),
+            ),
+            make_record(
+                id="sgr_cut",
+                started_at=at,
+                usage=Usage(),
+                outcome="interrupted",
+                cost_source="estimate",
+                cost_usd=Decimal("0.5"),
+            ),
+        ],
+    )
+    served = [(at, "claude-sonnet-4-6", USAGE), (at + timedelta(seconds=1), "claude-sonnet-4-6", USAGE)]
+    with serve_in_thread(FakeAdminAPI(served)) as admin_url:
+        code, answer = reconcile(db_url, admin_url, "--since", "2026-11-10", "--until", "2026-11-11", "--by", "hour")
+        assert (
+            reconcile(db_url, admin_url, "--since", "2026-11-10", "--until", "2026-11-11", "--tolerance", "1")[0] == 4
+        )
+    assert code == 4 and answer["drift"] is True
+    found = {d["measure"]: d for d in answer["differences"]}
+    assert Decimal(found["input"]["delta"]) == 406 and found["input"]["bucket"] == "2026-11-10T14:00:00+00:00"
+    assert Decimal(found["cost_usd"]["delta"]) == Decimal("0.001968") - Decimal("0.5")
+    assert all(d["final"] and "1 calls recorded as interrupted" in d["cause"] for d in found.values())
+
+
+def test_a_late_bucket_is_reported_but_not_drift(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    since, until = today()
+    with running_stack(engine, db_url, tmp_path) as stack:
+        drive(stack, ("claude-sonnet-4-6",))
+        admin = FakeAdminAPI(stack.upstream.served, late_after=stack.upstream.served[0][0])
+        with serve_in_thread(admin) as admin_url:
+            code, answer = reconcile(db_url, admin_url, "--since", since, "--until", until, "--by", "hour")
+    assert code == 0 and answer["drift"] is False
+    assert answer["differences"] and all("not final yet" in d["cause"] for d in answer["differences"])
+
+
+def test_refusals_from_the_admin_api_are_errors(engine: Engine, db_url: str) -> None:
+    env = {**os.environ, "SPENDGATE_DB_URL": db_url, "SPENDGATE_ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-wrong"}
+    with serve_in_thread(FakeAdminAPI([])) as admin_url:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+            env={**env, "SPENDGATE_ANTHROPIC_ADMIN_URL": admin_url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1 and "answered 401" in done.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+        env={**os.environ, "SPENDGATE_DB_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode != 0 and "SPENDGATE_ANTHROPIC_ADMIN_KEY" in missing.stderr
