@@ -1,4 +1,5 @@
-"""Soft-limit alerts: a log line, and a JSON POST to `SPENDGATE_ALERT_WEBHOOK`, retried in the background.
+"""Alerts (soft limits crossed, drift from Anthropic's figures): a log line, and a JSON POST to
+`SPENDGATE_ALERT_WEBHOOK`, retried in the background.
 
 Delivery never delays a call: alerts are queued by the ledger writer and sent by their own task.
 """
@@ -40,7 +41,7 @@ class AlertSender:
     def __init__(self, webhook: str | None, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._webhook = webhook
         self._transport = transport
-        self._queue: asyncio.Queue[SoftLimitCrossed] = asyncio.Queue()
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def notify(self, alerts: list[SoftLimitCrossed]) -> None:
@@ -55,7 +56,13 @@ class AlertSender:
                 format(alert.budget_usd, "f"),
             )
             if self._webhook is not None:
-                self._queue.put_nowait(alert)
+                self._queue.put_nowait(alert_payload(alert))
+
+    def send(self, payload: dict[str, Any]) -> None:
+        """Log and queue any other alert (its JSON body); never blocks."""
+        logger.warning("alert: %s", payload)
+        if self._webhook is not None:
+            self._queue.put_nowait(payload)
 
     def start(self) -> None:
         """Start delivering (from the lifespan, inside the running loop)."""
@@ -68,19 +75,19 @@ class AlertSender:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         while not self._queue.empty():
-            logger.error("soft-limit alert not delivered before shutdown: %s", alert_payload(self._queue.get_nowait()))
+            logger.error("alert not delivered before shutdown: %s", self._queue.get_nowait())
 
     async def _deliver_forever(self, url: str) -> None:
         async with httpx.AsyncClient(transport=self._transport, timeout=10.0) as client:
             while True:
-                alert = await self._queue.get()
-                await self._deliver(client, url, alert)
+                payload = await self._queue.get()
+                await self._deliver(client, url, payload)
 
-    async def _deliver(self, client: httpx.AsyncClient, url: str, alert: SoftLimitCrossed) -> None:
+    async def _deliver(self, client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> None:
         backoff = FIRST_BACKOFF_SECONDS
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                response = await client.post(url, json=alert_payload(alert))
+                response = await client.post(url, json=payload)
                 if response.status_code < 300:
                     return
                 problem = f"status {response.status_code}"
@@ -89,4 +96,4 @@ class AlertSender:
             logger.warning("alert webhook attempt %d/%d failed (%s)", attempt, MAX_ATTEMPTS, problem)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-        logger.error("alert webhook gave up after %d attempts: %s", MAX_ATTEMPTS, alert_payload(alert))
+        logger.error("alert webhook gave up after %d attempts: %s", MAX_ATTEMPTS, payload)

@@ -10,6 +10,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import TypedDict
@@ -53,6 +54,8 @@ from proxy.metrics import (
     scrape_registry,
 )
 from proxy.pricing import PriceTable
+from proxy.reconcile.anthropic import AdminClient
+from proxy.reconcile.scheduled import run_once
 
 logger = logging.getLogger("spendgate")
 
@@ -183,6 +186,14 @@ def create_app(
             listener = start_http_server(
                 settings.metrics_addr[1], settings.metrics_addr[0], registry=scrape_registry(metrics, engine)
             )[0]
+        if settings.reconcile_every_seconds > 0 and settings.anthropic_admin_key is not None:
+            admin = AdminClient(
+                settings.anthropic_admin_key,
+                base_url=settings.anthropic_admin_url,
+                api_key_id=settings.anthropic_api_key_id,
+            )
+            check = partial(_reconcile_days, engine, admin, settings.reconcile_tolerance, alerts, clock)
+            background.append(asyncio.create_task(_every(settings.reconcile_every_seconds, check, "reconciliation")))
         if settings.batch_reconcile_seconds > 0:
             lease = timedelta(seconds=max(60.0, settings.batch_reconcile_seconds * 2))
             reconcile = partial(fetcher.reconcile, lease)
@@ -264,6 +275,15 @@ async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases) -> None:
 
 async def _ledger_gauges(metrics: Metrics, writer: Writer, spill_dir: Path) -> None:
     metrics.ledger_state(pending=writer.pending, oldest_seconds=writer.oldest_age, spill_dir=spill_dir)
+
+
+async def _reconcile_days(
+    engine: Engine, admin: AdminClient, tolerance: Decimal, alerts: AlertSender, clock: Callable[[], datetime]
+) -> None:
+    checked = await anyio.to_thread.run_sync(partial(run_once, engine, admin, tolerance_usd=tolerance, now=clock))
+    for day in checked:
+        if day.drifted:
+            alerts.send(day.alert())
 
 
 async def _release_expired_holds(engine: Engine, interval: float) -> None:

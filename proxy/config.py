@@ -85,6 +85,8 @@ class Settings:
     anthropic_admin_url: str = DEFAULT_UPSTREAM_URL
     anthropic_api_key_id: str | None = None
     reconcile_tolerance: Decimal = Decimal("0.01")
+    # How often the server reconciles closed days in the background (one replica at a time); 0: never.
+    reconcile_every_seconds: float = 0.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -126,6 +128,7 @@ class Settings:
             anthropic_admin_url=(environ.get("SPENDGATE_ANTHROPIC_ADMIN_URL") or DEFAULT_UPSTREAM_URL).rstrip("/"),
             anthropic_api_key_id=environ.get("SPENDGATE_ANTHROPIC_API_KEY_ID") or None,
             reconcile_tolerance=_read(environ, "SPENDGATE_RECONCILE_TOLERANCE", Decimal, Decimal("0.01")),
+            reconcile_every_seconds=_read(environ, "SPENDGATE_RECONCILE_EVERY_SECONDS", float, 0.0),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:
@@ -134,6 +137,10 @@ class Settings:
         _check_upstream(settings.upstream_url)
         if not 0 < settings.port < 65536:
             raise ConfigError(f"port {settings.port} is not a TCP port (1 to 65535).")
+        if settings.reconcile_every_seconds > 0 and settings.anthropic_admin_key is None:
+            raise ConfigError(
+                "SPENDGATE_RECONCILE_EVERY_SECONDS needs SPENDGATE_ANTHROPIC_ADMIN_KEY (an Anthropic Admin API key)."
+            )
         if settings.workers < 1:
             raise ConfigError(f"workers {settings.workers}: at least one serving process is needed.")
         return settings

@@ -42,6 +42,7 @@ from proxy.budgets import current_spend, key_counter, period_end, period_start
 from proxy.errors import error_response
 from proxy.gateway.routes import BATCHES, COUNT_TOKENS, MESSAGES
 from proxy.models import APIKey, Team
+from proxy.reconcile.scheduled import recent
 from proxy.teams import list_teams
 from proxy.types import Period, UsageRecord
 
@@ -343,6 +344,29 @@ class BudgetCollector(Collector):
         yield from (limit, spent, held, remaining, elapsed)
 
 
+class ReconcileCollector(Collector):
+    """The latest day the scheduled reconciliation checked, read from the ledger at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        drift = GaugeMetricFamily(
+            "spendgate_reconcile_cost_drift_usd", "Anthropic's cost minus the ledger's, the latest reconciled day."
+        )
+        drifted = GaugeMetricFamily(
+            "spendgate_reconcile_drifted", "1 when the latest reconciled day drifted past the tolerance, else 0."
+        )
+        day = GaugeMetricFamily(
+            "spendgate_reconcile_day_timestamp_seconds", "The start of the latest reconciled day (Unix time)."
+        )
+        for latest in recent(self._engine, limit=1):
+            drift.add_metric([], float(latest.anthropic_cost_usd - latest.ledger_cost_usd))
+            drifted.add_metric([], 1.0 if latest.drifted else 0.0)
+            day.add_metric([], latest.day.timestamp())
+        yield from (drift, drifted, day)
+
+
 def _add_elapsed(family: GaugeMetricFamily, values: list[str], period: Period, now: datetime) -> None:
     start = period_start(period, now)
     end = None if start is None else period_end(period, start)
@@ -359,6 +383,7 @@ def scrape_registry(metrics: Metrics | None, engine: Engine) -> CollectorRegistr
     elif metrics is not None:
         registry.register(_Forward(metrics.registry))
     registry.register(BudgetCollector(engine))
+    registry.register(ReconcileCollector(engine))
     return registry
 
 

@@ -278,3 +278,20 @@ class RepriceEntry(Base):
     record_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     cost_usd: Mapped[Decimal] = mapped_column(Money)
     price_version: Mapped[str] = mapped_column(String(40))
+
+
+class ReconciledDay(Base):
+    """One UTC day held against Anthropic's own figures by the scheduled reconciliation (one replica at a time)."""
+
+    __tablename__ = "reconciled_days"
+
+    day: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    # The replica checking it, until then (so replicas share the work and a dead one's claim lapses).
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    drifted: Mapped[bool | None] = mapped_column(Boolean)
+    ledger_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    anthropic_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    differences: Mapped[int | None] = mapped_column(Integer)
+    # JSON: the differences, as `spendgate reconcile --format json` lists them.
+    details: Mapped[str | None] = mapped_column(Text)

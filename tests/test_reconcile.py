@@ -201,3 +201,80 @@ def test_refusals_from_the_admin_api_are_errors(engine: Engine, db_url: str) -> 
         timeout=60,
     )
     assert missing.returncode != 0 and "SPENDGATE_ANTHROPIC_ADMIN_KEY" in missing.stderr
+
+
+def test_the_server_reconciles_final_days_once_across_replicas(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """Two replicas with scheduled reconciliation and a fixed clock: each final day of the last week checked
+    once, the drifted one alerted once, the outcome in the metrics and on the dashboard's ledger page."""
+    from sqlalchemy import func, select
+
+    from proxy.app import create_app
+    from proxy.models import ReconciledDay
+    from tests.stack import settings_for
+    from tests.test_limits_wire import Webhook
+    from tests.test_metrics import parse, total
+    from tests.waiting import wait_until
+
+    create_team(engine, "research", TeamSettings(), actor="test")
+    drifted = datetime(2026, 11, 10, 9, tzinfo=UTC)
+    insert_records(
+        engine,
+        [
+            make_record(
+                id="sgr_a",
+                started_at=drifted,
+                usage=Usage(input_tokens=406, output_tokens=50, service_tier="standard"),
+                cost_usd=Decimal("0.001968"),
+            ),
+            make_record(
+                id="sgr_b",
+                started_at=drifted + timedelta(days=1),
+                cost_usd=Decimal("0.001968"),
+                usage=Usage(input_tokens=406, output_tokens=50, service_tier="standard"),
+            ),
+        ],
+    )
+    # Anthropic saw a second call on the 10th (it bypassed the proxy).
+    served = [
+        (drifted, "claude-sonnet-4-6", USAGE),
+        (drifted, "claude-sonnet-4-6", USAGE),
+        (drifted + timedelta(days=1), "claude-sonnet-4-6", USAGE),
+    ]
+    now = datetime(2026, 11, 12, 12, tzinfo=UTC)
+    webhook = Webhook()
+    with serve_in_thread(FakeAdminAPI(served)) as admin_url, serve_in_thread(webhook) as hook_url:
+        settings = settings_for(
+            db_url,
+            "https://upstream.test",
+            tmp_path,
+            anthropic_admin_key=ADMIN_KEY,
+            anthropic_admin_url=admin_url,
+            anthropic_api_key_id=KEY_ID,
+            reconcile_every_seconds=0.05,
+            alert_webhook=hook_url,
+            metrics_token="m",
+            admin_token="a",
+        )
+        with (
+            serve_in_thread(create_app(settings, clock=lambda: now)) as one,
+            serve_in_thread(create_app(settings, clock=lambda: now)),
+        ):
+
+            def checked() -> int:
+                with engine.connect() as connection:
+                    query = select(func.count()).select_from(ReconciledDay).where(ReconciledDay.checked_at.is_not(None))
+                    return int(connection.execute(query).scalar_one())
+
+            wait_until(lambda: checked() == 7, "seven final days reconciled")
+            wait_until(lambda: webhook.received, "the drift alert")
+            samples = parse(httpx.get(f"{one}/metrics", headers={"authorization": "Bearer m"}).text)
+    assert [alert["day"] for alert in webhook.received] == ["2026-11-10"]
+    assert webhook.received[0]["event"] == "reconcile_drift"
+    assert total(samples, "spendgate_reconcile_drifted") == 0  # the latest day, the 11th, agrees
+    assert total(samples, "spendgate_reconcile_day_timestamp_seconds") == datetime(2026, 11, 11, tzinfo=UTC).timestamp()
+    with engine.connect() as connection:
+        rows = {row.day.date().isoformat(): row for row in connection.execute(select(ReconciledDay))}
+    assert rows["2026-11-10"].drifted and not rows["2026-11-11"].drifted
+    assert Decimal(rows["2026-11-10"].anthropic_cost_usd) - Decimal(rows["2026-11-10"].ledger_cost_usd) == Decimal(
+        "0.001968"
+    )

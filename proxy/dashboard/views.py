@@ -22,6 +22,7 @@ from proxy.dashboard.forecast import Forecast, forecast
 from proxy.export import iter_usage
 from proxy.models import AuditHead, UsageRow
 from proxy.pricing import PriceTable
+from proxy.reconcile.scheduled import DayResult, recent
 from proxy.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
 from proxy.teams import TeamView, get_team, list_teams
 
@@ -158,6 +159,7 @@ class LedgerPage:
     interrupted: int
     fallbacks: list[PriceFallback]  # the price table is stale
     set_aside: int
+    reconciled: list[DayResult]  # the scheduled reconciliation's latest days, newest first
 
 
 def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
@@ -178,4 +180,5 @@ def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
         interrupted=interrupted,
         fallbacks=price_fallbacks(engine),
         set_aside=set_aside,
+        reconciled=recent(engine),
     )
