@@ -278,3 +278,56 @@ def test_the_server_reconciles_final_days_once_across_replicas(engine: Engine, d
     assert Decimal(rows["2026-11-10"].anthropic_cost_usd) - Decimal(rows["2026-11-10"].ledger_cost_usd) == Decimal(
         "0.001968"
     )
+
+
+def test_a_killed_replica_shows_as_interrupted_drift(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """SIGKILL a replica with calls in flight: the survivor records them `interrupted` (no tokens, estimated
+    cost), Anthropic bills them in full, and reconcile names the cause."""
+    import contextlib
+    import signal
+    import threading
+
+    from proxy.export import iter_usage
+    from proxy.teams import create_key
+    from tests.replicas import replica
+    from tests.test_faults import HEARTBEATS
+    from tests.upstream import FakeAnthropic
+    from tests.waiting import wait_until
+
+    # A budget small enough for per-call holds: the survivor's reaper records each held call of the dead one.
+    create_team(engine, "research", TeamSettings(budget_usd=Decimal("0.005")), actor="test")
+    _, key = create_key(engine, "research", actor="test")
+    upstream = FakeAnthropic()
+    since, until = today()
+    with serve_in_thread(upstream) as upstream_url:
+        with (
+            replica(db_url, upstream_url, tmp_path, env=HEARTBEATS) as (doomed, process),
+            replica(db_url, upstream_url, tmp_path, env=HEARTBEATS),
+        ):
+            body = {"model": "claude-sonnet-4-6", **MESSAGE}
+            hanging = {"x-api-key": key, "x-fake-hang": "1"}
+
+            def call() -> None:
+                with contextlib.suppress(httpx.HTTPError):  # the replica dies under it
+                    httpx.post(f"{doomed}/v1/messages", json=body, headers=hanging, timeout=30)
+
+            threads = [threading.Thread(target=call) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: len(upstream.requests) == 2, "both calls to reach the upstream")
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+            wait_until(lambda: len(upstream.served) == 2, "Anthropic to answer both (and bill them)")
+
+            def interrupted() -> list[dict[str, Any]]:
+                return [r for _, r in iter_usage(engine) if r["outcome"] == "interrupted"]
+
+            wait_until(lambda: len(interrupted()) == 2, "the survivor's records of the dead replica's calls")
+            for thread in threads:
+                thread.join(timeout=30)
+    with serve_in_thread(FakeAdminAPI(upstream.served)) as admin_url:
+        _, answer = reconcile(db_url, admin_url, "--since", since, "--until", until, "--by", "hour")
+    found = {d["measure"]: d for d in answer["differences"]}
+    assert Decimal(found["input"]["delta"]) == 2 * USAGE["input_tokens"]
+    assert Decimal(found["output"]["delta"]) == 2 * USAGE["output_tokens"]
+    assert all("calls recorded as interrupted" in d["cause"] for d in found.values())
