@@ -16,10 +16,12 @@ from proxy.types import CAP_POLICIES, GROUPS, PERIODS, CapPolicy, Outcome, Perio
 
 MAX_PAGE = 1000
 # A money amount in a request: a finite decimal given as a string ("250.00") or a JSON number, never negative.
-Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, examples=["250.00"])]
+Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=12, examples=["250.00"])]
+# Counts stored in INTEGER columns.
+Count = Annotated[StrictInt, Field(le=2**31 - 1)]
 # A money amount in an answer: the exact decimal digits as a string.
 MoneyText = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", examples=["12.345678"])]
-ModelIds = Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)]
+ModelIds = Annotated[list[Annotated[StrictStr, Field(pattern=r"^\S{1,200}$")]], Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -31,12 +33,12 @@ class TeamFields(_Strict):
 
     budget_usd: Money | None = Field(None, description="Spend limit per period in USD; null: none.")
     period: Period = Field("month", description=f"Budget period: {', '.join(PERIODS)}.")
-    max_output_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(
+    max_output_tokens: Annotated[Count, Field(ge=1)] | None = Field(
         None, description="Cap on max_tokens per call; null: the server default."
     )
     cap_policy: CapPolicy = Field("clamp", description=f"Over the cap: {' or '.join(CAP_POLICIES)}.")
     models: ModelIds | None = Field(None, description="Models allowed; null: every model.")
-    retry_window_seconds: Annotated[StrictInt, Field(ge=0)] = Field(
+    retry_window_seconds: Annotated[Count, Field(ge=0)] = Field(
         600, description="How far back a repeat of the same request is linked as a retry; 0: off."
     )
 
@@ -70,7 +72,16 @@ class UsageQuery(_Strict):
     team: str | None = Field(None, description="Only this team's records.")
     since: str | None = Field(None, description="ISO 8601 date or time (UTC without a zone), inclusive.")
     until: str | None = Field(None, description="ISO 8601 date or time, exclusive.")
-    limit: int = Field(100, ge=1, le=MAX_PAGE, description="Records per page.")
+    limit: int = Field(100, ge=1, le=MAX_PAGE, description="Records per page (digits only).")
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _digits(cls, value: object) -> object:
+        # A query parameter is text: digits only (no sign, spaces, underscores or decimal point).
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise ValueError(f"must be a whole number from 1 to {MAX_PAGE}")
+        return value
+
     cursor: str | None = Field(None, description="`next_cursor` of the previous page.")
 
 
@@ -98,7 +109,7 @@ def _groups(by: str) -> list[str]:
     return [name.strip() for name in by.split(",") if name.strip()]
 
 
-class Team(BaseModel):
+class Team(_Strict):
     """A team with its spend in the current period."""
 
     name: str
@@ -114,11 +125,11 @@ class Team(BaseModel):
     period_start: str | None = Field(description="Start of the current period (null for `total`).")
 
 
-class Teams(BaseModel):
+class Teams(_Strict):
     data: list[Team]
 
 
-class Key(BaseModel):
+class Key(_Strict):
     """A client key; never the key itself."""
 
     id: str
@@ -135,11 +146,11 @@ class KeyCreated(Key):
     key: str = Field(description="The key itself: shown once, never again.")
 
 
-class Keys(BaseModel):
+class Keys(_Strict):
     data: list[Key]
 
 
-class UsageRecord(BaseModel):
+class UsageRecord(_Strict):
     """One usage record (see the README's record fields)."""
 
     id: str
@@ -186,13 +197,13 @@ class UsageRecord(BaseModel):
     repriced_from_price_version: str | None
 
 
-class UsagePage(BaseModel):
+class UsagePage(_Strict):
     data: list[UsageRecord]
     has_more: bool
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
 
 
-class ReportRow(BaseModel):
+class ReportRow(_Strict):
     """Totals of one group: the group's fields (those asked for), then the sums."""
 
     team: str | None = None
@@ -207,6 +218,7 @@ class ReportRow(BaseModel):
     cache_creation_5m_input_tokens: int
     cache_creation_1h_input_tokens: int
     cache_read_input_tokens: int
+    web_search_requests: int
     cost_usd: MoneyText
     retries: int
     retry_cost_usd: MoneyText
@@ -217,16 +229,16 @@ class ReportRow(BaseModel):
     batch_savings_usd: MoneyText
 
 
-class Report(BaseModel):
+class Report(_Strict):
     data: list[ReportRow]
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(_Strict):
     type: str = Field(examples=["invalid_request_error"])
     message: str
 
 
-class Error(BaseModel):
+class Error(_Strict):
     """Every refusal, in Anthropic's error shape."""
 
     type: Literal["error"]

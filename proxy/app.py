@@ -237,7 +237,9 @@ def create_app(
             Route("/livez", livez),
             metrics_route([token for token in (settings.metrics_token, settings.admin_token) if token]),
             *admin_routes(settings.admin_token),
-            *dashboard_routes(settings.admin_token, spill_dir=settings.spill_dir, clock=clock),
+            *dashboard_routes(
+                settings.admin_token, spill_dir=settings.spill_dir, clock=clock, public_url=settings.public_url
+            ),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -402,14 +402,17 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
             "SPENDGATE_ANTHROPIC_ADMIN_KEY is not set: reconcile reads Anthropic's usage and cost reports with an "
             "Admin API key (Console > Settings > Admin keys, sk-ant-admin...)."
         )
-    since, until = parse_instant(args.since), parse_instant(args.until)
+    since, until = parse_instant(args.since).astimezone(UTC), parse_instant(args.until).astimezone(UTC)
     if until <= since:
         raise UsageError(f"--until {args.until} is not after --since {args.since}")
     tolerance = _money(args.tolerance) if args.tolerance is not None else settings.reconcile_tolerance
     client = AdminClient(
         settings.anthropic_admin_key, base_url=settings.anthropic_admin_url, api_key_id=settings.anthropic_api_key_id
     )
-    days = (since.replace(hour=0, minute=0, second=0, microsecond=0), until)
+    # Cost is compared per UTC day: whole days around the period, on both sides.
+    first_day = since.replace(hour=0, minute=0, second=0, microsecond=0)
+    last_day = until.replace(hour=0, minute=0, second=0, microsecond=0)
+    days = (first_day, last_day if last_day == until else last_day + timedelta(days=1))
     with _ledger(settings) as engine:
         result = reconcile(
             ledger_tokens=ledger_buckets(engine, since, until, args.by),

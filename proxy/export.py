@@ -62,6 +62,7 @@ PUBLIC_FIELDS = (
 # All but the last two fields are columns as recorded; the last two say what a reprice replaced.
 RECORDED_FIELDS = PUBLIC_FIELDS[:-2]
 STREAM_BATCH = 1000
+_FORMULA_STARTS = frozenset("=+-@\t\r")
 Cursor = tuple[datetime, int]
 
 
@@ -138,7 +139,7 @@ def csv_chunks(records: Iterator[dict[str, Any]], rows: int = 1000) -> Iterator[
     writer.writeheader()
     count = 0
     for record in records:
-        writer.writerow(record)
+        writer.writerow({name: _inert(value) for name, value in record.items()})
         count += 1
         if count == rows:
             yield buffer.getvalue(), count
@@ -146,3 +147,11 @@ def csv_chunks(records: Iterator[dict[str, Any]], rows: int = 1000) -> Iterator[
             buffer.truncate()
             count = 0
     yield buffer.getvalue(), count
+
+
+def _inert(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (features, users and models are client-chosen), with a
+    leading `'` so it stays text (OWASP's advice for CSV injection)."""
+    if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
+        return "'" + value
+    return value

@@ -157,8 +157,9 @@ class PriceTable:
         return self._version(at).id
 
     def lists(self, model: str) -> bool:
-        """Whether some version lists `model` by its id or an alias (a family fallback does not count)."""
-        return model in self._listed or undated(model) in self._listed
+        """Whether some version lists `model` by its exact id or an alias (neither a family fallback nor a dated
+        variant counts: any client can invent those)."""
+        return model in self._listed
 
     def lookup(self, model: str, at: datetime) -> tuple[ModelPrice, PriceSource] | None:
         """The price of `model` at `at` and where it came from: its id or alias (`"table"`), else the newest

@@ -91,6 +91,10 @@ def test_team_lifecycle(make_client: Callable[..., TestClient]) -> None:
         pytest.param({"name": "t", "colour": "red"}, "unknown field 'colour'", id="unknown"),
         pytest.param({"budget_usd": "1"}, "'name' is required", id="no-name"),
         pytest.param({"name": "no spaces"}, "'name': String should match pattern", id="bad-name"),
+        pytest.param({"name": "t", "max_output_tokens": 10**29}, "'max_output_tokens'", id="huge-cap"),
+        pytest.param({"name": "t", "retry_window_seconds": 2**31}, "'retry_window_seconds'", id="huge-window"),
+        pytest.param({"name": "t", "budget_usd": "1E-999999"}, "'budget_usd'", id="tiny-budget"),
+        pytest.param({"name": "t", "models": [" "]}, "'models.0'", id="blank-model"),
     ],
 )
 def test_bad_team_bodies_are_400(make_client: Callable[..., TestClient], body: dict[str, object], message: str) -> None:
@@ -135,6 +139,8 @@ def test_usage_pages_with_a_cursor(make_client: Callable[..., TestClient], engin
     assert len(only_a) == 12
     assert only_a[0]["cost_usd"] == str(Decimal("0.00045"))
     assert client.get("/admin/usage", headers=AUTH, params={"limit": "0"}).status_code == 400
+    for odd in ("1_0", "+5", " 5", "1.0"):
+        assert client.get("/admin/usage", headers=AUTH, params={"limit": odd}).status_code == 400, odd
     assert client.get("/admin/usage", headers=AUTH, params={"cursor": "%%%"}).status_code == 400
     assert client.get("/admin/usage", headers=AUTH, params={"since": "soon"}).status_code == 400
 

@@ -191,3 +191,13 @@ def test_prices_check_lists_models_the_table_could_not_price(
     assert run(capsys, "prices", "check", "--db", db_url, "--since", "2026-11-21")[0] == 0
     [total] = json.loads(run(capsys, "report", "--db", db_url, "--format", "json")[1])
     assert (total["family_priced_calls"], total["unpriced_calls"]) == (2, 1)
+
+
+def test_usage_csv_cells_never_run_as_formulas(db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.ledger.commit import insert_records
+    from tests.test_writer import make_record
+
+    insert_records(engine, [make_record(id="sgr_x", feature='=HYPERLINK("http://evil")', user="@user")])
+    code, out, _ = run(capsys, "usage", "--format", "csv", "--db", db_url)
+    [row] = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and (row["feature"], row["user"]) == ('\'=HYPERLINK("http://evil")', "'@user")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import pytest
@@ -25,6 +26,7 @@ from sqlalchemy import Engine
 
 from proxy.app import create_app
 from proxy.dashboard.forecast import forecast
+from proxy.db import make_engine
 from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
 from proxy.teams import TeamSettings, create_key, create_team
@@ -264,3 +266,18 @@ def test_a_steady_rate_is_forecast_exactly(daily: Decimal, room: int) -> None:
         assert outlook.run_out is not None and abs(outlook.run_out - expected) < timedelta(seconds=1)
     else:
         assert outlook.run_out is None
+
+
+def test_odd_cookies_and_parameters_are_refused_not_errors(db_url: str, tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    app = create_app(settings_for(db_url, "https://upstream.test", tmp_path, admin_token=TOKEN))
+    with TestClient(app) as client:
+        for cookie in ("9999999999.\u00e9", "\u0661\u0662.x", "", "9999999999", "1.2.3"):
+            raw = f"spendgate_session={cookie}".encode()  # as sent: bytes the client chose
+            headers: dict[str, Any] = {"cookie": raw}
+            answer = client.get("/dashboard", headers=headers, follow_redirects=False)
+            assert (answer.status_code, answer.headers.get("location")) == (303, "/dashboard/sign-in"), cookie
+        assert client.post("/dashboard/sign-in", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+        create_team(make_engine(db_url), "research", TeamSettings(), actor="test")
+        assert client.get("/dashboard/teams/research/usage.csv", params={"since": "garbage"}).status_code == 400

@@ -199,7 +199,11 @@ hostile = st.text(max_size=40)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    model=st.one_of(hostile, st.sampled_from(["claude-sonnet-4-6", "claude-opus-4-6"])),
+    model=st.one_of(
+        hostile,
+        st.sampled_from(["claude-sonnet-4-6", "claude-opus-4-6"]),
+        st.integers(10_000_000, 99_999_999).map(lambda n: f"claude-sonnet-4-6-{n}"),
+    ),
     response_model=st.one_of(st.none(), st.just("claude-sonnet-4-6-20260101")),
     endpoint=st.one_of(
         hostile.map(lambda s: "/v1/" + s),

@@ -331,3 +331,35 @@ def test_a_killed_replica_shows_as_interrupted_drift(engine: Engine, db_url: str
     assert Decimal(found["input"]["delta"]) == 2 * USAGE["input_tokens"]
     assert Decimal(found["output"]["delta"]) == 2 * USAGE["output_tokens"]
     assert all("calls recorded as interrupted" in d["cause"] for d in found.values())
+
+
+def test_admin_api_answers_that_never_end_or_lie_are_errors() -> None:
+    import pytest
+
+    from proxy.reconcile.anthropic import AdminClient, ReportError
+
+    def looping(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": [], "has_more": True, "next_page": "same"})
+
+    def naive_time(request: httpx.Request) -> httpx.Response:
+        row = {"starting_at": "2026-11-10T00:00:00", "group": {"model": "m"}, "usage": {"output_tokens": 1}}
+        return httpx.Response(200, json={"data": [row], "has_more": False})
+
+    def negative(request: httpx.Request) -> httpx.Response:
+        row = {"starting_at": "2026-11-10T00:00:00Z", "group": {"model": "m"}, "usage": {"output_tokens": -7}}
+        return httpx.Response(200, json={"data": [row], "has_more": False})
+
+    waits: list[float] = []
+
+    def throttled(request: httpx.Request) -> httpx.Response:
+        if not waits:
+            return httpx.Response(429, headers={"retry-after": "nan"}, json={"type": "error", "error": {}})
+        return httpx.Response(200, json={"data": [], "has_more": False})
+
+    since, until = datetime(2026, 11, 10, tzinfo=UTC), datetime(2026, 11, 11, tzinfo=UTC)
+    for answer, problem in ((looping, "twice"), (naive_time, "unexpected"), (negative, "unexpected")):
+        client = AdminClient(ADMIN_KEY, transport=httpx.MockTransport(answer), sleep=lambda _: None)
+        with pytest.raises(ReportError, match=problem):
+            client.usage(since, until, "day")
+    client = AdminClient(ADMIN_KEY, transport=httpx.MockTransport(throttled), sleep=waits.append)
+    assert client.usage(since, until, "day") == [] and waits == [1.0]  # a nonsense retry-after: our own backoff

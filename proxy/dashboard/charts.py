@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal
-from xml.sax.saxutils import escape
 
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 720, 260
 LEFT, RIGHT, TOP, BOTTOM = 76, 12, 12, 28

@@ -59,7 +59,9 @@ class LastVerify:
     at: datetime | None = None
 
 
-def dashboard_routes(admin_token: str | None, *, spill_dir: Path, clock: Clock) -> list[BaseRoute]:
+def dashboard_routes(
+    admin_token: str | None, *, spill_dir: Path, clock: Clock, public_url: str | None = None
+) -> list[BaseRoute]:
     """The `/dashboard` routes (all 404 without an admin token)."""
     if admin_token is None:
 
@@ -79,7 +81,7 @@ def dashboard_routes(admin_token: str | None, *, spill_dir: Path, clock: Clock) 
                 with ledger_errors():
                     return _secure(await page(request))
             except NotFound as error:
-                return _secure(HTMLResponse(render("missing.html", message=str(error)), status_code=404))
+                return _secure(HTMLResponse(render("problem.html", title="Not found", message=str(error)), 404))
 
         return guarded
 
@@ -102,7 +104,8 @@ def dashboard_routes(admin_token: str | None, *, spill_dir: Path, clock: Clock) 
             sessions.issue(time.time()),
             max_age=SESSION_SECONDS,
             path="/dashboard",
-            secure=request.url.scheme == "https",
+            # Behind a TLS-terminating proxy the request itself is http: SPENDGATE_PUBLIC_URL says https.
+            secure=request.url.scheme == "https" or (public_url or "").startswith("https://"),
             httponly=True,
             samesite="strict",
         )
@@ -125,7 +128,10 @@ def dashboard_routes(admin_token: str | None, *, spill_dir: Path, clock: Clock) 
 
     async def usage_csv(request: Request) -> Response:
         name = request.path_params["name"]
-        since, until = (_instant(request.query_params.get(bound)) for bound in ("since", "until"))
+        try:
+            since, until = (_instant(request.query_params.get(bound)) for bound in ("since", "until"))
+        except ValueError as error:
+            return HTMLResponse(render("problem.html", title="Bad request", message=str(error)), 400)
         engine: Engine = request.state.engine
         await _ledger(request, lambda engine, prices: outlooks(engine, prices, clock(), name=name))  # 404 if absent
         records = (record for _, record in iter_usage(engine, team=name, since=since, until=until))

@@ -41,9 +41,11 @@ class Sessions:
         if not cookie:
             return False
         expires, _, signature = cookie.partition(".")
-        if not expires.isdigit() or len(expires) > 12:
+        if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
             return False
-        return hmac.compare_digest(signature, self._sign(expires)) and int(expires) > now
+        # Bytes: compare_digest refuses non-ASCII text, and a cookie is whatever the client sends.
+        given = signature.encode("utf-8", "replace")
+        return hmac.compare_digest(given, self._sign(expires).encode()) and int(expires) > now
 
     def _sign(self, expires: str) -> str:
         return hmac.new(self._key, expires.encode(), hashlib.sha256).hexdigest()

@@ -8,6 +8,7 @@ kind, and, for cost rows, USD. Every answer is validated before use; pages are f
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,13 +17,15 @@ from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 ANTHROPIC_VERSION = "2023-06-01"
 ANALYTICS_BETA = "analytics-usage-cost-2026-08-24"
 # The analytics API serves at most 31 days per request.
 MAX_RANGE = timedelta(days=31)
 ATTEMPTS = 6
+# A period of 31 days in hourly buckets, per model and tier, at 1,000 rows a page, is far below this.
+MAX_PAGES = 1000
 MAX_WAIT_SECONDS = 60.0
 TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "web_search_requests")
 Width = Literal["hour", "day"]
@@ -54,18 +57,18 @@ class _Loose(BaseModel):
 
 
 class _CacheCreation(_Loose):
-    ephemeral_5m_input_tokens: int = 0
-    ephemeral_1h_input_tokens: int = 0
+    ephemeral_5m_input_tokens: NonNegativeInt = 0
+    ephemeral_1h_input_tokens: NonNegativeInt = 0
 
 
 class _ServerTools(_Loose):
-    web_search_requests: int = 0
+    web_search_requests: NonNegativeInt = 0
 
 
 class _Tokens(_Loose):
-    uncached_input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_input_tokens: int = 0
+    uncached_input_tokens: NonNegativeInt = 0
+    output_tokens: NonNegativeInt = 0
+    cache_read_input_tokens: NonNegativeInt = 0
     cache_creation: _CacheCreation = _CacheCreation()
     server_tool_use: _ServerTools = _ServerTools()
 
@@ -91,13 +94,13 @@ class _Cost(_Loose):
 
 
 class _UsageRow(_Loose):
-    starting_at: datetime
+    starting_at: AwareDatetime
     group: _Group
     usage: _Tokens
 
 
 class _CostRow(_Loose):
-    starting_at: datetime
+    starting_at: AwareDatetime
     group: _Group
     cost: _Cost
 
@@ -114,7 +117,7 @@ class _LegacyResult(_Tokens, _Group):
 
 
 class _LegacyBucket(_Loose):
-    starting_at: datetime
+    starting_at: AwareDatetime
     results: list[_LegacyResult]
 
 
@@ -213,14 +216,19 @@ class AdminClient:
         if beta:
             headers["anthropic-beta"] = ANALYTICS_BETA
         page: str | None = None
+        seen: set[str] = set()
         with httpx.Client(base_url=self.base_url, headers=headers, timeout=60, transport=self.transport) as client:
-            while True:
+            for _ in range(MAX_PAGES):
                 query = {**params, **({"page": page} if page else {})}
                 answer = _parse(_Page, self._get(client, path, query))
                 yield from answer.data
                 if not answer.has_more or not answer.next_page:
                     return
+                if answer.next_page in seen:
+                    raise ReportError(f"{path} gave the page cursor {answer.next_page[:40]!r} twice; stopping")
+                seen.add(answer.next_page)
                 page = answer.next_page
+        raise ReportError(f"{path} had more than {MAX_PAGES} pages; narrow the period")
 
     def _get(self, client: httpx.Client, path: str, query: Mapping[str, Any]) -> Any:
         wait = 1.0
@@ -274,9 +282,10 @@ def _check_currency(currency: str) -> None:
 
 def _retry_after(response: httpx.Response) -> float | None:
     try:
-        return max(float(response.headers.get("retry-after", "")), 0.0)
+        seconds = float(response.headers.get("retry-after", ""))
     except ValueError:
         return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def _error_text(response: httpx.Response) -> str:

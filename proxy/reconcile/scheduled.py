@@ -9,7 +9,7 @@ ledger page and exposed as metrics.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -50,10 +50,13 @@ class DayResult:
         }
 
 
-def claim_day(engine: Engine, now: datetime) -> datetime | None:
-    """A final day of the last week nobody has checked or is checking, leased to the caller (blocking)."""
+def claim_day(engine: Engine, now: datetime, *, skip: Collection[datetime] = ()) -> datetime | None:
+    """A final day of the last week nobody has checked or is checking (and not in `skip`), leased to the caller
+    (blocking)."""
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    days = [today - n * DAY for n in range(DAYS_BACK, 0, -1) if today - n * DAY + DAY + FINAL_AFTER <= now]
+    days = [
+        day for n in range(DAYS_BACK, 0, -1) if (day := today - n * DAY) + DAY + FINAL_AFTER <= now and day not in skip
+    ]
     for day in days:
         with write_transaction(engine) as connection:
             if connection.execute(select(ReconciledDay.day).where(ReconciledDay.day == day)).first() is None:
@@ -150,12 +153,18 @@ def recent(engine: Engine, limit: int = DAYS_BACK) -> list[DayResult]:
 def run_once(
     engine: Engine, client: AdminClient, *, tolerance_usd: Decimal, now: Callable[[], datetime]
 ) -> list[DayResult]:
-    """Check every day this replica can claim now; returns their outcomes (blocking, for a worker thread)."""
-    checked = []
-    while (day := claim_day(engine, now())) is not None:
+    """Check every day this replica can claim now; returns their outcomes (blocking, for a worker thread). A day
+    that fails is given back and the others still checked; the first failure is raised at the end."""
+    checked: list[DayResult] = []
+    failed: list[datetime] = []
+    first_error: Exception | None = None
+    while (day := claim_day(engine, now(), skip=failed)) is not None:
         try:
             checked.append(check_day(engine, client, day, tolerance_usd=tolerance_usd, now=now()))
-        except BaseException:
+        except Exception as exc:
             release_day(engine, day)
-            raise
+            failed.append(day)
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
     return checked
