@@ -26,7 +26,6 @@ from sqlalchemy import Engine
 
 from proxy.app import create_app
 from proxy.dashboard.forecast import forecast
-from proxy.db import make_engine
 from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
 from proxy.teams import TeamSettings, create_key, create_team
@@ -268,7 +267,7 @@ def test_a_steady_rate_is_forecast_exactly(daily: Decimal, room: int) -> None:
         assert outlook.run_out is None
 
 
-def test_odd_cookies_and_parameters_are_refused_not_errors(db_url: str, tmp_path: Path) -> None:
+def test_odd_cookies_and_parameters_are_refused_not_errors(engine: Engine, db_url: str, tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
     app = create_app(settings_for(db_url, "https://upstream.test", tmp_path, admin_token=TOKEN))
@@ -279,5 +278,5 @@ def test_odd_cookies_and_parameters_are_refused_not_errors(db_url: str, tmp_path
             answer = client.get("/dashboard", headers=headers, follow_redirects=False)
             assert (answer.status_code, answer.headers.get("location")) == (303, "/dashboard/sign-in"), cookie
         assert client.post("/dashboard/sign-in", data={"token": TOKEN}, follow_redirects=False).status_code == 303
-        create_team(make_engine(db_url), "research", TeamSettings(), actor="test")
+        create_team(engine, "research", TeamSettings(), actor="test")
         assert client.get("/dashboard/teams/research/usage.csv", params={"since": "garbage"}).status_code == 400

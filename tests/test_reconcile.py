@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -13,17 +16,27 @@ from typing import Any
 
 import anthropic
 import httpx
-from sqlalchemy import Engine
+import pytest
+from sqlalchemy import Engine, func, select
 
+from proxy.app import create_app
+from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
+from proxy.models import ReconciledDay
 from proxy.pricing import PriceTable
-from proxy.teams import TeamSettings, create_team
-from proxy.types import Usage
+from proxy.reconcile.anthropic import AdminClient, ReportError
+from proxy.teams import TeamSettings, create_key, create_team
+from proxy.types import Usage, UsageRecord
 from tests.admin_api import ADMIN_KEY, KEY_ID, FakeAdminAPI
+from tests.replicas import replica
 from tests.servers import serve_in_thread
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, running_stack, settings_for
+from tests.test_faults import HEARTBEATS
+from tests.test_limits_wire import Webhook
+from tests.test_metrics import parse, total
 from tests.test_writer import make_record
-from tests.upstream import UPSTREAM_KEY, fixture
+from tests.upstream import UPSTREAM_KEY, FakeAnthropic, fixture
+from tests.waiting import wait_until
 
 MESSAGE: dict[str, Any] = {"max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
 USAGE = json.loads(fixture("message.json"))["usage"]
@@ -47,6 +60,12 @@ def reconcile(db_url: str, admin_url: str, *args: str, key_id: bool = True) -> t
     )
     assert done.returncode in (0, 4), done.stderr
     return done.returncode, json.loads(done.stdout)
+
+
+def billed(call_id: str, at: datetime) -> UsageRecord:
+    """A record of one call as the fake upstream answers it (406 in, 50 out, Sonnet 4.6)."""
+    usage = Usage(input_tokens=406, output_tokens=50, service_tier="standard")
+    return make_record(id=call_id, started_at=at, usage=usage, cost_usd=Decimal("0.001968"))
 
 
 def today() -> tuple[str, str]:
@@ -142,12 +161,7 @@ def test_an_interrupted_call_is_drift_past_the_tolerance(engine: Engine, db_url:
     insert_records(
         engine,
         [
-            make_record(
-                id="sgr_done",
-                started_at=at,
-                usage=Usage(input_tokens=406, output_tokens=50, service_tier="standard"),
-                cost_usd=Decimal("0.001968"),
-            ),
+            billed("sgr_done", at),
             make_record(
                 id="sgr_cut",
                 started_at=at,
@@ -206,32 +220,14 @@ def test_refusals_from_the_admin_api_are_errors(engine: Engine, db_url: str) -> 
 def test_the_server_reconciles_final_days_once_across_replicas(engine: Engine, db_url: str, tmp_path: Path) -> None:
     """Two replicas with scheduled reconciliation and a fixed clock: each final day of the last week checked
     once, the drifted one alerted once, the outcome in the metrics and on the dashboard's ledger page."""
-    from sqlalchemy import func, select
-
-    from proxy.app import create_app
-    from proxy.models import ReconciledDay
-    from tests.stack import settings_for
-    from tests.test_limits_wire import Webhook
-    from tests.test_metrics import parse, total
-    from tests.waiting import wait_until
 
     create_team(engine, "research", TeamSettings(), actor="test")
     drifted = datetime(2026, 11, 10, 9, tzinfo=UTC)
     insert_records(
         engine,
         [
-            make_record(
-                id="sgr_a",
-                started_at=drifted,
-                usage=Usage(input_tokens=406, output_tokens=50, service_tier="standard"),
-                cost_usd=Decimal("0.001968"),
-            ),
-            make_record(
-                id="sgr_b",
-                started_at=drifted + timedelta(days=1),
-                cost_usd=Decimal("0.001968"),
-                usage=Usage(input_tokens=406, output_tokens=50, service_tier="standard"),
-            ),
+            billed("sgr_a", drifted),
+            billed("sgr_b", drifted + timedelta(days=1)),
         ],
     )
     # Anthropic saw a second call on the 10th (it bypassed the proxy).
@@ -283,16 +279,6 @@ def test_the_server_reconciles_final_days_once_across_replicas(engine: Engine, d
 def test_a_killed_replica_shows_as_interrupted_drift(engine: Engine, db_url: str, tmp_path: Path) -> None:
     """SIGKILL a replica with calls in flight: the survivor records them `interrupted` (no tokens, estimated
     cost), Anthropic bills them in full, and reconcile names the cause."""
-    import contextlib
-    import signal
-    import threading
-
-    from proxy.export import iter_usage
-    from proxy.teams import create_key
-    from tests.replicas import replica
-    from tests.test_faults import HEARTBEATS
-    from tests.upstream import FakeAnthropic
-    from tests.waiting import wait_until
 
     # A budget small enough for per-call holds: the survivor's reaper records each held call of the dead one.
     create_team(engine, "research", TeamSettings(budget_usd=Decimal("0.005")), actor="test")
@@ -334,9 +320,6 @@ def test_a_killed_replica_shows_as_interrupted_drift(engine: Engine, db_url: str
 
 
 def test_admin_api_answers_that_never_end_or_lie_are_errors() -> None:
-    import pytest
-
-    from proxy.reconcile.anthropic import AdminClient, ReportError
 
     def looping(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"data": [], "has_more": True, "next_page": "same"})

@@ -30,7 +30,7 @@ from proxy.dashboard.views import ledger_page, outlooks, team_page
 from proxy.errors import error_response, ledger_errors
 from proxy.export import csv_chunks, iter_usage
 from proxy.pricing import PriceTable
-from proxy.teams import NotFound
+from proxy.teams import NotFound, get_team
 from proxy.types import parse_instant
 
 Clock = Callable[[], datetime]
@@ -133,7 +133,7 @@ def dashboard_routes(
         except ValueError as error:
             return HTMLResponse(render("problem.html", title="Bad request", message=str(error)), 400)
         engine: Engine = request.state.engine
-        await _ledger(request, lambda engine, prices: outlooks(engine, prices, clock(), name=name))  # 404 if absent
+        await _ledger(request, lambda engine, prices: get_team(engine, name))  # NotFound: a 404, before any byte
         records = (record for _, record in iter_usage(engine, team=name, since=since, until=until))
         chunks = (chunk for chunk, _ in csv_chunks(records))
         filename = f"spendgate-{name}-usage.csv"
