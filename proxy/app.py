@@ -189,7 +189,7 @@ def create_app(
         if settings.reconcile_every_seconds > 0 and settings.anthropic_admin_key is not None:
             admin = AdminClient(
                 settings.anthropic_admin_key,
-                base_url=settings.anthropic_admin_url,
+                base_url=settings.admin_api_url,
                 api_key_id=settings.anthropic_api_key_id,
             )
             check = partial(_reconcile_days, engine, admin, settings.reconcile_tolerance, alerts, clock)

@@ -407,7 +407,7 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"--until {args.until} is not after --since {args.since}")
     tolerance = _money(args.tolerance) if args.tolerance is not None else settings.reconcile_tolerance
     client = AdminClient(
-        settings.anthropic_admin_key, base_url=settings.anthropic_admin_url, api_key_id=settings.anthropic_api_key_id
+        settings.anthropic_admin_key, base_url=settings.admin_api_url, api_key_id=settings.anthropic_api_key_id
     )
     # Cost is compared per UTC day: whole days around the period, on both sides.
     first_day = since.replace(hour=0, minute=0, second=0, microsecond=0)

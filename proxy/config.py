@@ -82,11 +82,17 @@ class Settings:
     # `spendgate reconcile`: an Anthropic Admin API key (sk-ant-admin…), where the Admin API is, the upstream key's
     # `apikey_…` id (so other keys' traffic is left out), and the cost difference in USD that is not drift.
     anthropic_admin_key: str | None = field(default=None, repr=False)
-    anthropic_admin_url: str = DEFAULT_UPSTREAM_URL
+    # None: the upstream's own host (api.anthropic.com serves the Admin API beside the Messages API).
+    anthropic_admin_url: str | None = None
     anthropic_api_key_id: str | None = None
     reconcile_tolerance: Decimal = Decimal("0.01")
     # How often the server reconciles closed days in the background (one replica at a time); 0: never.
     reconcile_every_seconds: float = 0.0
+
+    @property
+    def admin_api_url(self) -> str:
+        """Where `spendgate reconcile` reads Anthropic's reports: SPENDGATE_ANTHROPIC_ADMIN_URL, else the upstream."""
+        return self.anthropic_admin_url or self.upstream_url
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
@@ -125,7 +131,7 @@ class Settings:
             metrics_users=_read(environ, "SPENDGATE_METRICS_USERS", _names, frozenset()),
             log_format=_read(environ, "SPENDGATE_LOG_FORMAT", _log_format, "text"),
             anthropic_admin_key=environ.get("SPENDGATE_ANTHROPIC_ADMIN_KEY") or None,
-            anthropic_admin_url=(environ.get("SPENDGATE_ANTHROPIC_ADMIN_URL") or DEFAULT_UPSTREAM_URL).rstrip("/"),
+            anthropic_admin_url=(environ.get("SPENDGATE_ANTHROPIC_ADMIN_URL") or "").rstrip("/") or None,
             anthropic_api_key_id=environ.get("SPENDGATE_ANTHROPIC_API_KEY_ID") or None,
             reconcile_tolerance=_read(environ, "SPENDGATE_RECONCILE_TOLERANCE", Decimal, Decimal("0.01")),
             reconcile_every_seconds=_read(environ, "SPENDGATE_RECONCILE_EVERY_SECONDS", float, 0.0),

@@ -42,13 +42,13 @@ MESSAGE: dict[str, Any] = {"max_tokens": 10, "messages": [{"role": "user", "cont
 USAGE = json.loads(fixture("message.json"))["usage"]
 
 
-def reconcile(db_url: str, admin_url: str, *args: str, key_id: bool = True) -> tuple[int, dict[str, Any]]:
-    env = {
-        **os.environ,
-        "SPENDGATE_DB_URL": db_url,
-        "SPENDGATE_ANTHROPIC_ADMIN_KEY": ADMIN_KEY,
-        "SPENDGATE_ANTHROPIC_ADMIN_URL": admin_url,
-    }
+def reconcile(
+    db_url: str, admin_url: str, *args: str, key_id: bool = True, as_upstream: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """`spendgate reconcile ... --format json` against the fake Admin API at `admin_url` (named as the Admin
+    API's own address, or `as_upstream`: the upstream's, which the Admin API shares by default)."""
+    where = "SPENDGATE_UPSTREAM_URL" if as_upstream else "SPENDGATE_ANTHROPIC_ADMIN_URL"
+    env = {**os.environ, "SPENDGATE_DB_URL": db_url, "SPENDGATE_ANTHROPIC_ADMIN_KEY": ADMIN_KEY, where: admin_url}
     if key_id:
         env["SPENDGATE_ANTHROPIC_API_KEY_ID"] = KEY_ID
     done = subprocess.run(
@@ -102,7 +102,9 @@ def test_the_legacy_api_when_analytics_is_missing(engine: Engine, db_url: str, t
         drive(stack)
         admin = FakeAdminAPI(stack.upstream.served, legacy_only=True)
         with serve_in_thread(admin) as admin_url:
-            code, answer = reconcile(db_url, admin_url, "--since", since, "--until", until, "--by", "hour")
+            code, answer = reconcile(
+                db_url, admin_url, "--since", since, "--until", until, "--by", "hour", as_upstream=True
+            )
     assert (code, answer["differences"]) == (0, [])
     assert "/v1/organizations/usage_report/messages" in admin.asked and "/v1/organizations/cost_report" in admin.asked
 
