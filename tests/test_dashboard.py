@@ -111,7 +111,7 @@ def served(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[str]:
     create_team(engine, "ops", TeamSettings(), actor="test")
     _, research = create_key(engine, "research", actor="test", name="ci")
     _, ops = create_key(engine, "ops", actor="test")
-    env = {"SPENDGATE_ADMIN_TOKEN": TOKEN, "SPENDGATE_RECORD_FLUSH_SECONDS": "0.01"}
+    env = {"SPENDGATE_ADMIN_TOKEN": TOKEN}
     with serve_in_thread(FakeAnthropic()) as upstream, replica(db_url, upstream, tmp_path, env=env) as (url, _):
         for key, feature in ((research, "search"), (research, "summarise"), (ops, "triage")):
             headers = {"x-spendgate-feature": feature, "x-spendgate-user": "alice"}
