@@ -44,20 +44,13 @@ from proxy.gateway.routes import BATCHES, COUNT_TOKENS, MESSAGES
 from proxy.models import APIKey, Team
 from proxy.reconcile.scheduled import recent
 from proxy.teams import list_teams
-from proxy.types import Period, UsageRecord
+from proxy.types import TOKEN_KIND_FIELDS, Period, UsageRecord
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # The text format every Prometheus version reads (our names need none of format 1.0's escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OTHER = "other"
 NONE = "none"
-TOKEN_KINDS = (
-    ("input", "input_tokens"),
-    ("output", "output_tokens"),
-    ("cache_write_5m", "cache_creation_5m_input_tokens"),
-    ("cache_write_1h", "cache_creation_1h_input_tokens"),
-    ("cache_read", "cache_read_input_tokens"),
-)
 # Whole calls: from a few milliseconds to the SDKs' 10-minute timeout.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # spendgate's own share of a call: from 0.1 ms (the target) to a second (something is wrong).
@@ -85,7 +78,9 @@ class _CallSeries:
     def __init__(self, metrics: Metrics, team: str, model: str, endpoint: str, outcome: str, streamed: str) -> None:
         self.calls = metrics.calls.labels(team, model, endpoint, outcome)
         self.spend = metrics.spend.labels(team, model)
-        self.tokens = tuple((attribute, metrics.tokens.labels(team, model, kind)) for kind, attribute in TOKEN_KINDS)
+        self.tokens = tuple(
+            (attribute, metrics.tokens.labels(team, model, kind)) for kind, attribute in TOKEN_KIND_FIELDS.items()
+        )
         self.ended = metrics.duration.labels(endpoint, streamed)
         self.first_byte = metrics.first_byte.labels(endpoint, streamed)
         self.upstream = metrics.upstream.labels(endpoint, streamed)

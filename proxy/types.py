@@ -57,6 +57,16 @@ class Usage:
     iterations: tuple[IterationUsage, ...] = ()
 
 
+# Token kinds as metrics and reconciliation name them (Anthropic's report vocabulary), and the `Usage` field (and
+# ledger column) of each.
+TOKEN_KIND_FIELDS = {
+    "input": "input_tokens",
+    "output": "output_tokens",
+    "cache_write_5m": "cache_creation_5m_input_tokens",
+    "cache_write_1h": "cache_creation_1h_input_tokens",
+    "cache_read": "cache_read_input_tokens",
+}
+
 # The token counts and modifiers of `Usage` that are ledger columns (iterations are not stored).
 USAGE_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
 

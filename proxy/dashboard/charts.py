@@ -13,6 +13,7 @@ from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 720, 260
 LEFT, RIGHT, TOP, BOTTOM = 76, 12, 12, 28
+PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 # Colour-blind-safe (Okabe-Ito), then grey for the rest.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 OTHER_COLOUR = "#999999"
@@ -38,25 +39,22 @@ def stacked_days(days: list[date], series: dict[str, list[Decimal]], *, title: s
     """Daily bars, one segment per series (e.g. per model), stacked; each segment says its value on hover."""
     totals = [sum((values[i] for values in series.values()), Decimal(0)) for i in range(len(days))]
     top = _nice(max(totals, default=Decimal(0)))
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    slot = plot_w / max(len(days), 1)
-    parts = [_frame(title), *_y_axis(top)]
+    slot = _slot(days)
+    parts = []
     for i, day in enumerate(days):
-        y = float(TOP + plot_h)
+        y = float(TOP + PLOT_H)
         for index, (name, values) in enumerate(series.items()):
             value = values[i]
             if value <= 0:
                 continue
-            height = float(value / top) * plot_h if top else 0.0
+            height = float(value / top) * PLOT_H if top else 0.0
             y -= height
             parts.append(
                 f'<rect x="{LEFT + i * slot + slot * 0.15:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" '
                 f'height="{height:.1f}" fill="{colour(index)}"><title>{escape(name)} {day}: '
                 f"{money(value)}</title></rect>"
             )
-    parts += _x_labels(days, slot)
-    parts.append("</svg>")
-    return Markup("".join(parts))  # noqa: S704 (every text in it went through `escape`)
+    return _chart(title, top, days, parts)
 
 
 def to_date(
@@ -71,13 +69,12 @@ def to_date(
     drawn from the last day to the end of the chart as a dashed line in a band."""
     highest = max([*cumulative, budget or Decimal(0), *(forecast or ())], default=Decimal(0))
     top = _nice(highest)
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    slot = plot_w / max(len(days), 1)
+    slot = _slot(days)
 
     def y(value: Decimal) -> float:
-        return TOP + plot_h - (float(value / top) * plot_h if top else 0.0)
+        return TOP + PLOT_H - (float(value / top) * PLOT_H if top else 0.0)
 
-    parts = [_frame(title), *_y_axis(top)]
+    parts = []
     known = [(LEFT + (i + 0.5) * slot, y(value)) for i, value in enumerate(cumulative)]
     if known:
         points = " ".join(f"{x:.1f},{yy:.1f}" for x, yy in known)
@@ -85,7 +82,7 @@ def to_date(
     if forecast is not None and known:
         low, mid, high = forecast
         x0, y0 = known[-1]
-        x1 = LEFT + plot_w
+        x1 = LEFT + PLOT_W
         parts.append(
             f'<polygon points="{x0:.1f},{y0:.1f} {x1:.1f},{y(high):.1f} {x1:.1f},{y(low):.1f}" fill="#0072B2" '
             'fill-opacity="0.12"><title>forecast range</title></polygon>'
@@ -96,12 +93,21 @@ def to_date(
         )
     if budget is not None:
         parts.append(
-            f'<line x1="{LEFT}" y1="{y(budget):.1f}" x2="{LEFT + plot_w}" y2="{y(budget):.1f}" stroke="#D55E00" '
+            f'<line x1="{LEFT}" y1="{y(budget):.1f}" x2="{LEFT + PLOT_W}" y2="{y(budget):.1f}" stroke="#D55E00" '
             f'stroke-width="2"><title>budget {money(budget)}</title></line>'
-            f'<text x="{LEFT + plot_w - 4}" y="{y(budget) - 4:.1f}" text-anchor="end" fill="#D55E00">budget</text>'
+            f'<text x="{LEFT + PLOT_W - 4}" y="{y(budget) - 4:.1f}" text-anchor="end" fill="#D55E00">budget</text>'
         )
-    parts += _x_labels(days, slot)
-    parts.append("</svg>")
+    return _chart(title, top, days, parts)
+
+
+def _slot(days: list[date]) -> float:
+    """The width each day takes."""
+    return PLOT_W / max(len(days), 1)
+
+
+def _chart(title: str, top: Decimal, days: list[date], body: list[str]) -> Markup:
+    """A whole chart: frame, value axis up to `top`, the drawing, day labels."""
+    parts = [_frame(title), *_y_axis(top), *body, *_x_labels(days, _slot(days)), "</svg>"]
     return Markup("".join(parts))  # noqa: S704 (every text in it went through `escape`)
 
 
@@ -114,11 +120,10 @@ def _frame(title: str) -> str:
 
 
 def _y_axis(top: Decimal) -> list[str]:
-    plot_h = HEIGHT - TOP - BOTTOM
     parts = []
     for step in range(5):
         value = top * step / 4
-        y = TOP + plot_h - plot_h * step / 4
+        y = TOP + PLOT_H - PLOT_H * step / 4
         parts.append(
             f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" stroke="#ddd"/>'
             f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{money(value)}</text>'

@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
+from proxy.types import TOKEN_KIND_FIELDS
+
 ANTHROPIC_VERSION = "2023-06-01"
 ANALYTICS_BETA = "analytics-usage-cost-2026-08-24"
 # The analytics API serves at most 31 days per request.
@@ -27,7 +29,8 @@ ATTEMPTS = 6
 # A period of 31 days in hourly buckets, per model and tier, at 1,000 rows a page, is far below this.
 MAX_PAGES = 1000
 MAX_WAIT_SECONDS = 60.0
-TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "web_search_requests")
+# Compared per bucket: the token kinds, and web searches (billed per search).
+TOKEN_KINDS = (*TOKEN_KIND_FIELDS, "web_search_requests")
 Width = Literal["hour", "day"]
 WIDTHS = {"hour": ("1h", timedelta(hours=1)), "day": ("1d", timedelta(days=1))}
 # Legacy `limit` caps (buckets per page) per width.

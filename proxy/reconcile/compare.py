@@ -25,18 +25,12 @@ from sqlalchemy import Engine, case, func, select
 from proxy.models import UsageRow, effective_cost
 from proxy.pricing import undated
 from proxy.reconcile.anthropic import TOKEN_KINDS, WIDTHS, Reported, Width
+from proxy.types import TOKEN_KIND_FIELDS
 
 # Buckets younger than this after they close may still grow on Anthropic's side: reported, never failing.
 FINAL_AFTER = timedelta(hours=6)
 ZERO = Decimal(0)
-_COLUMNS = {
-    "input": UsageRow.input_tokens,
-    "output": UsageRow.output_tokens,
-    "cache_write_5m": UsageRow.cache_creation_5m_input_tokens,
-    "cache_write_1h": UsageRow.cache_creation_1h_input_tokens,
-    "cache_read": UsageRow.cache_read_input_tokens,
-    "web_search_requests": UsageRow.web_search_requests,
-}
+_COLUMNS = {kind: getattr(UsageRow, TOKEN_KIND_FIELDS.get(kind, kind)) for kind in TOKEN_KINDS}
 Key = tuple[datetime, str, str]  # bucket start, model (undated), service tier
 
 
