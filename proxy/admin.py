@@ -35,6 +35,7 @@ from proxy.admin_models import (
     KeyCreate,
     KeyCreated,
     Keys,
+    KeyUpdate,
     Report,
     ReportQuery,
     Team as TeamOut,
@@ -43,6 +44,10 @@ from proxy.admin_models import (
     Teams,
     UsagePage,
     UsageQuery,
+    User as UserOut,
+    UserBudgetSet,
+    UserQuery,
+    Users,
     explain,
 )
 from proxy.errors import ProxyError, error_response, ledger_errors
@@ -51,6 +56,7 @@ from proxy.keys import KeyCache
 from proxy.pricing import PriceTable
 from proxy.reports import report
 from proxy.teams import (
+    UNSET,
     Conflict,
     NotFound,
     TeamSettings,
@@ -59,10 +65,13 @@ from proxy.teams import (
     get_team,
     list_keys,
     list_teams,
+    list_users,
     revoke_key,
+    set_user_budget,
+    update_key,
     update_team,
 )
-from proxy.types import parse_instant
+from proxy.types import RateLimits, parse_instant
 
 Handler = Callable[[Request], Awaitable[Response]]
 JSON = "application/json"
@@ -167,7 +176,13 @@ async def _create_key(request: Request) -> Response:
     view, key = await _run(
         request,
         lambda engine: create_key(
-            engine, team, actor=_actor(request), name=body.name, budget_usd=body.budget_usd, period=body.period
+            engine,
+            team,
+            actor=_actor(request),
+            name=body.name,
+            budget_usd=body.budget_usd,
+            period=body.period,
+            rates=RateLimits(rpm=body.rpm, itpm=body.itpm, otpm=body.otpm),
         ),
     )
     return JSONResponse({**view.to_json(), "key": key}, status_code=201)
@@ -186,6 +201,37 @@ async def _revoke_key(request: Request) -> Response:
     keys: KeyCache = request.state.keys
     # This replica refuses the key at once; the others within their key-cache lifetime.
     keys.forget(key_id)
+    return JSONResponse(view.to_json())
+
+
+async def _update_key(request: Request) -> Response:
+    key_id = request.path_params["key_id"]
+    changes = KeyUpdate.model_validate(await _json(request)).given()
+    view = await _run(request, lambda engine: update_key(engine, key_id, actor=_actor(request), **changes))
+    keys: KeyCache = request.state.keys
+    keys.forget(key_id)
+    return JSONResponse(view.to_json())
+
+
+async def _list_users(request: Request) -> Response:
+    team = request.path_params["name"]
+    views = await _run(request, lambda engine: list_users(engine, team))
+    return JSONResponse({"data": [view.to_json() for view in views]})
+
+
+async def _set_user_budget(request: Request) -> Response:
+    team = request.path_params["name"]
+    body = UserBudgetSet.model_validate(await _json(request))
+    view = await _run(
+        request, lambda engine: set_user_budget(engine, team, body.user, body.budget_usd, actor=_actor(request))
+    )
+    return JSONResponse(view.to_json())
+
+
+async def _clear_user_budget(request: Request) -> Response:
+    team = request.path_params["name"]
+    query = UserQuery.model_validate(dict(request.query_params))
+    view = await _run(request, lambda engine: set_user_budget(engine, team, query.user, UNSET, actor=_actor(request)))
     return JSONResponse(view.to_json())
 
 
@@ -274,6 +320,41 @@ OPERATIONS = (
         summary="Revoke a key",
         answer=KeyOut,
         errors=(404,),
+    ),
+    Operation(
+        method="PATCH",
+        path="/admin/keys/{key_id}",
+        handler=_update_key,
+        summary="Change a key's rate limits",
+        body=KeyUpdate,
+        answer=KeyOut,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}/users",
+        handler=_list_users,
+        summary="A team's end users this period, against their allowance",
+        answer=Users,
+        errors=(404,),
+    ),
+    Operation(
+        method="PUT",
+        path="/admin/teams/{name}/user-budgets",
+        handler=_set_user_budget,
+        summary="Give one end user their own budget",
+        body=UserBudgetSet,
+        answer=UserOut,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="DELETE",
+        path="/admin/teams/{name}/user-budgets",
+        handler=_clear_user_budget,
+        summary="End a user's own budget (the team's per-user budget applies again)",
+        query=UserQuery,
+        answer=UserOut,
+        errors=(400, 404),
     ),
     Operation(
         method="GET",

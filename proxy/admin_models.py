@@ -21,6 +21,8 @@ Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=24, decim
 Count = Annotated[StrictInt, Field(le=2**31 - 1)]
 # A money amount in an answer: the exact decimal digits as a string.
 MoneyText = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", examples=["12.345678"])]
+# A rate limit per minute (an INTEGER column), or null: none.
+PerMinute = Annotated[Count, Field(ge=1)] | None
 ModelIds = Annotated[list[Annotated[StrictStr, Field(pattern=r"^\S{1,200}$")]], Field(min_length=1)]
 
 
@@ -41,6 +43,12 @@ class TeamFields(_Strict):
     retry_window_seconds: Annotated[Count, Field(ge=0)] = Field(
         600, description="How far back a repeat of the same request is linked as a retry; 0: off."
     )
+    user_budget_usd: Money | None = Field(
+        None, description="Each end user's spend limit per period in USD (overrides: user-budgets); null: none."
+    )
+    rpm: PerMinute = Field(None, description="Requests per minute; null: no limit.")
+    itpm: PerMinute = Field(None, description="Input tokens (uncached and cache writes) per minute; null: no limit.")
+    otpm: PerMinute = Field(None, description="Output tokens per minute; null: no limit.")
 
     def given(self) -> dict[str, Any]:
         """Only the fields the client sent, as `TeamSettings` keyword arguments."""
@@ -64,6 +72,34 @@ class KeyCreate(_Strict):
     name: StrictStr | None = Field(None, max_length=200, description="A label for people; not secret.")
     budget_usd: Money | None = Field(None, description="The key's own spend limit per period in USD; null: none.")
     period: Period = Field("month", description=f"Budget period: {', '.join(PERIODS)}.")
+    rpm: PerMinute = Field(None, description="The key's own requests per minute; null: no limit.")
+    itpm: PerMinute = Field(None, description="The key's own input tokens per minute; null: no limit.")
+    otpm: PerMinute = Field(None, description="The key's own output tokens per minute; null: no limit.")
+
+
+class KeyUpdate(_Strict):
+    """`PATCH /admin/keys/{key_id}`: a field present is set (null clears the limit), a field absent is kept."""
+
+    rpm: PerMinute = Field(None, description="Requests per minute.")
+    itpm: PerMinute = Field(None, description="Input tokens per minute.")
+    otpm: PerMinute = Field(None, description="Output tokens per minute.")
+
+    def given(self) -> dict[str, Any]:
+        """Only the fields the client sent."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class UserBudgetSet(_Strict):
+    """`PUT /admin/teams/{name}/user-budgets`: one end user's own budget."""
+
+    user: StrictStr = Field(max_length=256, description='The end user; "" names the calls without a user.')
+    budget_usd: Money | None = Field(description="Their spend limit per team period in USD; null: no limit for them.")
+
+
+class UserQuery(_Strict):
+    """`DELETE /admin/teams/{name}/user-budgets` query parameters."""
+
+    user: str = Field(max_length=256, description='The end user whose own budget ends ("" for calls without one).')
 
 
 class UsageQuery(_Strict):
@@ -119,6 +155,10 @@ class Team(_Strict):
     cap_policy: CapPolicy
     models: list[str] | None
     retry_window_seconds: int
+    user_budget_usd: MoneyText | None
+    rpm: int | None
+    itpm: int | None
+    otpm: int | None
     spent_usd: MoneyText
     reserved_usd: MoneyText = Field(description="Held by calls in flight and by replicas' budget leases.")
     remaining_usd: MoneyText | None
@@ -138,6 +178,9 @@ class Key(_Strict):
     prefix: str = Field(description="The key's first characters, to recognise it.")
     budget_usd: MoneyText | None
     period: Period
+    rpm: int | None
+    itpm: int | None
+    otpm: int | None
     created_at: str
     revoked_at: str | None
 
@@ -148,6 +191,21 @@ class KeyCreated(Key):
 
 class Keys(_Strict):
     data: list[Key]
+
+
+class User(_Strict):
+    """One end user of a team this period, against their allowance."""
+
+    user: str = Field(description='"" for the calls that carry no user.')
+    budget_usd: MoneyText | None = Field(description="Their allowance per period (null: no limit).")
+    own_budget: bool = Field(description="Set for this user rather than the team's per-user budget.")
+    spent_usd: MoneyText
+    reserved_usd: MoneyText
+    remaining_usd: MoneyText | None
+
+
+class Users(_Strict):
+    data: list[User]
 
 
 class UsageRecord(_Strict):

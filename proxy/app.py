@@ -39,6 +39,7 @@ from proxy.gateway.gate import Gate, GateRules
 from proxy.gateway.handler import Gateway
 from proxy.gateway.leases import TRIM_SECONDS, Leases
 from proxy.gateway.relay import Relay
+from proxy.gateway.throttle import SYNC_SECONDS, Throttle
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.keys import KeyCache
 from proxy.ledger.instances import Heartbeat
@@ -112,6 +113,7 @@ def create_app(
             note=journal.leased,
             metrics=metrics,
         )
+        throttle = Throttle(engine, instance=instance)
         writer = Writer(
             engine,
             flush_seconds=settings.record_flush_seconds,
@@ -140,6 +142,7 @@ def create_app(
             prices=prices,
             engine=engine,
             leases=leases,
+            throttle=throttle,
             rules=GateRules(
                 max_body_bytes=settings.max_body_bytes,
                 body_timeout_seconds=settings.body_timeout_seconds,
@@ -173,9 +176,10 @@ def create_app(
         background = [
             asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds)),
             asyncio.create_task(
-                _every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer, leases), "heartbeat")
+                _every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer, leases, throttle), "heartbeat")
             ),
             asyncio.create_task(_every(TRIM_SECONDS, leases.trim, "lease upkeep")),
+            asyncio.create_task(_every(SYNC_SECONDS, throttle.sync, "rate limit upkeep")),
             asyncio.create_task(
                 _every(1.0, partial(_ledger_gauges, metrics, writer, settings.spill_dir), "ledger gauges")
             ),
@@ -222,6 +226,8 @@ def create_app(
             with contextlib.suppress(SQLAlchemyError):
                 # Every record is written: what the leases still hold is nobody's.
                 await leases.close()
+            with contextlib.suppress(SQLAlchemyError):
+                await throttle.close()
             # Only now may the journal go: had this process died before its leases ended, a replay would need it.
             journal.close()
             with contextlib.suppress(SQLAlchemyError):
@@ -266,12 +272,13 @@ class Dispatch:
         await self._app(scope, receive, send)
 
 
-async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases) -> None:
+async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, throttle: Throttle) -> None:
     """Beat for this process and reap dead ones; once taken for dead, this process's records correct estimates
-    and its leases (recorded by the reaper) admit nothing more."""
+    and its leases (recorded by the reaper) and rate-limit slices (dropped by it) admit nothing more."""
     await anyio.to_thread.run_sync(heart.tick, datetime.now(UTC))
     if heart.taken_for_dead and not writer.correct_estimates:
         leases.forget()
+        throttle.forget()
     writer.correct_estimates = heart.taken_for_dead
 
 

@@ -9,13 +9,14 @@ that died are recorded by the heartbeat reaper; `release_expired` is the last re
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Connection, Engine, delete, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Connection, Engine, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from proxy.db import write_transaction
@@ -30,6 +31,8 @@ ZERO = Decimal(0)
 CounterKey = tuple[str, datetime]
 # A process's budget leases are holds whose call id starts with this (`proxy/gateway/leases.py`).
 LEASE_PREFIX = "lease-"
+# How end-user budgets name the calls that carry no user identity: they share one allowance.
+NO_USER = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,12 +70,26 @@ def period_end(period: str, start: datetime) -> datetime | None:
     return None
 
 
-def counters_for(key: KeyInfo, at: datetime) -> tuple[Counter, ...]:
-    """The two budgets a call with this key counts against: its team's and its own."""
-    return (
+def counters_for(key: KeyInfo, at: datetime, user: str | None = None) -> tuple[Counter, ...]:
+    """The budgets a call with this key counts against: its team's and its own, and when the team has end-user
+    budgets, its end user's (calls without a user share the allowance of `NO_USER`)."""
+    counters = (
         team_counter(key.team_id, key.team, key.team_period, key.team_budget_usd, at),
         key_counter(key.key_id, key.key_period, key.key_budget_usd, at),
     )
+    if key.user_budget_usd is None and not key.user_budgets:
+        return counters
+    name = user or NO_USER
+    budget = key.user_budgets[name] if name in key.user_budgets else key.user_budget_usd
+    return (*counters, user_counter(key.team_id, key.team, name, key.team_period, budget, at))
+
+
+def user_counter(team_id: int, team: str, user: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
+    """The counter of one end user's budget in a team (in the team's period). Users are any string up to 256
+    characters, so the scope names them by digest."""
+    digest = hashlib.sha256(user.encode()).hexdigest()[:32]
+    label = f"user {user!r} of team {team}" if user else f"calls without a user of team {team}"
+    return _counter(f"user:{team_id}:{digest}", label, period, budget, at)
 
 
 def team_counter(team_id: int, name: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
@@ -96,6 +113,26 @@ def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) ->
         spent = sum((value for (value,) in connection.execute(query) if value is not None), ZERO)
         _, reserved = current[(counter.scope, counter.period_start)]
         _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved)
+
+
+def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: datetime) -> None:
+    """Set every end user's counter of a team from the usage records of the current period (when end-user budgets
+    are turned on or changed mid-period, or costs were corrected), keeping their holds."""
+    start = period_start(period, at) or TOTAL_PERIOD_START
+    cost = effective_cost()
+    name = func.coalesce(UsageRow.user, NO_USER)
+    where = UsageRow.team == team, UsageRow.started_at >= start
+    with write_transaction(engine) as connection:
+        users = sorted(connection.execute(select(name).where(*where).distinct()).scalars())
+        counters = {user: user_counter(team_id, team, user, period, None, at) for user in users}
+        # Lock first: a settlement committing between the sum and the write would otherwise be lost.
+        current = _lock(connection, counters.values())
+        spent: dict[str, Decimal] = defaultdict(Decimal)
+        for user, value in connection.execute(select(name, cost).where(*where, cost.is_not(None))):
+            spent[user] += value
+        for user, counter in counters.items():
+            _, reserved = current[(counter.scope, counter.period_start)]
+            _write(connection, counter.scope, counter.period_start, spent=spent[user], reserved=reserved)
 
 
 def _counter(scope: str, label: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:

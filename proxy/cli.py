@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, Settings
-from proxy.types import CAP_POLICIES, GROUPS, PERIODS, parse_instant
+from proxy.types import CAP_POLICIES, GROUPS, PERIODS, RateLimits, parse_instant
 
 # Commands import what they use when they run, so `spendgate --help` (and every command that does not need
 # them) starts without SQLAlchemy, Alembic or aiohttp; tests/test_cli_errors.py checks it.
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("spendgate")
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.
 CLEAR_WORDS = ("none", "unlimited", "all")
+RATE_OPTIONS = ("rpm", "itpm", "otpm")
 # Exit status of a check that found something to fix (stale prices, drift from Anthropic's own figures).
 DRIFT = 4
 
@@ -214,6 +215,30 @@ def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _teams_users(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import list_users
+
+    with _ledger(settings) as engine:
+        views = [view.to_json() for view in list_users(engine, args.name)]
+    if args.format == "json":
+        print(json.dumps(views, indent=2))
+        return 0
+    _print_table(("user", "budget_usd", "own_budget", "spent_usd", "reserved_usd", "remaining_usd"), views)
+    return 0
+
+
+def _teams_user_budget(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import UNSET, set_user_budget
+
+    if (args.budget is None) == (not args.clear):
+        raise UsageError("give either --budget USD (or 'none') or --clear")
+    budget = UNSET if args.clear else None if args.budget.lower() in CLEAR_WORDS else _money(args.budget)
+    with _ledger(settings) as engine:
+        view = set_user_budget(engine, args.name, args.user, budget, actor=_actor())
+    print(json.dumps(view.to_json()))
+    return 0
+
+
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.teams import create_key
 
@@ -225,12 +250,23 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
             name=args.name,
             budget_usd=_money(args.budget) if args.budget is not None else None,
             period=args.period,
+            rates=RateLimits(**{name: _limit(getattr(args, name) or "none") for name in RATE_OPTIONS}),
         )
     if args.format == "json":
         print(json.dumps({**view.to_json(), "key": key}))
         return 0
     print(f"created key {view.id} for team {view.team} (shown once; store it now):")
     print(key)
+    return 0
+
+
+def _keys_update(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.teams import update_key
+
+    changes = {name: _limit(getattr(args, name)) for name in RATE_OPTIONS}
+    with _ledger(settings) as engine:
+        view = update_key(engine, args.key_id, actor=_actor(), **changes)
+    print(json.dumps(view.to_json()))
     return 0
 
 
@@ -462,7 +498,18 @@ def _team_settings(args: argparse.Namespace) -> TeamSettings:
         cap_policy=args.cap_policy if args.cap_policy is not None else UNSET,
         models=given(args.models, _models),
         retry_window_seconds=_seconds(args.retry_window) if args.retry_window is not None else UNSET,
+        user_budget_usd=given(args.user_budget, _money),
+        **{name: _limit(getattr(args, name)) for name in RATE_OPTIONS},
     )
+
+
+def _limit(text: str | None) -> Any:
+    """A rate-limit option: not given (`UNSET`), 'none' (no limit) or a whole number per minute."""
+    from proxy.teams import UNSET
+
+    if text is None:
+        return UNSET
+    return None if text.lower() in CLEAR_WORDS else _positive_int(text)
 
 
 def _money(text: str) -> Decimal:
@@ -509,6 +556,13 @@ def _port(text: str) -> int:
 
 def _instant(text: str | None) -> datetime | None:
     return None if text is None else parse_instant(text)
+
+
+def _rate_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    for name, what in zip(
+        RATE_OPTIONS, ("requests", "input tokens (uncached and cache writes)", "output tokens"), strict=True
+    ):
+        parser.add_argument(f"--{name}", metavar="N", help=f"{whose} {what} per minute; 'none' for no limit")
 
 
 def _print_table(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
@@ -568,6 +622,20 @@ def _parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help="flag an identical request from the same key within this window as a repeat (default 600; 0: off)",
         )
+        sub.add_argument(
+            "--user-budget",
+            metavar="USD",
+            help="each end user's spend limit per period (x-spendgate-user, else metadata.user_id); 'none' for off",
+        )
+        _rate_options(sub, "the team's")
+    team_users = command(teams, "users", _teams_users, "a team's end users this period, against their allowance")
+    team_users.add_argument("name")
+    team_users.add_argument("--format", choices=("table", "json"), default="table")
+    user_budget = command(teams, "user-budget", _teams_user_budget, "give one end user their own budget")
+    user_budget.add_argument("name")
+    user_budget.add_argument("user", help="the end user ('' for calls that carry no user)")
+    user_budget.add_argument("--budget", metavar="USD", help="their spend limit per period; 'none' for no limit")
+    user_budget.add_argument("--clear", action="store_true", help="the team's per-user budget applies again")
     team_list = command(teams, "list", _teams_list, "list teams with their spend this period")
     team_list.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -578,6 +646,10 @@ def _parser() -> argparse.ArgumentParser:
     key_create.add_argument("--budget", metavar="USD", help="the key's own spend limit per period")
     key_create.add_argument("--period", choices=PERIODS, default="month")
     key_create.add_argument("--format", choices=("text", "json"), default="text")
+    _rate_options(key_create, "the key's own")
+    key_update = command(keys, "update", _keys_update, "change a key's rate limits (options not given stay)")
+    key_update.add_argument("key_id")
+    _rate_options(key_update, "the key's own")
     key_revoke = command(keys, "revoke", _keys_revoke, "revoke a key")
     key_revoke.add_argument("key_id")
     key_list = command(keys, "list", _keys_list, "list keys (never the keys themselves)")

@@ -5,6 +5,7 @@ ProxyError
 ├── ModelNotAllowed       403 permission_error      model_not_allowed
 ├── OutputCapExceeded     400 invalid_request_error output_cap
 ├── BudgetExceeded        402 billing_error         budget_exceeded
+├── RateLimited           429 rate_limit_error      rate_limited
 ├── BadRequest            400 invalid_request_error bad_request
 ├── NonCanonicalPath      400 invalid_request_error non_canonical_path
 ├── RouteNotFound         404 not_found_error       not_found
@@ -103,6 +104,34 @@ class BudgetExceeded(ProxyError):
     error_type = "billing_error"
     reason = "budget_exceeded"
     should_retry = False
+
+
+class RateLimited(ProxyError):
+    """The call would exceed a team's or key's requests or tokens per minute.
+
+    With `retry_after`, a `retry-after` header says when the bucket will have refilled enough (the SDKs wait that
+    long, up to 60 s, and retry); `retry=False` for a call too large for the limit ever to admit.
+    """
+
+    status = 429
+    error_type = "rate_limit_error"
+    reason = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        retry: bool = True,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        extra = [*headers]
+        if retry_after is not None:
+            extra.append((b"retry-after", str(retry_after).encode()))
+        if not retry:
+            extra.append((b"x-should-retry", b"false"))
+        super().__init__(message, headers=tuple(extra))
+        self.retry_after = retry_after
 
 
 class BadRequest(ProxyError):

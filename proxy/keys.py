@@ -7,7 +7,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 import anyio.to_thread
@@ -15,8 +15,8 @@ from sqlalchemy import ColumnElement, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.errors import InvalidKey, LedgerUnavailable
-from proxy.models import APIKey, Team
-from proxy.types import CapPolicy, Period
+from proxy.models import APIKey, Team, UserBudget
+from proxy.types import NO_RATE_LIMITS, CapPolicy, Period, RateLimits
 
 KEY_PREFIX = "sk-sg-"
 # 32 random bytes: 256 bits, well above the 128 a guessable key would need to resist brute force.
@@ -39,6 +39,11 @@ class KeyInfo:
     cap_policy: CapPolicy = "clamp"
     models: tuple[str, ...] | None = None
     retry_window_seconds: int = 600
+    team_rates: RateLimits = NO_RATE_LIMITS
+    key_rates: RateLimits = NO_RATE_LIMITS
+    # Each end user's budget per team period (None: no end-user budgets), and the users with their own.
+    user_budget_usd: Decimal | None = None
+    user_budgets: dict[str, Decimal | None] = field(default_factory=dict, hash=False, compare=False)
 
 
 def new_key() -> str:
@@ -91,15 +96,45 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
             Team.cap_policy,
             Team.models,
             Team.retry_window_seconds,
+            Team.user_budget_usd,
+            Team.rpm,
+            Team.itpm,
+            Team.otpm,
+            APIKey.rpm,
+            APIKey.itpm,
+            APIKey.otpm,
         )
         .join(Team, Team.id == APIKey.team_id)
         .where(*conditions)
     )
     with engine.connect() as connection:
         row = connection.execute(query).first()
-    if row is None:
-        return None
-    key_id, key_budget, key_period, team_id, team, team_budget, team_period, cap, policy, models, window = row
+        if row is None:
+            return None
+        (
+            key_id,
+            key_budget,
+            key_period,
+            team_id,
+            team,
+            team_budget,
+            team_period,
+            cap,
+            policy,
+            models,
+            window,
+            user_budget,
+            team_rpm,
+            team_itpm,
+            team_otpm,
+            key_rpm,
+            key_itpm,
+            key_otpm,
+        ) = row
+        overrides = connection.execute(
+            select(UserBudget.user, UserBudget.budget_usd).where(UserBudget.team_id == team_id)
+        )
+        user_budgets = {user: budget for user, budget in overrides}
     return KeyInfo(
         key_id=key_id,
         team_id=team_id,
@@ -112,6 +147,10 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
         cap_policy=policy,
         models=tuple(models.split(",")) if models is not None else None,
         retry_window_seconds=window,
+        team_rates=RateLimits(rpm=team_rpm, itpm=team_itpm, otpm=team_otpm),
+        key_rates=RateLimits(rpm=key_rpm, itpm=key_itpm, otpm=key_otpm),
+        user_budget_usd=user_budget,
+        user_budgets=user_budgets,
     )
 
 

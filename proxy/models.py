@@ -84,6 +84,12 @@ class Team(Base):
     retry_window_seconds: Mapped[int] = mapped_column(Integer, default=600, server_default="600")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Each end user's budget per period (overrides in `user_budgets`); NULL: no end-user budgets.
+    user_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # Requests, input tokens and output tokens per minute; NULL: no limit.
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    itpm: Mapped[int | None] = mapped_column(Integer)
+    otpm: Mapped[int | None] = mapped_column(Integer)
 
 
 class APIKey(Base):
@@ -99,6 +105,19 @@ class APIKey(Base):
     period: Mapped[Period] = mapped_column(String(10), default="month")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    itpm: Mapped[int | None] = mapped_column(Integer)
+    otpm: Mapped[int | None] = mapped_column(Integer)
+
+
+class UserBudget(Base):
+    """One end user's own budget in a team, instead of the team's `user_budget_usd` (NULL: no limit)."""
+
+    __tablename__ = "user_budgets"
+
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), primary_key=True)
+    user: Mapped[str] = mapped_column(String(256), primary_key=True)
+    budget_usd: Mapped[Decimal | None] = mapped_column(Money)
 
 
 class UsageRow(Base):
@@ -200,6 +219,28 @@ class BudgetReservation(Base):
     model: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (Index("ix_budget_reservations_instance", "instance_id"),)
+
+
+class RateBucket(Base):
+    """The shared token bucket of one rate limit (`proxy/rates.py`): its level when last touched."""
+
+    __tablename__ = "rate_buckets"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    level: Mapped[Decimal] = mapped_column(Money)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RateLease(Base):
+    """What one serving process holds out of a rate limit's bucket, not yet known to be consumed."""
+
+    __tablename__ = "rate_leases"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_rate_leases_instance", "instance_id"),)
 
 
 class Instance(Base):

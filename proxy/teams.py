@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from proxy.audit import record_event
-from proxy.budgets import current_spend, recount, team_counter
+from proxy.budgets import (
+    NO_USER,
+    TOTAL_PERIOD_START,
+    ZERO,
+    current_spend,
+    period_start,
+    recount,
+    recount_users,
+    team_counter,
+    user_counter,
+)
 from proxy.db import write_transaction
 from proxy.keys import hash_key, new_key, new_key_id
-from proxy.models import APIKey, Team, UsageRow
-from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period, usd
+from proxy.models import APIKey, Team, UsageRow, UserBudget, effective_cost
+from proxy.types import CAP_POLICIES, NO_RATE_LIMITS, PERIODS, CapPolicy, Period, RateLimits, usd
 
+# Rate limits are INTEGER columns.
+MAX_RATE = 2**31 - 1
+# End-user ids as the ledger stores them.
+MAX_USER = 256
 # Team names travel in admin API paths and in every record: no spaces, slashes or look-alikes.
 TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -51,10 +65,16 @@ class TeamSettings:
     cap_policy: CapPolicy | Unset = UNSET
     models: tuple[str, ...] | None | Unset = UNSET
     retry_window_seconds: int | Unset = UNSET
+    user_budget_usd: Decimal | None | Unset = UNSET
+    rpm: int | None | Unset = UNSET
+    itpm: int | None | Unset = UNSET
+    otpm: int | None | Unset = UNSET
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget_usd, Unset) and self.budget_usd is not None and self.budget_usd < 0:
-            raise ValueError(f"budget must not be negative, got {self.budget_usd}")
+        for amount in (self.budget_usd, self.user_budget_usd):
+            if isinstance(amount, Decimal) and amount < 0:
+                raise ValueError(f"budget must not be negative, got {amount}")
+        check_rates(self.rpm, self.itpm, self.otpm)
         if not isinstance(self.period, Unset) and self.period not in PERIODS:
             raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {self.period!r}")
         if not isinstance(self.cap_policy, Unset) and self.cap_policy not in CAP_POLICIES:
@@ -65,6 +85,13 @@ class TeamSettings:
         tokens = self.max_output_tokens
         if not isinstance(tokens, Unset) and tokens is not None and tokens < 1:
             raise ValueError(f"max output tokens must be at least 1, got {tokens}")
+
+
+def check_rates(*limits: int | None | Unset) -> None:
+    """Rate limits are whole numbers of at least 1 per minute (None: no limit)."""
+    for limit in limits:
+        if isinstance(limit, int) and not 1 <= limit <= MAX_RATE:
+            raise ValueError(f"a rate limit must be from 1 to {MAX_RATE} per minute, got {limit}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +105,8 @@ class TeamView:
     cap_policy: str
     models: tuple[str, ...] | None
     retry_window_seconds: int
+    user_budget_usd: Decimal | None
+    rates: RateLimits
     spent_usd: Decimal
     reserved_usd: Decimal
     remaining_usd: Decimal | None
@@ -93,6 +122,10 @@ class TeamView:
             "cap_policy": self.cap_policy,
             "models": list(self.models) if self.models is not None else None,
             "retry_window_seconds": self.retry_window_seconds,
+            "user_budget_usd": usd(self.user_budget_usd),
+            "rpm": self.rates.rpm,
+            "itpm": self.rates.itpm,
+            "otpm": self.rates.otpm,
             "spent_usd": usd(self.spent_usd),
             "reserved_usd": usd(self.reserved_usd),
             "remaining_usd": usd(self.remaining_usd),
@@ -110,6 +143,7 @@ class KeyView:
     prefix: str
     budget_usd: Decimal | None
     period: str
+    rates: RateLimits
     created_at: datetime
     revoked_at: datetime | None
 
@@ -122,6 +156,9 @@ class KeyView:
             "prefix": self.prefix,
             "budget_usd": usd(self.budget_usd),
             "period": self.period,
+            "rpm": self.rates.rpm,
+            "itpm": self.rates.itpm,
+            "otpm": self.rates.otpm,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
         }
@@ -165,7 +202,109 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
         # A new period kind starts a counter that has never been settled into: count it from the ledger.
         counter = team_counter(team.id, team.name, team.period, team.budget_usd, team.updated_at)
         recount(engine, counter, UsageRow.team == team.name)
+    if team.period != row.period or (row.user_budget_usd is None and team.user_budget_usd is not None):
+        # End users' counters are settled into only while the team has end-user budgets: count them afresh.
+        recount_users(engine, team.id, team.name, team.period, team.updated_at)
     return get_team(engine, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserView:
+    """One end user of a team: their allowance (the team's, or their own) and their spend this period."""
+
+    user: str
+    budget_usd: Decimal | None
+    own_budget: bool  # set for this user (an override), rather than the team's per-user budget
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    remaining_usd: Decimal | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; money as exact decimal strings."""
+        return {
+            "user": self.user,
+            "budget_usd": usd(self.budget_usd),
+            "own_budget": self.own_budget,
+            "spent_usd": usd(self.spent_usd),
+            "reserved_usd": usd(self.reserved_usd),
+            "remaining_usd": usd(self.remaining_usd),
+        }
+
+
+def set_user_budget(
+    engine: Engine, team: str, user: str, budget_usd: Decimal | None | Unset, *, actor: str
+) -> UserView:
+    """Give one end user of a team their own budget per period (None: no limit for them), or with `UNSET` take it
+    away (they get the team's per-user budget again). `""` names the calls that carry no user."""
+    if len(user) > MAX_USER or "\x00" in user:
+        raise ValueError(f"an end user id is at most {MAX_USER} characters without NUL")
+    if isinstance(budget_usd, Decimal) and budget_usd < 0:
+        raise ValueError(f"budget must not be negative, got {budget_usd}")
+    with write_transaction(engine) as connection:
+        row = connection.execute(select(Team).where(Team.name == team)).first()
+        if row is None:
+            raise NotFound(f"no team named {team!r}")
+        where = UserBudget.team_id == row.id, UserBudget.user == user
+        before = connection.execute(select(UserBudget.budget_usd).where(*where)).first()
+        connection.execute(delete(UserBudget).where(*where))
+        if not isinstance(budget_usd, Unset):
+            connection.execute(insert(UserBudget).values(team_id=row.id, user=user, budget_usd=budget_usd))
+        record_event(
+            connection,
+            actor=actor,
+            action="team.user_budget",
+            target=team,
+            before={"user": user, "budget_usd": usd(before[0]) if before else "team default"},
+            after={"user": user, "budget_usd": "team default" if isinstance(budget_usd, Unset) else usd(budget_usd)},
+        )
+    recount_users(engine, row.id, row.name, row.period, datetime.now(UTC))
+    found = [view for view in list_users(engine, team) if view.user == user]
+    if found:
+        return found[0]
+    default = row.user_budget_usd
+    return UserView(
+        user=user, budget_usd=default, own_budget=False, spent_usd=ZERO, reserved_usd=ZERO, remaining_usd=default
+    )
+
+
+def list_users(engine: Engine, team: str, *, now: datetime | None = None) -> list[UserView]:
+    """A team's end users with calls this period or a budget of their own, by spend (largest first). Spend is the
+    ledger's (so it shows with or without end-user budgets); holds are their counters'."""
+    now = now or datetime.now(UTC)
+    user = func.coalesce(UsageRow.user, NO_USER)
+    money = func.decimal_sum if engine.dialect.name == "sqlite" else func.sum
+    with engine.connect() as connection:
+        row = connection.execute(select(Team).where(Team.name == team)).first()
+        if row is None:
+            raise NotFound(f"no team named {team!r}")
+        query = select(UserBudget.user, UserBudget.budget_usd).where(UserBudget.team_id == row.id)
+        own: dict[str, Decimal | None] = {name: budget for name, budget in connection.execute(query)}
+        start = period_start(row.period, now) or TOTAL_PERIOD_START
+        query = (
+            select(user, money(effective_cost()))
+            .where(UsageRow.team == team, UsageRow.started_at >= start)
+            .group_by(user)
+        )
+        spent = {name: Decimal(total or 0) for name, total in connection.execute(query)}
+    users = sorted({*spent, *own})
+    counters = {name: user_counter(row.id, team, name, row.period, None, now) for name in users}
+    held = current_spend(engine, counters.values())
+    views = []
+    for name in users:
+        budget = own[name] if name in own else row.user_budget_usd
+        reserved = held[counters[name].scope][1]
+        spend = spent.get(name, ZERO)
+        views.append(
+            UserView(
+                user=name,
+                budget_usd=budget,
+                own_budget=name in own,
+                spent_usd=spend,
+                reserved_usd=reserved,
+                remaining_usd=None if budget is None else budget - spend - reserved,
+            )
+        )
+    return sorted(views, key=lambda view: (-view.spent_usd, view.user))
 
 
 def get_team(engine: Engine, name: str, *, now: datetime | None = None) -> TeamView:
@@ -199,6 +338,8 @@ def list_teams(engine: Engine, *, name: str | None = None, now: datetime | None 
                 cap_policy=team.cap_policy,
                 models=tuple(team.models.split(",")) if team.models is not None else None,
                 retry_window_seconds=team.retry_window_seconds,
+                user_budget_usd=team.user_budget_usd,
+                rates=RateLimits(rpm=team.rpm, itpm=team.itpm, otpm=team.otpm),
                 spent_usd=spent,
                 reserved_usd=reserved,
                 remaining_usd=None if budget is None else budget - spent - reserved,
@@ -216,10 +357,12 @@ def create_key(
     name: str | None = None,
     budget_usd: Decimal | None = None,
     period: Period = "month",
+    rates: RateLimits = NO_RATE_LIMITS,
 ) -> tuple[KeyView, str]:
     """Create a client key for a team; returns its view and the key, which is never shown again."""
     if budget_usd is not None and budget_usd < 0:
         raise ValueError(f"budget must not be negative, got {budget_usd}")
+    check_rates(rates.rpm, rates.itpm, rates.otpm)
     if period not in PERIODS:
         raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
     key = new_key()
@@ -238,11 +381,47 @@ def create_key(
                 budget_usd=budget_usd,
                 period=period,
                 created_at=datetime.now(UTC),
+                **asdict(rates),
             )
         )
-        after = {"team": team, "name": name, "prefix": key[:10], "budget_usd": usd(budget_usd), "period": period}
+        after = {
+            "team": team,
+            "name": name,
+            "prefix": key[:10],
+            "budget_usd": usd(budget_usd),
+            "period": period,
+            **asdict(rates),
+        }
         record_event(connection, actor=actor, action="key.create", target=key_id, after=after)
     return get_key(engine, key_id), key
+
+
+def update_key(
+    engine: Engine,
+    key_id: str,
+    *,
+    actor: str,
+    rpm: int | None | Unset = UNSET,
+    itpm: int | None | Unset = UNSET,
+    otpm: int | None | Unset = UNSET,
+) -> KeyView:
+    """Change a key's rate limits (None: no limit; `UNSET`: as it is). Every replica applies them within its
+    key-cache lifetime."""
+    check_rates(rpm, itpm, otpm)
+    changes = {
+        name: value for name, value in (("rpm", rpm), ("itpm", itpm), ("otpm", otpm)) if not isinstance(value, Unset)
+    }
+    with write_transaction(engine) as connection:
+        row = connection.execute(select(APIKey.rpm, APIKey.itpm, APIKey.otpm).where(APIKey.id == key_id)).first()
+        if row is None:
+            raise NotFound(f"no key with id {key_id!r}")
+        before = dict(row._mapping)
+        if changes:
+            connection.execute(update(APIKey).where(APIKey.id == key_id).values(**changes))
+        record_event(
+            connection, actor=actor, action="key.update", target=key_id, before=before, after={**before, **changes}
+        )
+    return get_key(engine, key_id)
 
 
 def revoke_key(engine: Engine, key_id: str, *, actor: str) -> KeyView:
@@ -288,6 +467,7 @@ def list_keys(engine: Engine, *, team: str | None = None, key_id: str | None = N
             prefix=key.prefix,
             budget_usd=key.budget_usd,
             period=key.period,
+            rates=RateLimits(rpm=key.rpm, itpm=key.itpm, otpm=key.otpm),
             created_at=key.created_at,
             revoked_at=key.revoked_at,
         )
@@ -304,6 +484,10 @@ _COLUMNS = (
     "cap_policy",
     "models",
     "retry_window_seconds",
+    "user_budget_usd",
+    "rpm",
+    "itpm",
+    "otpm",
     "created_at",
     "updated_at",
 )
@@ -318,11 +502,28 @@ def _rules(team: Team) -> dict[str, Any]:
         "cap_policy": team.cap_policy,
         "models": team.models.split(",") if team.models is not None else None,
         "retry_window_seconds": team.retry_window_seconds,
+        "user_budget_usd": usd(team.user_budget_usd),
+        "rpm": team.rpm,
+        "itpm": team.itpm,
+        "otpm": team.otpm,
     }
 
 
+_SETTINGS = (
+    "budget_usd",
+    "period",
+    "max_output_tokens",
+    "cap_policy",
+    "retry_window_seconds",
+    "user_budget_usd",
+    "rpm",
+    "itpm",
+    "otpm",
+)
+
+
 def _apply(team: Team, settings: TeamSettings) -> None:
-    for field in ("budget_usd", "period", "max_output_tokens", "cap_policy", "retry_window_seconds"):
+    for field in _SETTINGS:
         value = getattr(settings, field)
         if not isinstance(value, Unset):
             setattr(team, field, value)

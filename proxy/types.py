@@ -97,10 +97,22 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimits:
+    """A team's or key's rate limits: requests, input tokens and output tokens per minute (None: no limit)."""
+
+    rpm: int | None = None
+    itpm: int | None = None
+    otpm: int | None = None
+
+
+NO_RATE_LIMITS = RateLimits()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Counter:
     """One budget a call counts against: a team's or a key's spend in one calendar period."""
 
-    scope: str  # "team:<id>:<period>" or "key:<id>:<period>"
+    scope: str  # "team:<id>:<period>", "key:<id>:<period>" or "user:<team id>:<digest>:<period>"
     label: str  # how errors and alerts name it, e.g. "team research"
     period: Period
     period_start: datetime

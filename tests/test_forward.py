@@ -25,6 +25,7 @@ from proxy.errors import (
     NonCanonicalPath,
     OutputCapExceeded,
     ProxyError,
+    RateLimited,
     RequestTooLarge,
     RouteNotFound,
     UnpricedModel,
@@ -200,6 +201,8 @@ ERROR_TABLE = [
     pytest.param(RouteNotFound, 404, "not_found_error", "not_found", True, id="no-route"),
     pytest.param(MethodNotAllowed, 405, "invalid_request_error", "method_not_allowed", True, id="method"),
     pytest.param(BodyTimeout, 408, "timeout_error", "body_timeout", True, id="body-timeout"),
+    # The SDKs retry a 429 after its retry-after; one too large for the limit ever says not to.
+    pytest.param(RateLimited, 429, "rate_limit_error", "rate_limited", False, id="rate-limited"),
 ]
 
 

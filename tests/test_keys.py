@@ -53,7 +53,8 @@ async def test_one_lookup_per_key_however_many_calls_wait(engine: Engine) -> Non
         for _ in range(20):
             calls.start_soon(authenticate)
     assert found == ["research"] * 20
-    assert len(statements) == 1
+    # One lookup: the key with its team's rules, then the team's end-user budgets.
+    assert len(statements) == 2
 
 
 async def test_revocation_reaches_the_cache_after_its_ttl(engine: Engine) -> None:

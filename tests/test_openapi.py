@@ -72,6 +72,10 @@ def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
         "cap_policy",
         "models",
         "retry_window_seconds",
+        "user_budget_usd",
+        "rpm",
+        "itpm",
+        "otpm",
     }
     assert team["required"] == ["name"] and team["additionalProperties"] is False
 
@@ -111,6 +115,42 @@ def test_every_answer_matches_the_document(client: TestClient, document: dict[st
         ("GET", "/admin/teams/{name}/keys", "/admin/teams/research/keys", {}),
         ("GET", "/admin/teams/{name}/keys", "/admin/teams/nobody/keys", {}),  # 404
         ("DELETE", "/admin/keys/{key_id}", "/admin/keys/key_missing", {}),  # 404
+        ("PATCH", "/admin/teams/{name}", "/admin/teams/research", {"json": {"rpm": 600, "user_budget_usd": "1.5"}}),
+        ("PATCH", "/admin/keys/{key_id}", "/admin/keys/key_missing", {"json": {"rpm": 5}}),  # 404
+        ("PATCH", "/admin/keys/{key_id}", "/admin/keys/key_missing", {"json": {"rpm": 0}}),  # 400
+        ("GET", "/admin/teams/{name}/users", "/admin/teams/research/users", {}),
+        ("GET", "/admin/teams/{name}/users", "/admin/teams/nobody/users", {}),  # 404
+        (
+            "PUT",
+            "/admin/teams/{name}/user-budgets",
+            "/admin/teams/research/user-budgets",
+            {"json": {"user": "ann", "budget_usd": "2"}},
+        ),
+        (
+            "PUT",
+            "/admin/teams/{name}/user-budgets",
+            "/admin/teams/research/user-budgets",
+            {"json": {"user": "ann"}},
+        ),  # 400
+        (
+            "PUT",
+            "/admin/teams/{name}/user-budgets",
+            "/admin/teams/nobody/user-budgets",
+            {"json": {"user": "a", "budget_usd": None}},
+        ),  # 404
+        (
+            "DELETE",
+            "/admin/teams/{name}/user-budgets",
+            "/admin/teams/research/user-budgets",
+            {"params": {"user": "ann"}},
+        ),
+        ("DELETE", "/admin/teams/{name}/user-budgets", "/admin/teams/research/user-budgets", {}),  # 400
+        (
+            "DELETE",
+            "/admin/teams/{name}/user-budgets",
+            "/admin/teams/nobody/user-budgets",
+            {"params": {"user": "a"}},
+        ),  # 404
         ("GET", "/admin/usage", "/admin/usage", {"params": {"limit": "1"}}),
         ("GET", "/admin/usage", "/admin/usage", {"params": {"limit": "0"}}),  # 400
         ("GET", "/admin/usage", "/admin/usage", {"params": {"colour": "red"}}),  # 400
@@ -127,6 +167,10 @@ def test_every_answer_matches_the_document(client: TestClient, document: dict[st
     key = client.post("/admin/teams/research/keys", headers=AUTH, json={}).json()
     message = {"model": "claude-sonnet-4-6", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
     assert client.post("/v1/messages", headers={"x-api-key": key["key"]}, json=message).status_code == 200
+    limited = client.patch(f"/admin/keys/{key['id']}", headers=AUTH, json={"otpm": 1000, "rpm": None})
+    check("/admin/keys/{key_id}", "PATCH", limited)
+    assert limited.json()["otpm"] == 1000
+    seen.add(("/admin/keys/{key_id}", "patch", limited.status_code))
     revoked = client.delete(f"/admin/keys/{key['id']}", headers=AUTH)
     check("/admin/keys/{key_id}", "DELETE", revoked)
     seen.add(("/admin/keys/{key_id}", "delete", revoked.status_code))

@@ -16,6 +16,7 @@ from decimal import Decimal
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.gateway.routes import COUNT_TOKENS
+from proxy.gateway.throttle import Ticket
 from proxy.gateway.usage import MessageSummary
 from proxy.keys import KeyInfo
 from proxy.pricing import PriceTable
@@ -101,6 +102,7 @@ class Call:
         "retry_count",
         "sent",
         "started",
+        "ticket",
         "started_at",
         "status",
         "streamed",
@@ -136,6 +138,7 @@ class Call:
         self.max_tokens: int | None = None
         self.max_tokens_sent: int | None = None
         self.reservation: Reservation | None = None
+        self.ticket: Ticket | None = None  # what the call took from its rate limits
         self.priced: Cost | None = None
         self.fingerprint: str | None = None  # of a Messages request, for retry linking
         self.batch_id: str | None = None

@@ -36,6 +36,7 @@ from proxy.gateway.call import Call, label
 from proxy.gateway.leases import Leases
 from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.gateway.routes import Route
+from proxy.gateway.throttle import Throttle
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.metrics import Metrics
@@ -72,11 +73,20 @@ class Gate:
     """Authenticates, reads and validates the body, applies the team's rules, and takes the budget hold."""
 
     def __init__(
-        self, *, keys: KeyCache, prices: PriceTable, engine: Engine, leases: Leases, rules: GateRules, metrics: Metrics
+        self,
+        *,
+        keys: KeyCache,
+        prices: PriceTable,
+        engine: Engine,
+        leases: Leases,
+        throttle: Throttle,
+        rules: GateRules,
+        metrics: Metrics,
     ) -> None:
         self._keys = keys
         self._metrics = metrics
         self._leases = leases
+        self._throttle = throttle
         self._prices = prices
         self._engine = engine
         self._rules = rules
@@ -120,18 +130,27 @@ class Gate:
         check_model(call.model, key.models, key.team)
         capped = cap_output(request, body, cap=self._cap(key), policy=key.cap_policy, team=key.team)
         call.max_tokens_sent = capped.max_tokens
+        input_tokens = input_token_bound(request, len(capped.body))
+        # Rate limits first: they are answered from memory, and a call they refuse takes no budget hold.
+        ticket = await self._throttle.admit(key, input_tokens=input_tokens, output_tokens=capped.max_tokens or 0)
         estimate = partial(
             estimate_cost,
             request,
             model=call.model or "",
-            input_tokens=input_token_bound(request, len(capped.body)),
+            input_tokens=input_tokens,
             max_tokens=capped.max_tokens,
             prices=self._prices,
             at=call.started_at,
         )
-        await self._hold_worst_case(
-            call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}", lease=True
-        )
+        try:
+            await self._hold_worst_case(
+                call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}", lease=True
+            )
+        except BaseException:
+            if ticket is not None:
+                self._throttle.cancel(ticket)
+            raise
+        call.ticket = ticket
         return capped.body
 
     async def admit_batch(self, call: Call, key: KeyInfo, body: bytes) -> bytes:
@@ -172,9 +191,16 @@ class Gate:
     def _cap(self, key: KeyInfo) -> int | None:
         return key.max_output_tokens if key.max_output_tokens is not None else self._rules.default_max_output_tokens
 
-    def finished(self, record: UsageRecord) -> None:
-        """A call's record is made: what it took from a lease is settled in memory."""
+    def finished(self, call: Call, record: UsageRecord) -> None:
+        """A call's record is made: what it took from a lease and from rate limits is settled in memory."""
         self._leases.finished(record)
+        if call.ticket is None:
+            return
+        if call.forwarded:
+            # Unknown usage (the call went out but was cut off before it said): count everything it took.
+            self._throttle.finished(call.ticket, call.usage)
+        else:
+            self._throttle.cancel(call.ticket)
 
     async def _hold_worst_case(
         self,
@@ -188,7 +214,7 @@ class Gate:
     ) -> None:
         """Hold the call's worst case on its budgets (against this process's lease when `lease` and the budgets
         are large enough, else a hold of its own); counters without a budget just record its spend later."""
-        counters = counters_for(key, call.started_at)
+        counters = counters_for(key, call.started_at, call.user)
         if all(counter.budget_usd is None for counter in counters):
             call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
             return

@@ -99,7 +99,7 @@ class Gateway:
             logger.exception("could not build the usage record of %s; recording it without its usage", call.id)
             call.usage, call.priced = None, None
             record = make_record(call, self._prices)
-        self._gate.finished(record)
+        self._gate.finished(call, record)
         self._ledger.submit(record)
         _log(record, method)
 

@@ -82,7 +82,10 @@ class ResultsMeter:
         self._batch = batch
         self._key = key
         self._hold = Reservation(
-            call_id=batch.hold_call_id, counters=counters_for(key, batch.created_at), amount=ZERO, held=False
+            call_id=batch.hold_call_id,
+            counters=counters_for(key, batch.created_at, batch.user),
+            amount=ZERO,
+            held=False,
         )
         self._prices = prices
         self._submit = submit

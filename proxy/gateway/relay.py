@@ -110,6 +110,8 @@ class Relay:
                 call.upstream_request_id = label(value.decode("latin-1"), 200)
         # The id of this call's usage record: every call through spendgate has one.
         headers.append((b"x-spendgate-request-id", call.id.encode()))
+        if call.ticket is not None:
+            headers.extend(call.ticket.headers)
         return headers
 
 

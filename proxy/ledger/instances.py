@@ -21,6 +21,7 @@ from proxy.ledger.commit import insert_records
 from proxy.ledger.journal import Start, interrupted
 from proxy.models import BudgetReservation, Instance
 from proxy.pricing import PriceTable
+from proxy.rates import drop_holdings
 from proxy.types import PERIODS, Counter, Period, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")
@@ -108,6 +109,7 @@ def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta)
     if dead:
         with write_transaction(engine) as connection:
             connection.execute(delete(Instance).where(Instance.id.in_(dead), Instance.heartbeat_at < now - limit))
+            drop_holdings(connection, dead)
     return len(records)
 
 

@@ -436,6 +436,6 @@ def _unfinished(engine: Engine, start: Start, prices: PriceTable) -> UsageRecord
     key = lookup_key_by_id(engine, start.key_id) if start.key_id else None
     reservation = None
     if key is not None:
-        counters = counters_for(key, start.started_at)
+        counters = counters_for(key, start.started_at, start.user)
         reservation = Reservation(call_id=start.id, counters=counters, amount=start.held or Decimal(0), held=True)
     return interrupted(start, cost=cost, reservation=reservation, prices=prices)

@@ -1,0 +1,283 @@
+"""Rate limits on the request path: calls admitted in memory against this process's slices of the shared buckets.
+
+Each limit a call counts against (its team's and its key's requests, input tokens and output tokens per minute)
+is a bucket in the ledger (`proxy/rates.py`). This process takes a slice of a bucket in one transaction, sized
+from the recent demand, and admits calls against it with no I/O: a request takes 1, its input tokens their
+pre-call bound (`input_token_bound`, the body's size: loose, never low for text), its output tokens the
+`max_tokens` sent. When the call ends, what its usage shows unused goes back to the slice (input counted as
+Anthropic counts it for its own limits: uncached input plus cache writes, not cache reads). Once a second the
+slices are brought in line with the demand and the ledger learns what was consumed, all in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import partial
+
+import anyio.to_thread
+from sqlalchemy import Engine
+
+from proxy.errors import RateLimited
+from proxy.keys import KeyInfo
+from proxy.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
+from proxy.types import Usage
+
+# A slice covers the demand of this many seconds, at most this share of the limit (others replicas lease too).
+HORIZON_SECONDS = 1.0
+SHARE = 8
+# Slices are brought in line with the demand (and what was consumed written) this often; unused for this long,
+# a slice is given back whole.
+SYNC_SECONDS = 1.0
+IDLE_SECONDS = 2.0
+HEADER_PREFIX = "x-spendgate-ratelimit-"
+HEADER_KINDS: dict[RateKind, str] = {
+    "requests": "requests",
+    "input_tokens": "input-tokens",
+    "output_tokens": "output-tokens",
+}
+KIND_WORDS: dict[RateKind, str] = {
+    "requests": "requests",
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+}
+
+
+def limits_for(key: KeyInfo) -> tuple[Limit, ...]:
+    """The rate limits a call with this key counts against: its team's, then its own."""
+    limits = []
+    for owner, scope, settings in (
+        (f"team {key.team}", f"team:{key.team_id}", key.team_rates),
+        (f"key {key.key_id}", f"key:{key.key_id}", key.key_rates),
+    ):
+        for kind, setting in RATE_SETTINGS.items():
+            per_minute = getattr(settings, setting)
+            if per_minute is not None:
+                label = f"{owner}'s {KIND_WORDS[kind]} per minute"
+                limits.append(Limit(scope=f"{scope}:{setting}", label=label, kind=kind, per_minute=per_minute))
+    return tuple(limits)
+
+
+@dataclass(slots=True, eq=False)
+class Slice:
+    """This process's share of one bucket, and what it knows of the bucket."""
+
+    limit: Limit
+    available: int = 0  # may go below zero when calls used more than their bound: a debt paid from the bucket
+    in_flight: int = 0  # bounds of calls admitted and still running
+    demand: int = 0  # taken since the last sync
+    rate: float = 0.0  # taken per second, as of the last sync
+    level: Decimal = Decimal(0)  # the bucket's level at `seen` (monotonic)
+    seen: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def holding(self) -> int:
+        return max(self.available, 0) + self.in_flight
+
+    def size(self, need: int) -> int:
+        """How much to take when `need` more is wanted now."""
+        recent = max(self.rate * HORIZON_SECONDS, self.demand)
+        return max(need, min(int(recent), self.limit.per_minute // SHARE))
+
+    def remaining(self, now: float) -> int:
+        """An estimate of what the bucket could still give (other replicas' slices are not counted)."""
+        refill = self.limit.per_second * Decimal(max(now - self.seen, 0.0))
+        level = min(self.level + refill, Decimal(self.limit.per_minute))
+        return max(0, min(self.limit.per_minute, self.available + int(level)))
+
+
+@dataclass(slots=True, kw_only=True)
+class Ticket:
+    """What an admitted call took from each slice (the same order as its limits)."""
+
+    slices: tuple[Slice, ...]
+    amounts: tuple[int, ...]
+    headers: list[tuple[bytes, bytes]]
+
+
+class Throttle:
+    """This process's slices of the rate-limit buckets: admission on the request path, upkeep in the background."""
+
+    def __init__(self, engine: Engine, *, instance: str) -> None:
+        self._engine = engine
+        self._instance = instance
+        self._slices: dict[str, Slice] = {}
+        # One exchange at a time: calls short of a slice wait for the exchange in progress, which takes for them.
+        self._lock = asyncio.Lock()
+
+    async def admit(self, key: KeyInfo, *, input_tokens: int, output_tokens: int) -> Ticket | None:
+        """Take a call's requests and token bounds from every limit of its key, or raise `RateLimited` (taking
+        nothing); None when the key has no rate limit."""
+        limits = limits_for(key)
+        if not limits:
+            return None
+        wanted = {"requests": 1, "input_tokens": input_tokens, "output_tokens": output_tokens}
+        amounts = tuple(wanted[limit.kind] for limit in limits)
+        for limit, amount in zip(limits, amounts, strict=True):
+            if amount > limit.per_minute:
+                raise RateLimited(
+                    f"This call needs {amount} {KIND_WORDS[limit.kind]}, more than {limit.label} ({limit.per_minute}) "
+                    "allows at once, so it can never be admitted. Send a smaller request (lower max_tokens), or ask "
+                    "your spendgate admin to raise the limit.",
+                    retry=False,
+                )
+        slices = tuple(self._slice(limit) for limit in limits)
+        if not self._fits(slices, amounts):
+            async with self._lock:
+                # The upkeep may have ended a slice while this call waited: look them up again.
+                slices = tuple(self._slice(limit) for limit in limits)
+                if not self._fits(slices, amounts):
+                    await self._take_more(slices, amounts)
+        now = time.monotonic()
+        for part, amount in zip(slices, amounts, strict=True):
+            part.available -= amount
+            part.in_flight += amount
+            part.demand += amount
+            part.last_used = now
+        return Ticket(slices=slices, amounts=amounts, headers=_headers(slices, now))
+
+    def finished(self, ticket: Ticket, usage: Usage | None) -> None:
+        """A call admitted with `ticket` ended: what it did not use goes back to the slices. `usage` None: the call
+        went out and its usage is unknown, so all it took counts as consumed."""
+        for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
+            part.in_flight -= amount
+            if usage is not None:
+                part.available += amount - _consumed(part.limit.kind, usage)
+
+    def cancel(self, ticket: Ticket) -> None:
+        """A call admitted with `ticket` was refused before it went out: it consumed nothing."""
+        for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
+            part.in_flight -= amount
+            part.available += amount
+            part.demand -= amount
+
+    async def sync(self) -> None:
+        """Keep each slice near the demand of the last second, give back slices nobody used for a while, and write
+        what was consumed (one transaction)."""
+        now = time.monotonic()
+        async with self._lock:
+            plans = []
+            for scope, part in list(self._slices.items()):
+                part.rate, part.demand = part.demand / SYNC_SECONDS, 0
+                idle = now - part.last_used > IDLE_SECONDS and part.in_flight == 0
+                keep = 0 if idle else part.size(0)
+                back = max(part.available - keep, 0) if idle or part.available > 2 * keep else 0
+                if idle:
+                    del self._slices[scope]
+                plans.append((part, back))
+            await self._exchange([(part, back, 0, 0) for part, back in plans])
+
+    async def close(self) -> None:
+        """At a clean exit, once every call has ended: give back every slice."""
+        back = {scope: max(part.available, 0) for scope, part in self._slices.items()}
+        self._slices.clear()
+        await anyio.to_thread.run_sync(end_holdings, self._engine, self._instance, back, datetime.now(UTC))
+
+    def forget(self) -> None:
+        """Another replica took this process for dead and dropped its holdings: start again from nothing."""
+        self._slices.clear()
+
+    def _slice(self, limit: Limit) -> Slice:
+        part = self._slices.get(limit.scope)
+        if part is None:
+            part = self._slices[limit.scope] = Slice(limit, level=Decimal(limit.per_minute), seen=time.monotonic())
+        elif part.limit != limit:
+            # The limit changed: the same slice (its holding is one row), sized and refilled by the new limit.
+            part.limit = limit
+        return part
+
+    @staticmethod
+    def _fits(slices: Sequence[Slice], amounts: Sequence[int]) -> bool:
+        return all(part.available >= amount for part, amount in zip(slices, amounts, strict=True))
+
+    async def _take_more(self, slices: Sequence[Slice], amounts: Sequence[int]) -> None:
+        """One exchange growing every slice that is short for this call; `RateLimited` if a bucket cannot."""
+        plans, wanted = [], []
+        for part, amount in zip(slices, amounts, strict=True):
+            need = amount - max(part.available, 0)
+            if need > 0:
+                plans.append((part, 0, need, part.size(need)))
+                wanted.append(amount)
+        taken = await self._exchange(plans)
+        # Seconds until each short bucket has refilled what this call needs beyond what is there now.
+        waits = [
+            (float((amount - max(part.available, 0) - part.level) / part.limit.per_second), part)
+            for (part, _, need, _), got, amount in zip(plans, taken, wanted, strict=True)
+            if got.granted < need
+        ]
+        if not waits:
+            return
+        wait, tightest = max(waits, key=lambda item: item[0])
+        retry_after = max(1, math.ceil(wait))
+        raise RateLimited(
+            f"This call would exceed {tightest.limit.label} ({tightest.limit.per_minute}). Retry after "
+            f"{retry_after} seconds.",
+            retry_after=retry_after,
+            headers=tuple(_headers(slices, time.monotonic())),
+        )
+
+    async def _exchange(self, plans: Sequence[tuple[Slice, int, int, int]]) -> list[Taken]:
+        """Run one exchange for (slice, give back, need, want) plans and apply what it took."""
+        if not plans:
+            return []
+        debts = [max(-part.available, 0) for part, *_ in plans]
+        for part, back, _, _ in plans:
+            part.available -= back
+        exchanges = [
+            Exchange(limit=part.limit, holding=part.holding, debt=debt, give_back=back, need=need, want=want)
+            for (part, back, need, want), debt in zip(plans, debts, strict=True)
+        ]
+        try:
+            taken = await anyio.to_thread.run_sync(
+                partial(exchange, self._engine, self._instance, exchanges, datetime.now(UTC))
+            )
+        except BaseException:
+            for part, back, *_ in plans:
+                part.available += back
+            raise
+        by_scope = {item.scope: item for item in taken}
+        now = time.monotonic()
+        results = []
+        for (part, *_), debt in zip(plans, debts, strict=True):
+            got = by_scope[part.limit.scope]
+            part.available += debt + got.granted
+            part.level, part.seen = got.level, now
+            results.append(got)
+        return results
+
+
+def _consumed(kind: RateKind, usage: Usage) -> int:
+    if kind == "requests":
+        return 1
+    if kind == "input_tokens":
+        return usage.input_tokens + usage.cache_creation_5m_input_tokens + usage.cache_creation_1h_input_tokens
+    return usage.output_tokens
+
+
+def _headers(slices: Sequence[Slice], now: float) -> list[tuple[bytes, bytes]]:
+    """`x-spendgate-ratelimit-<kind>-limit|remaining|reset` for the tightest limit of each kind (Anthropic's
+    `anthropic-ratelimit-*` under our own prefix): remaining is an estimate (other replicas' slices are not seen),
+    reset is when the bucket would be full again (RFC 3339)."""
+    tightest: dict[RateKind, tuple[int, Slice]] = {}
+    for part in slices:
+        remaining = part.remaining(now)
+        if part.limit.kind not in tightest or remaining < tightest[part.limit.kind][0]:
+            tightest[part.limit.kind] = (remaining, part)
+    headers = []
+    wall = datetime.now(UTC)
+    for kind, (remaining, part) in tightest.items():
+        name = HEADER_PREFIX + HEADER_KINDS[kind]
+        seconds = float(Decimal(part.limit.per_minute - remaining) / part.limit.per_second)
+        reset = (wall + timedelta(seconds=seconds)).isoformat(timespec="seconds").replace("+00:00", "Z")
+        headers += [
+            (f"{name}-limit".encode(), str(part.limit.per_minute).encode()),
+            (f"{name}-remaining".encode(), str(remaining).encode()),
+            (f"{name}-reset".encode(), reset.encode()),
+        ]
+    return headers

@@ -1,0 +1,166 @@
+"""Rate limits in the ledger: one token bucket per limit, shared by every replica.
+
+A limit of N per minute is Anthropic's model: a bucket of capacity N refilled continuously at N/60 per second.
+Replicas do not ask the bucket for every call: each takes a slice of it in one transaction (a row in
+`rate_leases`, this process's holding) and admits calls against the slice in memory (`proxy/gateway/throttle.py`).
+
+Why it cannot let through more than the bucket: the bucket refills only while its level plus everything the
+replicas hold stays within the capacity, and a holding leaves the rows only when it is given back (to the level)
+or known consumed. A holding is written as it was at the process's last exchange; it only shrinks in between
+(calls consume it), so the rows never understate it and the refill is never larger than the true bucket's. So in
+any window of T seconds the calls admitted take at most what was in the bucket or held at its start (<= N) plus
+the refill (N x T/60): N x (1 + T/60), across any number of replicas. A process that dies leaves its holding in
+the rows until the heartbeat reaper deletes it, treated as consumed: the bucket then refills without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_FLOOR, Decimal
+from typing import Literal
+
+from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from proxy.db import write_transaction
+from proxy.models import RateBucket, RateLease
+
+RateKind = Literal["requests", "input_tokens", "output_tokens"]
+# The setting of each kind, as the CLI, the admin API and the ledger columns name it.
+RATE_SETTINGS: dict[RateKind, str] = {"requests": "rpm", "input_tokens": "itpm", "output_tokens": "otpm"}
+ZERO = Decimal(0)
+SECONDS_PER_MINUTE = Decimal(60)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limit:
+    """One rate limit: a team's or a key's requests, input tokens or output tokens per minute."""
+
+    scope: str  # "team:<id>:rpm", "key:<id>:otpm", ...
+    label: str  # how refusals name it: "team research's output tokens per minute"
+    kind: RateKind
+    per_minute: int
+
+    @property
+    def per_second(self) -> Decimal:
+        """The refill rate."""
+        return Decimal(self.per_minute) / SECONDS_PER_MINUTE
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exchange:
+    """What one process does with one bucket in one transaction.
+
+    `holding` is what the process holds out of the bucket after the exchange's give-back (unused slice plus the
+    bounds of its calls in flight); `debt` is what its calls consumed beyond what they had taken (a usage above
+    its pre-call bound), paid from the level; `give_back` goes back into the level; then `want` is taken if the
+    level has at least `need` of it (`need` <= `want`), else nothing.
+    """
+
+    limit: Limit
+    holding: int
+    debt: int = 0
+    give_back: int = 0
+    need: int = 0
+    want: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Taken:
+    """What an exchange took from a bucket, and the bucket's level after it."""
+
+    scope: str
+    granted: int
+    level: Decimal
+
+
+def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: datetime) -> list[Taken]:
+    """Refill the buckets, then apply each exchange under the buckets' locks; one transaction (blocking)."""
+    if not exchanges:
+        return []
+    by_scope = {item.limit.scope: item for item in exchanges}
+    scopes = sorted(by_scope)
+    taken = []
+    with write_transaction(engine) as connection:
+        buckets = _lock(connection, [by_scope[scope].limit for scope in scopes], now)
+        leased = _leased(connection, scopes)
+        for scope in scopes:
+            item = by_scope[scope]
+            level, updated_at = buckets[scope]
+            elapsed = max(Decimal((now - updated_at).total_seconds()), ZERO)
+            capacity = Decimal(item.limit.per_minute)
+            # The refill stops where level + everything held (as last written) reaches the capacity; a lowered
+            # limit may leave the level below zero until the refill brings it back.
+            level = min(level + item.limit.per_second * elapsed, capacity - leased.get(scope, 0))
+            level = level - item.debt + item.give_back
+            granted = 0
+            if item.want > 0 and level >= item.need:
+                granted = min(item.want, int(level.to_integral_value(ROUND_FLOOR)))
+            level -= granted
+            _hold(connection, scope, instance, item.holding + granted)
+            connection.execute(
+                update(RateBucket).where(RateBucket.scope == scope).values(level=level, updated_at=max(now, updated_at))
+            )
+            taken.append(Taken(scope=scope, granted=granted, level=level))
+    return taken
+
+
+def end_holdings(engine: Engine, instance: str, give_back: dict[str, int], now: datetime) -> None:
+    """A clean exit: give back what this process's slices still had unused, and drop its holdings (blocking)."""
+    with write_transaction(engine) as connection:
+        scopes = sorted(give_back)
+        if scopes:
+            levels = connection.execute(
+                select(RateBucket.scope, RateBucket.level)
+                .where(RateBucket.scope.in_(scopes))
+                .order_by(RateBucket.scope)
+                .with_for_update()
+            )
+            for scope, level in list(levels):
+                connection.execute(
+                    update(RateBucket).where(RateBucket.scope == scope).values(level=level + give_back[scope])
+                )
+        connection.execute(delete(RateLease).where(RateLease.instance_id == instance))
+
+
+def drop_holdings(connection: Connection, instances: Sequence[str]) -> None:
+    """Forget the holdings of dead processes, as consumed (their calls may have gone out): in the caller's
+    transaction."""
+    connection.execute(delete(RateLease).where(RateLease.instance_id.in_(instances)))
+
+
+def _lock(connection: Connection, limits: Sequence[Limit], now: datetime) -> dict[str, tuple[Decimal, datetime]]:
+    """Create missing buckets full, then lock them all in scope order (so two transactions never deadlock)."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(
+        dialect.insert(RateBucket).on_conflict_do_nothing(),
+        [{"scope": limit.scope, "level": Decimal(limit.per_minute), "updated_at": now} for limit in limits],
+    )
+    rows = connection.execute(
+        select(RateBucket.scope, RateBucket.level, RateBucket.updated_at)
+        .where(RateBucket.scope.in_([limit.scope for limit in limits]))
+        .order_by(RateBucket.scope)
+        .with_for_update()
+    )
+    return {scope: (level, updated_at) for scope, level, updated_at in rows}
+
+
+def _leased(connection: Connection, scopes: Sequence[str]) -> dict[str, int]:
+    rows = connection.execute(
+        select(RateLease.scope, func.sum(RateLease.amount)).where(RateLease.scope.in_(scopes)).group_by(RateLease.scope)
+    )
+    return {scope: int(total) for scope, total in rows}
+
+
+def _hold(connection: Connection, scope: str, instance: str, amount: int) -> None:
+    where = RateLease.scope == scope, RateLease.instance_id == instance
+    if amount <= 0:
+        connection.execute(delete(RateLease).where(*where))
+        return
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(RateLease).values(scope=scope, instance_id=instance, amount=amount)
+    connection.execute(
+        statement.on_conflict_do_update(index_elements=["scope", "instance_id"], set_={"amount": amount})
+    )
