@@ -228,6 +228,8 @@ class RateBucket(Base):
 
     scope: Mapped[str] = mapped_column(String(80), primary_key=True)
     level: Mapped[Decimal] = mapped_column(Money)
+    # The limit per minute it last refilled by (what a refill outside an exchange goes by).
+    capacity: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

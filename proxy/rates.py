@@ -81,19 +81,15 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
     if not exchanges:
         return []
     by_scope = {item.limit.scope: item for item in exchanges}
-    scopes = sorted(by_scope)
     taken = []
     with write_transaction(engine) as connection:
-        buckets = _lock(connection, [by_scope[scope].limit for scope in scopes], now)
-        leased = _leased(connection, scopes)
-        for scope in scopes:
+        _create(connection, [item.limit for item in exchanges], now)
+        levels = _refill(connection, sorted(by_scope), now)
+        leased = _leased(connection, sorted(by_scope))
+        for scope, level in levels.items():
             item = by_scope[scope]
-            level, updated_at = buckets[scope]
-            elapsed = max(Decimal((now - updated_at).total_seconds()), ZERO)
-            capacity = Decimal(item.limit.per_minute)
-            # The refill stops where level + everything held (as last written) reaches the capacity; a lowered
-            # limit may leave the level below zero until the refill brings it back.
-            level = min(level + item.limit.per_second * elapsed, capacity - leased.get(scope, 0))
+            # A lowered limit takes effect at once (the level may go below zero until the refill brings it back).
+            level = min(level, Decimal(item.limit.per_minute - leased.get(scope, 0)))
             level = level - item.debt + item.give_back
             granted = 0
             if item.want > 0 and level >= item.need:
@@ -101,7 +97,7 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
             level -= granted
             _hold(connection, scope, instance, item.holding + granted)
             connection.execute(
-                update(RateBucket).where(RateBucket.scope == scope).values(level=level, updated_at=max(now, updated_at))
+                update(RateBucket).where(RateBucket.scope == scope).values(level=level, capacity=item.limit.per_minute)
             )
             taken.append(Taken(scope=scope, granted=granted, level=level))
     return taken
@@ -110,41 +106,62 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
 def end_holdings(engine: Engine, instance: str, give_back: dict[str, int], now: datetime) -> None:
     """A clean exit: give back what this process's slices still had unused, and drop its holdings (blocking)."""
     with write_transaction(engine) as connection:
-        scopes = sorted(give_back)
-        if scopes:
-            levels = connection.execute(
-                select(RateBucket.scope, RateBucket.level)
-                .where(RateBucket.scope.in_(scopes))
-                .order_by(RateBucket.scope)
-                .with_for_update()
-            )
-            for scope, level in list(levels):
-                connection.execute(
-                    update(RateBucket).where(RateBucket.scope == scope).values(level=level + give_back[scope])
-                )
+        levels = _refill(connection, _scopes_of(connection, [instance]), now)
+        for scope, level in levels.items():
+            back = give_back.get(scope, 0)
+            if back:
+                connection.execute(update(RateBucket).where(RateBucket.scope == scope).values(level=level + back))
         connection.execute(delete(RateLease).where(RateLease.instance_id == instance))
 
 
-def drop_holdings(connection: Connection, instances: Sequence[str]) -> None:
+def drop_holdings(connection: Connection, instances: Sequence[str], now: datetime) -> None:
     """Forget the holdings of dead processes, as consumed (their calls may have gone out): in the caller's
-    transaction."""
+    transaction. The buckets are refilled up to now first, while those holdings still count against them."""
+    _refill(connection, _scopes_of(connection, instances), now)
     connection.execute(delete(RateLease).where(RateLease.instance_id.in_(instances)))
 
 
-def _lock(connection: Connection, limits: Sequence[Limit], now: datetime) -> dict[str, tuple[Decimal, datetime]]:
-    """Create missing buckets full, then lock them all in scope order (so two transactions never deadlock)."""
+def _create(connection: Connection, limits: Sequence[Limit], now: datetime) -> None:
+    """Create missing buckets, full."""
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     connection.execute(
         dialect.insert(RateBucket).on_conflict_do_nothing(),
-        [{"scope": limit.scope, "level": Decimal(limit.per_minute), "updated_at": now} for limit in limits],
+        [
+            {"scope": limit.scope, "level": Decimal(limit.per_minute), "capacity": limit.per_minute, "updated_at": now}
+            for limit in limits
+        ],
     )
+
+
+def _refill(connection: Connection, scopes: Sequence[str], now: datetime) -> dict[str, Decimal]:
+    """Lock the buckets (in scope order, so two transactions never deadlock) and refill each up to `now` by its
+    capacity, never past the capacity less what the holdings (as written) still count: the level only ever rises
+    here, at the bucket's rate, so this is the one place the bound is kept. Returns the levels."""
+    if not scopes:
+        return {}
     rows = connection.execute(
-        select(RateBucket.scope, RateBucket.level, RateBucket.updated_at)
-        .where(RateBucket.scope.in_([limit.scope for limit in limits]))
+        select(RateBucket.scope, RateBucket.level, RateBucket.capacity, RateBucket.updated_at)
+        .where(RateBucket.scope.in_(scopes))
         .order_by(RateBucket.scope)
         .with_for_update()
-    )
-    return {scope: (level, updated_at) for scope, level, updated_at in rows}
+    ).all()
+    leased = _leased(connection, scopes)
+    levels = {}
+    for scope, level, capacity, updated_at in rows:
+        elapsed = max(Decimal((now - updated_at).total_seconds()), ZERO)
+        room = Decimal(capacity - leased.get(scope, 0))
+        if level < room:
+            level = min(level + Decimal(capacity) / SECONDS_PER_MINUTE * elapsed, room)
+        levels[scope] = level
+        connection.execute(
+            update(RateBucket).where(RateBucket.scope == scope).values(level=level, updated_at=max(now, updated_at))
+        )
+    return levels
+
+
+def _scopes_of(connection: Connection, instances: Sequence[str]) -> list[str]:
+    query = select(RateLease.scope).where(RateLease.instance_id.in_(instances)).distinct()
+    return sorted(connection.execute(query).scalars())
 
 
 def _leased(connection: Connection, scopes: Sequence[str]) -> dict[str, int]:

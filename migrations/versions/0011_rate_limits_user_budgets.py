@@ -37,6 +37,7 @@ def upgrade() -> None:
         "rate_buckets",
         sa.Column("scope", sa.String(80), nullable=False),
         sa.Column("level", MONEY, nullable=False),
+        sa.Column("capacity", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("scope"),
     )

@@ -132,7 +132,9 @@ class Gate:
         call.max_tokens_sent = capped.max_tokens
         input_tokens = input_token_bound(request, len(capped.body))
         # Rate limits first: they are answered from memory, and a call they refuse takes no budget hold.
-        ticket = await self._throttle.admit(key, input_tokens=input_tokens, output_tokens=capped.max_tokens or 0)
+        ticket = await self._throttle.admit(
+            key, input_tokens=input_tokens, output_tokens=capped.max_tokens or 0, at=call.started_at
+        )
         estimate = partial(
             estimate_cost,
             request,

@@ -35,6 +35,8 @@ SHARE = 8
 # a slice is given back whole.
 SYNC_SECONDS = 1.0
 IDLE_SECONDS = 2.0
+# A bucket found short is not asked again for this long (or until it should have refilled, if sooner).
+ASK_AGAIN_SECONDS = 0.25
 HEADER_PREFIX = "x-spendgate-ratelimit-"
 HEADER_KINDS: dict[RateKind, str] = {
     "requests": "requests",
@@ -75,6 +77,10 @@ class Slice:
     level: Decimal = Decimal(0)  # the bucket's level at `seen` (monotonic)
     seen: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
+    # After an exchange found the bucket short: until `ask_after`, calls the slice cannot admit are refused from
+    # memory (no transaction per refusal in a storm of them), told to retry when `refilled_at` comes.
+    ask_after: float = 0.0
+    refilled_at: float = 0.0
 
     @property
     def holding(self) -> int:
@@ -111,9 +117,10 @@ class Throttle:
         # One exchange at a time: calls short of a slice wait for the exchange in progress, which takes for them.
         self._lock = asyncio.Lock()
 
-    async def admit(self, key: KeyInfo, *, input_tokens: int, output_tokens: int) -> Ticket | None:
+    async def admit(self, key: KeyInfo, *, input_tokens: int, output_tokens: int, at: datetime) -> Ticket | None:
         """Take a call's requests and token bounds from every limit of its key, or raise `RateLimited` (taking
-        nothing); None when the key has no rate limit."""
+        nothing); None when the key has no rate limit. `at` is when the call arrived: a bucket is refilled up to
+        then for it, so what calls take is bounded by their own timestamps."""
         limits = limits_for(key)
         if not limits:
             return None
@@ -129,11 +136,13 @@ class Throttle:
                 )
         slices = tuple(self._slice(limit) for limit in limits)
         if not self._fits(slices, amounts):
+            self._refuse_if_known_short(slices, amounts)
             async with self._lock:
                 # The upkeep may have ended a slice while this call waited: look them up again.
                 slices = tuple(self._slice(limit) for limit in limits)
                 if not self._fits(slices, amounts):
-                    await self._take_more(slices, amounts)
+                    self._refuse_if_known_short(slices, amounts)
+                    await self._take_more(slices, amounts, at)
         now = time.monotonic()
         for part, amount in zip(slices, amounts, strict=True):
             part.available -= amount
@@ -171,7 +180,7 @@ class Throttle:
                 if idle:
                     del self._slices[scope]
                 plans.append((part, back))
-            await self._exchange([(part, back, 0, 0) for part, back in plans])
+            await self._exchange([(part, back, 0, 0) for part, back in plans], datetime.now(UTC))
 
     async def close(self) -> None:
         """At a clean exit, once every call has ended: give back every slice."""
@@ -196,7 +205,20 @@ class Throttle:
     def _fits(slices: Sequence[Slice], amounts: Sequence[int]) -> bool:
         return all(part.available >= amount for part, amount in zip(slices, amounts, strict=True))
 
-    async def _take_more(self, slices: Sequence[Slice], amounts: Sequence[int]) -> None:
+    def _refuse_if_known_short(self, slices: Sequence[Slice], amounts: Sequence[int]) -> None:
+        """`RateLimited` without asking the ledger, when a slice this call does not fit found its bucket short a
+        moment ago."""
+        now = time.monotonic()
+        short = [
+            part
+            for part, amount in zip(slices, amounts, strict=True)
+            if part.available < amount and now < part.ask_after
+        ]
+        if short:
+            tightest = max(short, key=lambda part: part.refilled_at)
+            raise _refusal(tightest.limit, max(tightest.refilled_at - now, 0.0), slices, now)
+
+    async def _take_more(self, slices: Sequence[Slice], amounts: Sequence[int], at: datetime) -> None:
         """One exchange growing every slice that is short for this call; `RateLimited` if a bucket cannot."""
         plans, wanted = [], []
         for part, amount in zip(slices, amounts, strict=True):
@@ -204,7 +226,7 @@ class Throttle:
             if need > 0:
                 plans.append((part, 0, need, part.size(need)))
                 wanted.append(amount)
-        taken = await self._exchange(plans)
+        taken = await self._exchange(plans, at)
         # Seconds until each short bucket has refilled what this call needs beyond what is there now.
         waits = [
             (float((amount - max(part.available, 0) - part.level) / part.limit.per_second), part)
@@ -213,17 +235,16 @@ class Throttle:
         ]
         if not waits:
             return
+        now = time.monotonic()
+        for wait, part in waits:
+            part.refilled_at = now + wait
+            part.ask_after = now + min(wait, ASK_AGAIN_SECONDS)
         wait, tightest = max(waits, key=lambda item: item[0])
-        retry_after = max(1, math.ceil(wait))
-        raise RateLimited(
-            f"This call would exceed {tightest.limit.label} ({tightest.limit.per_minute}). Retry after "
-            f"{retry_after} seconds.",
-            retry_after=retry_after,
-            headers=tuple(_headers(slices, time.monotonic())),
-        )
+        raise _refusal(tightest.limit, wait, slices, now)
 
-    async def _exchange(self, plans: Sequence[tuple[Slice, int, int, int]]) -> list[Taken]:
-        """Run one exchange for (slice, give back, need, want) plans and apply what it took."""
+    async def _exchange(self, plans: Sequence[tuple[Slice, int, int, int]], at: datetime) -> list[Taken]:
+        """Run one exchange for (slice, give back, need, want) plans, the buckets refilled up to `at`, and apply
+        what it took."""
         if not plans:
             return []
         debts = [max(-part.available, 0) for part, *_ in plans]
@@ -234,9 +255,7 @@ class Throttle:
             for (part, back, need, want), debt in zip(plans, debts, strict=True)
         ]
         try:
-            taken = await anyio.to_thread.run_sync(
-                partial(exchange, self._engine, self._instance, exchanges, datetime.now(UTC))
-            )
+            taken = await anyio.to_thread.run_sync(partial(exchange, self._engine, self._instance, exchanges, at))
         except BaseException:
             for part, back, *_ in plans:
                 part.available += back
@@ -250,6 +269,15 @@ class Throttle:
             part.level, part.seen = got.level, now
             results.append(got)
         return results
+
+
+def _refusal(limit: Limit, wait: float, slices: Sequence[Slice], now: float) -> RateLimited:
+    retry_after = max(1, math.ceil(wait))
+    return RateLimited(
+        f"This call would exceed {limit.label} ({limit.per_minute}). Retry after {retry_after} seconds.",
+        retry_after=retry_after,
+        headers=tuple(_headers(slices, now)),
+    )
 
 
 def _consumed(kind: RateKind, usage: Usage) -> int:

@@ -109,7 +109,7 @@ def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta)
     if dead:
         with write_transaction(engine) as connection:
             connection.execute(delete(Instance).where(Instance.id.in_(dead), Instance.heartbeat_at < now - limit))
-            drop_holdings(connection, dead)
+            drop_holdings(connection, dead, now)
     return len(records)
 
 

@@ -1,0 +1,254 @@
+"""Rate limits: Anthropic's token-bucket model, exact across replicas, answered like Anthropic's own 429s."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from anthropic.types import MessageParam
+from hypothesis import HealthCheck, given, settings, strategies as st
+from sqlalchemy import Engine, text
+
+from proxy.db import write_transaction
+from proxy.rates import Exchange, Limit, drop_holdings, exchange
+from proxy.teams import TeamSettings, create_key, create_team, update_key
+from proxy.types import RateLimits
+from tests.conftest import POSTGRES_URL
+from tests.replicas import replicas
+from tests.servers import serve_in_thread
+from tests.stack import running_stack
+from tests.upstream import FakeAnthropic
+from tests.waiting import wait_until
+
+T0 = datetime(2026, 11, 30, 12, tzinfo=UTC)
+HELLO: list[MessageParam] = [{"role": "user", "content": "Hello"}]
+# A prompt whose byte bound (~3,100 tokens) covers the 406 input tokens the fake upstream reports.
+LONG: list[MessageParam] = [{"role": "user", "content": "x" * 3000}]
+# The window the concurrency proof checks (seconds), configurable for slower machines.
+WINDOW = float(os.environ.get("SPENDGATE_TEST_RATE_WINDOW", "2"))
+
+
+def within(total: float, per_minute: int, seconds: float) -> bool:
+    """The token bucket's bound: what a window of `seconds` may admit."""
+    return total <= per_minute * (1 + seconds / 60) + 1e-9
+
+
+def windows(events: list[tuple[datetime, int]], span: float) -> list[tuple[datetime, int]]:
+    """For every event, the total of the events in the `span` seconds starting at it."""
+    events = sorted(events)
+    totals = []
+    for start, _ in events:
+        end = start + timedelta(seconds=span)
+        totals.append((start, sum(amount for at, amount in events if start <= at <= end)))
+    return totals
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    per_minute=st.integers(1, 600),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 2),  # which process
+            st.floats(0, 20, allow_nan=False),  # seconds since the previous step
+            st.integers(0, 700),  # how much it asks for
+            st.integers(0, 100),  # % of its holding its calls consume now
+            st.integers(0, 100),  # % of the rest it gives back
+            st.booleans(),  # it dies (the reaper drops its holding)
+        ),
+        max_size=30,
+    ),
+)
+def test_the_shared_bucket_never_admits_more_than_it_refills(
+    engine: Engine, per_minute: int, steps: list[tuple[int, float, int, int, int, bool]]
+) -> None:
+    """Any interleaving of processes taking, consuming, giving back and dying: what is consumed in any window of T
+    seconds stays within N x (1 + T/60)."""
+    limit = Limit(scope=f"team:{uuid.uuid4().hex[:12]}:rpm", label="l", kind="requests", per_minute=per_minute)
+    now, holding = T0, [0, 0, 0]
+    consumed: list[tuple[datetime, int]] = []
+    for process, seconds, want, consume, back_share, dies in steps:
+        now += timedelta(seconds=seconds)
+        used = holding[process] * consume // 100
+        holding[process] -= used
+        consumed.append((now, used))
+        if dies:
+            with write_transaction(engine) as connection:
+                drop_holdings(connection, [f"p{process}"], now)
+            holding[process] = 0
+            continue
+        back = holding[process] * back_share // 100
+        holding[process] -= back
+        item = Exchange(limit=limit, holding=holding[process], give_back=back, need=min(want, 1), want=want)
+        [taken] = exchange(engine, f"p{process}", [item], now)
+        assert 0 <= taken.granted <= want
+        holding[process] += taken.granted
+    # Whatever is still held may be consumed at the end.
+    consumed.append((now, sum(holding)))
+    for span in (0.0, 1.0, 10.0, 60.0, 3600.0):
+        for start, total in windows(consumed, span):
+            assert within(total, per_minute, span), (start, span, total)
+
+
+def test_a_burst_then_a_429_the_sdk_waits_out_and_retries(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """60 requests a minute: 60 pass at once, the 61st is a 429 with retry-after and the rate-limit headers;
+    the SDK waits what retry-after says and its retry (flagged) succeeds."""
+    with running_stack(engine, db_url, tmp_path, team=TeamSettings(rpm=60)) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            for _ in range(60):
+                answer = client.messages.with_raw_response.create(
+                    model="claude-sonnet-4-6", max_tokens=10, messages=HELLO
+                )
+            assert answer.headers["x-spendgate-ratelimit-requests-limit"] == "60"
+            assert int(answer.headers["x-spendgate-ratelimit-requests-remaining"]) <= 1
+            assert answer.headers["x-spendgate-ratelimit-requests-reset"].endswith("Z")
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+        headers = refused.value.response.headers
+        assert refused.value.type == "rate_limit_error"
+        assert headers["x-spendgate-error"] == "rate_limited"
+        assert "x-should-retry" not in headers
+        assert 1 <= int(headers["retry-after"]) <= 2
+        assert "team research's requests per minute (60)" in refused.value.message
+        assert headers["x-spendgate-ratelimit-requests-remaining"] == "0"
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=2) as client:
+            started = time.monotonic()
+            client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+            waited = time.monotonic() - started
+        records = stack.records(63)
+    assert len(stack.upstream.requests) == 61
+    refusals = [record for record in records if record["status"] == 429]
+    assert [r["error_type"] for r in refusals] == ["rate_limited"] * len(refusals)
+    assert records[-1]["status"] == 200 and records[-1]["is_retry"] and records[-1]["retry_reason"] == "sdk"
+    # The SDK waited (at least most of) the retry-after before the attempt that passed.
+    assert waited >= 0.9 * int(headers["retry-after"]) - 0.5
+
+
+def test_a_call_larger_than_the_limit_is_refused_for_good(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    with running_stack(engine, db_url, tmp_path, team=TeamSettings(otpm=1000)) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key) as client:
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=1001, messages=HELLO)
+            client.messages.create(model="claude-sonnet-4-6", max_tokens=1000, messages=HELLO)
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        assert "retry-after" not in refused.value.response.headers
+        assert "more than team research's output tokens per minute (1000)" in refused.value.message
+        # The SDK obeyed x-should-retry: one refused request, one admitted, nothing retried.
+        assert [record["status"] for record in stack.records(2)] == [429, 200]
+
+
+def test_tokens_unused_by_a_call_are_given_back(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """Output tokens are bounded by max_tokens and input tokens by the body before the call, then corrected by
+    the usage: the fake upstream answers 406 input and 50 output tokens, so 20 calls of max_tokens 1000 pass
+    under 3,000 output tokens a minute (at their bound, only 3 would), and a key's own limit binds too."""
+    team = TeamSettings(otpm=3000, itpm=200_000)
+    with running_stack(engine, db_url, tmp_path, team=team, key_cache_seconds=0.2) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            for _ in range(20):
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=1000, messages=LONG)
+            update_key(engine, stack.key_id, actor="test", rpm=1)
+            # The key cache keeps the old rules for its lifetime (0.2 s here): the new one binds soon after.
+            with pytest.raises(anthropic.RateLimitError) as refused:
+                wait_until(
+                    lambda: client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=LONG) and False,
+                    "the key's new limit to bind",
+                )
+        assert f"key {stack.key_id}'s requests per minute (1)" in refused.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_rate_limits_hold_across_replicas_under_load(engine: Engine, db_url: str, tmp_path: Path, stream: bool) -> None:
+    """200 SDK clients on two replicas (PostgreSQL; one on SQLite) call as fast as the limits let them, obeying
+    retry-after through the SDK: in every window of T seconds, the requests, input tokens and output tokens the
+    ledger shows admitted stay within limit x (1 + T/60)."""
+    rpm, itpm, otpm = 120, 60_000, 4_000
+    create_team(engine, "research", TeamSettings(itpm=itpm, otpm=otpm), actor="test")
+    _, key = create_key(engine, "research", actor="test", rates=RateLimits(rpm=rpm))
+    upstream = FakeAnthropic()
+    count = 1 if POSTGRES_URL is None else 2
+    deadline = time.monotonic() + 4 * WINDOW
+    outcomes: list[int] = []
+    lock = threading.Lock()
+
+    def client(url: str) -> None:
+        with anthropic.Anthropic(base_url=url, api_key=key, max_retries=3) as sdk:
+            while time.monotonic() < deadline:
+                try:
+                    if stream:
+                        with sdk.messages.stream(model="claude-sonnet-4-6", max_tokens=60, messages=LONG) as events:
+                            events.until_done()
+                    else:
+                        sdk.messages.create(model="claude-sonnet-4-6", max_tokens=60, messages=LONG)
+                    status = 200
+                except anthropic.APIStatusError as exc:
+                    status = exc.status_code
+                with lock:
+                    outcomes.append(status)
+
+    with serve_in_thread(upstream) as upstream_url, replicas(db_url, upstream_url, tmp_path, count) as urls:
+        threads = [threading.Thread(target=client, args=(urls[n % count],)) for n in range(200)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+    assert set(outcomes) <= {200, 429}
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT started_at, status, error_type, input_tokens, cache_creation_5m_input_tokens, "
+                "cache_creation_1h_input_tokens, output_tokens, retry_count FROM usage_records"
+            )
+        ).all()
+    admitted = [row for row in rows if row.status != 429]
+    refused = [row for row in rows if row.status == 429]
+    assert {row.status for row in admitted} == {200}
+    assert {row.error_type for row in refused} == {"rate_limited"}
+    assert refused, "the limits were never reached: the test proves nothing"
+    # The SDK retried refused calls after their retry-after, and those retries are flagged.
+    assert any(row.retry_count > 0 for row in rows)
+    assert len(upstream.requests) == len(admitted)
+    started = [_aware(row.started_at) for row in admitted]
+    requests = [(at, 1) for at in started]
+    inputs = [
+        (at, row.input_tokens + row.cache_creation_5m_input_tokens + row.cache_creation_1h_input_tokens)
+        for at, row in zip(started, admitted, strict=True)
+    ]
+    outputs = [(at, row.output_tokens) for at, row in zip(started, admitted, strict=True)]
+    span = (max(started) - min(started)).total_seconds()
+    for seconds in (WINDOW / 2, WINDOW, span):
+        for events, limit in ((requests, rpm), (inputs, itpm), (outputs, otpm)):
+            worst = max(total for _, total in windows(events, seconds))
+            assert within(worst, limit, seconds), (limit, seconds, worst)
+    # Not over-strict either: the burst alone lets through most of a minute's requests or output tokens.
+    assert len(admitted) >= min(rpm, otpm // 60) // 2
+
+
+def _aware(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def test_idle_slices_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """A replica gives back what it holds once its calls stop, so another replica can use the whole limit."""
+    with running_stack(engine, db_url, tmp_path, team=TeamSettings(rpm=600)) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            for _ in range(30):
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+
+        def held() -> int:
+            with engine.connect() as connection:
+                return int(connection.execute(text("SELECT COALESCE(SUM(amount), 0) FROM rate_leases")).scalar_one())
+
+        wait_until(lambda: held() == 0, "the idle slice given back")
+        with engine.connect() as connection:
+            level = connection.execute(text("SELECT level FROM rate_buckets")).scalar_one()
+        # 30 consumed, the rest back: the level is what a full bucket less 30 has refilled since.
+        assert Decimal(str(level)) >= Decimal(600 - 30)
