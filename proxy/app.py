@@ -113,7 +113,7 @@ def create_app(
             note=journal.leased,
             metrics=metrics,
         )
-        throttle = Throttle(engine, instance=instance)
+        throttle = Throttle(engine, instance=instance, metrics=metrics)
         writer = Writer(
             engine,
             flush_seconds=settings.record_flush_seconds,
@@ -188,7 +188,9 @@ def create_app(
         listener = None
         if settings.metrics_addr is not None and not os.environ.get(MULTIPROCESS_ENV):
             listener = start_http_server(
-                settings.metrics_addr[1], settings.metrics_addr[0], registry=scrape_registry(metrics, engine)
+                settings.metrics_addr[1],
+                settings.metrics_addr[0],
+                registry=scrape_registry(metrics, engine, settings.metrics_users),
             )[0]
         if settings.reconcile_every_seconds > 0 and settings.anthropic_admin_key is not None:
             admin = AdminClient(

@@ -41,9 +41,9 @@ from starlette.routing import Route
 from proxy.budgets import current_spend, key_counter, period_end, period_start
 from proxy.errors import error_response
 from proxy.gateway.routes import BATCHES, COUNT_TOKENS, MESSAGES
-from proxy.models import APIKey, Team
+from proxy.models import APIKey, Team, UserBudget
 from proxy.reconcile.scheduled import recent
-from proxy.teams import list_teams
+from proxy.teams import list_teams, list_users
 from proxy.types import TOKEN_KIND_FIELDS, Period, UsageRecord
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -92,6 +92,7 @@ class Metrics:
 
     def __init__(self, policy: LabelPolicy = LabelPolicy()) -> None:
         self._policy = policy
+        self.users = policy.users
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.calls = Counter(
@@ -339,6 +340,41 @@ class BudgetCollector(Collector):
         yield from (limit, spent, held, remaining, elapsed)
 
 
+class UserBudgetCollector(Collector):
+    """End users' spend against their allowance this period, for allow-listed users of teams with end-user
+    budgets (read from the ledger at scrape time, like the budgets)."""
+
+    def __init__(self, engine: Engine, users: Collection[str]) -> None:
+        self._engine = engine
+        self._users = frozenset(users)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["team", "user"]
+        limit = GaugeMetricFamily(
+            "spendgate_user_budget_limit_usd", "An end user's allowance this period.", labels=labels
+        )
+        spent = GaugeMetricFamily("spendgate_user_budget_spent_usd", "An end user's spend this period.", labels=labels)
+        held = GaugeMetricFamily(
+            "spendgate_user_budget_held_usd", "Held by an end user's calls in flight.", labels=labels
+        )
+        if self._users:
+            with self._engine.connect() as connection:
+                own = set(
+                    connection.execute(select(Team.name).join(UserBudget, UserBudget.team_id == Team.id)).scalars()
+                )
+                budgeted = set(connection.execute(select(Team.name).where(Team.user_budget_usd.is_not(None))).scalars())
+            for team in sorted(own | budgeted):
+                for view in list_users(self._engine, team):
+                    if view.user not in self._users:
+                        continue
+                    values = [team, view.user]
+                    spent.add_metric(values, float(view.spent_usd))
+                    held.add_metric(values, float(view.reserved_usd))
+                    if view.budget_usd is not None:
+                        limit.add_metric(values, float(view.budget_usd))
+        yield from (limit, spent, held)
+
+
 class ReconcileCollector(Collector):
     """The latest day the scheduled reconciliation checked, read from the ledger at scrape time."""
 
@@ -369,15 +405,16 @@ def _add_elapsed(family: GaugeMetricFamily, values: list[str], period: Period, n
         family.add_metric(values, (now - start) / (end - start))
 
 
-def scrape_registry(metrics: Metrics | None, engine: Engine) -> CollectorRegistry:
+def scrape_registry(metrics: Metrics | None, engine: Engine, users: Collection[str] = ()) -> CollectorRegistry:
     """What a scrape shows: this process's instruments (in multiprocess mode, every worker's, and `metrics` may be
-    None) and the budgets."""
+    None), the budgets, and the allowances of the end users in `users` (the allow-list)."""
     registry = CollectorRegistry()
     if os.environ.get(MULTIPROCESS_ENV):
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     elif metrics is not None:
         registry.register(_Forward(metrics.registry))
     registry.register(BudgetCollector(engine))
+    registry.register(UserBudgetCollector(engine, users))
     registry.register(ReconcileCollector(engine))
     return registry
 
@@ -416,7 +453,8 @@ def metrics_route(tokens: Collection[str]) -> Route:
                 401, "authentication_error", "Send 'Authorization: Bearer <SPENDGATE_METRICS_TOKEN>'."
             )
         try:
-            registry = scrape_registry(request.state.metrics, request.state.engine)
+            metrics: Metrics = request.state.metrics
+            registry = scrape_registry(metrics, request.state.engine, metrics.users)
             text = await anyio.to_thread.run_sync(generate_latest, registry)
         except SQLAlchemyError as exc:
             return error_response(

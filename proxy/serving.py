@@ -109,7 +109,7 @@ def run(settings: Settings) -> None:
         if settings.metrics_addr is not None:
             engine = make_engine(settings.db_url)
             host, port = settings.metrics_addr
-            listener = start_http_server(port, host, registry=scrape_registry(None, engine))[0]
+            listener = start_http_server(port, host, registry=scrape_registry(None, engine, settings.metrics_users))[0]
         try:
             uvicorn.run("proxy.serving:worker_app", factory=True, workers=settings.workers, **options)  # type: ignore[arg-type]
         finally:

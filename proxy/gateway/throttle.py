@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from proxy.errors import RateLimited
 from proxy.keys import KeyInfo
+from proxy.metrics import Metrics
 from proxy.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
 from proxy.types import Usage
 
@@ -110,9 +111,10 @@ class Ticket:
 class Throttle:
     """This process's slices of the rate-limit buckets: admission on the request path, upkeep in the background."""
 
-    def __init__(self, engine: Engine, *, instance: str) -> None:
+    def __init__(self, engine: Engine, *, instance: str, metrics: Metrics) -> None:
         self._engine = engine
         self._instance = instance
+        self._metrics = metrics
         self._slices: dict[str, Slice] = {}
         # One exchange at a time: calls short of a slice wait for the exchange in progress, which takes for them.
         self._lock = asyncio.Lock()
@@ -260,6 +262,7 @@ class Throttle:
             for part, back, *_ in plans:
                 part.available += back
             raise
+        self._metrics.round_trips.labels("rate_exchange").inc()
         by_scope = {item.scope: item for item in taken}
         now = time.monotonic()
         results = []
