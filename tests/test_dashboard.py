@@ -107,7 +107,8 @@ def cli(db_url: str, *args: str) -> str:
 @pytest.fixture
 def served(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[str]:
     """`spendgate serve` with two teams fed by real SDK calls through the fake upstream."""
-    create_team(engine, "research", TeamSettings(budget_usd=Decimal(25)), actor="test")
+    rules = TeamSettings(budget_usd=Decimal(25), user_budget_usd=Decimal(5), rpm=1000, otpm=90_000)
+    create_team(engine, "research", rules, actor="test")
     create_team(engine, "ops", TeamSettings(), actor="test")
     _, research = create_key(engine, "research", actor="test", name="ci")
     _, ops = create_key(engine, "ops", actor="test")
@@ -168,6 +169,7 @@ def test_sign_in_attempts_are_rate_limited(served: str, browser: Browser) -> Non
 
 def test_pages_show_what_spendgate_report_says(served: str, db_url: str, browser: Browser) -> None:
     since = period_start()
+    users = {user["user"]: user for user in json.loads(cli(db_url, "teams", "users", "research", "--format", "json"))}
     by_team = {
         row["team"]: row
         for row in json.loads(cli(db_url, "report", "--by", "team", "--since", since, "--format", "json"))
@@ -196,6 +198,12 @@ def test_pages_show_what_spendgate_report_says(served: str, db_url: str, browser
         ):
             assert Decimal(totals.locator(f"[data-field={field}]").get_attribute("data-usd") or "") == Decimal(row[key])
         assert visit.page.get_by_test_id("top-feature").locator("tbody tr").count() == 2
+        assert "Rate limits: 1,000 requests, 90,000 output tokens per minute." in visit.page.inner_text("main")
+        allowances = visit.page.get_by_test_id("user-allowances").locator("tbody tr")
+        assert allowances.count() == len(users) == 1
+        assert allowances.nth(0).locator("td").nth(0).inner_text() == "alice"
+        spent = allowances.nth(0).locator("[data-label=Spent]").get_attribute("data-usd")
+        assert Decimal(spent or "") == Decimal(users["alice"]["spent_usd"]) == Decimal(row["cost_usd"])
         assert visit.page.get_by_test_id("latest").locator("tbody tr").count() == row["calls"]
         assert visit.page.locator("[data-testid=daily-chart] svg rect").count() >= 1
         visit.shoot("team", size)

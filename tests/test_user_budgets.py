@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 from anthropic.types import MessageParam
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
 
 from proxy.budgets import NO_USER
@@ -233,3 +235,22 @@ def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> Non
         text=True,
     )
     assert refused.returncode != 0 and "positive whole number" in refused.stderr
+
+
+def test_metrics_show_allow_listed_users_against_their_allowance(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    team = TeamSettings(user_budget_usd=Decimal("0.004"))
+    with running_stack(engine, db_url, tmp_path, team=team, metrics_token="t", metrics_users=("ann",)) as stack:
+        assert [ask(stack, "ann"), ask(stack, "bob")] == [200, 200]
+        stack.idle()
+        exposition = httpx.get(f"{stack.url}/metrics", headers={"authorization": "Bearer t"}).text
+    samples = {
+        (sample.name, sample.labels.get("user")): sample.value
+        for family in text_string_to_metric_families(exposition)
+        if family.name.startswith("spendgate_user_budget")
+        for sample in family.samples
+    }
+    assert samples == {
+        ("spendgate_user_budget_limit_usd", "ann"): 0.004,
+        ("spendgate_user_budget_spent_usd", "ann"): float(COST),
+        ("spendgate_user_budget_held_usd", "ann"): 0.0,
+    }

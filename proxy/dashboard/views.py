@@ -24,7 +24,7 @@ from proxy.models import AuditHead, UsageRow
 from proxy.pricing import PriceTable
 from proxy.reconcile.scheduled import DayResult, recent
 from proxy.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
-from proxy.teams import TeamView, get_team, list_teams
+from proxy.teams import TeamView, UserView, get_team, list_teams, list_users
 
 ZERO = Decimal(0)
 TOP = 10
@@ -98,6 +98,7 @@ class TeamPage:
     to_date_chart: Markup
     models: list[tuple[str, str]]  # legend: (model, colour)
     top: dict[str, list[ReportRow]]  # by feature, user and key: the most expensive first
+    users: list[UserView]  # with end-user budgets: the users nearest their allowance first
     latest: list[dict[str, Any]]
 
 
@@ -137,6 +138,9 @@ def team_page(engine: Engine, prices: PriceTable, name: str, now: datetime) -> T
         for group in ("feature", "user", "key")
     }
     latest = [record for _, record in iter_usage(engine, team=name, limit=LATEST, newest_first=True)]
+    users = list_users(engine, name, now=now)
+    if outlook.team.user_budget_usd is None and not any(view.own_budget for view in users):
+        users = []
     return TeamPage(
         outlook=outlook,
         totals=totals[0] if totals else ReportRow(group={}, tokens=dict.fromkeys(TOKEN_KINDS, 0)),
@@ -146,8 +150,17 @@ def team_page(engine: Engine, prices: PriceTable, name: str, now: datetime) -> T
         ),
         models=[(model, charts.colour(i)) for i, model in enumerate(models)],
         top=top,
+        users=sorted(users, key=_nearest_allowance)[:TOP],
         latest=latest,
     )
+
+
+def _nearest_allowance(view: UserView) -> tuple[Decimal, str]:
+    """Users with the least of their allowance left first (those without a limit last)."""
+    if view.budget_usd is None or view.remaining_usd is None:
+        return Decimal("Infinity"), view.user
+    share = view.remaining_usd / view.budget_usd if view.budget_usd else Decimal(0)
+    return share, view.user
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
