@@ -12,11 +12,12 @@ slices are brought in line with the demand and the ledger learns what was consum
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 
@@ -38,11 +39,23 @@ SYNC_SECONDS = 1.0
 IDLE_SECONDS = 2.0
 # A bucket found short is not asked again for this long (or until it should have refilled, if sooner).
 ASK_AGAIN_SECONDS = 0.25
-HEADER_PREFIX = "x-spendgate-ratelimit-"
-HEADER_KINDS: dict[RateKind, str] = {
-    "requests": "requests",
-    "input_tokens": "input-tokens",
-    "output_tokens": "output-tokens",
+# Anthropic's `anthropic-ratelimit-<kind>-limit|remaining|reset` under our own prefix.
+HEADER_NAMES: dict[RateKind, tuple[bytes, bytes, bytes]] = {
+    "requests": (
+        b"x-spendgate-ratelimit-requests-limit",
+        b"x-spendgate-ratelimit-requests-remaining",
+        b"x-spendgate-ratelimit-requests-reset",
+    ),
+    "input_tokens": (
+        b"x-spendgate-ratelimit-input-tokens-limit",
+        b"x-spendgate-ratelimit-input-tokens-remaining",
+        b"x-spendgate-ratelimit-input-tokens-reset",
+    ),
+    "output_tokens": (
+        b"x-spendgate-ratelimit-output-tokens-limit",
+        b"x-spendgate-ratelimit-output-tokens-remaining",
+        b"x-spendgate-ratelimit-output-tokens-reset",
+    ),
 }
 KIND_WORDS: dict[RateKind, str] = {
     "requests": "requests",
@@ -51,6 +64,7 @@ KIND_WORDS: dict[RateKind, str] = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def limits_for(key: KeyInfo) -> tuple[Limit, ...]:
     """The rate limits a call with this key counts against: its team's, then its own."""
     limits = []
@@ -93,10 +107,11 @@ class Slice:
         return max(need, min(int(recent), self.limit.per_minute // SHARE))
 
     def remaining(self, now: float) -> int:
-        """An estimate of what the bucket could still give (other replicas' slices are not counted)."""
-        refill = self.limit.per_second * Decimal(max(now - self.seen, 0.0))
-        level = min(self.level + refill, Decimal(self.limit.per_minute))
-        return max(0, min(self.limit.per_minute, self.available + int(level)))
+        """An estimate of what the bucket could still give (other replicas' slices are not counted); floats
+        are exact enough for a header."""
+        per_minute = self.limit.per_minute
+        level = min(float(self.level) + per_minute / 60 * max(now - self.seen, 0.0), per_minute)
+        return max(0, min(per_minute, self.available + int(level)))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -159,7 +174,10 @@ class Throttle:
         for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
             part.in_flight -= amount
             if usage is not None:
-                part.available += amount - _consumed(part.limit.kind, usage)
+                used = _consumed(part.limit.kind, usage)
+                part.available += amount - used
+                # Usage above the bound is demand too: slices are sized for what calls really use.
+                part.demand += max(used - amount, 0)
 
     def cancel(self, ticket: Ticket) -> None:
         """A call admitted with `ticket` was refused before it went out: it consumed nothing."""
@@ -301,14 +319,14 @@ def _headers(slices: Sequence[Slice], now: float) -> list[tuple[bytes, bytes]]:
         if part.limit.kind not in tightest or remaining < tightest[part.limit.kind][0]:
             tightest[part.limit.kind] = (remaining, part)
     headers = []
-    wall = datetime.now(UTC)
+    wall = time.time()
     for kind, (remaining, part) in tightest.items():
-        name = HEADER_PREFIX + HEADER_KINDS[kind]
-        seconds = float(Decimal(part.limit.per_minute - remaining) / part.limit.per_second)
-        reset = (wall + timedelta(seconds=seconds)).isoformat(timespec="seconds").replace("+00:00", "Z")
+        limit, left, reset = HEADER_NAMES[kind]
+        per_minute = part.limit.per_minute
+        full_at = time.gmtime(wall + (per_minute - remaining) * 60 / per_minute)
         headers += [
-            (f"{name}-limit".encode(), str(part.limit.per_minute).encode()),
-            (f"{name}-remaining".encode(), str(remaining).encode()),
-            (f"{name}-reset".encode(), reset.encode()),
+            (limit, str(per_minute).encode()),
+            (left, str(remaining).encode()),
+            (reset, time.strftime("%Y-%m-%dT%H:%M:%SZ", full_at).encode()),
         ]
     return headers
