@@ -236,8 +236,9 @@ def set_user_budget(
 ) -> UserView:
     """Give one end user of a team their own budget per period (None: no limit for them), or with `UNSET` take it
     away (they get the team's per-user budget again). `""` names the calls that carry no user."""
-    if len(user) > MAX_USER or "\x00" in user:
-        raise ValueError(f"an end user id is at most {MAX_USER} characters without NUL")
+    if len(user) > MAX_USER or "\x00" in user or not _encodable(user):
+        # What a call's user can be (`label` makes header and metadata values so); another could never match.
+        raise ValueError(f"an end user id is at most {MAX_USER} characters of valid Unicode, without NUL")
     if isinstance(budget_usd, Decimal) and budget_usd < 0:
         raise ValueError(f"budget must not be negative, got {budget_usd}")
     with write_transaction(engine) as connection:
@@ -416,11 +417,10 @@ def update_key(
         if row is None:
             raise NotFound(f"no key with id {key_id!r}")
         before = dict(row._mapping)
-        if changes:
+        after = {**before, **changes}
+        if after != before:
             connection.execute(update(APIKey).where(APIKey.id == key_id).values(**changes))
-        record_event(
-            connection, actor=actor, action="key.update", target=key_id, before=before, after={**before, **changes}
-        )
+            record_event(connection, actor=actor, action="key.update", target=key_id, before=before, after=after)
     return get_key(engine, key_id)
 
 
@@ -507,6 +507,14 @@ def _rules(team: Team) -> dict[str, Any]:
         "itpm": team.itpm,
         "otpm": team.otpm,
     }
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _SETTINGS = (

@@ -25,6 +25,7 @@ from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
 from tests.stack import running_stack
+from tests.test_limits_wire import table_gone
 from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
@@ -252,3 +253,23 @@ def test_idle_slices_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path
             level = connection.execute(text("SELECT level FROM rate_buckets")).scalar_one()
         # 30 consumed, the rest back: the level is what a full bucket less 30 has refilled since.
         assert Decimal(str(level)) >= Decimal(600 - 30)
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fails-closed", "fail-open"])
+def test_a_ledger_that_does_not_answer_is_a_503_not_a_pass(
+    engine: Engine, db_url: str, tmp_path: Path, fail_open: bool
+) -> None:
+    with running_stack(engine, db_url, tmp_path, team=TeamSettings(rpm=600), budget_fail_open=fail_open) as stack:
+        with (
+            table_gone(engine, "rate_buckets"),
+            anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client,
+        ):
+            if fail_open:
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+                assert len(stack.upstream.requests) == 1
+                return
+            with pytest.raises(anthropic.InternalServerError) as refused:
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+        assert refused.value.status_code == 503
+        assert refused.value.response.headers["x-spendgate-error"] == "ledger_unavailable"
+        assert stack.upstream.requests == []

@@ -3,6 +3,7 @@ like team budgets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,12 +16,14 @@ import anthropic
 import httpx
 import pytest
 from anthropic.types import MessageParam
+from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
 
 from proxy.budgets import NO_USER
+from proxy.gateway.call import label
 from proxy.models import UsageRow
-from proxy.teams import UNSET, TeamSettings, create_key, create_team, list_users, set_user_budget, update_team
+from proxy.teams import UNSET, Conflict, TeamSettings, create_key, create_team, list_users, set_user_budget, update_team
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
@@ -254,3 +257,20 @@ def test_metrics_show_allow_listed_users_against_their_allowance(engine: Engine,
         ("spendgate_user_budget_spent_usd", "ann"): float(COST),
         ("spendgate_user_budget_held_usd", "ann"): 0.0,
     }
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=st.text(max_size=300))
+def test_any_user_id_is_stored_exactly_or_refused(engine: Engine, user: str) -> None:
+    """An override names a user exactly as a call would (`label` of the header or metadata value), or is refused
+    with a reason: never a 500, never a user no call can match."""
+    with contextlib.suppress(Conflict):
+        create_team(engine, "research", TeamSettings(user_budget_usd=Decimal(1)), actor="test")
+    try:
+        view = set_user_budget(engine, "research", user, Decimal(2), actor="test")
+    except ValueError as refused:
+        assert "valid Unicode" in str(refused)
+        assert label(user, 256) != user
+        return
+    assert label(user, 256) == user == view.user
+    assert view.budget_usd == 2 and view.own_budget

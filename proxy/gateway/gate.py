@@ -36,7 +36,7 @@ from proxy.gateway.call import Call, label
 from proxy.gateway.leases import Leases
 from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_token_bound
 from proxy.gateway.routes import Route
-from proxy.gateway.throttle import Throttle
+from proxy.gateway.throttle import Throttle, Ticket
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.metrics import Metrics
@@ -132,9 +132,7 @@ class Gate:
         call.max_tokens_sent = capped.max_tokens
         input_tokens = input_token_bound(request, len(capped.body))
         # Rate limits first: they are answered from memory, and a call they refuse takes no budget hold.
-        ticket = await self._throttle.admit(
-            key, input_tokens=input_tokens, output_tokens=capped.max_tokens or 0, at=call.started_at
-        )
+        ticket = await self._rate_limit(call, key, input_tokens, capped.max_tokens or 0)
         estimate = partial(
             estimate_cost,
             request,
@@ -189,6 +187,19 @@ class Gate:
         """Run blocking ledger work in a thread; a database failure becomes a 503 in Anthropic's shape."""
         with ledger_errors():
             return await anyio.to_thread.run_sync(work)
+
+    async def _rate_limit(self, call: Call, key: KeyInfo, input_tokens: int, output_tokens: int) -> Ticket | None:
+        """Take the call's share of its rate limits (`RateLimited` if it does not fit)."""
+        try:
+            with ledger_errors("The spend ledger did not answer, so the rate limit could not be checked."):
+                return await self._throttle.admit(
+                    key, input_tokens=input_tokens, output_tokens=output_tokens, at=call.started_at
+                )
+        except LedgerUnavailable:
+            if not self._rules.fail_open:
+                raise
+            logger.warning("ledger unreachable; forwarding %s without a rate-limit check (fail-open)", call.id)
+            return None
 
     def _cap(self, key: KeyInfo) -> int | None:
         return key.max_output_tokens if key.max_output_tokens is not None else self._rules.default_max_output_tokens

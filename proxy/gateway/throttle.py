@@ -155,9 +155,10 @@ class Throttle:
         if not self._fits(slices, amounts):
             self._refuse_if_known_short(slices, amounts)
             async with self._lock:
-                # The upkeep may have ended a slice while this call waited: look them up again.
+                # The upkeep may have ended a slice while this call waited: look them up again. Calls that fit
+                # keep being admitted during an exchange, so it is checked again after each.
                 slices = tuple(self._slice(limit) for limit in limits)
-                if not self._fits(slices, amounts):
+                while not self._fits(slices, amounts):
                     self._refuse_if_known_short(slices, amounts)
                     await self._take_more(slices, amounts, at)
         now = time.monotonic()
@@ -184,23 +185,29 @@ class Throttle:
         for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
             part.in_flight -= amount
             part.available += amount
-            part.demand -= amount
+            part.demand = max(part.demand - amount, 0)
 
     async def sync(self) -> None:
         """Keep each slice near the demand of the last second, give back slices nobody used for a while, and write
         what was consumed (one transaction)."""
         now = time.monotonic()
         async with self._lock:
-            plans = []
+            plans, ended = [], {}
             for scope, part in list(self._slices.items()):
                 part.rate, part.demand = part.demand / SYNC_SECONDS, 0
                 idle = now - part.last_used > IDLE_SECONDS and part.in_flight == 0
                 keep = 0 if idle else part.size(0)
                 back = max(part.available - keep, 0) if idle or part.available > 2 * keep else 0
                 if idle:
-                    del self._slices[scope]
-                plans.append((part, back))
-            await self._exchange([(part, back, 0, 0) for part, back in plans], datetime.now(UTC))
+                    # Out of the slices first, so no call is admitted against it while it ends.
+                    ended[scope] = self._slices.pop(scope)
+                plans.append((part, back, 0, 0))
+            try:
+                await self._exchange(plans, datetime.now(UTC))
+            except BaseException:
+                for scope, part in ended.items():
+                    self._slices.setdefault(scope, part)
+                raise
 
     async def close(self) -> None:
         """At a clean exit, once every call has ended: give back every slice."""
