@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -33,6 +33,8 @@ CounterKey = tuple[str, datetime]
 LEASE_PREFIX = "lease-"
 # How end-user budgets name the calls that carry no user identity: they share one allowance.
 NO_USER = ""
+# Counter keys per statement: well within SQLite's 32,766 parameters and PostgreSQL's 65,535.
+CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,17 +73,16 @@ def period_end(period: str, start: datetime) -> datetime | None:
 
 
 def counters_for(key: KeyInfo, at: datetime, user: str | None = None) -> tuple[Counter, ...]:
-    """The budgets a call with this key counts against: its team's and its own, and when the team has end-user
-    budgets, its end user's (calls without a user share the allowance of `NO_USER`)."""
-    counters = (
+    """The budgets a call with this key counts against: its team's, its own, and its end user's in the team (calls
+    without a user share the counter of `NO_USER`). Every counter counts spend, with a budget or not, so a budget
+    set later starts from what was already spent."""
+    name = user or NO_USER
+    user_budget = key.user_budgets[name] if name in key.user_budgets else key.user_budget_usd
+    return (
         team_counter(key.team_id, key.team, key.team_period, key.team_budget_usd, at),
         key_counter(key.key_id, key.key_period, key.key_budget_usd, at),
+        user_counter(key.team_id, key.team, name, key.team_period, user_budget, at),
     )
-    if key.user_budget_usd is None and not key.user_budgets:
-        return counters
-    name = user or NO_USER
-    budget = key.user_budgets[name] if name in key.user_budgets else key.user_budget_usd
-    return (*counters, user_counter(key.team_id, key.team, name, key.team_period, budget, at))
 
 
 def user_counter(team_id: int, team: str, user: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
@@ -340,17 +341,20 @@ def current_spend(engine: Engine, counters: Iterable[Counter]) -> dict[str, tupl
     found: dict[str, tuple[Decimal, Decimal]] = {counter.scope: (ZERO, ZERO) for counter in wanted}
     if not wanted:
         return found
-    query = select(BudgetCounter.scope, BudgetCounter.spent_usd, BudgetCounter.reserved_usd).where(
-        tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_([(c.scope, c.period_start) for c in wanted])
-    )
+    keys = sorted({(counter.scope, counter.period_start) for counter in wanted})
     with engine.connect() as connection:
-        for scope, spent, reserved in connection.execute(query):
-            found[scope] = (spent, reserved)
+        for chunk in _chunks(keys):
+            query = select(BudgetCounter.scope, BudgetCounter.spent_usd, BudgetCounter.reserved_usd).where(
+                tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_(chunk)
+            )
+            for scope, spent, reserved in connection.execute(query):
+                found[scope] = (spent, reserved)
     return found
 
 
 def _lock(connection: Connection, counters: Iterable[Counter]) -> dict[CounterKey, tuple[Decimal, Decimal]]:
-    """Create missing counter rows, then lock them all in one order (so two transactions never deadlock)."""
+    """Create missing counter rows, then lock them all in one order (so two transactions never deadlock), in
+    chunks a database takes as parameters however many counters there are (a team's end users)."""
     keys = sorted({(counter.scope, counter.period_start) for counter in counters})
     if not keys:
         return {}
@@ -362,13 +366,22 @@ def _lock(connection: Connection, counters: Iterable[Counter]) -> dict[CounterKe
             for scope, start in keys
         ],
     )
-    rows = connection.execute(
-        select(BudgetCounter.scope, BudgetCounter.period_start, BudgetCounter.spent_usd, BudgetCounter.reserved_usd)
-        .where(tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_(keys))
-        .order_by(BudgetCounter.scope, BudgetCounter.period_start)
-        .with_for_update()
-    )
-    return {(scope, start): (spent, reserved) for scope, start, spent, reserved in rows}
+    locked = {}
+    for chunk in _chunks(keys):
+        rows = connection.execute(
+            select(BudgetCounter.scope, BudgetCounter.period_start, BudgetCounter.spent_usd, BudgetCounter.reserved_usd)
+            .where(tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_(chunk))
+            .order_by(BudgetCounter.scope, BudgetCounter.period_start)
+            .with_for_update()
+        )
+        locked.update({(scope, start): (spent, reserved) for scope, start, spent, reserved in rows})
+    return locked
+
+
+def _chunks(keys: Sequence[CounterKey]) -> Iterator[Sequence[CounterKey]]:
+    """Counter keys in order, a few hundred at a time (two parameters each)."""
+    for first in range(0, len(keys), CHUNK):
+        yield keys[first : first + CHUNK]
 
 
 def _write(connection: Connection, scope: str, start: datetime, *, spent: Decimal, reserved: Decimal) -> None:

@@ -364,9 +364,7 @@ class UserBudgetCollector(Collector):
                 )
                 budgeted = set(connection.execute(select(Team.name).where(Team.user_budget_usd.is_not(None))).scalars())
             for team in sorted(own | budgeted):
-                for view in list_users(self._engine, team):
-                    if view.user not in self._users:
-                        continue
+                for view in list_users(self._engine, team, only=self._users):
                     values = [team, view.user]
                     spent.add_metric(values, float(view.spent_usd))
                     held.add_metric(values, float(view.reserved_usd))

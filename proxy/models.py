@@ -217,6 +217,7 @@ class BudgetReservation(Base):
     key_id: Mapped[str | None] = mapped_column(String(40))
     endpoint: Mapped[str | None] = mapped_column(String(200))
     model: Mapped[str | None] = mapped_column(String(200))
+    user: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (Index("ix_budget_reservations_instance", "instance_id"),)
 

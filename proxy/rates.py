@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from proxy.db import write_transaction
-from proxy.models import RateBucket, RateLease
+from proxy.models import Instance, RateBucket, RateLease
 
 RateKind = Literal["requests", "input_tokens", "output_tokens"]
 # The setting of each kind, as the CLI, the admin API and the ledger columns name it.
@@ -69,11 +69,14 @@ class Exchange:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Taken:
-    """What an exchange took from a bucket, and the bucket's level after it."""
+    """What an exchange took from a bucket, and the bucket's level after it. `forfeited`: the process's holding
+    was gone from the ledger (a reaper took it for dead and dropped it as consumed), so nothing it held was given
+    back or kept: its slice must start again from what was granted now."""
 
     scope: str
     granted: int
     level: Decimal
+    forfeited: bool = False
 
 
 def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: datetime) -> list[Taken]:
@@ -86,20 +89,29 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
         _create(connection, [item.limit for item in exchanges], now)
         levels = _refill(connection, sorted(by_scope), now)
         leased = _leased(connection, sorted(by_scope))
+        query = select(RateLease.scope, RateLease.amount).where(
+            RateLease.instance_id == instance, RateLease.scope.in_(sorted(by_scope))
+        )
+        mine = {scope: amount for scope, amount in connection.execute(query)}
         for scope, level in levels.items():
             item = by_scope[scope]
+            forfeited = item.holding > 0 and scope not in mine
+            holding, give_back = (0, 0) if forfeited else (item.holding, item.give_back)
+            others = leased.get(scope, 0) - mine.get(scope, 0)
             # A lowered limit takes effect at once (the level may go below zero until the refill brings it back).
-            level = min(level, Decimal(item.limit.per_minute - leased.get(scope, 0)))
-            level = level - item.debt + item.give_back
+            level = min(level, Decimal(item.limit.per_minute - others - mine.get(scope, 0)))
+            level = level - item.debt + give_back
             granted = 0
             if item.want > 0 and level >= item.need:
                 granted = min(item.want, int(level.to_integral_value(ROUND_FLOOR)))
             level -= granted
-            _hold(connection, scope, instance, item.holding + granted)
+            # Never more in the bucket and the holdings together than the capacity, whatever happened before.
+            level = min(level, Decimal(item.limit.per_minute - others - holding - granted))
+            _hold(connection, scope, instance, holding + granted)
             connection.execute(
                 update(RateBucket).where(RateBucket.scope == scope).values(level=level, capacity=item.limit.per_minute)
             )
-            taken.append(Taken(scope=scope, granted=granted, level=level))
+            taken.append(Taken(scope=scope, granted=granted, level=level, forfeited=forfeited))
     return taken
 
 
@@ -115,10 +127,17 @@ def end_holdings(engine: Engine, instance: str, give_back: dict[str, int], now: 
 
 
 def drop_holdings(connection: Connection, instances: Sequence[str], now: datetime) -> None:
-    """Forget the holdings of dead processes, as consumed (their calls may have gone out): in the caller's
-    transaction. The buckets are refilled up to now first, while those holdings still count against them."""
-    _refill(connection, _scopes_of(connection, instances), now)
-    connection.execute(delete(RateLease).where(RateLease.instance_id.in_(instances)))
+    """Forget the holdings of dead processes, and of processes that no longer exist (one whose clean exit could not
+    give them back), as consumed (their calls may have gone out): in the caller's transaction. The buckets are
+    refilled up to now first, while those holdings still count against them."""
+    orphans = select(RateLease.instance_id).where(
+        ~select(Instance.id).where(Instance.id == RateLease.instance_id).exists()
+    )
+    gone = sorted({*instances, *connection.execute(orphans.distinct()).scalars()})
+    if not gone:
+        return
+    _refill(connection, _scopes_of(connection, gone), now)
+    connection.execute(delete(RateLease).where(RateLease.instance_id.in_(gone)))
 
 
 def _create(connection: Connection, limits: Sequence[Limit], now: datetime) -> None:

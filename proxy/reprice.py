@@ -16,7 +16,7 @@ from decimal import Decimal
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from proxy.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
-from proxy.budgets import key_counter, recount, settle, team_counter
+from proxy.budgets import key_counter, recount, recount_users, settle, team_counter
 from proxy.db import write_transaction
 from proxy.models import APIKey, RepriceEntry, Team, UsageRow
 from proxy.pricing import PriceTable
@@ -132,11 +132,12 @@ def _write(connection: Connection, changes: list[Change], pos: int) -> None:
 
 
 def recount_current(engine: Engine, now: datetime) -> None:
-    """Bring every team's and key's current-period spend in line with corrected costs."""
+    """Bring every team's, key's and end user's current-period spend in line with corrected costs."""
     with engine.connect() as connection:
         teams = connection.execute(select(Team.id, Team.name, Team.period, Team.budget_usd)).all()
         keys = connection.execute(select(APIKey.id, APIKey.period, APIKey.budget_usd)).all()
     for team_id, name, period, budget in teams:
         recount(engine, team_counter(team_id, name, period, budget, now), UsageRow.team == name)
+        recount_users(engine, team_id, name, period, now)
     for key_id, period, budget in keys:
         recount(engine, key_counter(key_id, period, budget, now), UsageRow.key_id == key_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -203,7 +204,8 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
         counter = team_counter(team.id, team.name, team.period, team.budget_usd, team.updated_at)
         recount(engine, counter, UsageRow.team == team.name)
     if team.period != row.period or (row.user_budget_usd is None and team.user_budget_usd is not None):
-        # End users' counters are settled into only while the team has end-user budgets: count them afresh.
+        # A new period kind starts counters never settled into; and spend from before end users had counters
+        # (an older spendgate) is only in the records: count them from the ledger.
         recount_users(engine, team.id, team.name, team.period, team.updated_at)
     return get_team(engine, name)
 
@@ -246,19 +248,14 @@ def set_user_budget(
         if row is None:
             raise NotFound(f"no team named {team!r}")
         where = UserBudget.team_id == row.id, UserBudget.user == user
-        before = connection.execute(select(UserBudget.budget_usd).where(*where)).first()
-        connection.execute(delete(UserBudget).where(*where))
-        if not isinstance(budget_usd, Unset):
-            connection.execute(insert(UserBudget).values(team_id=row.id, user=user, budget_usd=budget_usd))
-        record_event(
-            connection,
-            actor=actor,
-            action="team.user_budget",
-            target=team,
-            before={"user": user, "budget_usd": usd(before[0]) if before else "team default"},
-            after={"user": user, "budget_usd": "team default" if isinstance(budget_usd, Unset) else usd(budget_usd)},
-        )
-    recount_users(engine, row.id, row.name, row.period, datetime.now(UTC))
+        own = connection.execute(select(UserBudget.budget_usd).where(*where)).first()
+        before = {"user": user, "budget_usd": usd(own[0]) if own else "team default"}
+        after = {"user": user, "budget_usd": "team default" if isinstance(budget_usd, Unset) else usd(budget_usd)}
+        if after != before:
+            connection.execute(delete(UserBudget).where(*where))
+            if not isinstance(budget_usd, Unset):
+                connection.execute(insert(UserBudget).values(team_id=row.id, user=user, budget_usd=budget_usd))
+            record_event(connection, actor=actor, action="team.user_budget", target=team, before=before, after=after)
     found = [view for view in list_users(engine, team) if view.user == user]
     if found:
         return found[0]
@@ -268,7 +265,9 @@ def set_user_budget(
     )
 
 
-def list_users(engine: Engine, team: str, *, now: datetime | None = None) -> list[UserView]:
+def list_users(
+    engine: Engine, team: str, *, now: datetime | None = None, only: Collection[str] | None = None
+) -> list[UserView]:
     """A team's end users with calls this period or a budget of their own, by spend (largest first). Spend is the
     ledger's (so it shows with or without end-user budgets); holds are their counters'."""
     now = now or datetime.now(UTC)
@@ -287,7 +286,7 @@ def list_users(engine: Engine, team: str, *, now: datetime | None = None) -> lis
             .group_by(user)
         )
         spent = {name: Decimal(total or 0) for name, total in connection.execute(query)}
-    users = sorted({*spent, *own})
+    users = sorted(name for name in {*spent, *own} if only is None or name in only)
     counters = {name: user_counter(row.id, team, name, row.period, None, now) for name in users}
     held = current_spend(engine, counters.values())
     views = []

@@ -128,6 +128,7 @@ class HoldOwner:
     key_id: str
     endpoint: str
     model: str | None
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

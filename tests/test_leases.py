@@ -85,13 +85,13 @@ def test_recorded_costs_move_from_the_lease_to_spent(engine: Engine) -> None:
         for n in range(3)
     ]
     insert_records(engine, records)
-    assert spend(engine, both) == {
+    team, key, user = spend(engine, both).items()
+    assert dict([team, key]) == {
         "team:1:month": (Decimal("0.75"), Decimal("1.25")),
-        "key:key_1:day": (
-            Decimal("0.75"),
-            Decimal("1.25"),
-        ),
+        "key:key_1:day": (Decimal("0.75"), Decimal("1.25")),
     }
+    # The end user's counter (no budget: never leased) counts the spend too.
+    assert user[0].startswith("user:1:") and user[1] == (Decimal("0.75"), ZERO)
     assert set(leased(engine).values()) == {Decimal("1.25")}
     # Written again (an acknowledgement lost): nothing is taken twice.
     insert_records(engine, records)

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 from anthropic.types import MessageParam
 from hypothesis import HealthCheck, given, settings, strategies as st
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, delete, text
 
 from proxy.db import write_transaction
+from proxy.ledger.instances import register
+from proxy.models import Instance
 from proxy.rates import Exchange, Limit, drop_holdings, exchange
 from proxy.teams import TeamSettings, create_key, create_team, update_key
 from proxy.types import RateLimits
@@ -74,6 +77,9 @@ def test_the_shared_bucket_never_admits_more_than_it_refills(
     seconds stays within N x (1 + T/60)."""
     limit = Limit(scope=f"team:{uuid.uuid4().hex[:12]}:rpm", label="l", kind="requests", per_minute=per_minute)
     now, holding = T0, [0, 0, 0]
+    names = [f"p{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
+    for name in names:
+        register(engine, name, now)
     consumed: list[tuple[datetime, int]] = []
     for process, seconds, want, consume, back_share, dies in steps:
         now += timedelta(seconds=seconds)
@@ -81,15 +87,19 @@ def test_the_shared_bucket_never_admits_more_than_it_refills(
         holding[process] -= used
         consumed.append((now, used))
         if dies:
+            # Reaped, as the heartbeat reaper does; the process comes back as a new one with nothing.
             with write_transaction(engine) as connection:
-                drop_holdings(connection, [f"p{process}"], now)
+                connection.execute(delete(Instance).where(Instance.id == names[process]))
+                drop_holdings(connection, [names[process]], now)
+            names[process] = f"p{process}-{uuid.uuid4().hex[:8]}"
+            register(engine, names[process], now)
             holding[process] = 0
             continue
         back = holding[process] * back_share // 100
         holding[process] -= back
         item = Exchange(limit=limit, holding=holding[process], give_back=back, need=min(want, 1), want=want)
-        [taken] = exchange(engine, f"p{process}", [item], now)
-        assert 0 <= taken.granted <= want
+        [taken] = exchange(engine, names[process], [item], now)
+        assert 0 <= taken.granted <= want and not taken.forfeited
         holding[process] += taken.granted
     # Whatever is still held may be consumed at the end.
     consumed.append((now, sum(holding)))
@@ -273,3 +283,59 @@ def test_a_ledger_that_does_not_answer_is_a_503_not_a_pass(
         assert refused.value.status_code == 503
         assert refused.value.response.headers["x-spendgate-error"] == "ledger_unavailable"
         assert stack.upstream.requests == []
+
+
+def test_a_process_whose_holding_was_dropped_keeps_nothing_it_held(engine: Engine) -> None:
+    """Taken for dead while it still ran: its holding was dropped as consumed, so its next exchange gives nothing
+    back and keeps nothing, and the bucket never holds more than its capacity."""
+    limit = Limit(scope="team:1:rpm", label="l", kind="requests", per_minute=60)
+    register(engine, "alive", T0)
+    [taken] = exchange(engine, "alive", [Exchange(limit=limit, holding=0, need=60, want=60)], T0)
+    assert taken.granted == 60 and taken.level == 0
+    with write_transaction(engine) as connection:
+        connection.execute(delete(Instance).where(Instance.id == "alive"))
+        drop_holdings(connection, ["alive"], T0)
+    later = T0 + timedelta(seconds=30)
+    item = Exchange(limit=limit, holding=20, give_back=40, need=1, want=5)
+    [taken] = exchange(engine, "alive", [item], later)
+    # 30 s refilled 30; nothing of the 40 "given back" counts, and only what was granted now is held.
+    assert taken.forfeited and taken.granted == 5 and taken.level == 25
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT amount FROM rate_leases")).scalar_one() == 5
+
+
+def test_holdings_of_processes_that_no_longer_exist_are_dropped(engine: Engine) -> None:
+    """A clean exit that could not give its holding back leaves rows of an instance that is gone: the next reap
+    drops them, so the bucket refills again."""
+    limit = Limit(scope="team:1:rpm", label="l", kind="requests", per_minute=60)
+    exchange(engine, "gone", [Exchange(limit=limit, holding=0, need=60, want=60)], T0)
+    with write_transaction(engine) as connection:
+        drop_holdings(connection, [], T0)
+    later = T0 + timedelta(seconds=60)
+    [taken] = exchange(engine, "other", [Exchange(limit=limit, holding=0, need=60, want=60)], later)
+    assert taken.granted == 60
+
+
+def test_what_a_call_really_used_decides_what_goes_back(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """An error answer used no tokens; a stream cut off before its end may have used all its max_tokens (the model
+    goes on without the client), so nothing of its output bound goes back; an input bound above the whole limit
+    takes the bucket and is corrected by the real input."""
+    team = TeamSettings(otpm=1000, itpm=1000)
+    with running_stack(engine, db_url, tmp_path, team=team) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            with pytest.raises(anthropic.APIStatusError):
+                client.messages.create(
+                    model="claude-sonnet-4-6", max_tokens=1000, messages=HELLO, extra_headers={"x-fake-status": "529"}
+                )
+            # Nothing used: the whole output bucket is still there.
+            client.messages.create(model="claude-sonnet-4-6", max_tokens=900, messages=LONG)
+        body = {"model": "claude-sonnet-4-6", "max_tokens": 900, "stream": True, "messages": HELLO}
+        slow = {"x-api-key": stack.key, "x-fake-chunk": "100", "x-fake-delay": "0.05"}
+        # The answer above used 50 output tokens: 950 are back. A stream cut after its first bytes keeps its 900.
+        with httpx.stream("POST", f"{stack.url}/v1/messages", json=body, headers=slow) as cut:
+            next(cut.iter_bytes())
+        stack.records(3)
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            with pytest.raises(anthropic.RateLimitError):
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=200, messages=HELLO)
+            client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)

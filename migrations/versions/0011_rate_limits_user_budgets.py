@@ -26,6 +26,9 @@ def upgrade() -> None:
     with op.batch_alter_table("api_keys") as keys:
         for name in LIMITS:
             keys.add_column(sa.Column(name, sa.Integer(), nullable=True))
+    with op.batch_alter_table("budget_reservations") as holds:
+        # Whose call a hold is, so a dead process's calls are recorded under their end user.
+        holds.add_column(sa.Column("user", sa.String(256), nullable=True))
     op.create_table(
         "user_budgets",
         sa.Column("team_id", sa.Integer(), sa.ForeignKey("teams.id"), nullable=False),
@@ -56,6 +59,8 @@ def downgrade() -> None:
     op.drop_table("rate_leases")
     op.drop_table("rate_buckets")
     op.drop_table("user_budgets")
+    with op.batch_alter_table("budget_reservations") as holds:
+        holds.drop_column("user")
     with op.batch_alter_table("api_keys") as keys:
         for name in LIMITS:
             keys.drop_column(name)

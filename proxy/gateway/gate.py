@@ -209,11 +209,24 @@ class Gate:
         self._leases.finished(record)
         if call.ticket is None:
             return
-        if call.forwarded:
-            # Unknown usage (the call went out but was cut off before it said): count everything it took.
-            self._throttle.finished(call.ticket, call.usage)
-        else:
+        if not call.forwarded:
             self._throttle.cancel(call.ticket)
+            return
+        usage = call.usage
+        if usage is None:
+            # An error answer generated nothing; a call cut off before its usage arrived may have used it all.
+            tokens = 0 if call.facts.status >= 400 else None
+            self._throttle.finished(call.ticket, input_tokens=tokens, output_tokens=tokens)
+            return
+        # A stream that did not end normally reported its output only so far (the model may have gone on).
+        output_known = record.outcome == "ok" or not call.streamed
+        self._throttle.finished(
+            call.ticket,
+            input_tokens=usage.input_tokens
+            + usage.cache_creation_5m_input_tokens
+            + usage.cache_creation_1h_input_tokens,
+            output_tokens=usage.output_tokens if output_known else None,
+        )
 
     async def _hold_worst_case(
         self,
@@ -258,6 +271,7 @@ class Gate:
                     key_id=key.key_id,
                     endpoint=call.endpoint,
                     model=call.model,
+                    user=call.user,
                 )
                 hold = partial(
                     reserve,

@@ -28,7 +28,6 @@ from proxy.errors import RateLimited
 from proxy.keys import KeyInfo
 from proxy.metrics import Metrics
 from proxy.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
-from proxy.types import Usage
 
 # A slice covers the demand of this many seconds, at most this share of the limit (others replicas lease too).
 HORIZON_SECONDS = 1.0
@@ -92,10 +91,9 @@ class Slice:
     level: Decimal = Decimal(0)  # the bucket's level at `seen` (monotonic)
     seen: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
-    # After an exchange found the bucket short: until `ask_after`, calls the slice cannot admit are refused from
-    # memory (no transaction per refusal in a storm of them), told to retry when `refilled_at` comes.
+    # After an exchange found the bucket short: until then, a call the slice cannot admit is refused from memory
+    # when the bucket cannot have refilled enough for it (no transaction per refusal in a storm of them).
     ask_after: float = 0.0
-    refilled_at: float = 0.0
 
     @property
     def holding(self) -> int:
@@ -105,6 +103,12 @@ class Slice:
         """How much to take when `need` more is wanted now."""
         recent = max(self.rate * HORIZON_SECONDS, self.demand)
         return max(need, min(int(recent), self.limit.per_minute // SHARE))
+
+    def wait(self, amount: int, now: float) -> float:
+        """Seconds until the bucket, refilling at its rate from its level at the last exchange, has what a call of
+        `amount` needs beyond this slice (other replicas taking or giving back are not foreseen)."""
+        level = float(self.level) + self.limit.per_minute / 60 * max(now - self.seen, 0.0)
+        return (amount - max(self.available, 0) - level) * 60 / self.limit.per_minute
 
     def remaining(self, now: float) -> int:
         """An estimate of what the bucket could still give (other replicas' slices are not counted); floats
@@ -142,7 +146,12 @@ class Throttle:
         if not limits:
             return None
         wanted = {"requests": 1, "input_tokens": input_tokens, "output_tokens": output_tokens}
-        amounts = tuple(wanted[limit.kind] for limit in limits)
+        # The input bound is loose (bytes): one above a whole limit takes the whole bucket, and the real input is
+        # charged when the call ends. Output is bounded by max_tokens itself: above the limit, it can never fit.
+        amounts = tuple(
+            min(wanted[limit.kind], limit.per_minute) if limit.kind == "input_tokens" else wanted[limit.kind]
+            for limit in limits
+        )
         for limit, amount in zip(limits, amounts, strict=True):
             if amount > limit.per_minute:
                 raise RateLimited(
@@ -150,15 +159,18 @@ class Throttle:
                     "allows at once, so it can never be admitted. Send a smaller request (lower max_tokens), or ask "
                     "your spendgate admin to raise the limit.",
                     retry=False,
+                    headers=tuple(_headers([self._slice(limit) for limit in limits], time.monotonic())),
                 )
         slices = tuple(self._slice(limit) for limit in limits)
         if not self._fits(slices, amounts):
             self._refuse_if_known_short(slices, amounts)
             async with self._lock:
-                # The upkeep may have ended a slice while this call waited: look them up again. Calls that fit
-                # keep being admitted during an exchange, so it is checked again after each.
-                slices = tuple(self._slice(limit) for limit in limits)
-                while not self._fits(slices, amounts):
+                # Slices are looked up again after every wait: the upkeep may have ended one, an exchange may have
+                # replaced one, and calls that fit keep being admitted during an exchange.
+                while True:
+                    slices = tuple(self._slice(limit) for limit in limits)
+                    if self._fits(slices, amounts):
+                        break
                     self._refuse_if_known_short(slices, amounts)
                     await self._take_more(slices, amounts, at)
         now = time.monotonic()
@@ -169,16 +181,18 @@ class Throttle:
             part.last_used = now
         return Ticket(slices=slices, amounts=amounts, headers=_headers(slices, now))
 
-    def finished(self, ticket: Ticket, usage: Usage | None) -> None:
-        """A call admitted with `ticket` ended: what it did not use goes back to the slices. `usage` None: the call
-        went out and its usage is unknown, so all it took counts as consumed."""
+    def finished(self, ticket: Ticket, *, input_tokens: int | None, output_tokens: int | None) -> None:
+        """A call admitted with `ticket` ended having used these tokens (input as Anthropic counts it for rate limits:
+        uncached and cache writes); None where that is not known, so all it took counts as used. What it did not use
+        goes back to the slices."""
+        used: dict[RateKind, int | None] = {"requests": 1, "input_tokens": input_tokens, "output_tokens": output_tokens}
         for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
             part.in_flight -= amount
-            if usage is not None:
-                used = _consumed(part.limit.kind, usage)
-                part.available += amount - used
+            count = used[part.limit.kind]
+            if count is not None:
+                part.available += amount - count
                 # Usage above the bound is demand too: slices are sized for what calls really use.
-                part.demand += max(used - amount, 0)
+                part.demand += max(count - amount, 0)
 
     def cancel(self, ticket: Ticket) -> None:
         """A call admitted with `ticket` was refused before it went out: it consumed nothing."""
@@ -233,17 +247,17 @@ class Throttle:
         return all(part.available >= amount for part, amount in zip(slices, amounts, strict=True))
 
     def _refuse_if_known_short(self, slices: Sequence[Slice], amounts: Sequence[int]) -> None:
-        """`RateLimited` without asking the ledger, when a slice this call does not fit found its bucket short a
-        moment ago."""
+        """`RateLimited` without asking the ledger, when an exchange found a bucket short a moment ago and, refilled
+        at its rate since, it still cannot have what this call needs beyond its slice."""
         now = time.monotonic()
-        short = [
-            part
+        waits = [
+            (part.wait(amount, now), part)
             for part, amount in zip(slices, amounts, strict=True)
             if part.available < amount and now < part.ask_after
         ]
-        if short:
-            tightest = max(short, key=lambda part: part.refilled_at)
-            raise _refusal(tightest.limit, max(tightest.refilled_at - now, 0.0), slices, now)
+        wait, tightest = max(waits, key=lambda item: item[0], default=(0.0, None))
+        if tightest is not None and wait > 0:
+            raise _refusal(tightest.limit, wait, slices, now)
 
     async def _take_more(self, slices: Sequence[Slice], amounts: Sequence[int], at: datetime) -> None:
         """One exchange growing every slice that is short for this call; `RateLimited` if a bucket cannot."""
@@ -254,20 +268,16 @@ class Throttle:
                 plans.append((part, 0, need, part.size(need)))
                 wanted.append(amount)
         taken = await self._exchange(plans, at)
-        # Seconds until each short bucket has refilled what this call needs beyond what is there now.
-        waits = [
-            (float((amount - max(part.available, 0) - part.level) / part.limit.per_second), part)
-            for (part, _, need, _), got, amount in zip(plans, taken, wanted, strict=True)
-            if got.granted < need
-        ]
-        if not waits:
-            return
         now = time.monotonic()
-        for wait, part in waits:
-            part.refilled_at = now + wait
-            part.ask_after = now + min(wait, ASK_AGAIN_SECONDS)
-        wait, tightest = max(waits, key=lambda item: item[0])
-        raise _refusal(tightest.limit, wait, slices, now)
+        waits = []
+        for (part, _, need, _), got, amount in zip(plans, taken, wanted, strict=True):
+            if got.granted < need:
+                current = self._slices.get(part.limit.scope, part)
+                current.ask_after = now + ASK_AGAIN_SECONDS
+                waits.append((current.wait(amount, now), current))
+        if waits:
+            wait, tightest = max(waits, key=lambda item: item[0])
+            raise _refusal(tightest.limit, wait, slices, now)
 
     async def _exchange(self, plans: Sequence[tuple[Slice, int, int, int]], at: datetime) -> list[Taken]:
         """Run one exchange for (slice, give back, need, want) plans, the buckets refilled up to `at`, and apply
@@ -293,8 +303,16 @@ class Throttle:
         results = []
         for (part, *_), debt in zip(plans, debts, strict=True):
             got = by_scope[part.limit.scope]
-            part.available += debt + got.granted
-            part.level, part.seen = got.level, now
+            if got.forfeited:
+                # Taken for dead and dropped as consumed: what the old slice held (and its calls in flight give
+                # back) is nobody's now. A fresh slice holds only what was granted.
+                fresh = Slice(part.limit, available=got.granted, level=got.level, seen=now)
+                if self._slices.get(part.limit.scope) is part:
+                    self._slices[part.limit.scope] = fresh
+                part = fresh
+            else:
+                part.available += debt + got.granted
+                part.level, part.seen = got.level, now
             results.append(got)
         return results
 
@@ -306,14 +324,6 @@ def _refusal(limit: Limit, wait: float, slices: Sequence[Slice], now: float) -> 
         retry_after=retry_after,
         headers=tuple(_headers(slices, now)),
     )
-
-
-def _consumed(kind: RateKind, usage: Usage) -> int:
-    if kind == "requests":
-        return 1
-    if kind == "input_tokens":
-        return usage.input_tokens + usage.cache_creation_5m_input_tokens + usage.cache_creation_1h_input_tokens
-    return usage.output_tokens
 
 
 def _headers(slices: Sequence[Slice], now: float) -> list[tuple[bytes, bytes]]:

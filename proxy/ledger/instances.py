@@ -106,10 +106,12 @@ def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta)
         logger.warning(
             "recorded %d calls of dead processes %s as interrupted at their held amount", len(records), ", ".join(dead)
         )
-    if dead:
-        with write_transaction(engine) as connection:
-            connection.execute(delete(Instance).where(Instance.id.in_(dead), Instance.heartbeat_at < now - limit))
-            drop_holdings(connection, dead, now)
+    with write_transaction(engine) as connection:
+        # Only the processes still stale now: one that beat meanwhile keeps its rate-limit holdings.
+        gone = connection.execute(
+            delete(Instance).where(Instance.id.in_(dead), Instance.heartbeat_at < now - limit).returning(Instance.id)
+        ).scalars()
+        drop_holdings(connection, list(gone), now)
     return len(records)
 
 
@@ -133,7 +135,7 @@ def _interrupted(holds: list[BudgetReservation], prices: PriceTable, now: dateti
         team=first.team,
         key_id=first.key_id,
         feature=None,
-        user=None,
+        user=first.user,
         endpoint=first.endpoint or "",
         model=first.model,
         streamed=False,
