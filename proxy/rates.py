@@ -43,11 +43,6 @@ class Limit:
     kind: RateKind
     per_minute: int
 
-    @property
-    def per_second(self) -> Decimal:
-        """The refill rate."""
-        return Decimal(self.per_minute) / SECONDS_PER_MINUTE
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Exchange:

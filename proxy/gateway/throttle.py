@@ -12,14 +12,13 @@ slices are brought in line with the demand and the ledger learns what was consum
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import partial
+from functools import lru_cache, partial
 
 import anyio.to_thread
 from sqlalchemy import Engine
@@ -29,14 +28,14 @@ from proxy.keys import KeyInfo
 from proxy.metrics import Metrics
 from proxy.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
 
-# A slice covers the demand of this many seconds, at most this share of the limit (others replicas lease too).
+# A slice covers the demand of this many seconds, at most this share of the limit (other replicas lease too).
 HORIZON_SECONDS = 1.0
 SHARE = 8
 # Slices are brought in line with the demand (and what was consumed written) this often; unused for this long,
 # a slice is given back whole.
 SYNC_SECONDS = 1.0
 IDLE_SECONDS = 2.0
-# A bucket found short is not asked again for this long (or until it should have refilled, if sooner).
+# After a bucket was found short, for this long calls its estimated refill cannot serve are refused from memory.
 ASK_AGAIN_SECONDS = 0.25
 # Anthropic's `anthropic-ratelimit-<kind>-limit|remaining|reset` under our own prefix.
 HEADER_NAMES: dict[RateKind, tuple[bytes, bytes, bytes]] = {
@@ -63,7 +62,7 @@ KIND_WORDS: dict[RateKind, str] = {
 }
 
 
-@functools.lru_cache(maxsize=4096)
+@lru_cache(maxsize=4096)
 def limits_for(key: KeyInfo) -> tuple[Limit, ...]:
     """The rate limits a call with this key counts against: its team's, then its own."""
     limits = []
@@ -89,6 +88,7 @@ class Slice:
     demand: int = 0  # taken since the last sync
     rate: float = 0.0  # taken per second, as of the last sync
     level: Decimal = Decimal(0)  # the bucket's level at `seen` (monotonic)
+    level_float: float = 0.0  # the same, for estimates
     seen: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     # After an exchange found the bucket short: until then, a call the slice cannot admit is refused from memory
@@ -107,15 +107,19 @@ class Slice:
     def wait(self, amount: int, now: float) -> float:
         """Seconds until the bucket, refilling at its rate from its level at the last exchange, has what a call of
         `amount` needs beyond this slice (other replicas taking or giving back are not foreseen)."""
-        level = float(self.level) + self.limit.per_minute / 60 * max(now - self.seen, 0.0)
+        level = self.level_float + self.limit.per_minute / 60 * max(now - self.seen, 0.0)
         return (amount - max(self.available, 0) - level) * 60 / self.limit.per_minute
 
     def remaining(self, now: float) -> int:
         """An estimate of what the bucket could still give (other replicas' slices are not counted); floats
         are exact enough for a header."""
         per_minute = self.limit.per_minute
-        level = min(float(self.level) + per_minute / 60 * max(now - self.seen, 0.0), per_minute)
+        level = min(self.level_float + per_minute / 60 * max(now - self.seen, 0.0), per_minute)
         return max(0, min(per_minute, self.available + int(level)))
+
+    def saw(self, level: Decimal, now: float) -> None:
+        """The bucket's level as an exchange left it."""
+        self.level, self.level_float, self.seen = level, float(level), now
 
 
 @dataclass(slots=True, kw_only=True)
@@ -140,8 +144,9 @@ class Throttle:
 
     async def admit(self, key: KeyInfo, *, input_tokens: int, output_tokens: int, at: datetime) -> Ticket | None:
         """Take a call's requests and token bounds from every limit of its key, or raise `RateLimited` (taking
-        nothing); None when the key has no rate limit. `at` is when the call arrived: a bucket is refilled up to
-        then for it, so what calls take is bounded by their own timestamps."""
+        nothing); None when the key has no rate limit. `at` is when the call arrived: an exchange for it refills the
+        buckets only up to then (what calls take is bounded by their own timestamps, up to the time a call waits for
+        another's exchange)."""
         limits = limits_for(key)
         if not limits:
             return None
@@ -236,7 +241,8 @@ class Throttle:
     def _slice(self, limit: Limit) -> Slice:
         part = self._slices.get(limit.scope)
         if part is None:
-            part = self._slices[limit.scope] = Slice(limit, level=Decimal(limit.per_minute), seen=time.monotonic())
+            part = self._slices[limit.scope] = Slice(limit)
+            part.saw(Decimal(limit.per_minute), time.monotonic())
         elif part.limit != limit:
             # The limit changed: the same slice (its holding is one row), sized and refilled by the new limit.
             part.limit = limit
@@ -306,13 +312,14 @@ class Throttle:
             if got.forfeited:
                 # Taken for dead and dropped as consumed: what the old slice held (and its calls in flight give
                 # back) is nobody's now. A fresh slice holds only what was granted.
-                fresh = Slice(part.limit, available=got.granted, level=got.level, seen=now)
+                fresh = Slice(part.limit, available=got.granted)
+                fresh.saw(got.level, now)
                 if self._slices.get(part.limit.scope) is part:
                     self._slices[part.limit.scope] = fresh
                 part = fresh
             else:
                 part.available += debt + got.granted
-                part.level, part.seen = got.level, now
+                part.saw(got.level, now)
             results.append(got)
         return results
 
@@ -329,7 +336,7 @@ def _refusal(limit: Limit, wait: float, slices: Sequence[Slice], now: float) -> 
 def _headers(slices: Sequence[Slice], now: float) -> list[tuple[bytes, bytes]]:
     """`x-spendgate-ratelimit-<kind>-limit|remaining|reset` for the tightest limit of each kind (Anthropic's
     `anthropic-ratelimit-*` under our own prefix): remaining is an estimate (other replicas' slices are not seen),
-    reset is when the bucket would be full again (RFC 3339)."""
+    reset is when the bucket would be full again (RFC 3339). On every admitted call: kept cheap."""
     tightest: dict[RateKind, tuple[int, Slice]] = {}
     for part in slices:
         remaining = part.remaining(now)
@@ -340,10 +347,15 @@ def _headers(slices: Sequence[Slice], now: float) -> list[tuple[bytes, bytes]]:
     for kind, (remaining, part) in tightest.items():
         limit, left, reset = HEADER_NAMES[kind]
         per_minute = part.limit.per_minute
-        full_at = time.gmtime(wall + (per_minute - remaining) * 60 / per_minute)
         headers += [
-            (limit, str(per_minute).encode()),
-            (left, str(remaining).encode()),
-            (reset, time.strftime("%Y-%m-%dT%H:%M:%SZ", full_at).encode()),
+            (limit, b"%d" % per_minute),
+            (left, b"%d" % remaining),
+            (reset, _rfc3339(math.ceil(wall + (per_minute - remaining) * 60 / per_minute))),
         ]
     return headers
+
+
+@lru_cache(maxsize=1024)
+def _rfc3339(second: int) -> bytes:
+    """A Unix second as RFC 3339 UTC: the same few seconds come up call after call."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)).encode()
