@@ -9,7 +9,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import anthropic
 import httpx
@@ -241,10 +240,10 @@ def test_rate_limits_hold_across_replicas_under_load(engine: Engine, db_url: str
     assert len(admitted) >= min(rpm, otpm // 60) // 2
 
 
-def _aware(value: Any) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+def _aware(value: datetime | str) -> datetime:
+    """A timestamp as the raw SQL gives it (text on SQLite, naive UTC on PostgreSQL), as aware UTC."""
+    at = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def test_idle_slices_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path: Path) -> None:
