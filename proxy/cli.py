@@ -232,7 +232,7 @@ def _teams_user_budget(args: argparse.Namespace, settings: Settings) -> int:
 
     if (args.budget is None) == (not args.clear):
         raise UsageError("give either --budget USD (or 'none') or --clear")
-    budget = UNSET if args.clear else None if args.budget.lower() in CLEAR_WORDS else _money(args.budget)
+    budget = UNSET if args.clear else _given(args.budget, _money)
     with _ledger(settings) as engine:
         view = set_user_budget(engine, args.name, args.user, budget, actor=_actor())
     print(json.dumps(view.to_json()))
@@ -250,7 +250,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
             name=args.name,
             budget_usd=_money(args.budget) if args.budget is not None else None,
             period=args.period,
-            rates=RateLimits(**{name: _limit(getattr(args, name) or "none") for name in RATE_OPTIONS}),
+            rates=RateLimits(**{name: _given(getattr(args, name) or "none", _positive_int) for name in RATE_OPTIONS}),
         )
     if args.format == "json":
         print(json.dumps({**view.to_json(), "key": key}))
@@ -263,7 +263,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
 def _keys_update(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.teams import update_key
 
-    changes = {name: _limit(getattr(args, name)) for name in RATE_OPTIONS}
+    changes = {name: _given(getattr(args, name), _positive_int) for name in RATE_OPTIONS}
     with _ledger(settings) as engine:
         view = update_key(engine, args.key_id, actor=_actor(), **changes)
     print(json.dumps(view.to_json()))
@@ -484,32 +484,27 @@ def _actor() -> str:
 def _team_settings(args: argparse.Namespace) -> TeamSettings:
     from proxy.teams import UNSET, TeamSettings
 
-    def given(value: Any, parse: Callable[[str], Any]) -> Any:
-        if value is None:
-            return UNSET
-        if value.lower() in CLEAR_WORDS:
-            return None
-        return parse(value)
-
     return TeamSettings(
-        budget_usd=given(args.budget, _money),
+        budget_usd=_given(args.budget, _money),
         period=args.period if args.period is not None else UNSET,
-        max_output_tokens=given(args.max_output_tokens, _positive_int),
+        max_output_tokens=_given(args.max_output_tokens, _positive_int),
         cap_policy=args.cap_policy if args.cap_policy is not None else UNSET,
-        models=given(args.models, _models),
+        models=_given(args.models, _models),
         retry_window_seconds=_seconds(args.retry_window) if args.retry_window is not None else UNSET,
-        user_budget_usd=given(args.user_budget, _money),
-        **{name: _limit(getattr(args, name)) for name in RATE_OPTIONS},
+        user_budget_usd=_given(args.user_budget, _money),
+        **{name: _given(getattr(args, name), _positive_int) for name in RATE_OPTIONS},
     )
 
 
-def _limit(text: str | None) -> Any:
-    """A rate-limit option: not given (`UNSET`), 'none' (no limit) or a whole number per minute."""
+def _given(value: str | None, parse: Callable[[str], Any]) -> Any:
+    """An option that may clear a limit: not given (`UNSET`), 'none' (no limit), or `parse`d."""
     from proxy.teams import UNSET
 
-    if text is None:
+    if value is None:
         return UNSET
-    return None if text.lower() in CLEAR_WORDS else _positive_int(text)
+    if value.lower() in CLEAR_WORDS:
+        return None
+    return parse(value)
 
 
 def _money(text: str) -> Decimal:
