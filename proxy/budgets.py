@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Connection, Engine, delete, func, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from proxy.db import write_transaction
@@ -113,7 +113,7 @@ def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) ->
         current = _lock(connection, [counter])
         spent = sum((value for (value,) in connection.execute(query) if value is not None), ZERO)
         _, reserved = current[(counter.scope, counter.period_start)]
-        _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved)
+        _write(connection, [(counter.scope, counter.period_start, spent, reserved)])
 
 
 def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: datetime) -> None:
@@ -131,9 +131,11 @@ def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: d
         spent: dict[str, Decimal] = defaultdict(Decimal)
         for user, value in connection.execute(select(name, cost).where(*where, cost.is_not(None))):
             spent[user] += value
+        writes = []
         for user, counter in counters.items():
             _, reserved = current[(counter.scope, counter.period_start)]
-            _write(connection, counter.scope, counter.period_start, spent=spent[user], reserved=reserved)
+            writes.append((counter.scope, counter.period_start, spent[user], reserved))
+        _write(connection, writes)
 
 
 def _counter(scope: str, label: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
@@ -168,9 +170,14 @@ def reserve(
                     f"reserved by calls in flight ${_plain(reserved)}. Lower max_tokens, wait for the next period, "
                     f"or ask your spendgate admin to raise the budget."
                 )
-        for counter, _ in budgeted:
-            spent, reserved = current[(counter.scope, counter.period_start)]
-            _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved + amount)
+        _write(
+            connection,
+            [
+                (counter.scope, counter.period_start, spent, reserved + amount)
+                for counter, _ in budgeted
+                for spent, reserved in [current[(counter.scope, counter.period_start)]]
+            ],
+        )
         connection.execute(
             insert(BudgetReservation),
             [
@@ -214,10 +221,16 @@ def settle(
     for key, amount in _consume(connection, records).items():
         released[key] += amount
     crossed = []
+    _write(
+        connection,
+        [
+            (key[0], key[1], before + spent.get(key, ZERO), max(reserved - released.get(key, ZERO), ZERO))
+            for key, (before, reserved) in sorted(current.items())
+        ],
+    )
     for key in sorted(current):
-        before, reserved = current[key]
+        before, _ = current[key]
         after = before + spent.get(key, ZERO)
-        _write(connection, key[0], key[1], spent=after, reserved=max(reserved - released.get(key, ZERO), ZERO))
         source = counters.get(key)
         budget = source.budget_usd if source is not None else None
         if source is None or not budget or not before < budget * soft_fraction <= after:
@@ -267,7 +280,7 @@ def grant_lease(
         held = {scope: amount for scope, amount in connection.execute(query)}
         for counter in budgeted:
             spent, reserved = current[(counter.scope, counter.period_start)]
-            _write(connection, counter.scope, counter.period_start, spent=spent, reserved=reserved + grant)
+            _write(connection, [(counter.scope, counter.period_start, spent, reserved + grant)])
             if counter.scope in held:
                 connection.execute(
                     update(BudgetReservation)
@@ -300,7 +313,7 @@ def return_lease(engine: Engine, lease_id: str, amount: Decimal | None) -> None:
         for scope, start, held in connection.execute(query):
             back = held if amount is None else min(amount, held)
             spent, reserved = current[(scope, start)]
-            _write(connection, scope, start, spent=spent, reserved=max(reserved - back, ZERO))
+            _write(connection, [(scope, start, spent, max(reserved - back, ZERO))])
             change = BudgetReservation.call_id == lease_id, BudgetReservation.scope == scope
             if amount is None:
                 connection.execute(delete(BudgetReservation).where(*change))
@@ -384,21 +397,44 @@ def _chunks(keys: Sequence[CounterKey]) -> Iterator[Sequence[CounterKey]]:
         yield keys[first : first + CHUNK]
 
 
-def _write(connection: Connection, scope: str, start: datetime, *, spent: Decimal, reserved: Decimal) -> None:
-    connection.execute(
-        update(BudgetCounter)
-        .where(BudgetCounter.scope == scope, BudgetCounter.period_start == start)
-        .values(spent_usd=spent, reserved_usd=reserved)
-    )
+# The statements the writer runs on every batch, built once (building one costs more than running it).
+_WRITE = (
+    update(BudgetCounter)
+    .where(BudgetCounter.scope == bindparam("w_scope"), BudgetCounter.period_start == bindparam("w_start"))
+    .values(spent_usd=bindparam("w_spent"), reserved_usd=bindparam("w_reserved"))
+)
+_CONSUME = (
+    update(BudgetReservation)
+    .where(BudgetReservation.call_id == bindparam("c_lease"), BudgetReservation.scope == bindparam("c_scope"))
+    .values(amount_usd=bindparam("c_left"))
+)
+CounterWrite = tuple[str, datetime, Decimal, Decimal]  # scope, period start, spent, reserved
+
+
+def _write(connection: Connection, writes: Sequence[CounterWrite]) -> None:
+    """Set the spent and reserved amounts of counters (locked by the caller), in one statement."""
+    if writes:
+        connection.execute(
+            _WRITE,
+            [
+                {"w_scope": scope, "w_start": start, "w_spent": spent, "w_reserved": reserved}
+                for scope, start, spent, reserved in writes
+            ],
+        )
 
 
 def _unhold(connection: Connection, call_ids: Sequence[str]) -> None:
     """Delete the holds of these calls (or leases) and take what they held off their counters."""
     released = _release(connection, call_ids)
     current = _lock(connection, [_stub(key) for key in released])
-    for key, amount in sorted(released.items()):
-        spent, reserved = current[key]
-        _write(connection, key[0], key[1], spent=spent, reserved=max(reserved - amount, ZERO))
+    _write(
+        connection,
+        [
+            (key[0], key[1], spent, max(reserved - amount, ZERO))
+            for key, amount in sorted(released.items())
+            for spent, reserved in [current[key]]
+        ],
+    )
 
 
 def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey, Decimal]:
@@ -437,16 +473,15 @@ def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[Cou
             BudgetReservation.amount_usd,
         ).where(BudgetReservation.call_id.in_(sorted({lease for lease, _ in wanted})))
     )
+    taken = []
     for lease, scope, start, held in rows:
         take = min(wanted.get((lease, scope), ZERO), held)
         if take <= 0:
             continue
-        connection.execute(
-            update(BudgetReservation)
-            .where(BudgetReservation.call_id == lease, BudgetReservation.scope == scope)
-            .values(amount_usd=held - take)
-        )
+        taken.append({"c_lease": lease, "c_scope": scope, "c_left": held - take})
         freed[(scope, start)] += take
+    if taken:
+        connection.execute(_CONSUME, taken)
     return freed
 
 

@@ -28,6 +28,7 @@ SHIPPED_TABLE = "proxy/prices.toml"
 
 _MODEL_KEYS = frozenset({*CELLS, "aliases", "residency_multiplier", "fast", "long_context"})
 _HALF = Decimal("0.5")
+_CACHE_RATES = {"cache_creation_5m_input_tokens": "cache_write_5m", "cache_creation_1h_input_tokens": "cache_write_1h"}
 _FAST_SIDES = {cell: "output" if cell.endswith("output") else "input" for cell in CELLS}
 # Money is never rounded: any arithmetic that would need rounding raises `decimal.Inexact` instead.
 # Models warned about at most, per table: model ids can come from clients (worst-case estimates).
@@ -63,6 +64,14 @@ class Rates:
     cache_read: Decimal
     batch_input: Decimal
     batch_output: Decimal
+
+    def input_rate(self, kind: str, *, batch: bool) -> Decimal:
+        """What one input-side token of `kind` (a `Usage` field: plain input or a cache write) costs, batch
+        discount included as `_token_cost` applies it."""
+        if kind == "input_tokens":
+            return self.batch_input if batch else self.input
+        rate: Decimal = getattr(self, _CACHE_RATES[kind])
+        return rate * _HALF if batch else rate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from functools import partial
@@ -254,7 +254,6 @@ class Gate:
             # Validation admits only positive max_tokens, so this is a bug; a negative hold would let other
             # calls overspend while it runs, so the call does not go out.
             raise RuntimeError(f"negative worst case {amount} for {call.id}")
-        reservation = Reservation(call_id=call.id, counters=counters, amount=amount, held=True)
         try:
             with ledger_errors(
                 "The spend ledger did not answer, so the budget could not be checked and the call was not sent."
@@ -262,9 +261,12 @@ class Gate:
                 if lease:
                     leased = await self._leases.admit(key, counters, amount, endpoint=call.endpoint)
                     if leased is not None:
-                        call.reservation = replace(reservation, held=False, lease=leased)
+                        call.reservation = Reservation(
+                            call_id=call.id, counters=counters, amount=amount, held=False, lease=leased
+                        )
                         self._metrics.leased.inc()
                         return
+                reservation = Reservation(call_id=call.id, counters=counters, amount=amount, held=True)
                 owner = HoldOwner(
                     instance_id=self._rules.instance,
                     team=key.team,
@@ -288,7 +290,7 @@ class Gate:
             if not self._rules.fail_open:
                 raise
             logger.warning("ledger unreachable; forwarding %s without a budget check (fail-open)", call.id)
-            reservation = replace(reservation, amount=ZERO, held=False)
+            reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
         call.reservation = reservation
 
 

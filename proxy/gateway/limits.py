@@ -101,20 +101,26 @@ def estimate_cost(
     is `max_tokens` at the output rate; fast mode and US data residency apply when the request asks for them;
     long-context tiers apply through the pricing rules since every input token counts toward the threshold.
     """
-    common: dict[str, Any] = {
-        "output_tokens": max_tokens or 0,
-        "web_search_requests": _web_search_uses(request),
-        "speed": "fast" if request.get("speed") == "fast" else None,
-        "inference_geo": "us" if request.get("inference_geo") == "us" else None,
-        "service_tier": "batch" if batch else None,
-    }
-    shapes: list[dict[str, Any]] = [{"input_tokens": input_tokens}, {"cache_creation_5m_input_tokens": input_tokens}]
-    if _asks_for_1h_cache(request):
-        shapes.append({"cache_creation_1h_input_tokens": input_tokens})
-    costs = [prices.price(model=model, usage=Usage(**shape, **common), at=at).cost_usd for shape in shapes]
-    if any(cost is None for cost in costs):
+    found = prices.lookup(model, at)
+    if found is None:
         return None
-    return max(cost for cost in costs if cost is not None)
+    fast = request.get("speed") == "fast"
+    # Every input-side kind is priced at the same tier (the tier depends on the input's size only), so the
+    # dearest kind is the one with the dearest rate: one exact pricing of that shape is the maximum.
+    kinds = ["input_tokens", "cache_creation_5m_input_tokens"]
+    if _asks_for_1h_cache(request):
+        kinds.append("cache_creation_1h_input_tokens")
+    rates = found[0].rates(fast=fast, context_tokens=input_tokens)
+    shape: dict[str, Any] = {max(kinds, key=lambda kind: rates.input_rate(kind, batch=batch)): input_tokens}
+    usage = Usage(
+        **shape,
+        output_tokens=max_tokens or 0,
+        web_search_requests=_web_search_uses(request),
+        speed="fast" if fast else None,
+        inference_geo="us" if request.get("inference_geo") == "us" else None,
+        service_tier="batch" if batch else None,
+    )
+    return prices.price(model=model, usage=usage, at=at).cost_usd
 
 
 def _walk(request: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, Table, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 
 from proxy.audit import extend, lock_head, write_head
 from proxy.budgets import SoftLimitCrossed, settle
-from proxy.db import write_transaction
+from proxy.db import insert_rows, write_transaction
 from proxy.models import Batch, UsageRow
 from proxy.retries import link_retries
 from proxy.types import USAGE_COLUMNS, UsageRecord
@@ -19,13 +20,17 @@ from proxy.types import USAGE_COLUMNS, UsageRecord
 DEFAULT_SOFT_FRACTION = Decimal("0.8")
 _NOT_COLUMNS = ("usage", "reservation", "retry_window_seconds", "upstream_ms")
 RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in _NOT_COLUMNS)
+ROW_COLUMNS = (*RECORD_COLUMNS, *USAGE_COLUMNS)
+# What the writer inserts: a record's row, then its place in the audit chain (`audit.extend`).
+INSERTED = (*ROW_COLUMNS, "content_hash", "chain_pos", "chain_hash")
+USAGE_TABLE: Table = UsageRow.__table__  # type: ignore[assignment]
+_record_values = attrgetter(*RECORD_COLUMNS)
+_usage_values = attrgetter(*USAGE_COLUMNS)
 
 
 def record_to_row(record: UsageRecord) -> dict[str, Any]:
     """The ledger columns of a usage record (token counts flattened beside the call's fields)."""
-    row = {name: getattr(record, name) for name in RECORD_COLUMNS}
-    row.update({name: getattr(record.usage, name) for name in USAGE_COLUMNS})
-    return row
+    return dict(zip(ROW_COLUMNS, (*_record_values(record), *_usage_values(record.usage)), strict=True))
 
 
 # A record written as a retry: its team and cost.
@@ -59,7 +64,7 @@ def insert_records(
         link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
         write_head(connection, *extend(rows, pos, head))
         if rows:
-            connection.execute(insert(UsageRow), rows)
+            insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
         # Holds are released even when their record was written before (a batch's last result read twice).
         held = [record for record in records if record.reservation is not None and record.reservation.held]
         finished = sorted({record.batch_id for record in held if record.batch_id is not None})
