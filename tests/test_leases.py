@@ -121,6 +121,24 @@ async def test_calls_are_admitted_in_memory_until_the_slice_is_used(engine: Engi
 
 
 @pytest.mark.anyio
+async def test_a_cold_lease_under_a_burst_grows_with_the_demand(engine: Engine) -> None:
+    # Before the first trim has measured the demand, a slice that runs out grows with what was just admitted:
+    # a burst of calls at once takes a handful of grants, not one per LEASE_CALLS calls.
+    metrics = Metrics()
+    leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=metrics)
+    large = replace(KEY, team_budget_usd=Decimal(1_000_000))
+    burst = 5_000
+    admitted = [await leases.admit(large, counters(large), WORST, endpoint="/v1/messages") for _ in range(burst)]
+    assert None not in admitted and len(set(admitted)) == 1
+    grants = metrics.registry.get_sample_value("spendgate_ledger_round_trips_total", {"operation": "lease_grant"})
+    assert grants is not None and grants <= 6  # one per LEASE_CALLS calls would be 625
+    # Within the budget all the same: held in the ledger covers every call admitted, and no more than its share.
+    held = leased(engine)[(admitted[0], "team:1:month")]
+    assert WORST * burst <= held <= Decimal(1_000_000) / 4
+    await leases.close()
+
+
+@pytest.mark.anyio
 async def test_a_small_budget_gets_per_call_holds(engine: Engine) -> None:
     leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
     small = replace(KEY, team_budget_usd=WORST * (SMALL_BUDGET - 1))

@@ -47,6 +47,10 @@ HORIZON_SECONDS = 2
 # Unused slices beyond the demand are given back this often; a lease unused for this long ends.
 TRIM_SECONDS = 1.0
 IDLE_SECONDS = 1.0
+# Before a trim has measured the demand (a new lease, a burst), it is the demand so far over at least this long:
+# a slice that runs out grows with what was just admitted, so a cold start under load takes a few grants, not
+# one per `LEASE_CALLS` calls until the first trim.
+MIN_WINDOW_SECONDS = 0.1
 Slot = tuple[str, tuple[tuple[str, datetime], ...]]
 LeaseNote = Callable[[str, Sequence[Counter], datetime], None]
 
@@ -62,6 +66,7 @@ class Lease:
     returning: Decimal = ZERO  # being given back right now
     demand: Decimal = ZERO  # worst cases admitted since the last trim
     rate: Decimal = ZERO  # worst cases admitted per second, as of the last trim
+    since: float = field(default_factory=time.monotonic)  # the last trim (or the lease's start)
     last_used: float = field(default_factory=time.monotonic)
     small_until: float = 0.0  # until then (monotonic), the budget is too small for leasing: per-call holds
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -114,7 +119,9 @@ class Leases:
             owner = HoldOwner(
                 instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None
             )
-            size = partial(_slice_size, amount=amount, rate=lease.rate)
+            window = max(time.monotonic() - lease.since, MIN_WINDOW_SECONDS)
+            rate = max(lease.rate, lease.demand / Decimal(window))
+            size = partial(_slice_size, amount=amount, rate=rate)
             grow = partial(
                 grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
             )
@@ -149,7 +156,11 @@ class Leases:
         """Give back what the recent demand does not need, and end leases nobody used for a while."""
         now = time.monotonic()
         for slot, lease in list(self._slots.items()):
-            lease.rate, lease.demand = lease.demand / Decimal(TRIM_SECONDS), ZERO
+            lease.rate, lease.demand, lease.since = (
+                lease.demand / Decimal(TRIM_SECONDS),
+                ZERO,
+                now,
+            )
             if lease.lock.locked():
                 continue  # growing right now
             if now - lease.last_used > IDLE_SECONDS and lease.in_flight == 0 and lease.unwritten == 0:
