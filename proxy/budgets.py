@@ -170,14 +170,11 @@ def reserve(
                     f"reserved by calls in flight ${_plain(reserved)}. Lower max_tokens, wait for the next period, "
                     f"or ask your spendgate admin to raise the budget."
                 )
-        _write(
-            connection,
-            [
-                (counter.scope, counter.period_start, spent, reserved + amount)
-                for counter, _ in budgeted
-                for spent, reserved in [current[(counter.scope, counter.period_start)]]
-            ],
-        )
+        writes = []
+        for counter, _ in budgeted:
+            spent, reserved = current[(counter.scope, counter.period_start)]
+            writes.append((counter.scope, counter.period_start, spent, reserved + amount))
+        _write(connection, writes)
         connection.execute(
             insert(BudgetReservation),
             [
@@ -220,17 +217,11 @@ def settle(
     # Calls admitted under a lease: their cost moves from the lease's slice to spent.
     for key, amount in _consume(connection, records).items():
         released[key] += amount
-    crossed = []
-    _write(
-        connection,
-        [
-            (key[0], key[1], before + spent.get(key, ZERO), max(reserved - released.get(key, ZERO), ZERO))
-            for key, (before, reserved) in sorted(current.items())
-        ],
-    )
+    crossed, writes = [], []
     for key in sorted(current):
-        before, _ = current[key]
+        before, reserved = current[key]
         after = before + spent.get(key, ZERO)
+        writes.append((key[0], key[1], after, max(reserved - released.get(key, ZERO), ZERO)))
         source = counters.get(key)
         budget = source.budget_usd if source is not None else None
         if source is None or not budget or not before < budget * soft_fraction <= after:
@@ -246,6 +237,7 @@ def settle(
                     fraction=soft_fraction,
                 )
             )
+    _write(connection, writes)
     return crossed
 
 
@@ -427,14 +419,11 @@ def _unhold(connection: Connection, call_ids: Sequence[str]) -> None:
     """Delete the holds of these calls (or leases) and take what they held off their counters."""
     released = _release(connection, call_ids)
     current = _lock(connection, [_stub(key) for key in released])
-    _write(
-        connection,
-        [
-            (key[0], key[1], spent, max(reserved - amount, ZERO))
-            for key, amount in sorted(released.items())
-            for spent, reserved in [current[key]]
-        ],
-    )
+    writes = []
+    for key, amount in sorted(released.items()):
+        spent, reserved = current[key]
+        writes.append((key[0], key[1], spent, max(reserved - amount, ZERO)))
+    _write(connection, writes)
 
 
 def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey, Decimal]:
