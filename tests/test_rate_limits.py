@@ -18,7 +18,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, delete, text
 
 from proxy.db import write_transaction
+from proxy.gateway.throttle import Throttle
+from proxy.keys import KeyInfo
 from proxy.ledger.instances import register
+from proxy.metrics import Metrics
 from proxy.models import Instance
 from proxy.rates import Exchange, Limit, drop_holdings, exchange
 from proxy.teams import TeamSettings, create_key, create_team, update_key
@@ -313,6 +316,34 @@ def test_holdings_of_processes_that_no_longer_exist_are_dropped(engine: Engine) 
     later = T0 + timedelta(seconds=60)
     [taken] = exchange(engine, "other", [Exchange(limit=limit, holding=0, need=60, want=60)], later)
     assert taken.granted == 60
+
+
+@pytest.mark.anyio
+async def test_the_upkeep_tops_slices_up_so_a_steady_load_waits_for_no_exchange(engine: Engine) -> None:
+    """Each second's sync takes what the last second's demand needs, in the transaction it runs anyway: calls at
+    the same pace then fit their slices and none waits for an exchange of its own."""
+    register(engine, "steady", datetime.now(UTC))
+    metrics = Metrics()
+    throttle = Throttle(engine, instance="steady", metrics=metrics)
+    key = KeyInfo(key_id="key_1", team_id=1, team="t", team_rates=RateLimits(rpm=10**9, itpm=10**9, otpm=10**9))
+
+    async def a_second_of_calls() -> None:
+        for _ in range(200):
+            ticket = await throttle.admit(key, input_tokens=50, output_tokens=20, at=datetime.now(UTC))
+            assert ticket is not None
+            throttle.finished(ticket, input_tokens=40, output_tokens=20)
+
+    def exchanges() -> float:
+        return (
+            metrics.registry.get_sample_value("spendgate_ledger_round_trips_total", {"operation": "rate_exchange"}) or 0
+        )
+
+    await a_second_of_calls()
+    await throttle.sync()
+    synced = exchanges()
+    await a_second_of_calls()
+    assert exchanges() == synced
+    await throttle.close()
 
 
 def test_what_a_call_really_used_decides_what_goes_back(engine: Engine, db_url: str, tmp_path: Path) -> None:

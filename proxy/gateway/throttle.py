@@ -207,8 +207,9 @@ class Throttle:
             part.demand = max(part.demand - amount, 0)
 
     async def sync(self) -> None:
-        """Keep each slice near the demand of the last second, give back slices nobody used for a while, and write
-        what was consumed (one transaction)."""
+        """Keep each slice near the demand of the last second (topped up to it, so calls seldom wait for an exchange
+        of their own; given back past twice it), give back slices nobody used for a while, and write what was
+        consumed (one transaction)."""
         now = time.monotonic()
         async with self._lock:
             plans, ended = [], {}
@@ -220,7 +221,9 @@ class Throttle:
                 if idle:
                     # Out of the slices first, so no call is admitted against it while it ends.
                     ended[scope] = self._slices.pop(scope)
-                plans.append((part, back, 0, 0))
+                # Whatever the bucket has, up to the demand (need 0: a short bucket is no refusal here).
+                top_up = max(keep - max(part.available, 0), 0)
+                plans.append((part, back, 0, top_up))
             try:
                 await self._exchange(plans, datetime.now(UTC))
             except BaseException:
