@@ -156,11 +156,7 @@ class Leases:
         """Give back what the recent demand does not need, and end leases nobody used for a while."""
         now = time.monotonic()
         for slot, lease in list(self._slots.items()):
-            lease.rate, lease.demand, lease.since = (
-                lease.demand / Decimal(TRIM_SECONDS),
-                ZERO,
-                now,
-            )
+            lease.rate, lease.demand, lease.since = lease.demand / Decimal(TRIM_SECONDS), ZERO, now
             if lease.lock.locked():
                 continue  # growing right now
             if now - lease.last_used > IDLE_SECONDS and lease.in_flight == 0 and lease.unwritten == 0:
