@@ -136,7 +136,11 @@ async def test_a_cold_lease_under_a_burst_grows_with_the_demand(engine: Engine) 
     # Within the budget all the same: held in the ledger covers every call admitted, and no more than its share.
     held = leased(engine)[(lease, "team:1:month")]
     assert WORST * burst <= held <= Decimal(1_000_000) / 4
+    # Sums of what was admitted, never a rounded quotient: what goes back later cannot leave a residue.
+    assert held == held.quantize(WORST)
     await leases.close()
+    # Ended, the lease leaves the counter exactly as it found it: no rounding residue in what was held.
+    assert spend(engine, large)["team:1:month"] == (ZERO, ZERO)
 
 
 @pytest.mark.anyio

@@ -119,9 +119,9 @@ class Leases:
             owner = HoldOwner(
                 instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None
             )
-            window = max(time.monotonic() - lease.since, MIN_WINDOW_SECONDS)
-            rate = max(lease.rate, lease.demand / Decimal(window))
-            size = partial(_slice_size, amount=amount, rate=rate)
+            # Per second by a whole factor, not a division: money stays exact (no 28-digit quotients in the ledger).
+            per_second = lease.demand * int(1 / max(time.monotonic() - lease.since, MIN_WINDOW_SECONDS))
+            size = partial(_slice_size, amount=amount, rate=max(lease.rate, per_second))
             grow = partial(
                 grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
             )
