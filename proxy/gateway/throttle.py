@@ -87,8 +87,7 @@ class Slice:
     in_flight: int = 0  # bounds of calls admitted and still running
     demand: int = 0  # taken since the last sync
     rate: float = 0.0  # taken per second, as of the last sync
-    level: Decimal = Decimal(0)  # the bucket's level at `seen` (monotonic)
-    level_float: float = 0.0  # the same, for estimates
+    level: float = 0.0  # the bucket's level at `seen` (monotonic); a float, as it only feeds estimates
     seen: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     # After an exchange found the bucket short: until then, a call the slice cannot admit is refused from memory
@@ -107,19 +106,19 @@ class Slice:
     def wait(self, amount: int, now: float) -> float:
         """Seconds until the bucket, refilling at its rate from its level at the last exchange, has what a call of
         `amount` needs beyond this slice (other replicas taking or giving back are not foreseen)."""
-        level = self.level_float + self.limit.per_minute / 60 * max(now - self.seen, 0.0)
+        level = self.level + self.limit.per_minute / 60 * max(now - self.seen, 0.0)
         return (amount - max(self.available, 0) - level) * 60 / self.limit.per_minute
 
     def remaining(self, now: float) -> int:
         """An estimate of what the bucket could still give (other replicas' slices are not counted); floats
         are exact enough for a header."""
         per_minute = self.limit.per_minute
-        level = min(self.level_float + per_minute / 60 * max(now - self.seen, 0.0), per_minute)
+        level = min(self.level + per_minute / 60 * max(now - self.seen, 0.0), per_minute)
         return max(0, min(per_minute, self.available + int(level)))
 
     def saw(self, level: Decimal, now: float) -> None:
         """The bucket's level as an exchange left it."""
-        self.level, self.level_float, self.seen = level, float(level), now
+        self.level, self.seen = float(level), now
 
 
 @dataclass(slots=True, kw_only=True)
