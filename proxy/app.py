@@ -45,6 +45,7 @@ from proxy.keys import KeyCache
 from proxy.ledger.instances import Heartbeat
 from proxy.ledger.journal import Journal, replay_gone
 from proxy.ledger.writer import Writer
+from proxy.ledger.writes import writes_for
 from proxy.logs import Trouble
 from proxy.metrics import (
     MULTIPROCESS_ENV,
@@ -115,7 +116,7 @@ def create_app(
         )
         throttle = Throttle(engine, instance=instance, metrics=metrics)
         writer = Writer(
-            engine,
+            writes_for(settings.db_url, engine, settings.ledger_writer, soft_fraction=settings.soft_limit_fraction),
             flush_seconds=settings.record_flush_seconds,
             batch_size=settings.record_batch_size,
             drain_seconds=settings.record_drain_seconds,
@@ -123,7 +124,6 @@ def create_app(
             instance=instance,
             max_pending=settings.max_pending_records,
             stall_seconds=settings.ledger_stall_seconds,
-            soft_fraction=settings.soft_limit_fraction,
             on_soft_limit=alerts.notify,
             journal=journal,
             on_committed=leases.committed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
@@ -17,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Dialect, make_url
 
-_SQLITE_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_SQLITE_WRITE_LOCKS: dict[str, _SqliteWriteLock] = {}
 _LOCKS_GUARD = threading.Lock()
 # Any constant works; it only has to be the same in every replica.
 MIGRATION_LOCK_ID = 0x5EED_6A7E
@@ -47,8 +48,10 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
 
     On SQLite it starts with `BEGIN IMMEDIATE`, taking the database's single write lock up front: a deferred
     transaction that reads first and writes later could find its snapshot stale and fail instead of waiting.
-    Writers in this process first queue on a lock of ours: SQLite's own busy handler polls with sleeps of up
-    to 100 ms, which under load turns a 1 ms wait into a tail of hundreds of milliseconds.
+    Writers first queue on a lock of ours, threads of this process on a mutex and processes (the ledger writer's
+    child, `--workers`) on a file lock beside the database: SQLite's own busy handler polls with sleeps of up
+    to 100 ms, which under load turns a 1 ms wait into a tail of hundreds of milliseconds; a waiter on the file
+    lock is woken by the kernel the moment it is released.
     On PostgreSQL, callers lock the rows they change with `SELECT … FOR UPDATE`.
     """
     local = _sqlite_write_lock(engine) if engine.dialect.name == "sqlite" else contextlib.nullcontext()
@@ -97,10 +100,38 @@ def _insert_plan(
     return sql, tuple((index, process) for index, process in processors if process is not None)
 
 
-def _sqlite_write_lock(engine: Engine) -> threading.Lock:
+class _SqliteWriteLock:
+    """One database file's write lock: a mutex for this process's threads, then a file lock for processes."""
+
+    def __init__(self, database: str | None) -> None:
+        self._mutex = threading.Lock()
+        self._path = f"{database}.write-lock" if database and database != ":memory:" else None
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._mutex.acquire()
+        try:
+            if self._path is not None:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._mutex.release()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
+
+
+def _sqlite_write_lock(engine: Engine) -> _SqliteWriteLock:
     # One lock per database file, shared by every engine this process opens on it.
+    database = str(engine.url.database)
     with _LOCKS_GUARD:
-        return _SQLITE_WRITE_LOCKS.setdefault(str(engine.url.database), threading.Lock())
+        return _SQLITE_WRITE_LOCKS.setdefault(database, _SqliteWriteLock(engine.url.database))
 
 
 class _DecimalSum:

@@ -25,6 +25,7 @@ from proxy.audit import verify
 from proxy.budgets import LEASE_PREFIX, team_counter
 from proxy.export import iter_usage
 from proxy.ledger.writer import Writer
+from proxy.ledger.writes import InThread
 from proxy.metrics import Metrics
 from proxy.models import BudgetReservation, Instance, UsageRow
 from proxy.teams import TeamSettings, create_key, create_team, get_team
@@ -92,7 +93,7 @@ async def test_records_that_cannot_be_set_aside_stay_in_memory_until_they_can(en
     blocked = tmp_path / "spill"
     blocked.write_text("a file where the folder should be")  # not writable as a folder: like a broken volume
     writer = Writer(
-        engine,
+        InThread(engine),
         flush_seconds=0.01,
         batch_size=10,
         drain_seconds=5,

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from proxy.db import make_engine, upgrade
 from proxy.ledger.writer import Writer
+from proxy.ledger.writes import InThread
 from proxy.metrics import Metrics
 from proxy.teams import TeamSettings, create_key, create_team
 from tests.replicas import replica
@@ -52,7 +53,7 @@ async def test_a_ledger_outage_is_logged_when_it_starts_and_ends(
     broken = make_engine(f"sqlite:///{missing / 'ledger.db'}")
     metrics = Metrics()
     writer = Writer(
-        broken,
+        InThread(broken),
         flush_seconds=0.01,
         batch_size=3,
         drain_seconds=5,

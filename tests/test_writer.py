@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio.lowlevel
 import pytest
 from sqlalchemy import Engine, func, select
 
+from proxy.budgets import team_counter
+from proxy.config import WriterMode
 from proxy.db import make_engine
 from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
 from proxy.ledger.disk import encode, record_to_json, replay_spilled
 from proxy.ledger.writer import Writer
+from proxy.ledger.writes import InProcess, InThread, WriteFailed
 from proxy.metrics import Metrics
 from proxy.models import UsageRow
-from proxy.types import Usage, UsageRecord
+from proxy.teams import TeamSettings, create_team, get_team
+from proxy.types import Reservation, Usage, UsageRecord
+from tests.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +67,10 @@ def count(engine: Engine) -> int:
         return int(connection.execute(select(func.count()).select_from(UsageRow)).scalar_one())
 
 
-def writer_for(engine: Engine, tmp_path: Path, **overrides: Any) -> Writer:
+def writer_for(engine: Engine, tmp_path: Path, mode: WriterMode = "thread", **overrides: Any) -> Writer:
+    """A writer with quick flushes and small batches, its transactions in a thread or in a child process."""
+    url = engine.url.render_as_string(hide_password=False)
+    writes = overrides.pop("writes", None) or (InProcess(url) if mode == "process" else InThread(engine))
     options: dict[str, Any] = {
         "flush_seconds": 0.01,
         "batch_size": 3,
@@ -67,7 +80,7 @@ def writer_for(engine: Engine, tmp_path: Path, **overrides: Any) -> Writer:
         "metrics": Metrics(),
     }
     options.update(overrides)
-    return Writer(engine, **options)
+    return Writer(writes, **options)
 
 
 def test_round_trip_is_exact(engine: Engine) -> None:
@@ -84,8 +97,9 @@ def test_same_id_is_written_once(engine: Engine) -> None:
     assert count(engine) == 2
 
 
-async def test_batches_are_written_and_drained_on_close(engine: Engine, tmp_path: Path) -> None:
-    writer = writer_for(engine, tmp_path)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+async def test_batches_are_written_and_drained_on_close(engine: Engine, tmp_path: Path, mode: WriterMode) -> None:
+    writer = writer_for(engine, tmp_path, mode)
     writer.start()
     for n in range(10):
         writer.submit(make_record(id=f"sgr_{n}"))
@@ -94,9 +108,10 @@ async def test_batches_are_written_and_drained_on_close(engine: Engine, tmp_path
     assert writer.pending == 0
 
 
-async def test_unreachable_ledger_spills_then_replays(engine: Engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+async def test_unreachable_ledger_spills_then_replays(engine: Engine, tmp_path: Path, mode: WriterMode) -> None:
     broken = make_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'ledger.db'}")
-    writer = writer_for(broken, tmp_path)
+    writer = writer_for(broken, tmp_path, mode)
     writer.start()
     for n in range(5):
         writer.submit(make_record(id=f"sgr_{n}"))
@@ -128,3 +143,70 @@ def test_a_truncated_spill_file_is_replayed_line_by_line(engine: Engine, tmp_pat
     assert "unreadable line" in json.loads(aside.read_text())["error"]
     assert [r["id"] for _, r in iter_usage(engine)] == ["sgr_good"]
     assert not list(spill.glob("unwritten-*"))
+
+
+async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost_or_settled_twice(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """SIGKILL the writer's child while records stream in: a new child takes over, every record is written once,
+    and the team's spend is the sum of its records (a batch the dead child committed is not settled again)."""
+    create_team(engine, "research", TeamSettings(budget_usd=Decimal(1000)), actor="test")
+    counter = team_counter(1, "research", "month", Decimal(1000), make_record().started_at)
+    writes = InProcess(engine.url.render_as_string(hide_password=False))
+    writer = writer_for(engine, tmp_path, writes=writes, batch_size=7)
+    writer.start()
+    killed: set[int] = set()
+    for n in range(300):
+        hold = Reservation(call_id=f"sgr_{n}", counters=(counter,), amount=Decimal(0), held=False)
+        writer.submit(make_record(id=f"sgr_{n}", cost_usd=Decimal("0.01"), reservation=hold))
+        if n % 100 == 50:
+            await wait_for(lambda: count(engine) > 0, "some records written")
+            pid = await child_of(writes)
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        await anyio.lowlevel.checkpoint()
+    await wait_for(lambda: writer.pending == 0, "every record written")
+    assert writer.problem is None
+    assert len(killed) == 3 and await child_of(writes) not in killed
+    await writer.close()
+    assert count(engine) == 300
+    assert get_team(engine, "research", now=make_record().started_at).spent_usd == Decimal("3.00")
+
+
+async def child_of(writes: InProcess) -> int:
+    """The writer's child process, once a new one has replaced the one killed last (if it was not yet)."""
+    try:
+        return await writes.pid()
+    except WriteFailed:  # the pool of the child killed last: replaced now
+        return await writes.pid()
+
+
+CHILD_OF_A_KILLED_PARENT = """
+import asyncio, sys
+from proxy.ledger.writes import InProcess
+
+async def main():
+    writes = InProcess(sys.argv[1])
+    print(await writes.pid(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_the_writer_process_ends_with_its_parent(db_url: str) -> None:
+    """A serving process killed outright leaves no writer behind holding a connection to the ledger."""
+    with subprocess.Popen([sys.executable, "-c", CHILD_OF_A_KILLED_PARENT, db_url], stdout=subprocess.PIPE) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+    wait_until(lambda: not alive(child), "the writer process to exit")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody reaped has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -14,25 +14,23 @@ Nothing is lost and nothing stops it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from decimal import Decimal
-from functools import partial
 from itertools import islice
 from pathlib import Path
 
 import anyio.to_thread
-from sqlalchemy import Engine
 
 from proxy.budgets import SoftLimitCrossed
-from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, Retried, insert_records, is_refused
+from proxy.ledger.commit import Retried
 from proxy.ledger.disk import encode, record_to_json, set_aside, write_atomically
 from proxy.ledger.journal import Journal, Start
+from proxy.ledger.writes import WriteFailed, Writes
 from proxy.logs import Trouble
 from proxy.metrics import Metrics
-from proxy.reprice import correct_estimates
 from proxy.types import UsageRecord
 
 logger = logging.getLogger("spendgate")
@@ -46,7 +44,7 @@ class Writer:
 
     def __init__(
         self,
-        engine: Engine,
+        writes: Writes,
         *,
         flush_seconds: float,
         batch_size: int,
@@ -55,13 +53,12 @@ class Writer:
         instance: str,
         max_pending: int = 100_000,
         stall_seconds: float = 30.0,
-        soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
         on_soft_limit: SoftLimitSink | None = None,
         journal: Journal | None = None,
         on_committed: Callable[[Sequence[UsageRecord]], None] | None = None,
         metrics: Metrics,
     ) -> None:
-        self._engine = engine
+        self._writes = writes
         self._flush_seconds = flush_seconds
         self._batch_size = batch_size
         self._drain_seconds = drain_seconds
@@ -69,7 +66,6 @@ class Writer:
         self._instance = instance
         self._max_pending = max_pending
         self._stall_seconds = stall_seconds
-        self._soft_fraction = soft_fraction
         self._on_soft_limit = on_soft_limit
         self._journal = journal
         self._on_committed = on_committed
@@ -139,6 +135,7 @@ class Writer:
 
     def start(self) -> None:
         """Start the supervised writer loop (from the lifespan, inside the running loop)."""
+        self._writes.start()
         self._task = asyncio.create_task(self._supervise())
 
     async def close(self) -> None:
@@ -157,14 +154,15 @@ class Writer:
                 break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+        await self._writes.close()
 
     async def _supervise(self) -> None:
         backoff = self._flush_seconds
         while not self._closing:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=backoff)
-            except TimeoutError:
-                pass
+            # Not `asyncio.wait_for`: on 3.11 it can swallow a cancellation that arrives as the wait ends.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             ok = await self._flush_safely()
             backoff = self._flush_seconds if ok else min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS)
@@ -186,24 +184,19 @@ class Writer:
         queued = len(self._pending)
         while queued > 0:
             batch = [record for _, record in islice(self._pending, min(self._batch_size, queued))]
-            write = partial(insert_records, self._engine, batch, soft_fraction=self._soft_fraction)
+            correct_as = f"instance:{self._instance}" if self.correct_estimates else None
             try:
-                crossed, retries = await anyio.to_thread.run_sync(write, abandon_on_cancel=False)
+                crossed, retries = await self._writes.write(batch, correct_as=correct_as)
                 done = len(batch)
-                if self.correct_estimates:
-                    correct = partial(correct_estimates, self._engine, batch, actor=f"instance:{self._instance}")
-                    await anyio.to_thread.run_sync(correct, abandon_on_cancel=False)
-            except Exception as exc:
-                self._last_error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+            except WriteFailed as failed:
+                self._last_error = str(failed)
                 self._metrics.write_errors.inc()
-                if not is_refused(exc):
-                    self._trouble.failed(exc, detail=f" ({self.pending} records queued, kept until it works)")
+                if not failed.refused:
+                    self._trouble.failed(failed, detail=f" ({self.pending} records queued, kept until it works)")
                     return False
                 # The database refused some record's data: write the others one by one and set the bad ones
                 # aside, rather than retry a batch that can never succeed.
-                done, crossed, retries = await anyio.to_thread.run_sync(
-                    self._one_by_one, batch, abandon_on_cancel=False
-                )
+                done, crossed, retries = await self._one_by_one(batch)
             self._trouble.succeeded()
             self._metrics.written(retries)
             for _ in range(done):
@@ -220,18 +213,18 @@ class Writer:
         self._last_error = None
         return True
 
-    def _one_by_one(self, batch: list[UsageRecord]) -> tuple[int, list[SoftLimitCrossed], list[Retried]]:
+    async def _one_by_one(self, batch: list[UsageRecord]) -> tuple[int, list[SoftLimitCrossed], list[Retried]]:
         """Write records singly; returns how many were dealt with (written or set aside) before a failure."""
         crossed: list[SoftLimitCrossed] = []
         retries: list[Retried] = []
         for index, record in enumerate(batch):
             try:
-                inserted = insert_records(self._engine, [record], soft_fraction=self._soft_fraction)
-            except Exception as exc:
-                if not is_refused(exc):
-                    logger.error("could not write usage record %s (%s); it stays queued", record.id, exc)
+                inserted = await self._writes.write([record])
+            except WriteFailed as failed:
+                if not failed.refused:
+                    logger.error("could not write usage record %s (%s); it stays queued", record.id, failed)
                     return index, crossed, retries
-                self._place(record, f"{exc.__class__.__name__}: {exc}")
+                await anyio.to_thread.run_sync(self._place, record, str(failed))
                 continue
             crossed += inserted.crossed
             retries += inserted.retries

@@ -1,0 +1,188 @@
+"""Where the ledger writer's transactions run: in a child process of their own (the default), or in a thread.
+
+A batch's transaction (`commit.insert_records`) is several milliseconds of Python: in a thread of the serving
+process it holds the GIL that long while calls wait for the event loop, which is what the p99 of a lightly loaded
+proxy is made of. In a child process it holds only its own GIL: the serving process pickles the batch (about a
+tenth of the transaction's CPU) and waits for the outcome without blocking, and on a machine with a spare core
+the transaction runs beside the calls rather than between them.
+
+The child is disposable. Every transaction is idempotent (ids already written are skipped), so a child that dies
+mid-batch, killed or out of memory, only means the batch is tried again in a new one; a transaction it did not
+commit was rolled back by the database. It ignores SIGINT and SIGTERM (the serving process decides when it stops,
+after draining through it) and exits when the serving process is gone, whichever way it went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from decimal import Decimal
+from functools import partial
+from multiprocessing.connection import wait
+from typing import Protocol, TypeVar
+
+import anyio.to_thread
+from sqlalchemy import Engine
+
+from proxy.config import WriterMode
+from proxy.db import make_engine
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, Inserted, insert_records, is_refused
+from proxy.reprice import correct_estimates
+from proxy.types import UsageRecord
+
+T = TypeVar("T")
+
+
+class WriteFailed(Exception):
+    """A batch's transaction failed; `refused` when the database refused the data itself (retrying it can never
+    succeed) rather than the connection failing. Carries text only, so it crosses from the child intact."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message, refused)
+        self.message = message
+        self.refused = refused
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Writes(Protocol):
+    """Runs the writer's transactions off the event loop."""
+
+    def start(self) -> None:
+        """Get ready to write (from the running loop); the first write need not wait for it."""
+
+    async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
+        """Write a batch in one transaction; with `correct_as` (an audit actor), also correct the estimates another
+        replica recorded for these calls. Raises `WriteFailed` when the transaction fails."""
+
+    async def close(self) -> None:
+        """Release what `start` took, after the last write."""
+
+
+def write_batch(
+    engine: Engine, records: list[UsageRecord], *, soft_fraction: Decimal, correct_as: str | None
+) -> Inserted:
+    """Run one batch's transaction (blocking): insert, and correct estimates when asked."""
+    try:
+        inserted = insert_records(engine, records, soft_fraction=soft_fraction)
+        if correct_as is not None:
+            correct_estimates(engine, records, actor=correct_as)
+    except Exception as exc:
+        raise WriteFailed(f"{exc.__class__.__name__}: {str(exc)[:300]}", is_refused(exc)) from None
+    return inserted
+
+
+class InThread:
+    """Transactions in a worker thread of the serving process, on its engine (an in-memory SQLite ledger, which
+    no other process can open, and tests that need the writer beside them)."""
+
+    def __init__(self, engine: Engine, *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION) -> None:
+        self._engine = engine
+        self._soft_fraction = soft_fraction
+
+    def start(self) -> None:
+        """Nothing to start: threads come from anyio's pool."""
+
+    async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
+        """See `Writes.write`."""
+        work = partial(write_batch, self._engine, records, soft_fraction=self._soft_fraction, correct_as=correct_as)
+        return await anyio.to_thread.run_sync(work, abandon_on_cancel=False)
+
+    async def close(self) -> None:
+        """Nothing to release: the engine belongs to the app."""
+
+
+class InProcess:
+    """Transactions in one child process with its own engine on the same ledger."""
+
+    def __init__(self, url: str, *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION) -> None:
+        self._url = url
+        self._soft_fraction = soft_fraction
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def pid(self) -> int:
+        """The child's process id (starting one if need be)."""
+        return await self._run(os.getpid)
+
+    def start(self) -> None:
+        """Start the child and let it open the ledger while the server starts (imports take about half a second)."""
+        self._pool_now().submit(_engine_for, self._url)
+
+    async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
+        """See `Writes.write`; a child that died is replaced, and the batch fails to be tried again."""
+        work = partial(_write_in_child, self._url, records, soft_fraction=self._soft_fraction, correct_as=correct_as)
+        return await self._run(work)
+
+    async def close(self) -> None:
+        """Stop the child once it has finished what it was given."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await anyio.to_thread.run_sync(pool.shutdown)
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        pool = self._pool_now()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, work)
+        except BrokenProcessPool as exc:
+            if self._pool is pool:
+                self._pool = None
+                pool.shutdown(wait=False)
+            raise WriteFailed(f"the ledger writer process died: {exc}", refused=False) from None
+
+    def _pool_now(self) -> Executor:
+        if self._pool is None:
+            # Never a fork of this process: it has threads (the SDK's, anyio's), and a forked copy of a lock one
+            # of them held would never be released in the child. A fork server is a clean single-threaded process
+            # with the writer's modules imported once, so a replacement child starts in milliseconds.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_started)
+        return self._pool
+
+
+def writes_for(url: str, engine: Engine, mode: WriterMode, *, soft_fraction: Decimal) -> Writes:
+    """The writer's transactions for a ledger: in a child process unless `mode` says thread or only this process
+    can open the ledger (in-memory SQLite)."""
+    if mode == "thread" or engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
+        return InThread(engine, soft_fraction=soft_fraction)
+    return InProcess(url, soft_fraction=soft_fraction)
+
+
+# ------------------------------------------------------------------ in the child
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def _child_started() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    # The sentinel becomes readable when the parent exits. A transaction in progress dies with the child and is
+    # rolled back; the parent's crash journal holds its records for the next start.
+    wait([sentinel])
+    os._exit(0)
+
+
+def _engine_for(url: str) -> Engine:
+    engine = _ENGINES.get(url)
+    if engine is None:
+        engine = _ENGINES[url] = make_engine(url)
+    return engine
+
+
+def _write_in_child(
+    url: str, records: list[UsageRecord], *, soft_fraction: Decimal, correct_as: str | None
+) -> Inserted:
+    return write_batch(_engine_for(url), records, soft_fraction=soft_fraction, correct_as=correct_as)
