@@ -135,7 +135,6 @@ class Writer:
 
     def start(self) -> None:
         """Start the supervised writer loop (from the lifespan, inside the running loop)."""
-        self._writes.start()
         self._task = asyncio.create_task(self._supervise())
 
     async def close(self) -> None:

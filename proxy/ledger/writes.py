@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from decimal import Decimal
 from functools import partial
@@ -55,15 +55,12 @@ class WriteFailed(Exception):
 class Writes(Protocol):
     """Runs the writer's transactions off the event loop."""
 
-    def start(self) -> None:
-        """Get ready to write (from the running loop); the first write need not wait for it."""
-
     async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
         """Write a batch in one transaction; with `correct_as` (an audit actor), also correct the estimates another
         replica recorded for these calls. Raises `WriteFailed` when the transaction fails."""
 
     async def close(self) -> None:
-        """Release what `start` took, after the last write."""
+        """Release what the writes hold (a child process), after the last write."""
 
 
 def write_batch(
@@ -87,9 +84,6 @@ class InThread:
         self._engine = engine
         self._soft_fraction = soft_fraction
 
-    def start(self) -> None:
-        """Nothing to start: threads come from anyio's pool."""
-
     async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
         """See `Writes.write`."""
         work = partial(write_batch, self._engine, records, soft_fraction=self._soft_fraction, correct_as=correct_as)
@@ -106,14 +100,11 @@ class InProcess:
         self._url = url
         self._soft_fraction = soft_fraction
         self._pool: ProcessPoolExecutor | None = None
+        self._starting = asyncio.Lock()
 
     async def pid(self) -> int:
         """The child's process id (starting one if need be)."""
         return await self._run(os.getpid)
-
-    def start(self) -> None:
-        """Start the child and let it open the ledger while the server starts (imports take about half a second)."""
-        self._pool_now().submit(_engine_for, self._url)
 
     async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
         """See `Writes.write`; a child that died is replaced, and the batch fails to be tried again."""
@@ -127,7 +118,7 @@ class InProcess:
             await anyio.to_thread.run_sync(pool.shutdown)
 
     async def _run(self, work: Callable[[], T]) -> T:
-        pool = self._pool_now()
+        pool = await self._ready()
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, work)
         except BrokenProcessPool as exc:
@@ -136,15 +127,21 @@ class InProcess:
                 pool.shutdown(wait=False)
             raise WriteFailed(f"the ledger writer process died: {exc}", refused=False) from None
 
-    def _pool_now(self) -> Executor:
-        if self._pool is None:
-            # Never a fork of this process: it has threads (the SDK's, anyio's), and a forked copy of a lock one
-            # of them held would never be released in the child. A fork server is a clean single-threaded process
-            # with the writer's modules imported once, so a replacement child starts in milliseconds.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_started)
-        return self._pool
+    async def _ready(self) -> ProcessPoolExecutor:
+        async with self._starting:
+            if self._pool is None:
+                # Never a fork of this process: it has threads (the SDK's, anyio's), and a forked copy of a lock
+                # one of them held would never be released in the child. A fork server is a clean
+                # single-threaded process with the writer's modules imported once: a new child starts in
+                # milliseconds.
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])
+                pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_started)
+                # The first task starts the child, which waits for the fork server (and, the first time, for the
+                # server to start and import the writer): off the event loop.
+                await anyio.to_thread.run_sync(pool.submit, os.getpid)
+                self._pool = pool
+            return self._pool
 
 
 def writes_for(url: str, engine: Engine, mode: WriterMode, *, soft_fraction: Decimal) -> Writes:
