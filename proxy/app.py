@@ -116,7 +116,13 @@ def create_app(
         )
         throttle = Throttle(engine, instance=instance, metrics=metrics)
         writer = Writer(
-            writes_for(settings.db_url, engine, settings.ledger_writer, soft_fraction=settings.soft_limit_fraction),
+            writes_for(
+                settings.db_url,
+                engine,
+                settings.ledger_writer,
+                workers=settings.workers,
+                soft_fraction=settings.soft_limit_fraction,
+            ),
             flush_seconds=settings.record_flush_seconds,
             batch_size=settings.record_batch_size,
             drain_seconds=settings.record_drain_seconds,

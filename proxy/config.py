@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 T = TypeVar("T")
 LogFormat = Literal["text", "json"]
-WriterMode = Literal["process", "thread"]
+WriterMode = Literal["auto", "process", "thread"]
 
 DEFAULT_DB_URL = "sqlite:///./spendgate.db"
 DEFAULT_UPSTREAM_URL = "https://api.anthropic.com"
@@ -46,8 +46,9 @@ class Settings:
     upstream_max_connections: int = 512
     record_flush_seconds: float = 0.05
     record_batch_size: int = 500
-    # Where the ledger writer's transactions run: a child process per serving process, or a thread of it.
-    ledger_writer: WriterMode = "process"
+    # Where the ledger writer's transactions run: a child process per serving process, a thread of it, or (auto)
+    # a child when the serving processes leave a core for it.
+    ledger_writer: WriterMode = "auto"
     # On shutdown, how long we keep retrying a failing ledger before spilling records to a file.
     record_drain_seconds: float = 30.0
     # Records waiting for the ledger, at most; past it new calls are refused (503) rather than sent unrecorded.
@@ -114,7 +115,7 @@ class Settings:
             upstream_connect_timeout=_read(environ, "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT", float, 10.0),
             upstream_read_timeout=_read(environ, "SPENDGATE_UPSTREAM_READ_TIMEOUT", float, 600.0),
             spill_dir=_read(environ, "SPENDGATE_SPILL_DIR", Path, Path("./spendgate-spill")),
-            ledger_writer=_read(environ, "SPENDGATE_LEDGER_WRITER", _writer_mode, "process"),
+            ledger_writer=_read(environ, "SPENDGATE_LEDGER_WRITER", _writer_mode, "auto"),
             max_pending_records=_read(environ, "SPENDGATE_MAX_PENDING_RECORDS", int, 100_000),
             ledger_stall_seconds=_read(environ, "SPENDGATE_LEDGER_STALL_SECONDS", float, 30.0),
             heartbeat_seconds=_read(environ, "SPENDGATE_HEARTBEAT_SECONDS", float, 5.0),
@@ -185,6 +186,8 @@ def _log_format(raw: str) -> LogFormat:
 
 
 def _writer_mode(raw: str) -> WriterMode:
+    if raw == "auto":
+        return "auto"
     if raw == "process":
         return "process"
     if raw == "thread":
@@ -222,7 +225,7 @@ def _read(environ: Mapping[str, str], name: str, cast: Callable[[str], T], defau
             "_fraction": "fraction between 0 and 1",
             "_address": "host:port address",
             "_log_format": "log format (text or json)",
-            "_writer_mode": "ledger writer (process or thread)",
+            "_writer_mode": "ledger writer (auto, process or thread)",
         }.get(cast.__name__)
         raise ConfigError(f"{name} has value {raw!r}, which is not a valid {kind or cast.__name__}.") from None
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool) and value < 0:

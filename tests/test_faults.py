@@ -23,6 +23,7 @@ from sqlalchemy import Engine, func, select, text
 
 from proxy.audit import verify
 from proxy.budgets import LEASE_PREFIX, team_counter
+from proxy.config import WriterMode
 from proxy.export import iter_usage
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
@@ -52,8 +53,11 @@ def count(engine: Engine, table: Any = UsageRow) -> int:
 
 
 @pytest.mark.anyio
-async def test_a_record_the_ledger_refuses_never_blocks_the_others(engine: Engine, tmp_path: Path) -> None:
-    writer = writer_for(engine, tmp_path, batch_size=50)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+async def test_a_record_the_ledger_refuses_never_blocks_the_others(
+    engine: Engine, tmp_path: Path, mode: WriterMode
+) -> None:
+    writer = writer_for(engine, tmp_path, mode, batch_size=50)
     writer.start()
     for n in range(10):
         writer.submit(make_record(id=f"sgr_{n}"))

@@ -23,7 +23,7 @@ from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
 from proxy.ledger.disk import encode, record_to_json, replay_spilled
 from proxy.ledger.writer import Writer
-from proxy.ledger.writes import InProcess, InThread, WriteFailed
+from proxy.ledger.writes import InProcess, InThread, WriteFailed, usable_cores, writes_for
 from proxy.metrics import Metrics
 from proxy.models import UsageRow
 from proxy.teams import TeamSettings, create_team, get_team
@@ -210,3 +210,23 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("mode", ["auto", "process", "thread"])
+def test_where_the_writes_run(engine: Engine, db_url: str, mode: WriterMode) -> None:
+    """`auto` takes a child process only when the serving processes leave a core for it; an in-memory ledger,
+    which a child could not open, is always written from a thread."""
+    cores = usable_cores()
+    for workers in sorted({1, cores}):
+        writes = writes_for(db_url, engine, mode, workers=workers, soft_fraction=Decimal("0.8"))
+        wanted = mode == "process" or (mode == "auto" and cores > workers)
+        assert isinstance(writes, InProcess if wanted else InThread)
+    memory = make_engine("sqlite://")
+    assert isinstance(writes_for("sqlite://", memory, mode, workers=1, soft_fraction=Decimal("0.8")), InThread)
+    memory.dispose()
+
+
+def test_usable_cores_follow_the_affinity() -> None:
+    pinned = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    pinned += "from proxy.ledger.writes import usable_cores; print(usable_cores())"
+    assert subprocess.run([sys.executable, "-c", pinned], capture_output=True, text=True, check=True).stdout == "1\n"

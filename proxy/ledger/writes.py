@@ -1,4 +1,4 @@
-"""Where the ledger writer's transactions run: in a child process of their own (the default), or in a thread.
+"""Where the ledger writer's transactions run: in a child process of their own, or in a thread.
 
 A batch's transaction (`commit.insert_records`) is several milliseconds of Python: in a thread of the serving
 process it holds the GIL that long while calls wait for the event loop, which is what the p99 of a lightly loaded
@@ -15,6 +15,7 @@ after draining through it) and exits when the serving process is gone, whichever
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import os
 import signal
@@ -25,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from decimal import Decimal
 from functools import partial
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import anyio.to_thread
@@ -144,12 +146,28 @@ class InProcess:
             return self._pool
 
 
-def writes_for(url: str, engine: Engine, mode: WriterMode, *, soft_fraction: Decimal) -> Writes:
-    """The writer's transactions for a ledger: in a child process unless `mode` says thread or only this process
-    can open the ledger (in-memory SQLite)."""
-    if mode == "thread" or engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
+def writes_for(url: str, engine: Engine, mode: WriterMode, *, workers: int, soft_fraction: Decimal) -> Writes:
+    """The writer's transactions for a ledger. `auto`: in a child process when the serving processes (`workers`)
+    leave a core for it, else in a thread. On one core the child only competes with its serving process (measured:
+    5-10% more CPU a call, no better tail); with a core to spare it takes its share of the work off the serving
+    process (measured: 20% more calls a second at 32 connections). An in-memory SQLite ledger, which no other
+    process can open, is always written from a thread."""
+    in_memory = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
+    if in_memory or mode == "thread" or (mode == "auto" and usable_cores() <= workers):
         return InThread(engine, soft_fraction=soft_fraction)
     return InProcess(url, soft_fraction=soft_fraction)
+
+
+def usable_cores() -> int:
+    """The cores this process may use: those it is pinned to, within its cgroup's CPU quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 # ------------------------------------------------------------------ in the child
