@@ -98,8 +98,11 @@ def run(settings: Settings) -> None:
     if settings.workers == 1:
         uvicorn.run(_frozen(settings), **options)  # type: ignore[arg-type]
         return
+    # Workers read their settings from here; the count tells each how many cores its siblings take.
     os.environ.update(
-        SPENDGATE_DB_URL=settings.db_url, SPENDGATE_UPSTREAM_URL=settings.upstream_url, SPENDGATE_WORKERS="1"
+        SPENDGATE_DB_URL=settings.db_url,
+        SPENDGATE_UPSTREAM_URL=settings.upstream_url,
+        SPENDGATE_WORKERS=str(settings.workers),
     )
     # Every worker counts into files here, and a scrape sums them (prometheus_client's multiprocess mode); a fresh
     # folder per run, or counts from an earlier run would be added in.

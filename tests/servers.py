@@ -21,8 +21,18 @@ class ThreadedServer(uvicorn.Server):
 @contextlib.contextmanager
 def serve_in_thread(app: ASGIApp) -> Iterator[str]:
     """Serve `app` on a free loopback port; yields its base URL and stops it (lifespan included) on exit."""
+    # Idle connections are kept longer than the proxy's pool keeps them (aiohttp: 15 s): with uvicorn's default
+    # (5 s) a connection the fake closes just as the proxy reuses it fails that call with a 502, a race between
+    # two idle timers rather than anything the tests check.
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", server_header=False, date_header=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        server_header=False,
+        date_header=False,
+        lifespan="on",
+        timeout_keep_alive=60,
     )
     server = ThreadedServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
