@@ -1,10 +1,9 @@
 """Where the ledger writer's transactions run: in a child process of their own, or in a thread.
 
-A batch's transaction (`commit.insert_records`) is several milliseconds of Python: in a thread of the serving
-process it holds the GIL that long while calls wait for the event loop, which is what the p99 of a lightly loaded
-proxy is made of. In a child process it holds only its own GIL: the serving process pickles the batch (about a
-tenth of the transaction's CPU) and waits for the outcome without blocking, and on a machine with a spare core
-the transaction runs beside the calls rather than between them.
+A batch's transaction (`commit.insert_records`) is milliseconds of Python. In a thread it shares the serving
+process's GIL, and so its core, with the calls. In a child process the serving process only pickles the batch
+(about a tenth of the transaction's CPU) and awaits the outcome: with a core to spare, the transaction runs beside
+the calls rather than between them; on the serving process's own core it only adds the cost of a second process.
 
 The child is disposable. Every transaction is idempotent (ids already written are skipped), so a child that dies
 mid-batch, killed or out of memory, only means the batch is tried again in a new one; a transaction it did not
@@ -150,7 +149,7 @@ def writes_for(url: str, engine: Engine, mode: WriterMode, *, workers: int, soft
     """The writer's transactions for a ledger. `auto`: in a child process when the serving processes (`workers`)
     leave a core for it, else in a thread. On one core the child only competes with its serving process (measured:
     5-10% more CPU a call, no better tail); with a core to spare it takes its share of the work off the serving
-    process (measured: 20% more calls a second at 32 connections). An in-memory SQLite ledger, which no other
+    process (measured: 20-40% more calls a second at 32 connections). An in-memory SQLite ledger, which no other
     process can open, is always written from a thread."""
     in_memory = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
     if in_memory or mode == "thread" or (mode == "auto" and usable_cores() <= workers):
