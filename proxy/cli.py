@@ -78,7 +78,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.db import upgrade
+    from proxy.db import in_memory, upgrade
     from proxy.ledger.disk import replay_spilled
     from proxy.logs import configure_logging
     from proxy.serving import run
@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     configure_logging(settings.log_format)
     url = _check_url(settings.db_url)
-    if settings.workers > 1 and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if settings.workers > 1 and in_memory(url):
         raise UsageError(
             "--workers needs a ledger every worker can open: an in-memory SQLite database would be one per worker. "
             "Use a SQLite file or PostgreSQL."

@@ -32,6 +32,12 @@ def normalize_url(url: str) -> URL:
     return parsed
 
 
+def in_memory(url: URL) -> bool:
+    """Whether a ledger URL names an in-memory SQLite database: one per connection's process, which no other
+    process (a worker, the writer's child) can open, and no file beside which to keep locks."""
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so readers never block the writer."""
     parsed = normalize_url(url)
@@ -103,9 +109,9 @@ def _insert_plan(
 class _SqliteWriteLock:
     """One database file's write lock: a mutex for this process's threads, then a file lock for processes."""
 
-    def __init__(self, database: str | None) -> None:
+    def __init__(self, url: URL) -> None:
         self._mutex = threading.Lock()
-        self._path = f"{database}.write-lock" if database and database != ":memory:" else None
+        self._path = None if in_memory(url) else f"{url.database}.write-lock"
         self._fd: int | None = None
 
     def __enter__(self) -> None:
@@ -129,9 +135,8 @@ class _SqliteWriteLock:
 
 def _sqlite_write_lock(engine: Engine) -> _SqliteWriteLock:
     # One lock per database file, shared by every engine this process opens on it.
-    database = str(engine.url.database)
     with _LOCKS_GUARD:
-        return _SQLITE_WRITE_LOCKS.setdefault(database, _SqliteWriteLock(engine.url.database))
+        return _SQLITE_WRITE_LOCKS.setdefault(str(engine.url.database), _SqliteWriteLock(engine.url))
 
 
 class _DecimalSum:
@@ -203,11 +208,10 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
                 connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
                 connection.commit()
         return
-    database = engine.url.database
-    if not database or database == ":memory:":
+    if in_memory(engine.url):
         yield
         return
-    with open(f"{database}.migrate-lock", "w") as lock:
+    with open(f"{engine.url.database}.migrate-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -32,7 +32,7 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.config import WriterMode
-from proxy.db import make_engine
+from proxy.db import in_memory, make_engine
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, Inserted, insert_records, is_refused
 from proxy.reprice import correct_estimates
 from proxy.types import UsageRecord
@@ -78,8 +78,8 @@ def write_batch(
 
 
 class InThread:
-    """Transactions in a worker thread of the serving process, on its engine (an in-memory SQLite ledger, which
-    no other process can open, and tests that need the writer beside them)."""
+    """Transactions in a worker thread of the serving process, on its engine (when no core is spare for a child,
+    and always for an in-memory SQLite ledger)."""
 
     def __init__(self, engine: Engine, *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION) -> None:
         self._engine = engine
@@ -151,8 +151,7 @@ def writes_for(url: str, engine: Engine, mode: WriterMode, *, workers: int, soft
     5-10% more CPU a call, no better tail); with a core to spare it takes its share of the work off the serving
     process (measured: 20-40% more calls a second at 32 connections). An in-memory SQLite ledger, which no other
     process can open, is always written from a thread."""
-    in_memory = engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:")
-    if in_memory or mode == "thread" or (mode == "auto" and usable_cores() <= workers):
+    if in_memory(engine.url) or mode == "thread" or (mode == "auto" and usable_cores() <= workers):
         return InThread(engine, soft_fraction=soft_fraction)
     return InProcess(url, soft_fraction=soft_fraction)
 
