@@ -70,7 +70,8 @@ def count(engine: Engine) -> int:
 def writer_for(engine: Engine, tmp_path: Path, mode: WriterMode = "thread", **overrides: Any) -> Writer:
     """A writer with quick flushes and small batches, its transactions in a thread or in a child process."""
     url = engine.url.render_as_string(hide_password=False)
-    writes = overrides.pop("writes", None) or (InProcess(url) if mode == "process" else InThread(engine))
+    in_thread = InThread(engine)
+    writes = overrides.pop("writes", None) or (InProcess(url, fallback=in_thread) if mode == "process" else in_thread)
     options: dict[str, Any] = {
         "flush_seconds": 0.01,
         "batch_size": 3,
@@ -152,7 +153,7 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost_or_settle
     and the team's spend is the sum of its records (a batch the dead child committed is not settled again)."""
     create_team(engine, "research", TeamSettings(budget_usd=Decimal(1000)), actor="test")
     counter = team_counter(1, "research", "month", Decimal(1000), make_record().started_at)
-    writes = InProcess(engine.url.render_as_string(hide_password=False))
+    writes = InProcess(engine.url.render_as_string(hide_password=False), fallback=InThread(engine))
     writer = writer_for(engine, tmp_path, writes=writes, batch_size=7)
     writer.start()
     killed: set[int] = set()
@@ -183,10 +184,11 @@ async def child_of(writes: InProcess) -> int:
 
 CHILD_OF_A_KILLED_PARENT = """
 import asyncio, sys
-from proxy.ledger.writes import InProcess
+from proxy.db import make_engine
+from proxy.ledger.writes import InProcess, InThread
 
 async def main():
-    writes = InProcess(sys.argv[1])
+    writes = InProcess(sys.argv[1], fallback=InThread(make_engine(sys.argv[1])))
     print(await writes.pid(), flush=True)
     await asyncio.Event().wait()
 
@@ -202,6 +204,41 @@ def test_the_writer_process_ends_with_its_parent(db_url: str) -> None:
         assert alive(child)
         parent.kill()
     wait_until(lambda: not alive(child), "the writer process to exit")
+
+
+NOWHERE_FOR_A_CHILD = """
+import asyncio, sys, tempfile
+from decimal import Decimal
+
+# The fork server's socket goes in a temporary folder: with none to be had, no child can start.
+tempfile.tempdir = sys.argv[2]
+from proxy.db import make_engine
+from proxy.ledger.writes import writes_for
+from tests.test_writer import make_record
+
+async def main():
+    engine = make_engine(sys.argv[1])
+    writes = writes_for(sys.argv[1], engine, "process", workers=1, soft_fraction=Decimal("0.8"))
+    await writes.write([make_record(id="sgr_no_child")])
+    print(writes.unavailable, flush=True)
+    await writes.close()
+
+asyncio.run(main())
+"""
+
+
+def test_records_are_written_from_a_thread_where_no_writer_process_can_start(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A read-only root file system leaves the fork server nowhere for its socket: the writer says so once and
+    writes from a thread, rather than keep the records queued until the queue is full and calls are refused."""
+    root = Path(__file__).resolve().parent.parent
+    script = [sys.executable, "-c", NOWHERE_FOR_A_CHILD, db_url, str(tmp_path / "missing")]
+    done = subprocess.run(script, cwd=root, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "FileNotFoundError" in done.stdout
+    assert "the ledger writer process could not start" in done.stderr and "writing from a thread" in done.stderr
+    assert count(engine) == 1
 
 
 def alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ after draining through it) and exits when the serving process is gone, whichever
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ from proxy.reprice import correct_estimates
 from proxy.types import UsageRecord
 
 T = TypeVar("T")
+logger = logging.getLogger("spendgate")
 
 
 class WriteFailed(Exception):
@@ -95,13 +97,17 @@ class InThread:
 
 
 class InProcess:
-    """Transactions in one child process with its own engine on the same ledger."""
+    """Transactions in one child process with its own engine on the same ledger; in `fallback` (a thread) when no
+    child can be started here."""
 
-    def __init__(self, url: str, *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION) -> None:
+    def __init__(self, url: str, *, fallback: Writes, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION) -> None:
         self._url = url
+        self._fallback = fallback
         self._soft_fraction = soft_fraction
         self._pool: ProcessPoolExecutor | None = None
         self._starting = asyncio.Lock()
+        # Why no child could be started, once that happened: every write then goes to the fallback.
+        self.unavailable: str | None = None
 
     async def pid(self) -> int:
         """The child's process id (starting one if need be)."""
@@ -109,6 +115,8 @@ class InProcess:
 
     async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
         """See `Writes.write`; a child that died is replaced, and the batch fails to be tried again."""
+        if await self._ready() is None:
+            return await self._fallback.write(records, correct_as=correct_as)
         work = partial(_write_in_child, self._url, records, soft_fraction=self._soft_fraction, correct_as=correct_as)
         return await self._run(work)
 
@@ -117,9 +125,12 @@ class InProcess:
         pool, self._pool = self._pool, None
         if pool is not None:
             await anyio.to_thread.run_sync(pool.shutdown)
+        await self._fallback.close()
 
     async def _run(self, work: Callable[[], T]) -> T:
         pool = await self._ready()
+        if pool is None:
+            raise WriteFailed(f"the ledger writer process could not start: {self.unavailable}", refused=False)
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, work)
         except BrokenProcessPool as exc:
@@ -128,9 +139,9 @@ class InProcess:
                 pool.shutdown(wait=False)
             raise WriteFailed(f"the ledger writer process died: {exc}", refused=False) from None
 
-    async def _ready(self) -> ProcessPoolExecutor:
+    async def _ready(self) -> ProcessPoolExecutor | None:
         async with self._starting:
-            if self._pool is None:
+            if self._pool is None and self.unavailable is None:
                 # Never a fork of this process: it has threads (the SDK's, anyio's), and a forked copy of a lock
                 # one of them held would never be released in the child. A fork server is a clean
                 # single-threaded process with the writer's modules imported once: a new child starts in
@@ -138,9 +149,20 @@ class InProcess:
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload([__name__])
                 pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child_started)
-                # The first task starts the child, which waits for the fork server (and, the first time, for the
-                # server to start and import the writer): off the event loop.
-                await anyio.to_thread.run_sync(pool.submit, os.getpid)
+                try:
+                    # The first task starts the child, which waits for the fork server (and, the first time, for
+                    # the server to start and import the writer): off the event loop.
+                    await anyio.to_thread.run_sync(pool.submit, os.getpid)
+                except Exception as exc:
+                    # Nowhere to start one (no writable temporary folder for the fork server's socket, as under a
+                    # read-only root file system; a process limit): the records are written all the same, from
+                    # a thread, rather than queued until the calls are refused.
+                    pool.shutdown(wait=False)
+                    self.unavailable = f"{exc.__class__.__name__}: {exc}"
+                    logger.error(
+                        "the ledger writer process could not start (%s); writing from a thread", self.unavailable
+                    )
+                    return None
                 self._pool = pool
             return self._pool
 
@@ -151,9 +173,10 @@ def writes_for(url: str, engine: Engine, mode: WriterMode, *, workers: int, soft
     5-10% more CPU a call, no better tail); with a core to spare it takes its share of the work off the serving
     process (measured: 20-40% more calls a second at 32 connections). An in-memory SQLite ledger, which no other
     process can open, is always written from a thread."""
+    in_thread = InThread(engine, soft_fraction=soft_fraction)
     if in_memory(engine.url) or mode == "thread" or (mode == "auto" and usable_cores() <= workers):
-        return InThread(engine, soft_fraction=soft_fraction)
-    return InProcess(url, soft_fraction=soft_fraction)
+        return in_thread
+    return InProcess(url, fallback=in_thread, soft_fraction=soft_fraction)
 
 
 def usable_cores() -> int:
