@@ -111,14 +111,18 @@ class InProcess:
 
     async def pid(self) -> int:
         """The child's process id (starting one if need be)."""
-        return await self._run(os.getpid)
+        pool = await self._ready()
+        if pool is None:
+            raise WriteFailed(f"the ledger writer process could not start: {self.unavailable}", refused=False)
+        return await self._run(pool, os.getpid)
 
     async def write(self, records: list[UsageRecord], *, correct_as: str | None = None) -> Inserted:
         """See `Writes.write`; a child that died is replaced, and the batch fails to be tried again."""
-        if await self._ready() is None:
+        pool = await self._ready()
+        if pool is None:
             return await self._fallback.write(records, correct_as=correct_as)
         work = partial(_write_in_child, self._url, records, soft_fraction=self._soft_fraction, correct_as=correct_as)
-        return await self._run(work)
+        return await self._run(pool, work)
 
     async def close(self) -> None:
         """Stop the child once it has finished what it was given."""
@@ -127,10 +131,7 @@ class InProcess:
             await anyio.to_thread.run_sync(pool.shutdown)
         await self._fallback.close()
 
-    async def _run(self, work: Callable[[], T]) -> T:
-        pool = await self._ready()
-        if pool is None:
-            raise WriteFailed(f"the ledger writer process could not start: {self.unavailable}", refused=False)
+    async def _run(self, pool: ProcessPoolExecutor, work: Callable[[], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, work)
         except BrokenProcessPool as exc:
