@@ -175,7 +175,13 @@ def create_app(
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
         forget_dead_workers()
-        heart = Heartbeat(engine, prices, instance, limit=timedelta(seconds=settings.heartbeat_limit_seconds))
+        heart = Heartbeat(
+            engine,
+            prices,
+            instance,
+            interval=settings.heartbeat_seconds,
+            limit=timedelta(seconds=settings.heartbeat_limit_seconds),
+        )
         await anyio.to_thread.run_sync(heart.start, datetime.now(UTC))
         writer.start()
         alerts.start()
@@ -281,9 +287,10 @@ class Dispatch:
 
 
 async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, throttle: Throttle) -> None:
-    """Beat for this process and reap dead ones; once taken for dead, this process's records correct estimates
-    and its leases (recorded by the reaper) and rate-limit slices (dropped by it) admit nothing more."""
-    await anyio.to_thread.run_sync(heart.tick, datetime.now(UTC))
+    """Reap dead processes (this one beats from a thread of its own); once taken for dead, this process's records
+    correct estimates and its leases (recorded by the reaper) and rate-limit slices (dropped by it) admit nothing
+    more."""
+    await anyio.to_thread.run_sync(heart.reap, datetime.now(UTC))
     if heart.taken_for_dead and not writer.correct_estimates:
         leases.forget()
         throttle.forget()

@@ -45,9 +45,14 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write every kept line."""
         with self.lock:  # type: ignore[union-attr]
             lines, self._lines = self._lines, []
-            if lines:
-                self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+            try:
+                if lines:
+                    self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except OSError:
+                # stderr cannot be written (its disk is full, its pipe closed): the lines are lost, and logging
+                # must not fail the call, the writer or the task that logged them.
+                pass
 
 
 class JsonFormatter(logging.Formatter):

@@ -218,6 +218,7 @@ class BudgetReservation(Base):
     endpoint: Mapped[str | None] = mapped_column(String(200))
     model: Mapped[str | None] = mapped_column(String(200))
     user: Mapped[str | None] = mapped_column(String(256))
+    feature: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (Index("ix_budget_reservations_instance", "instance_id"),)
 

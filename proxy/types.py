@@ -94,6 +94,7 @@ class Cost:
     cost_usd: Decimal | None
     price_version: str
     price_source: PriceSource
+    cost_source: CostSource | None = None  # `estimate`: usage unknown, the worst case charged
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +130,7 @@ class HoldOwner:
     endpoint: str
     model: str | None
     user: str | None = None
+    feature: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -340,3 +340,22 @@ def test_a_giant_header_is_cut_off_without_stalling_others(engine: Engine, db_ur
         assert head.startswith(b"HTTP/1.1 431")
         assert_anthropic_shaped(refusal)
     assert status == 200
+
+
+def test_image_shaped_text_is_priced_as_text(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """200 KB of base64 in a tool's input_schema, shaped like an image block, is input text to Anthropic: the
+    worst case prices its bytes, so a $0.05 budget refuses the call (it let a $0.75 call through before)."""
+    decoy = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 200_000}}
+    tool: Any = {"name": "t", "input_schema": {"type": "object", "properties": {"x": decoy}}}
+    with running_stack(engine, db_url, tmp_path, team=TeamSettings(budget_usd=Decimal("0.05"))) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            with pytest.raises(anthropic.APIStatusError) as refused:
+                client.messages.create(
+                    model="claude-sonnet-4-6",
+                    max_tokens=10,
+                    messages=[{"role": "user", "content": "Hi"}],
+                    tools=[tool],
+                )
+        assert refused.value.status_code == 402
+        assert stack.upstream.requests == []
+        assert get_team(engine, "research").spent_usd == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from proxy.metrics import Metrics
 from proxy.models import BudgetReservation, Instance, UsageRow
 from proxy.teams import TeamSettings, create_key, create_team, get_team
 from proxy.types import Reservation
+from tests.locks import ledger_locked
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.stack import running_stack
@@ -392,3 +394,30 @@ os._exit(0)
 def records_key_id(engine: Engine) -> str:
     with engine.connect() as connection:
         return str(connection.execute(text("SELECT id FROM api_keys")).scalar_one())
+
+
+def test_a_call_that_cannot_be_journaled_never_goes_out(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """With the journal's disk full and the ledger locked, calls are refused 503 instead of going out with their
+    record in memory only (30 got 200 and, after a SIGKILL, left no record). Once the disk has room the calls go
+    out again, and a SIGKILL while the ledger is still locked loses none of them."""
+    create_team(engine, "research", TeamSettings(), actor="test")
+    _, key = create_key(engine, "research", actor="test")
+    upstream = FakeAnthropic()
+    headers = {"x-api-key": key}
+    with serve_in_thread(upstream) as upstream_url:
+        with replica(db_url, upstream_url, tmp_path) as (url, process), ledger_locked(engine):
+            # The serving process may grow no file: its journal's disk is full.
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+            refused = [httpx.post(f"{url}/v1/messages", json=MESSAGE, headers=headers, timeout=60) for _ in range(30)]
+            assert {(r.status_code, r.headers["x-spendgate-error"]) for r in refused} == {(503, "ledger_unavailable")}
+            assert upstream.requests == []
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            sent = [httpx.post(f"{url}/v1/messages", json=MESSAGE, headers=headers, timeout=60) for _ in range(5)]
+            assert [r.status_code for r in sent] == [200] * 5
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+        # The next process on the same spill folder replays the journal.
+        with replica(db_url, upstream_url, tmp_path):
+            pass
+    forwarded = [r for r in records(engine) if r["status"] == 200]
+    assert len(forwarded) == len(upstream.requests) == 5

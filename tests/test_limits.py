@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, strategies as st
 
 from proxy.errors import ModelNotAllowed, OutputCapExceeded
 from proxy.gateway.limits import (
@@ -78,6 +79,43 @@ def test_input_bound_counts_images_and_tools() -> None:
     assert input_token_bound(request, 100_000) == 100_000 - 90_000 + 2 * IMAGE_TOKEN_BOUND
     assert input_token_bound({"tools": [{"name": "x"}]}, 500) == 500 + TOOLS_TOKEN_BOUND
     assert input_token_bound({"tools": []}, 500) == 500
+
+
+IMAGE_SHAPED = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 200_000}}
+# Where the same shape is text to the model: every byte of it is billed as input.
+NOT_AN_IMAGE: list[Any] = [
+    lambda image: {"tools": [{"name": "t", "input_schema": {"type": "object", "properties": {"x": image}}}]},
+    lambda image: {"tools": [{"name": "t", "input_schema": image}]},
+    lambda image: {"metadata": {"user_id": "u", "extra": image}},
+    lambda image: {"system": [{"type": "text", "text": "s", "citations": [image]}]},
+    lambda image: {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "input": image}]}]},
+    lambda image: {"messages": [{"role": "user", "content": [{"type": "text", "text": "t", "image": image}]}]},
+    lambda image: {"messages": [{"role": "user", "content": "x", "attachments": [image]}]},
+    lambda image: {"messages": [[image]]},
+]
+
+
+@pytest.mark.parametrize("place", NOT_AN_IMAGE)
+def test_an_image_outside_message_content_is_text(place: Any) -> None:
+    """An attacker's image-shaped data inside a tool's schema (or anywhere Anthropic reads as text) once shrank a
+    200 KB body's bound to a few thousand tokens: a $0.05 budget let a $0.75 call through."""
+    request = {"model": "claude-sonnet-4-6", "max_tokens": 10, **place(IMAGE_SHAPED)}
+    size = len(json.dumps(request))
+    assert input_token_bound(request, size) >= size
+
+
+@given(st.integers(min_value=0, max_value=3), st.integers(min_value=0, max_value=3), st.booleans())
+def test_real_images_count_at_their_bound(in_content: int, in_tool_results: int, decoy: bool) -> None:
+    """Images in a message's content and in a tool result's content are bounded per image; decoys elsewhere add
+    their bytes."""
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "B" * 5_000}}
+    result = {"type": "tool_result", "tool_use_id": "t", "content": [image] * in_tool_results}
+    request: dict[str, Any] = {
+        "messages": [{"role": "user", "content": [image] * in_content + [result]}],
+        **({"metadata": {"extra": image}} if decoy else {}),
+    }
+    images = in_content + in_tool_results
+    assert input_token_bound(request, 100_000) == 100_000 - images * 5_000 + images * IMAGE_TOKEN_BOUND
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,8 @@ def busy_stack(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[tuple[St
                 )
             batch = sdk.messages.batches.create(requests=BATCH)
             sdk.messages.batches.retrieve(batch.id)
+            # Read twice: the ledger keeps each result once, and so must the metrics.
+            assert len(list(sdk.messages.batches.results(batch.id))) == 2
             assert len(list(sdk.messages.batches.results(batch.id))) == 2
         stack.idle()
         # Leases end a second after their last call: then the ledger's numbers stand still.
@@ -88,9 +90,9 @@ def busy_stack(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[tuple[St
 def test_metrics_agree_with_the_ledger(engine: Engine, db_url: str, tmp_path: Path) -> None:
     with busy_stack(engine, db_url, tmp_path) as (stack, records):
         samples = parse(scrape(stack.url))
-    # Seven Messages calls; a batch created, retrieved twice (the SDK looks up `results_url`), its results read,
-    # and its two results.
-    assert len(records) == 13
+    # Seven Messages calls; a batch created, retrieved three times (the SDK looks up `results_url` before each
+    # read), its results read twice, and its two results.
+    assert len(records) == 15
     assert total(samples, "spendgate_calls_total") == len(records)
     by_outcome: dict[str, int] = defaultdict(int)
     for record in records:
@@ -121,7 +123,7 @@ def test_metrics_agree_with_the_ledger(engine: Engine, db_url: str, tmp_path: Pa
     for histogram in ("request_duration", "upstream_duration", "overhead"):
         assert total(samples, f"spendgate_{histogram}_seconds_count") == len(live), histogram
     assert total(samples, "spendgate_overhead_seconds_count", streamed="true") == 1
-    assert total(samples, "spendgate_overhead_seconds_count", endpoint="/v1/messages/batches/{id}/results") == 1
+    assert total(samples, "spendgate_overhead_seconds_count", endpoint="/v1/messages/batches/{id}/results") == 2
     # Six Messages calls went out (one JSON, one stream, three attempts, one 429) and one batch: seven holds.
     assert total(samples, "spendgate_budget_holds_total") == 7
     assert total(samples, "spendgate_ledger_write_batches_total") >= 1

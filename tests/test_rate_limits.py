@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -190,13 +191,34 @@ def test_rate_limits_hold_across_replicas_under_load(engine: Engine, db_url: str
     _, key = create_key(engine, "research", actor="test", rates=RateLimits(rpm=rpm))
     upstream = FakeAnthropic()
     count = 1 if POSTGRES_URL is None else 2
-    deadline = time.monotonic() + 4 * WINDOW
+    clients = 200
     outcomes: list[int] = []
     lock = threading.Lock()
+    # The load runs for 4 windows from the moment every client is ready (making 200 SDK clients takes seconds on a
+    # busy machine), and on until the limits have refused some attempt, however slowly this machine sends them.
+    deadline = [0.0, 0.0]
+    refused_once = threading.Event()
+
+    def start_clock() -> None:
+        now = time.monotonic()
+        deadline[:] = [now + 4 * WINDOW, now + 120]
+
+    ready = threading.Barrier(clients + 1, action=start_clock)
+
+    def going() -> bool:
+        now = time.monotonic()
+        return now < deadline[1] and (now < deadline[0] or not refused_once.is_set())
+
+    def seen(response: Any) -> None:
+        if response.status_code == 429:
+            refused_once.set()
 
     def client(url: str) -> None:
-        with anthropic.Anthropic(base_url=url, api_key=key, max_retries=3) as sdk:
-            while time.monotonic() < deadline:
+        # Every attempt's answer, including the 429s the SDK then waits out and retries.
+        http = anthropic.DefaultHttpxClient(event_hooks={"response": [seen]})
+        with anthropic.Anthropic(base_url=url, api_key=key, max_retries=3, http_client=http) as sdk:
+            ready.wait()
+            while going():
                 try:
                     if stream:
                         with sdk.messages.stream(model="claude-sonnet-4-6", max_tokens=60, messages=LONG) as events:
@@ -210,9 +232,10 @@ def test_rate_limits_hold_across_replicas_under_load(engine: Engine, db_url: str
                     outcomes.append(status)
 
     with serve_in_thread(upstream) as upstream_url, replicas(db_url, upstream_url, tmp_path, count) as urls:
-        threads = [threading.Thread(target=client, args=(urls[n % count],)) for n in range(200)]
+        threads = [threading.Thread(target=client, args=(urls[n % count],)) for n in range(clients)]
         for thread in threads:
             thread.start()
+        ready.wait(timeout=120)
         for thread in threads:
             thread.join(timeout=180)
     assert set(outcomes) <= {200, 429}

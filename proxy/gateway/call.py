@@ -10,6 +10,7 @@ import itertools
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -87,6 +88,7 @@ class Call:
         "batch_id",
         "custom_id",
         "endpoint",
+        "estimate",
         "facts",
         "first_byte",
         "forwarded",
@@ -141,6 +143,9 @@ class Call:
         self.ticket: Ticket | None = None  # what the call took from its rate limits
         self.priced: Cost | None = None
         self.fingerprint: str | None = None  # of a Messages request, for retry linking
+        # The Messages call's worst-case cost (computed at most once): what it is charged if it went out and no
+        # usage came back.
+        self.estimate: Callable[[], Decimal | None] | None = None
         self.batch_id: str | None = None
         self.custom_id: str | None = None
         self.forwarded = False
@@ -164,6 +169,17 @@ class Call:
         if stream and self.facts.status < 300:
             self.facts.complete = summary.complete
 
+    def may_have_been_billed(self) -> bool:
+        """Whether a Messages call went out and was not answered with an error: cut off (by the client, the upstream
+        or the shutdown) before its usage arrived, Anthropic may still bill it."""
+        return (
+            self.forwarded
+            and self.estimate is not None
+            and self.facts.refusal is None
+            and self.facts.status < 400
+            and self.facts.error_type is None
+        )
+
     def upstream_seconds(self) -> float:
         """How long the call has waited on the upstream so far."""
         if self.sent is None or self.upstream_done is None:
@@ -182,6 +198,13 @@ class Call:
             version = prices.version_at(self.started_at)
             if self.forwarded and not self.metered and self.endpoint != COUNT_TOKENS:
                 self.priced = Cost(cost_usd=None, price_version=version, price_source="unmetered")
+            elif self.usage is None and self.may_have_been_billed():
+                self.priced = Cost(
+                    cost_usd=self.estimate() if self.estimate is not None else None,
+                    price_version=version,
+                    price_source="table",
+                    cost_source="estimate",
+                )
             elif self.usage is None or not self.forwarded or self.endpoint == COUNT_TOKENS:
                 # Never sent, free (token counting), or no usage reported: nothing we can see was consumed.
                 self.priced = Cost(cost_usd=ZERO, price_version=version, price_source="table")
@@ -224,6 +247,7 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
         cost_usd=cost.cost_usd,
         price_version=cost.price_version,
         price_source=cost.price_source,
+        cost_source=cost.cost_source,
         is_retry=call.retry_count > 0,
         retry_reason="sdk" if call.retry_count > 0 else None,
         retry_count=call.retry_count,

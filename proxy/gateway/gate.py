@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -103,7 +103,7 @@ class Gate:
         limit = BATCH_MAX_BODY_BYTES if route.kind == "batch_create" else self._rules.max_body_bytes
         try:
             async with asyncio.timeout(self._rules.body_timeout_seconds):
-                return await _read_body(receive, limit)
+                return await receive_body(receive, limit)
         except TimeoutError:
             pass
         raise BodyTimeout(
@@ -133,14 +133,16 @@ class Gate:
         input_tokens = input_token_bound(request, len(capped.body))
         # Rate limits first: they are answered from memory, and a call they refuse takes no budget hold.
         ticket = await self._rate_limit(call, key, input_tokens, capped.max_tokens or 0)
-        estimate = partial(
-            estimate_cost,
-            request,
-            model=call.model or "",
-            input_tokens=input_tokens,
-            max_tokens=capped.max_tokens,
-            prices=self._prices,
-            at=call.started_at,
+        call.estimate = estimate = cache(
+            partial(
+                estimate_cost,
+                request,
+                model=call.model or "",
+                input_tokens=input_tokens,
+                max_tokens=capped.max_tokens,
+                prices=self._prices,
+                at=call.started_at,
+            )
         )
         try:
             await self._hold_worst_case(
@@ -274,6 +276,7 @@ class Gate:
                     endpoint=call.endpoint,
                     model=call.model,
                     user=call.user,
+                    feature=call.feature,
                 )
                 hold = partial(
                     reserve,
@@ -321,7 +324,13 @@ def _size(params: dict[str, Any]) -> int:
         raise BadRequest("A batch request is nested too deeply to be read.") from None
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def receive_body(receive: Receive, limit: int, *, content_length: str | None = None) -> bytes:
+    """The whole request body, or `RequestTooLarge` as soon as it is known to pass `limit` bytes: from its
+    `content_length` before a byte is read, else (chunked) as they arrive, so that no more than `limit` bytes
+    and a chunk are ever held. `ClientGone` if the client leaves first."""
+    # The server has checked the header's form already; the guard keeps a server that did not from making a 500.
+    if content_length and content_length.isascii() and content_length.isdigit() and int(content_length) > limit:
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -331,9 +340,13 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise RequestTooLarge(
-                f"The request body is over {limit} bytes, the limit for this request. Send a smaller request."
-            )
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"The request body is over {limit} bytes, the limit for this request. Send a smaller request."
+    )

@@ -136,14 +136,35 @@ def _walk(request: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _images(request: dict[str, Any]) -> tuple[int, int]:
-    """How many image blocks the request holds, and how many bytes of base64 data they carry."""
+    """How many image blocks the request's messages hold, and how many bytes of base64 data they carry.
+
+    Only where Anthropic reads an image: a block of a message's content, or of a `tool_result`'s content. The same
+    shape anywhere else (a tool's `input_schema`, metadata, a text block's fields) is text to the model, billed by
+    its bytes: counting it as an image would let a client shrink the worst case of a huge body to nothing.
+    """
     count = size = 0
-    for node in _walk(request):
-        if node.get("type") == "image":
-            source = node.get("source")
-            data = source.get("data") if isinstance(source, dict) else None
-            count, size = count + 1, size + (len(data) if isinstance(data, str) else 0)
+    for block in _message_blocks(request):
+        nested = _blocks(block.get("content")) if block.get("type") == "tool_result" else ()
+        for image in (block, *nested):
+            if image.get("type") == "image":
+                source = image.get("source")
+                data = source.get("data") if isinstance(source, dict) else None
+                count, size = count + 1, size + (len(data) if isinstance(data, str) else 0)
     return count, size
+
+
+def _message_blocks(request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    messages = request.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            yield from _blocks(message.get("content"))
+
+
+def _blocks(content: Any) -> Iterator[dict[str, Any]]:
+    """The content blocks of a content field (a plain string has none)."""
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict):
+            yield block
 
 
 def _asks_for_1h_cache(request: dict[str, Any]) -> bool:

@@ -7,7 +7,7 @@ from decimal import Decimal
 from operator import attrgetter
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, Table, select, update
+from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 
 from proxy.audit import extend, lock_head, write_head
@@ -38,47 +38,54 @@ Retried = tuple[str | None, Decimal | None]
 
 
 class Inserted(NamedTuple):
-    """What one write did besides inserting: the soft limits it crossed, and the (team, cost) of each record it
-    linked as a retry (known only here, where earlier attempts are looked up)."""
+    """What one write did besides inserting: the soft limits it crossed, the (team, cost) of each record it
+    linked as a retry (known only here, where earlier attempts are looked up), and the ids it skipped as already
+    written (a batch's results read twice)."""
 
     crossed: list[SoftLimitCrossed]
     retries: list[Retried]
+    known: list[str]
 
 
 def insert_records(
     engine: Engine, records: list[UsageRecord], *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
 ) -> Inserted:
-    """Insert usage records and settle their budget holds in one transaction (blocking).
+    """Insert usage records and settle their budget holds in one transaction of their own (blocking)."""
+    with write_transaction(engine) as connection:
+        return write_records(connection, records, soft_fraction=soft_fraction)
+
+
+def write_records(
+    connection: Connection, records: list[UsageRecord], *, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
+) -> Inserted:
+    """Insert usage records and settle their budget holds, in the caller's write transaction.
 
     Ids already in the ledger are skipped and not settled again, so retrying a batch whose commit succeeded
     but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts and
     every record is appended to the audit chain on the way in.
     """
     rows = [record_to_row(record) for record in records]
-    with write_transaction(engine) as connection:
-        # The chain's lock serialises every writer, so the check for ids already written cannot race.
-        pos, head = lock_head(connection)
-        present = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
-        fresh = [index for index, record in enumerate(records) if record.id not in present]
-        rows = [rows[index] for index in fresh]
-        link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
-        write_head(connection, *extend(rows, pos, head))
-        if rows:
-            insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
-        # Holds are released even when their record was written before (a batch's last result read twice).
-        held = [record for record in records if record.reservation is not None and record.reservation.held]
-        finished = sorted({record.batch_id for record in held if record.batch_id is not None})
-        if finished:
-            connection.execute(
-                update(Batch).where(Batch.id.in_(finished)).values(results_recorded_at=datetime.now(UTC))
-            )
-        crossed = settle(
-            connection,
-            [records[index] for index in fresh],
-            soft_fraction=soft_fraction,
-            release=[record.reservation.call_id for record in held if record.reservation is not None],
-        )
-    return Inserted(crossed, [(row["team"], row["cost_usd"]) for row in rows if row["is_retry"]])
+    # The chain's lock serialises every writer, so the check for ids already written cannot race.
+    pos, head = lock_head(connection)
+    present = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
+    fresh = [index for index, record in enumerate(records) if record.id not in present]
+    rows = [rows[index] for index in fresh]
+    link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
+    write_head(connection, *extend(rows, pos, head))
+    if rows:
+        insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
+    # Holds are released even when their record was written before (a batch's last result read twice).
+    held = [record for record in records if record.reservation is not None and record.reservation.held]
+    finished = sorted({record.batch_id for record in held if record.batch_id is not None})
+    if finished:
+        connection.execute(update(Batch).where(Batch.id.in_(finished)).values(results_recorded_at=datetime.now(UTC)))
+    crossed = settle(
+        connection,
+        [records[index] for index in fresh],
+        soft_fraction=soft_fraction,
+        release=[record.reservation.call_id for record in held if record.reservation is not None],
+    )
+    return Inserted(crossed, [(row["team"], row["cost_usd"]) for row in rows if row["is_retry"]], sorted(present))
 
 
 def is_refused(error: Exception) -> bool:

@@ -10,15 +10,18 @@ freed. The record ids are the calls' ids, so the dead process's journal, replaye
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, Row, delete, insert, select, update
 
 from proxy.db import write_transaction
-from proxy.ledger.commit import insert_records
+from proxy.ledger.commit import write_records
 from proxy.ledger.journal import Start, interrupted
+from proxy.logs import Trouble
 from proxy.models import BudgetReservation, Instance
 from proxy.pricing import PriceTable
 from proxy.rates import drop_holdings
@@ -28,40 +31,60 @@ logger = logging.getLogger("spendgate")
 
 
 class Heartbeat:
-    """This process's heartbeat, and the reaper that runs with it."""
+    """This process's heartbeat, beaten from a thread of its own, and the reaper that runs beside it.
 
-    def __init__(self, engine: Engine, prices: PriceTable, instance: str, *, limit: timedelta) -> None:
+    The beat has its own thread, not a task of the event loop or a slot in its thread pool: a loop stalled by
+    load (or a pool busy with ledger work) must not make a live process look dead, since the reaper would then
+    record the holds of calls that are still running and their spend would count twice.
+    """
+
+    def __init__(self, engine: Engine, prices: PriceTable, instance: str, *, interval: float, limit: timedelta) -> None:
         self._engine = engine
         self._prices = prices
         self._instance = instance
+        self._interval = interval
         self._limit = limit
         self._beating_since: datetime | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
         # Set once another replica took this process for dead and recorded its calls at their estimate.
         self.taken_for_dead = False
 
     def start(self, now: datetime) -> None:
-        """Register this process (blocking)."""
+        """Register this process and start beating (blocking)."""
         register(self._engine, self._instance, now)
         self._beating_since = now
+        self._thread = threading.Thread(target=self._beat_until_stopped, name="spendgate-heartbeat", daemon=True)
+        self._thread.start()
 
-    def tick(self, now: datetime) -> None:
-        """Beat, then record the calls of processes that stopped beating (blocking)."""
-        try:
-            if not beat(self._engine, self._instance, now):
-                self.taken_for_dead = True
-        except Exception:
-            self._beating_since = None
-            raise
-        if self._beating_since is None:
-            self._beating_since = now
-        # Only a process that has itself beaten for a whole limit may call another dead: after a ledger outage
-        # every heartbeat is stale, and the other replicas must get their chance to beat first.
-        if now - self._beating_since >= self._limit:
+    def reap(self, now: datetime) -> None:
+        """Record the calls of processes that stopped beating (blocking); only once this process has itself beaten
+        for a whole limit: after a ledger outage every heartbeat is stale, and the other replicas must get their
+        chance to beat first."""
+        since = self._beating_since
+        if since is not None and now - since >= self._limit:
             reap(self._engine, self._prices, now, limit=self._limit)
 
     def stop(self) -> None:
         """A clean exit, once every call of this process is recorded (blocking)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
         retire(self._engine, self._instance)
+
+    def _beat_until_stopped(self) -> None:
+        trouble = Trouble(logger, "beating this process's heartbeat")
+        while not self._stopping.wait(self._interval):
+            try:
+                if not beat(self._engine, self._instance):
+                    self.taken_for_dead = True
+            except Exception as exc:
+                self._beating_since = None
+                trouble.failed(exc, detail=f" (it beats every {self._interval:g} s)")
+                continue
+            trouble.succeeded()
+            if self._beating_since is None:
+                self._beating_since = datetime.now(UTC)
 
 
 def register(engine: Engine, instance: str, now: datetime) -> None:
@@ -71,9 +94,12 @@ def register(engine: Engine, instance: str, now: datetime) -> None:
         connection.execute(insert(Instance).values(id=instance, started_at=now, heartbeat_at=now))
 
 
-def beat(engine: Engine, instance: str, now: datetime) -> bool:
+def beat(engine: Engine, instance: str) -> bool:
     """Say this process is alive (blocking). False when a reaper had taken it for dead (it registers again)."""
-    with engine.begin() as connection:
+    with write_transaction(engine) as connection:
+        # The time of the write itself, taken once the write lock is ours: a beat that waited for the lock must
+        # not be written as older than it is.
+        now = datetime.now(UTC)
         found = connection.execute(update(Instance).where(Instance.id == instance).values(heartbeat_at=now))
         if found.rowcount == 0:
             logger.error("this process (%s) was taken for dead by another replica; registering again", instance)
@@ -91,31 +117,33 @@ def retire(engine: Engine, instance: str) -> None:
 def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta) -> int:
     """Turn the holds of processes whose heartbeat is older than `limit` into `interrupted` records (blocking).
 
-    Returns how many calls were recorded. Safe on any number of replicas at once: record ids are call ids.
+    Returns how many calls were recorded. The processes are claimed (deleted, locked in id order so that two
+    reapers never deadlock) in the transaction that records their holds: a process that beats before the claim
+    keeps its holds, and one claimed finds itself taken for dead at its next beat, never both. Safe on any number
+    of replicas at once.
     """
-    with Session(engine) as session:
-        dead = list(session.execute(select(Instance.id).where(Instance.heartbeat_at < now - limit)).scalars())
-        holds = select(BudgetReservation).where(BudgetReservation.instance_id.in_(dead))
-        rows = list(session.execute(holds).scalars()) if dead else []
-    calls: dict[str, list[BudgetReservation]] = {}
-    for row in rows:
-        calls.setdefault(row.call_id, []).append(row)
-    records = [_interrupted(holds, prices, now) for holds in calls.values()]
+    records: list[UsageRecord] = []
+    with write_transaction(engine) as connection:
+        stale = select(Instance.id).where(Instance.heartbeat_at < now - limit).order_by(Instance.id)
+        dead = list(connection.execute(stale.with_for_update()).scalars())
+        if dead:
+            connection.execute(delete(Instance).where(Instance.id.in_(dead)))
+            holds = select(BudgetReservation.__table__).where(BudgetReservation.instance_id.in_(dead))
+            calls: dict[str, list[Row[Any]]] = {}
+            for row in connection.execute(holds):
+                calls.setdefault(row.call_id, []).append(row)
+            records = [_interrupted(rows, prices, now) for rows in calls.values()]
+            if records:
+                write_records(connection, records)
+        drop_holdings(connection, dead, now)
     if records:
-        insert_records(engine, records)
         logger.warning(
             "recorded %d calls of dead processes %s as interrupted at their held amount", len(records), ", ".join(dead)
         )
-    with write_transaction(engine) as connection:
-        # Only the processes still stale now: one that beat meanwhile keeps its rate-limit holdings.
-        gone = connection.execute(
-            delete(Instance).where(Instance.id.in_(dead), Instance.heartbeat_at < now - limit).returning(Instance.id)
-        ).scalars()
-        drop_holdings(connection, list(gone), now)
     return len(records)
 
 
-def _interrupted(holds: list[BudgetReservation], prices: PriceTable, now: datetime) -> UsageRecord:
+def _interrupted(holds: Sequence[Row[Any]], prices: PriceTable, now: datetime) -> UsageRecord:
     first = holds[0]
     amount: Decimal = first.amount_usd
     counters = tuple(
@@ -134,7 +162,7 @@ def _interrupted(holds: list[BudgetReservation], prices: PriceTable, now: dateti
         started_at=first.started_at or now,
         team=first.team,
         key_id=first.key_id,
-        feature=None,
+        feature=first.feature,
         user=first.user,
         endpoint=first.endpoint or "",
         model=first.model,

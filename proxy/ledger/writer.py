@@ -25,6 +25,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from proxy.budgets import SoftLimitCrossed
+from proxy.errors import LedgerUnavailable
 from proxy.ledger.commit import Retried
 from proxy.ledger.disk import encode, record_to_json, set_aside, write_atomically
 from proxy.ledger.journal import Journal, Start
@@ -113,15 +114,19 @@ class Writer:
         return None
 
     def began(self, start: Start) -> None:
-        """Journal a call about to go upstream, so its record survives this process being killed."""
+        """Journal a call about to go upstream, so its record survives this process being killed; raises
+        `LedgerUnavailable` when it cannot be journaled (the call must not go out: a crash before its record is
+        written would lose it)."""
         if self._journal is None:
             return
         try:
             self._journal.started(start)
         except OSError as exc:
-            # The call still goes out and is recorded as usual; only a crash before its end would lose it.
             self._journal.failing = f"cannot write the crash journal: {exc}"
-            logger.error("%s; call %s goes out unjournaled", self._journal.failing, start.id)
+            logger.error("%s; call %s refused", self._journal.failing, start.id)
+            raise LedgerUnavailable(
+                "spendgate cannot journal calls right now (its spill folder cannot be written), so it sends none."
+            ) from None
 
     def submit(self, record: UsageRecord) -> None:
         """Journal and queue a record; never blocks on the ledger and never fails (past the bound too: the call
@@ -129,7 +134,10 @@ class Writer:
         if self._journal is not None:
             self._journal.ended(record)
         self._pending.append((time.monotonic(), record))
-        self._metrics.recorded(record)
+        if record.custom_id is None:
+            # A batch result can come again (its results read twice, on any replica): it is counted once the
+            # ledger has taken it as new, never here.
+            self._metrics.recorded(record)
         if len(self._pending) >= self._batch_size:
             self._wakeup.set()
 
@@ -185,7 +193,7 @@ class Writer:
             batch = [record for _, record in islice(self._pending, min(self._batch_size, queued))]
             correct_as = f"instance:{self._instance}" if self.correct_estimates else None
             try:
-                crossed, retries = await self._writes.write(batch, correct_as=correct_as)
+                crossed, retries, known = await self._writes.write(batch, correct_as=correct_as)
                 done = len(batch)
             except WriteFailed as failed:
                 self._last_error = str(failed)
@@ -195,9 +203,13 @@ class Writer:
                     return False
                 # The database refused some record's data: write the others one by one and set the bad ones
                 # aside, rather than retry a batch that can never succeed.
-                done, crossed, retries = await self._one_by_one(batch)
+                done, crossed, retries, known = await self._one_by_one(batch)
             self._trouble.succeeded()
             self._metrics.written(retries)
+            skipped = set(known)
+            for record in batch[:done]:
+                if record.custom_id is not None and record.id not in skipped:
+                    self._metrics.recorded(record)
             for _ in range(done):
                 self._pending.popleft()
             queued -= done
@@ -212,22 +224,28 @@ class Writer:
         self._last_error = None
         return True
 
-    async def _one_by_one(self, batch: list[UsageRecord]) -> tuple[int, list[SoftLimitCrossed], list[Retried]]:
-        """Write records singly; returns how many were dealt with (written or set aside) before a failure."""
+    async def _one_by_one(
+        self, batch: list[UsageRecord]
+    ) -> tuple[int, list[SoftLimitCrossed], list[Retried], list[str]]:
+        """Write records singly; returns how many were dealt with (written, skipped as known, or set aside) before a
+        failure, and what the writes reported. A record set aside counts as known: the ledger does not have it."""
         crossed: list[SoftLimitCrossed] = []
         retries: list[Retried] = []
+        known: list[str] = []
         for index, record in enumerate(batch):
             try:
                 inserted = await self._writes.write([record])
             except WriteFailed as failed:
                 if not failed.refused:
                     logger.error("could not write usage record %s (%s); it stays queued", record.id, failed)
-                    return index, crossed, retries
+                    return index, crossed, retries, known
                 await anyio.to_thread.run_sync(self._place, record, str(failed))
+                known.append(record.id)
                 continue
             crossed += inserted.crossed
             retries += inserted.retries
-        return len(batch), crossed, retries
+            known += inserted.known
+        return len(batch), crossed, retries, known
 
     def _place(self, record: UsageRecord, reason: str) -> None:
         try:
