@@ -211,7 +211,12 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
             replica(db_url, upstream_url, tmp_path, env=HEARTBEATS) as (survivor, _),
         ):
             # Slow streams on both replicas: half are in flight on the one that dies.
-            headers = {"x-api-key": budgeted_key, "x-fake-chunk": "200", "x-fake-delay": "0.3"}
+            headers = {
+                "x-api-key": budgeted_key,
+                "x-fake-chunk": "200",
+                "x-fake-delay": "0.3",
+                "x-spendgate-feature": "triage",
+            }
 
             def call(url: str) -> None:
                 with contextlib.suppress(httpx.HTTPError):
@@ -235,6 +240,9 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
                 wait_until(lambda: count(engine) == calls, "a record for every call")
             interrupted = [r for r in records(engine) if r["outcome"] == "interrupted"]
             assert interrupted and {r["cost_source"] for r in interrupted} == {"estimate"}
+            # A call's own hold keeps what its record needs, its feature tag included (a lease covers many calls).
+            calls_held = {r["feature"] for r in interrupted if not is_lease(r)}
+            assert calls_held == (set() if budget == 100 else {"triage"})
             assert get_team(engine, "research").reserved_usd == 0
             assert get_team(engine, "research").spent_usd <= budget
         # A restart on the same spill folder replays the dead replica's journal: nothing new, nothing twice, and
