@@ -113,8 +113,9 @@ def create_app(
             ttl=timedelta(seconds=settings.reservation_ttl_seconds),
             note=journal.leased,
             metrics=metrics,
+            wait_seconds=settings.ledger_wait_seconds,
         )
-        throttle = Throttle(engine, instance=instance, metrics=metrics)
+        throttle = Throttle(engine, instance=instance, metrics=metrics, wait_seconds=settings.ledger_wait_seconds)
         writer = Writer(
             writes_for(
                 settings.db_url,
@@ -156,6 +157,7 @@ def create_app(
                 reservation_ttl=timedelta(seconds=settings.reservation_ttl_seconds),
                 fail_open=settings.budget_fail_open,
                 instance=instance,
+                ledger_wait_seconds=settings.ledger_wait_seconds,
             ),
             metrics=metrics,
         )

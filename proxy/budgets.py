@@ -192,6 +192,12 @@ def reserve(
         )
 
 
+def release(engine: Engine, call_ids: Sequence[str]) -> None:
+    """Take back the holds of calls that never went out (blocking): a hold that landed after its call was refused."""
+    with write_transaction(engine) as connection:
+        _unhold(connection, call_ids)
+
+
 def settle(
     connection: Connection,
     records: Sequence[UsageRecord],

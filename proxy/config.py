@@ -37,6 +37,12 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # A request body still arriving after this long is refused (408): a client trickling bytes holds a slot.
     body_timeout_seconds: float = 60.0
+    # A request head (request line and headers) not complete this long after the connection opened, or after the
+    # previous response on it, is closed (408 if part of it came): each connection holds a file descriptor.
+    head_timeout_seconds: float = 10.0
+    # Connections from one client address whose head is still arriving, at most; past it the oldest is closed.
+    # 0: no bound per address (the bound on all of them, from the file-descriptor limit, still holds).
+    max_pending_heads_per_client: int = 32
     # How long a key lookup is trusted before the ledger is asked again: the delay before a
     # revocation made on another replica takes effect here.
     key_cache_seconds: float = 5.0
@@ -55,6 +61,9 @@ class Settings:
     max_pending_records: int = 100_000
     # How long records may wait for the ledger before /healthz answers 503.
     ledger_stall_seconds: float = 30.0
+    # The longest a call waits for an answer the ledger owes it (a budget hold, a lease or rate-limit exchange)
+    # before it is refused 503: a locked or unreachable ledger must not hang calls.
+    ledger_wait_seconds: float = 5.0
     # Each process beats this often; one silent for `heartbeat_limit_seconds` is dead and its holds recorded.
     heartbeat_seconds: float = 5.0
     heartbeat_limit_seconds: float = 30.0
@@ -111,6 +120,8 @@ class Settings:
             prices_path=_read(environ, "SPENDGATE_PRICES", Path, None),
             max_body_bytes=_read(environ, "SPENDGATE_MAX_BODY_BYTES", int, DEFAULT_MAX_BODY_BYTES),
             body_timeout_seconds=_read(environ, "SPENDGATE_BODY_TIMEOUT_SECONDS", float, 60.0),
+            head_timeout_seconds=_read(environ, "SPENDGATE_HEAD_TIMEOUT_SECONDS", float, 10.0),
+            max_pending_heads_per_client=_read(environ, "SPENDGATE_MAX_PENDING_HEADS_PER_CLIENT", int, 32),
             key_cache_seconds=_read(environ, "SPENDGATE_KEY_CACHE_SECONDS", float, 5.0),
             upstream_connect_timeout=_read(environ, "SPENDGATE_UPSTREAM_CONNECT_TIMEOUT", float, 10.0),
             upstream_read_timeout=_read(environ, "SPENDGATE_UPSTREAM_READ_TIMEOUT", float, 600.0),
@@ -118,6 +129,7 @@ class Settings:
             ledger_writer=_read(environ, "SPENDGATE_LEDGER_WRITER", _writer_mode, "auto"),
             max_pending_records=_read(environ, "SPENDGATE_MAX_PENDING_RECORDS", int, 100_000),
             ledger_stall_seconds=_read(environ, "SPENDGATE_LEDGER_STALL_SECONDS", float, 30.0),
+            ledger_wait_seconds=_read(environ, "SPENDGATE_LEDGER_WAIT_SECONDS", float, 5.0),
             heartbeat_seconds=_read(environ, "SPENDGATE_HEARTBEAT_SECONDS", float, 5.0),
             heartbeat_limit_seconds=_read(environ, "SPENDGATE_HEARTBEAT_LIMIT_SECONDS", float, 30.0),
             graceful_shutdown_seconds=_read(environ, "SPENDGATE_SHUTDOWN_GRACE_SECONDS", float, 60.0),
@@ -154,6 +166,10 @@ class Settings:
             )
         if settings.workers < 1:
             raise ConfigError(f"workers {settings.workers}: at least one serving process is needed.")
+        if not settings.head_timeout_seconds > 0:
+            raise ConfigError(
+                f"SPENDGATE_HEAD_TIMEOUT_SECONDS has value {settings.head_timeout_seconds:g}; it must be above 0."
+            )
         return settings
 
 

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -26,10 +26,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def replica(
-    db_url: str, upstream_url: str, workdir: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+    db_url: str,
+    upstream_url: str,
+    workdir: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run `spendgate serve` in a child process (in `cwd`, default this one, with `env` added to the environment)
-    until the block ends; yields its URL and process."""
+    """Run `spendgate serve` in a child process (in `cwd`, default this one, with `env` added to the environment,
+    `preexec_fn` run in the child before it starts, e.g. to lower its limits) until the block ends; yields its URL
+    and process."""
     port = free_port()
     log = workdir / f"serve-{port}.log"
     environ = {
@@ -46,6 +53,7 @@ def replica(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
     url = f"http://127.0.0.1:{port}"
     try:

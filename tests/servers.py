@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -19,8 +20,9 @@ class ThreadedServer(uvicorn.Server):
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` on a free loopback port; yields its base URL and stops it (lifespan included) on exit."""
+def serve_in_thread(app: ASGIApp, **options: Any) -> Iterator[str]:
+    """Serve `app` on a free loopback port (with more `uvicorn.Config` options); yields its base URL and stops it
+    (lifespan included) on exit."""
     # Idle connections are kept longer than the proxy's pool keeps them (aiohttp: 15 s): with uvicorn's default
     # (5 s) a connection the fake closes just as the proxy reuses it fails that call with a 502, a race between
     # two idle timers rather than anything the tests check.
@@ -33,6 +35,7 @@ def serve_in_thread(app: ASGIApp) -> Iterator[str]:
         date_header=False,
         lifespan="on",
         timeout_keep_alive=60,
+        **options,
     )
     server = ThreadedServer(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -429,3 +429,30 @@ def test_a_call_that_cannot_be_journaled_never_goes_out(engine: Engine, db_url: 
             pass
     forwarded = [r for r in records(engine) if r["status"] == 200]
     assert len(forwarded) == len(upstream.requests) == 5
+
+
+@pytest.mark.parametrize("budget", [Decimal("0.01"), Decimal(100)], ids=["per-call-holds", "leases"])
+def test_budgeted_calls_are_refused_in_bounded_time_while_the_ledger_is_locked(
+    engine: Engine, db_url: str, tmp_path: Path, budget: Decimal
+) -> None:
+    """Someone holds the ledger's write lock (a long transaction): budgeted calls get 503 `ledger_unavailable`
+    after the ledger wait instead of hanging until the lock goes (they waited up to 30 s). The lock is held until
+    every call has its answer, so a call that waited for the lock would fail the test. Once the lock goes, what
+    landed late (a hold, a grant) is given back, and calls go out again."""
+    team = TeamSettings(budget_usd=budget)
+    with running_stack(engine, db_url, tmp_path, team=team, ledger_wait_seconds=0.5) as stack:
+        answers: list[httpx.Response] = []
+
+        def call() -> None:
+            answers.append(httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key}))
+
+        with ledger_locked(engine):
+            threads = [threading.Thread(target=call) for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: len(answers) == 20, "every call to be answered while the ledger is locked")
+        assert {(a.status_code, a.headers["x-spendgate-error"]) for a in answers} == {(503, "ledger_unavailable")}
+        assert stack.upstream.requests == []
+        wait_until(lambda: get_team(engine, "research").reserved_usd == 0, "late holds and grants to be given back")
+        answer = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
+        assert answer.status_code == 200

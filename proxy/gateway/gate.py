@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from starlette.types import Receive
 
 from proxy.batch_owners import BatchOwner, find_batch
-from proxy.budgets import counters_for, reserve
+from proxy.budgets import counters_for, release, reserve
 from proxy.errors import (
     BadRequest,
     BatchNotFound,
@@ -38,6 +38,7 @@ from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_t
 from proxy.gateway.routes import Route
 from proxy.gateway.throttle import Throttle, Ticket
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
+from proxy.gateway.waits import bounded
 from proxy.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
@@ -67,6 +68,8 @@ class GateRules:
     reservation_ttl: timedelta
     fail_open: bool
     instance: str  # the serving process whose holds these are
+    # The longest a call waits for an answer the ledger owes it before it is refused 503.
+    ledger_wait_seconds: float = 5.0
 
 
 class Gate:
@@ -91,6 +94,7 @@ class Gate:
         self._engine = engine
         self._rules = rules
         self._limits = OutputLimits.load()
+        self._tasks: set[asyncio.Future[object]] = set()
 
     async def authenticate(self, call: Call, headers: dict[bytes, bytes]) -> KeyInfo:
         """The caller's key (or `InvalidKey`), from the headers alone."""
@@ -186,9 +190,21 @@ class Gate:
         return owner
 
     async def ledger(self, work: Callable[[], T]) -> T:
-        """Run blocking ledger work in a thread; a database failure becomes a 503 in Anthropic's shape."""
+        """Run blocking ledger work in a thread, waited for at most the ledger wait; a database failure (or no
+        answer in time) becomes a 503 in Anthropic's shape."""
         with ledger_errors():
-            return await anyio.to_thread.run_sync(work)
+            return await bounded(anyio.to_thread.run_sync(work), self._rules.ledger_wait_seconds)
+
+    def _background(self, work: Callable[[], object]) -> None:
+        """Run blocking ledger work in a thread nobody waits for (kept referenced until it ends)."""
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished_background)
+
+    def _finished_background(self, task: asyncio.Future[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background ledger work failed: %s", task.exception())
 
     async def _rate_limit(self, call: Call, key: KeyInfo, input_tokens: int, output_tokens: int) -> Ticket | None:
         """Take the call's share of its rate limits (`RateLimited` if it does not fit)."""
@@ -286,7 +302,9 @@ class Gate:
                     started_at=call.started_at,
                     owner=owner,
                 )
-                await anyio.to_thread.run_sync(hold)
+                # A hold that lands after the call was refused is taken back at once.
+                late = lambda _: self._background(partial(release, self._engine, [call.id]))  # noqa: E731
+                await bounded(anyio.to_thread.run_sync(hold), self._rules.ledger_wait_seconds, late=late)
                 self._metrics.hold_trips.inc()
                 self._metrics.held.inc()
         except LedgerUnavailable:

@@ -19,7 +19,6 @@ has every call it admitted, corrects that estimate to zero and ends the lease.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
+from proxy.gateway.waits import Turns
 from proxy.keys import KeyInfo
 from proxy.metrics import Metrics
 from proxy.types import Counter, HoldOwner, UsageRecord
@@ -69,7 +69,7 @@ class Lease:
     since: float = field(default_factory=time.monotonic)  # the last trim (or the lease's start)
     last_used: float = field(default_factory=time.monotonic)
     small_until: float = 0.0  # until then (monotonic), the budget is too small for leasing: per-call holds
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    turns: Turns = field(default_factory=Turns)  # its grants, one at a time
 
     @property
     def available(self) -> Decimal:
@@ -86,11 +86,21 @@ class Lease:
 class Leases:
     """This process's budget leases: admission against them on the request path, upkeep in the background."""
 
-    def __init__(self, engine: Engine, *, instance: str, ttl: timedelta, note: LeaseNote, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        instance: str,
+        ttl: timedelta,
+        note: LeaseNote,
+        metrics: Metrics,
+        wait_seconds: float | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics
         self._instance = instance
         self._ttl = ttl
+        self._wait = wait_seconds
         self._note = note
         self._slots: dict[Slot, Lease] = {}
         self._by_id: dict[str, Lease] = {}
@@ -111,28 +121,29 @@ class Leases:
             self._slots[slot] = lease
             self._by_id[lease.id] = lease
             self._note(lease.id, budgeted, datetime.now(UTC))
-        async with lease.lock:
-            # Another call may have grown it while this one waited.
-            if lease.available >= amount:
-                return lease.take(amount)
-            now = datetime.now(UTC)
-            owner = HoldOwner(
-                instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None
-            )
-            # Per second by a whole factor, not a division: money stays exact (no 28-digit quotients in the ledger).
-            per_second = lease.demand * int(1 / max(time.monotonic() - lease.since, MIN_WINDOW_SECONDS))
-            size = partial(_slice_size, amount=amount, rate=max(lease.rate, per_second))
-            grow = partial(
-                grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
-            )
-            granted = await anyio.to_thread.run_sync(grow)
-            self._metrics.round_trips.labels("lease_grant").inc()
-            lease.granted += granted
-            if lease.available >= amount:
-                return lease.take(amount)
-            if not granted:
-                lease.small_until = time.monotonic() + TRIM_SECONDS
-        return None
+        # Grown one grant at a time; a call whose wait runs out is refused and the grant still lands in the lease.
+        await lease.turns.run(partial(self._grow, lease, key, budgeted, amount, endpoint), self._wait)
+        return lease.take(amount) if lease.available >= amount else None
+
+    async def _grow(
+        self, lease: Lease, key: KeyInfo, budgeted: tuple[Counter, ...], amount: Decimal, endpoint: str
+    ) -> None:
+        """Grow the lease in the ledger so that it can admit `amount`, unless another call's grant already did."""
+        if lease.available >= amount:
+            return
+        now = datetime.now(UTC)
+        owner = HoldOwner(instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None)
+        # Per second by a whole factor, not a division: money stays exact (no 28-digit quotients in the ledger).
+        per_second = lease.demand * int(1 / max(time.monotonic() - lease.since, MIN_WINDOW_SECONDS))
+        size = partial(_slice_size, amount=amount, rate=max(lease.rate, per_second))
+        grow = partial(
+            grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
+        )
+        granted = await anyio.to_thread.run_sync(grow)
+        self._metrics.round_trips.labels("lease_grant").inc()
+        lease.granted += granted
+        if not granted:
+            lease.small_until = time.monotonic() + TRIM_SECONDS
 
     def finished(self, record: UsageRecord) -> None:
         """A call admitted under a lease ended: its worst case is no longer in flight, its cost is owed."""
@@ -157,7 +168,7 @@ class Leases:
         now = time.monotonic()
         for slot, lease in list(self._slots.items()):
             lease.rate, lease.demand, lease.since = lease.demand / Decimal(TRIM_SECONDS), ZERO, now
-            if lease.lock.locked():
+            if lease.turns.busy:
                 continue  # growing right now
             if now - lease.last_used > IDLE_SECONDS and lease.in_flight == 0 and lease.unwritten == 0:
                 # Out of the slots first, so no call is admitted against it while it ends; back in if it cannot.

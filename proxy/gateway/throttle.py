@@ -11,7 +11,6 @@ slices are brought in line with the demand and the ledger learns what was consum
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.errors import RateLimited
+from proxy.gateway.waits import Turns
 from proxy.keys import KeyInfo
 from proxy.metrics import Metrics
 from proxy.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
@@ -133,13 +133,15 @@ class Ticket:
 class Throttle:
     """This process's slices of the rate-limit buckets: admission on the request path, upkeep in the background."""
 
-    def __init__(self, engine: Engine, *, instance: str, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, *, instance: str, metrics: Metrics, wait_seconds: float | None = None) -> None:
         self._engine = engine
         self._instance = instance
         self._metrics = metrics
+        self._wait = wait_seconds
         self._slices: dict[str, Slice] = {}
-        # One exchange at a time: calls short of a slice wait for the exchange in progress, which takes for them.
-        self._lock = asyncio.Lock()
+        # One exchange at a time: calls short of a slice wait for the exchange in progress, which takes for them. A
+        # call whose wait runs out is refused; its exchange still lands.
+        self._turns = Turns()
 
     async def admit(self, key: KeyInfo, *, input_tokens: int, output_tokens: int, at: datetime) -> Ticket | None:
         """Take a call's requests and token bounds from every limit of its key, or raise `RateLimited` (taking
@@ -166,17 +168,12 @@ class Throttle:
                     headers=tuple(_headers([self._slice(limit) for limit in limits], time.monotonic())),
                 )
         slices = tuple(self._slice(limit) for limit in limits)
-        if not self._fits(slices, amounts):
+        while not self._fits(slices, amounts):
             self._refuse_if_known_short(slices, amounts)
-            async with self._lock:
-                # Slices are looked up again after every wait: the upkeep may have ended one, an exchange may have
-                # replaced one, and calls that fit keep being admitted during an exchange.
-                while True:
-                    slices = tuple(self._slice(limit) for limit in limits)
-                    if self._fits(slices, amounts):
-                        break
-                    self._refuse_if_known_short(slices, amounts)
-                    await self._take_more(slices, amounts, at)
+            await self._turns.run(partial(self._take_more, limits, amounts, at), self._wait)
+            # Looked up again after every wait: the upkeep may have ended a slice, an exchange may have replaced one,
+            # and calls that fit kept being admitted during the exchange.
+            slices = tuple(self._slice(limit) for limit in limits)
         now = time.monotonic()
         for part, amount in zip(slices, amounts, strict=True):
             part.available -= amount
@@ -209,26 +206,28 @@ class Throttle:
         """Keep each slice near the demand of the last second (topped up to it, so calls seldom wait for an exchange
         of their own; given back past twice it), give back slices nobody used for a while, and write what was
         consumed (one transaction)."""
+        await self._turns.run(self._sync, None)
+
+    async def _sync(self) -> None:
         now = time.monotonic()
-        async with self._lock:
-            plans, ended = [], {}
-            for scope, part in list(self._slices.items()):
-                part.rate, part.demand = part.demand / SYNC_SECONDS, 0
-                idle = now - part.last_used > IDLE_SECONDS and part.in_flight == 0
-                keep = 0 if idle else part.size(0)
-                back = max(part.available - keep, 0) if idle or part.available > 2 * keep else 0
-                if idle:
-                    # Out of the slices first, so no call is admitted against it while it ends.
-                    ended[scope] = self._slices.pop(scope)
-                # Whatever the bucket has, up to the demand (need 0: a short bucket is no refusal here).
-                top_up = max(keep - max(part.available, 0), 0)
-                plans.append((part, back, 0, top_up))
-            try:
-                await self._exchange(plans, datetime.now(UTC))
-            except BaseException:
-                for scope, part in ended.items():
-                    self._slices.setdefault(scope, part)
-                raise
+        plans, ended = [], {}
+        for scope, part in list(self._slices.items()):
+            part.rate, part.demand = part.demand / SYNC_SECONDS, 0
+            idle = now - part.last_used > IDLE_SECONDS and part.in_flight == 0
+            keep = 0 if idle else part.size(0)
+            back = max(part.available - keep, 0) if idle or part.available > 2 * keep else 0
+            if idle:
+                # Out of the slices first, so no call is admitted against it while it ends.
+                ended[scope] = self._slices.pop(scope)
+            # Whatever the bucket has, up to the demand (need 0: a short bucket is no refusal here).
+            top_up = max(keep - max(part.available, 0), 0)
+            plans.append((part, back, 0, top_up))
+        try:
+            await self._exchange(plans, datetime.now(UTC))
+        except BaseException:
+            for scope, part in ended.items():
+                self._slices.setdefault(scope, part)
+            raise
 
     async def close(self) -> None:
         """At a clean exit, once every call has ended: give back every slice."""
@@ -267,8 +266,13 @@ class Throttle:
         if tightest is not None and wait > 0:
             raise _refusal(tightest.limit, wait, slices, now)
 
-    async def _take_more(self, slices: Sequence[Slice], amounts: Sequence[int], at: datetime) -> None:
-        """One exchange growing every slice that is short for this call; `RateLimited` if a bucket cannot."""
+    async def _take_more(self, limits: Sequence[Limit], amounts: Sequence[int], at: datetime) -> None:
+        """One exchange growing every slice that is short for this call (unless the exchange before it in turn made
+        room); `RateLimited` if a bucket cannot."""
+        slices = tuple(self._slice(limit) for limit in limits)
+        if self._fits(slices, amounts):
+            return
+        self._refuse_if_known_short(slices, amounts)
         plans, wanted = [], []
         for part, amount in zip(slices, amounts, strict=True):
             need = amount - max(part.available, 0)
