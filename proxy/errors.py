@@ -15,6 +15,7 @@ ProxyError
 ├── BatchNotFound         404 not_found_error       batch_not_found
 ├── RequestTooLarge       413 request_too_large     request_too_large
 ├── LedgerUnavailable     503 api_error             ledger_unavailable
+├── Overloaded            529 overloaded_error      large_body_busy
 ├── UpstreamUnreachable   502 api_error             upstream_unreachable
 └── UpstreamTimeout       504 api_error             upstream_timeout
 """
@@ -203,6 +204,14 @@ class LedgerUnavailable(ProxyError):
     status = 503
     error_type = "api_error"
     reason = "ledger_unavailable"
+
+
+class Overloaded(ProxyError):
+    """Another request's large body is being taken in: its turn did not come while this one waited."""
+
+    status = 529
+    error_type = "overloaded_error"
+    reason = "large_body_busy"
 
 
 class RequestTooLarge(ProxyError):

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 from sqlalchemy import Engine
+from starlette.types import Receive, Scope, Send
 
 from proxy.export import iter_usage
 from proxy.teams import TeamSettings, create_key, create_team, get_team
+from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack, running_stack_again
+from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
 REQUESTS: list[Any] = [
@@ -164,3 +170,71 @@ def test_a_result_without_service_tier_is_priced_at_batch_rates(engine: Engine, 
         records = {r["custom_id"]: r for r in batch_records(stack, 2)}
     assert records["untiered-one"]["cost_usd"] == records["second"]["cost_usd"] == SUCCEEDED_COST
     assert records["untiered-one"]["service_tier"] == "batch"
+
+
+class BatchCreatesInFlight:
+    """The fake upstream, counting the batch creates it is answering at once."""
+
+    def __init__(self, app: FakeAnthropic) -> None:
+        self.app = app
+        self.now = self.most = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        counted = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/batches")
+        self.now += counted
+        self.most = max(self.most, self.now)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.now -= counted
+
+
+def large_batch(custom_id: str) -> bytes:
+    params = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 60_000}]}
+    return json.dumps({"requests": [{"custom_id": custom_id, "params": params}]}).encode()
+
+
+def test_large_batch_bodies_are_taken_in_one_at_a_time(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """Four 256 MB batch creates at once took 2.66 GB: a body over the ordinary limit (50 KB here) waits for the
+    one turn such bodies have and keeps it until its call is done; one whose turn does not come while its body
+    may arrive gets 529 `overloaded_error`, and the process keeps serving meanwhile."""
+    upstream = BatchCreatesInFlight(FakeAnthropic())
+    with serve_in_thread(upstream) as upstream_url:
+        with running_stack(engine, db_url, tmp_path, upstream_url=upstream_url, max_body_bytes=50_000) as stack:
+            headers = {"x-api-key": stack.key, "content-type": "application/json", "x-fake-hang": "0.3"}
+            answers: list[int] = []
+
+            def create(n: int) -> None:
+                url = f"{stack.url}/v1/messages/batches"
+                answers.append(httpx.post(url, content=large_batch(str(n)), headers=headers, timeout=60).status_code)
+
+            threads = [threading.Thread(target=create, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert answers == [200] * 4
+            assert upstream.most == 1
+
+
+def test_a_large_body_whose_turn_does_not_come_is_overloaded(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    upstream = BatchCreatesInFlight(FakeAnthropic())
+    with serve_in_thread(upstream) as upstream_url:
+        settings: dict[str, Any] = {"max_body_bytes": 50_000, "body_timeout_seconds": 1.0}
+        with running_stack(engine, db_url, tmp_path, upstream_url=upstream_url, **settings) as stack:
+            url = f"{stack.url}/v1/messages/batches"
+            headers = {"x-api-key": stack.key, "content-type": "application/json"}
+            first = threading.Thread(
+                target=lambda: httpx.post(url, content=large_batch("a"), headers={**headers, "x-fake-hang": "3"})
+            )
+            first.start()
+            wait_until(lambda: upstream.now == 1, "the first large batch to reach the upstream")
+            second = httpx.post(url, content=large_batch("b"), headers=headers, timeout=30)
+            # Everything else is served meanwhile.
+            message = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+            answer = httpx.post(f"{stack.url}/v1/messages", json=message, headers=headers, timeout=30)
+            first.join(timeout=30)
+    assert second.status_code == 529
+    assert second.json()["error"]["type"] == "overloaded_error"
+    assert second.headers["x-spendgate-error"] == "large_body_busy"
+    assert answer.status_code == 200

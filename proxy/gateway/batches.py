@@ -62,7 +62,12 @@ class Batches:
         self, call: Call, route: Route, key: KeyInfo, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Serve one batch call whose caller the gate has identified."""
-        body = await self._gate.read_body(route, receive)
+        async with self._gate.body(route, receive) as body:
+            await self._serve(call, route, key, scope, receive, send, body)
+
+    async def _serve(
+        self, call: Call, route: Route, key: KeyInfo, scope: Scope, receive: Receive, send: Send, body: bytes
+    ) -> None:
         owner = None
         if route.kind == "batch_create":
             call.metered = True

@@ -8,9 +8,10 @@ alone: nobody gets a byte of body read, or a batch looked up, without a valid ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -28,6 +29,7 @@ from proxy.errors import (
     BatchNotFound,
     BodyTimeout,
     LedgerUnavailable,
+    Overloaded,
     RequestTooLarge,
     UnpricedModel,
     ledger_errors,
@@ -95,6 +97,8 @@ class Gate:
         self._rules = rules
         self._limits = OutputLimits.load()
         self._tasks: set[asyncio.Future[object]] = set()
+        # One body larger than the ordinary limit at a time (only batch creates can be).
+        self._large_bodies = asyncio.Lock()
 
     async def authenticate(self, call: Call, headers: dict[bytes, bytes]) -> KeyInfo:
         """The caller's key (or `InvalidKey`), from the headers alone."""
@@ -103,17 +107,41 @@ class Gate:
         return key
 
     async def read_body(self, route: Route, receive: Receive) -> bytes:
-        """The whole body, bounded in size for the route and in time (`BodyTimeout`)."""
+        """The whole body of a request that is not a batch create, bounded in size and in time (`BodyTimeout`)."""
+        async with self.body(route, receive) as body:
+            return body
+
+    @contextlib.asynccontextmanager
+    async def body(self, route: Route, receive: Receive) -> AsyncIterator[bytes]:
+        """The whole body, bounded in size for the route and in time (`BodyTimeout`). A body larger than the
+        ordinary limit (only batch creates may be: up to 256 MB) waits for the one turn such bodies have, and keeps
+        it until the block ends (the call is done with it): a few of them at once took gigabytes. A turn that does
+        not come within the body's time is `Overloaded`."""
         limit = BATCH_MAX_BODY_BYTES if route.kind == "batch_create" else self._rules.max_body_bytes
-        try:
-            async with asyncio.timeout(self._rules.body_timeout_seconds):
-                return await receive_body(receive, limit)
-        except TimeoutError:
-            pass
-        raise BodyTimeout(
-            f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it faster, "
-            "or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."
-        )
+        waiting = False
+
+        async def take_large_turn() -> None:
+            nonlocal waiting
+            waiting = True
+            await held.enter_async_context(self._large_bodies)
+            waiting = False
+
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                async with asyncio.timeout(self._rules.body_timeout_seconds):
+                    large = (self._rules.max_body_bytes, take_large_turn)
+                    body = await receive_body(receive, limit, large=large)
+            except TimeoutError:
+                if waiting:
+                    raise Overloaded(
+                        f"spendgate takes in one request body over {self._rules.max_body_bytes} bytes at a time, and "
+                        "another one kept its turn while this one waited. Try again later."
+                    ) from None
+                raise BodyTimeout(
+                    f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it "
+                    "faster, or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."
+                ) from None
+            yield body
 
     async def admit_message(self, call: Call, key: KeyInfo, body: bytes, *, tokens: bool) -> bytes:
         """Validate a Messages (or, `tokens` false, token-counting) request and, for Messages, apply the team's
@@ -161,7 +189,16 @@ class Gate:
 
     async def admit_batch(self, call: Call, key: KeyInfo, body: bytes) -> bytes:
         """Validate a batch create, apply the allow-list and cap to every request, and hold the batch's worst case
-        at batch rates; returns the body to forward."""
+        at batch rates; returns the body to forward. The body can be 256 MB: it is parsed, checked and priced in a
+        thread, so the event loop goes on serving meanwhile."""
+        body, estimate = await anyio.to_thread.run_sync(self._check_batch, call, key, body)
+        await self._hold_worst_case(
+            call, key, lambda: estimate, ttl=BATCH_HOLD, what="A model in this batch", lease=False
+        )
+        return body
+
+    def _check_batch(self, call: Call, key: KeyInfo, body: bytes) -> tuple[bytes, Decimal | None]:
+        """The body to forward and the batch's worst case (blocking: CPU only)."""
         request = parse_object(body, "a Message Batches create request")
         requests = check_batch_request(request, self._limits)
         capped_requests, clamped = [], False
@@ -175,9 +212,7 @@ class Gate:
         if clamped:
             request = {**request, "requests": capped_requests}
             body = json.dumps(request, separators=(",", ":")).encode()
-        estimate = partial(_estimate_batch, capped_requests, self._prices, call)
-        await self._hold_worst_case(call, key, estimate, ttl=BATCH_HOLD, what="A model in this batch", lease=False)
-        return body
+        return body, _estimate_batch(capped_requests, self._prices, call)
 
     async def owner(self, key: KeyInfo, batch_id: str) -> BatchOwner:
         """The batch, if the caller's team created it through spendgate; `BatchNotFound` otherwise."""
@@ -342,10 +377,17 @@ def _size(params: dict[str, Any]) -> int:
         raise BadRequest("A batch request is nested too deeply to be read.") from None
 
 
-async def receive_body(receive: Receive, limit: int, *, content_length: str | None = None) -> bytes:
+async def receive_body(
+    receive: Receive,
+    limit: int,
+    *,
+    content_length: str | None = None,
+    large: tuple[int, Callable[[], Awaitable[None]]] | None = None,
+) -> bytes:
     """The whole request body, or `RequestTooLarge` as soon as it is known to pass `limit` bytes: from its
     `content_length` before a byte is read, else (chunked) as they arrive, so that no more than `limit` bytes
-    and a chunk are ever held. `ClientGone` if the client leaves first."""
+    and a chunk are ever held. `ClientGone` if the client leaves first. With `large` (a size and a wait), the
+    bytes past that size are read only once the wait is over (meanwhile TCP holds the client's sending back)."""
     # The server has checked the header's form already; the guard keeps a server that did not from making a 500.
     if content_length and content_length.isascii() and content_length.isdigit() and int(content_length) > limit:
         raise _too_large(limit)
@@ -356,6 +398,8 @@ async def receive_body(receive: Receive, limit: int, *, content_length: str | No
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
+        if large is not None and size <= large[0] < size + len(chunk):
+            await large[1]()
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
