@@ -342,7 +342,7 @@ def test_a_stream_cut_before_its_first_byte_is_charged_its_worst_case(
         port = int(stack.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as raw:
             head = (
-                f"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {stack.key}\r\nx-fake-hang: 30\r\n"
+                f"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {stack.key}\r\nx-fake-hang: 5\r\n"
                 f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
             )
             raw.sendall(head.encode() + body.encode())

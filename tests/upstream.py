@@ -93,12 +93,7 @@ class FakeAnthropic:
             Seen(scope["method"], scope["path"], raw_path, scope["query_string"].decode(), headers, body)
         )
         if "x-fake-hang" in headers:
-            try:
-                # Like a real server, it gives up on a caller that went away (so a test's teardown need not wait).
-                await asyncio.wait_for(_disconnect(receive), float(headers["x-fake-hang"]))
-                return
-            except TimeoutError:
-                pass
+            await asyncio.sleep(float(headers["x-fake-hang"]))
         if headers.get("x-api-key") != self.key:
             error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
             await _respond(send, 401, json.dumps(error).encode())
@@ -247,9 +242,3 @@ async def _stream(send: Send, headers: dict[str, str]) -> None:
         if delay:
             await asyncio.sleep(delay)
     await send({"type": "http.response.body", "body": b""})
-
-
-async def _disconnect(receive: Receive) -> None:
-    """Returns once the client has disconnected."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
