@@ -124,7 +124,7 @@ class FakeAnthropic:
             return
         request: dict[str, Any] = json.loads(body)
         if request.get("stream"):
-            await _stream(send, headers)
+            await _stream(send, receive, headers)
         else:
             # The recording's bytes, with only the model swapped, so tests can compare bytes exactly.
             recorded = fixture("message.json")
@@ -227,7 +227,7 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _stream(send: Send, headers: dict[str, str]) -> None:
+async def _stream(send: Send, receive: Receive, headers: dict[str, str]) -> None:
     body = fixture(STREAMS[headers.get("x-fake-stream", "text")])
     chunk_size = int(headers.get("x-fake-chunk", "0")) or len(body)
     delay = float(headers.get("x-fake-delay", "0"))
@@ -237,8 +237,21 @@ async def _stream(send: Send, headers: dict[str, str]) -> None:
         *RESPONSE_HEADERS,
     ]
     await send({"type": "http.response.start", "status": 200, "headers": response_headers})
-    for start in range(0, len(body), chunk_size):
-        await send({"type": "http.response.body", "body": body[start : start + chunk_size], "more_body": True})
-        if delay:
-            await asyncio.sleep(delay)
-    await send({"type": "http.response.body", "body": b""})
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        for start in range(0, len(body), chunk_size):
+            await send({"type": "http.response.body", "body": body[start : start + chunk_size], "more_body": True})
+            if delay:
+                # Like the real API, a stream stops when its caller goes away (what it sent so far is billed).
+                await asyncio.wait((gone,), timeout=delay)
+                if gone.done():
+                    return
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        gone.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns once the client has disconnected."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
