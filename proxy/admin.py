@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -52,6 +51,8 @@ from proxy.admin_models import (
 )
 from proxy.errors import ProxyError, error_response, ledger_errors
 from proxy.export import Cursor, iter_usage
+from proxy.gateway.gate import receive_body
+from proxy.gateway.validate import parse_object
 from proxy.keys import KeyCache
 from proxy.pricing import PriceTable
 from proxy.reports import report
@@ -75,6 +76,8 @@ from proxy.types import RateLimits, parse_instant
 
 Handler = Callable[[Request], Awaitable[Response]]
 JSON = "application/json"
+# Every admin body is a handful of fields (the largest, a team with its model list, a few KB).
+MAX_BODY_BYTES = 1024 * 1024
 
 
 class AdminError(Exception):
@@ -97,7 +100,7 @@ class Operation:
     status: int = 200
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
-    # Refusals besides 401 (every route) and 503 (the ledger did not answer).
+    # Refusals besides 401 (every route), 413 (every route with a body) and 503 (the ledger did not answer).
     errors: tuple[int, ...] = ()
 
 
@@ -391,7 +394,8 @@ def openapi_document() -> dict[str, Any]:
     for op in OPERATIONS:
         answer = refs[(op.answer, "serialization")]
         responses = {str(op.status): {"description": op.summary, "content": {JSON: {"schema": answer}}}}
-        for status in (*op.errors, 401, 503):
+        too_large = (413,) if op.body is not None else ()
+        for status in (*op.errors, *too_large, 401, 503):
             error = refs[(Error, "serialization")]
             responses[str(status)] = {"description": HTTPStatus(status).phrase, "content": {JSON: {"schema": error}}}
         parameters = [
@@ -438,14 +442,10 @@ async def _run(request: Request, work: Callable[[Engine], Any]) -> Any:
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    try:
-        # Money arrives as JSON numbers too: parse them as exact decimals, never floats.
-        body = json.loads(await request.body(), parse_float=Decimal)
-    except ValueError:
-        raise ValueError("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ValueError("the body must be a JSON object")
-    return body
+    content_length = request.headers.get("content-length")
+    body = await receive_body(request.receive, MAX_BODY_BYTES, content_length=content_length)
+    # Money arrives as JSON numbers too: parse them as exact decimals, never floats.
+    return parse_object(body, "the request's fields", parse_float=Decimal)
 
 
 def _instant(raw: str | None, field: str) -> datetime | None:

@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from sqlalchemy import Engine, literal, select, tuple_
 
+from proxy.display import csv_row
 from proxy.models import UsageRow
 from proxy.types import usd
 
@@ -62,7 +63,6 @@ PUBLIC_FIELDS = (
 # All but the last two fields are columns as recorded; the last two say what a reprice replaced.
 RECORDED_FIELDS = PUBLIC_FIELDS[:-2]
 STREAM_BATCH = 1000
-_FORMULA_STARTS = frozenset("=+-@\t\r")
 Cursor = tuple[datetime, int]
 
 
@@ -139,7 +139,7 @@ def csv_chunks(records: Iterator[dict[str, Any]], rows: int = 1000) -> Iterator[
     writer.writeheader()
     count = 0
     for record in records:
-        writer.writerow({name: _inert(value) for name, value in record.items()})
+        writer.writerow(csv_row(record))
         count += 1
         if count == rows:
             yield buffer.getvalue(), count
@@ -147,11 +147,3 @@ def csv_chunks(records: Iterator[dict[str, Any]], rows: int = 1000) -> Iterator[
             buffer.truncate()
             count = 0
     yield buffer.getvalue(), count
-
-
-def _inert(value: Any) -> Any:
-    """A text cell a spreadsheet would run as a formula (features, users and models are client-chosen), with a
-    leading `'` so it stays text (OWASP's advice for CSV injection)."""
-    if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
-        return "'" + value
-    return value

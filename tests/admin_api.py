@@ -3,13 +3,15 @@
 It serves the analytics endpoints (unless `legacy_only`, then they are 404 as for an organisation without the
 beta) and the legacy ones; pages of `page_size` rows; a 429 with `retry-after` before its first answer; usage
 after `late_after` not yet reported (a late bucket). Costs come from `prices` (Anthropic's real prices: the
-shipped table unless a test says otherwise), in cents as text.
+shipped table unless a test says otherwise), in cents as text. `tamper` turns an honest page into a hostile or
+broken answer.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,6 +28,20 @@ KEY_ID = "apikey_01fake"
 WIDTHS = {"1h": timedelta(hours=1), "1d": timedelta(days=1)}
 
 
+@dataclass(frozen=True)
+class Raw:
+    """An answer sent as it is: `body` `repeat` times, in chunks without a content-length when repeated."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    repeat: int = 1
+
+
+# Given the path and the page the fake would answer: the page to answer instead, or a `Raw` answer.
+Tamper = Callable[[str, dict[str, Any]], "dict[str, Any] | Raw"]
+
+
 @dataclass
 class FakeAdminAPI:
     served: list[tuple[datetime, str, dict[str, Any]]]
@@ -35,6 +51,7 @@ class FakeAdminAPI:
     late_after: datetime | None = None
     throttled: bool = False  # set once the first request was answered 429
     asked: list[str] = field(default_factory=list)
+    tamper: Tamper | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -107,9 +124,11 @@ class FakeAdminAPI:
         offset = int((query.get("page") or ["0"])[0])
         page = rows[offset : offset + self.page_size]
         more = offset + self.page_size < len(rows)
-        await _answer(
-            send, 200, {"data": page, "has_more": more, "next_page": str(offset + self.page_size) if more else None}
-        )
+        honest = {"data": page, "has_more": more, "next_page": str(offset + self.page_size) if more else None}
+        answer = honest if self.tamper is None else self.tamper(path, honest)
+        if isinstance(answer, Raw):
+            return await _raw(send, answer)
+        await _answer(send, 200, answer)
 
     def _buckets(
         self, since: datetime, until: datetime, width: timedelta
@@ -199,3 +218,12 @@ async def _answer(send: Send, status: int, body: Any, extra: list[tuple[bytes, b
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
+
+
+async def _raw(send: Send, answer: Raw) -> None:
+    headers = [*answer.headers]
+    if answer.repeat == 1:
+        headers.append((b"content-length", str(len(answer.body)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    for n in range(answer.repeat):
+        await send({"type": "http.response.body", "body": answer.body, "more_body": n < answer.repeat - 1})

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
+import select
+import socket
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
 from proxy.ledger.commit import insert_records
+from proxy.teams import TeamSettings, create_team
+from tests.servers import serve_in_thread
 from tests.stack import settings_for
 from tests.test_writer import make_record
 from tests.upstream import fixture
@@ -175,3 +184,107 @@ def test_a_ledger_failure_is_a_503_like_the_proxy_gives(make_client: Callable[..
     assert response.headers["x-spendgate-error"] == "ledger_unavailable"
     assert response.json()["error"]["type"] == "api_error"
     assert (proxied.status_code, proxied.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
+
+
+@pytest.fixture
+def admin_url(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[str]:
+    """The whole app under uvicorn on loopback, with the admin API on and team `research` in the ledger."""
+    create_team(engine, "research", TeamSettings(), actor="test")
+    settings = settings_for(db_url, "https://upstream.test", tmp_path, admin_token=TOKEN)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+BODY_ROUTES = [
+    ("POST", "/admin/teams"),
+    ("PATCH", "/admin/teams/research"),
+    ("POST", "/admin/teams/research/keys"),
+    ("PATCH", "/admin/keys/key_missing"),
+    ("PUT", "/admin/teams/research/user-budgets"),
+]
+
+
+def nested(shape: str, depth: int) -> bytes:
+    if shape == "array":
+        return b"[" * depth + b"]" * depth
+    if shape == "object":
+        return b'{"a":' * depth + b"1" + b"}" * depth
+    return b'{"name":"t","models":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def assert_refused(status: int, body: bytes, expected: int, error_type: str) -> None:
+    """An answer in Anthropic's error shape with that status and type."""
+    assert status == expected, body[:300]
+    payload = json.loads(body)
+    assert payload["type"] == "error" and payload["error"]["type"] == error_type
+    assert isinstance(payload["error"]["message"], str)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    depth=st.integers(1, 2_000) | st.integers(2_000, 150_000),
+    shape=st.sampled_from(["array", "object", "field"]),
+    route=st.sampled_from(BODY_ROUTES),
+)
+@example(depth=100_000, shape="array", route=BODY_ROUTES[0])
+@example(depth=100_000, shape="object", route=BODY_ROUTES[1])
+def test_deeply_nested_bodies_are_400_like_any_malformed_body(
+    admin_url: str, depth: int, shape: str, route: tuple[str, str]
+) -> None:
+    method, path = route
+    answer = httpx.request(method, f"{admin_url}{path}", headers=AUTH, content=nested(shape, depth), timeout=30)
+    assert_refused(answer.status_code, answer.content, 400, "invalid_request_error")
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send a request head (and whatever of a body) as given, then read the answer: no client fills in the rest."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
+
+
+def test_an_admin_body_over_a_mebibyte_is_413(admin_url: str) -> None:
+    def team_named(size: int) -> bytes:
+        """A team create of exactly `size` bytes."""
+        return b'{"name":"' + b"x" * (size - len(b'{"name":""}')) + b'"}'
+
+    mebibyte = 1024 * 1024
+    under = httpx.post(f"{admin_url}/admin/teams", headers=AUTH, content=team_named(mebibyte), timeout=30)
+    assert_refused(under.status_code, under.content, 400, "invalid_request_error")  # the name's pattern
+    over = httpx.post(f"{admin_url}/admin/teams", headers=AUTH, content=team_named(mebibyte + 1), timeout=30)
+    assert_refused(over.status_code, over.content, 413, "request_too_large")
+    assert "1048576 bytes" in over.json()["error"]["message"]
+    # Refused on its Content-Length, before a byte more is read: the other 10 GiB never come.
+    head = (
+        f"POST /admin/teams HTTP/1.1\r\nhost: spendgate\r\nauthorization: Bearer {TOKEN}\r\n"
+        f"content-type: application/json\r\ncontent-length: {10 * 1024**3}\r\n\r\n"
+    )
+    assert_refused(*raw_request(admin_url, head, b'{"name":'), 413, "request_too_large")
+
+
+def test_a_chunked_admin_body_is_cut_off_at_the_limit(admin_url: str) -> None:
+    """Without a Content-Length the bytes are counted as they arrive: the answer comes while the client is still
+    sending (it would send 64 MiB), not after the server has taken it all in."""
+    parts = urlsplit(admin_url)
+    head = (
+        f"PATCH /admin/teams/research HTTP/1.1\r\nhost: spendgate\r\nauthorization: Bearer {TOKEN}\r\n"
+        "content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    chunk = b"[" * 65536
+    most, sent = 64 * 1024 * 1024, 0
+    with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=30) as sock:
+        sock.sendall(head.encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < most and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+            if sent == most:
+                sock.sendall(b"0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        status, body = response.status, response.read()
+    assert_refused(status, body, 413, "request_too_large")
+    assert sent < most

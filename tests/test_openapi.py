@@ -181,6 +181,16 @@ def test_every_answer_matches_the_document(client: TestClient, document: dict[st
         assert answer.json()["data"]
     unauthorized = client.get("/admin/teams", headers={"authorization": "Bearer wrong"})
     check("/admin/teams", "GET", unauthorized)
+    # Every route that reads a body refuses one over the limit, documented as such.
+    too_large = b"[" * (1024 * 1024 + 1)
+    for template, item in document["paths"].items():
+        for method, operation in item.items():
+            if "requestBody" in operation:
+                path = template.replace("{name}", "research").replace("{key_id}", "key_missing")
+                answer = client.request(method, path, headers=AUTH, content=too_large)
+                check(template, method, answer)
+                assert answer.status_code == 413
+                seen.add((template, method, answer.status_code))
     # Every documented success and refusal but 401 (checked just above) and 503 (the ledger down) was seen.
     documented = {
         (path, method, int(status))

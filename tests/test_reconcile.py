@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -17,9 +22,11 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, func, select
 
 from proxy.app import create_app
+from proxy.cli import main
 from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
 from proxy.models import ReconciledDay
@@ -27,10 +34,11 @@ from proxy.pricing import PriceTable
 from proxy.reconcile.anthropic import AdminClient, ReportError
 from proxy.teams import TeamSettings, create_key, create_team
 from proxy.types import Usage, UsageRecord
-from tests.admin_api import ADMIN_KEY, KEY_ID, FakeAdminAPI
+from tests.admin_api import ADMIN_KEY, KEY_ID, FakeAdminAPI, Raw, Tamper
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack, settings_for
+from tests.test_cli import FORBIDDEN
 from tests.test_faults import HEARTBEATS
 from tests.test_limits_wire import Webhook
 from tests.test_metrics import parse, total
@@ -348,3 +356,256 @@ def test_admin_api_answers_that_never_end_or_lie_are_errors() -> None:
             client.usage(since, until, "day")
     client = AdminClient(ADMIN_KEY, transport=httpx.MockTransport(throttled), sleep=waits.append)
     assert client.usage(since, until, "day") == [] and waits == [1.0]  # a nonsense retry-after: our own backoff
+
+
+HOSTILE_DAY = datetime(2026, 11, 10, 9, tzinfo=UTC)
+PERIOD = ("--since", "2026-11-10", "--until", "2026-11-11")
+
+
+@pytest.fixture
+def hostile(engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAdminAPI]:
+    """A ledger and a fake Admin API that agree on one call on 2026-11-10 (never throttling), the API made to lie by
+    a test's `tamper`; `spendgate reconcile` run in this process asks it."""
+    create_team(engine, "research", TeamSettings(), actor="test")
+    insert_records(engine, [billed("sgr_hostile", HOSTILE_DAY)])
+    admin = FakeAdminAPI([(HOSTILE_DAY, "claude-sonnet-4-6", USAGE)], throttled=True)
+    with serve_in_thread(admin) as admin_url:
+        monkeypatch.setenv("SPENDGATE_DB_URL", db_url)
+        monkeypatch.setenv("SPENDGATE_ANTHROPIC_ADMIN_KEY", ADMIN_KEY)
+        monkeypatch.setenv("SPENDGATE_ANTHROPIC_ADMIN_URL", admin_url)
+        monkeypatch.setenv("SPENDGATE_ANTHROPIC_API_KEY_ID", KEY_ID)
+        yield admin
+
+
+def run_reconcile(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str, float]:
+    """`spendgate reconcile` over the hostile day: exit status, stdout, stderr, and how long it took."""
+    started = time.monotonic()
+    code = main(["reconcile", *PERIOD, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err, time.monotonic() - started
+
+
+def at_first_row(kind: str, where: tuple[str, ...], value: Any) -> Tamper:
+    """Put `value` at `where` in the first row of the analytics `kind` report (usage or cost)."""
+
+    def tamper(path: str, page: dict[str, Any]) -> dict[str, Any] | Raw:
+        if path.endswith(f"/analytics/{kind}") and page["data"]:
+            holder = page["data"][0]
+            for key in where[:-1]:
+                holder = holder[key]
+            holder[where[-1]] = value
+        return page
+
+    return tamper
+
+
+def answering(raw: Raw) -> Tamper:
+    return lambda path, page: raw
+
+
+def assert_one_clear_line(err: str, *fragments: str) -> None:
+    assert err.startswith("spendgate: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err and not FORBIDDEN & set(err), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+ERROR_JSON = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}'
+DEEP_ROW = b'{"data":[{"usage":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"}]}"
+EVIL_MESSAGE = (
+    b'{"type":"error","error":{"type":"invalid_request_error","message":"no\\n\\u001b]52;c;ZXZpbA==\\u0007"}}'
+)
+
+
+@pytest.mark.parametrize(
+    "tamper, fragments",
+    [
+        pytest.param(
+            at_first_row("cost", ("cost", "amount"), "1e999999999"),
+            ["cost page 1", "cost.amount"],
+            id="cents-1e999999999",
+        ),
+        pytest.param(
+            at_first_row("cost", ("cost", "amount"), "1e-999999999"),
+            ["cost page 1", "cost.amount"],
+            id="cents-1e-999999999",
+        ),
+        pytest.param(
+            at_first_row("cost", ("cost", "amount"), "NaN"), ["cost page 1", "cost.amount"], id="cents-nan-text"
+        ),
+        pytest.param(
+            at_first_row("cost", ("cost", "amount"), float("nan")), ["cost page 1", "cost.amount"], id="cents-nan"
+        ),
+        pytest.param(
+            at_first_row("cost", ("cost", "amount"), "-Infinity"), ["cost page 1", "cost.amount"], id="cents-infinity"
+        ),
+        pytest.param(at_first_row("cost", ("cost", "amount"), [1]), ["cost page 1", "cost.amount"], id="cents-list"),
+        pytest.param(
+            at_first_row("cost", ("cost", "currency"), "EUR"), ["cost page 1", "cost.currency"], id="currency"
+        ),
+        pytest.param(
+            at_first_row("usage", ("usage", "output_tokens"), -7),
+            ["usage page 1", "usage.output_tokens"],
+            id="tokens-negative",
+        ),
+        pytest.param(
+            at_first_row("usage", ("usage", "output_tokens"), 10**30),
+            ["usage page 1", "usage.output_tokens"],
+            id="tokens-absurd",
+        ),
+        pytest.param(
+            at_first_row("usage", ("usage", "output_tokens"), float("inf")),
+            ["usage page 1", "usage.output_tokens"],
+            id="tokens-infinity",
+        ),
+        pytest.param(
+            at_first_row("usage", ("usage", "output_tokens"), True),
+            ["usage page 1", "usage.output_tokens"],
+            id="tokens-bool",
+        ),
+        pytest.param(
+            at_first_row("usage", ("usage", "output_tokens"), "50"),
+            ["usage page 1", "usage.output_tokens"],
+            id="tokens-text",
+        ),
+        pytest.param(at_first_row("usage", ("group", "model"), 5), ["usage page 1", "group.model"], id="model-number"),
+        pytest.param(
+            at_first_row("usage", ("starting_at",), "9999-12-31T23:00:00Z"),
+            ["usage page 1", "starting_at"],
+            id="bucket-year-9999",
+        ),
+        pytest.param(
+            at_first_row("usage", ("starting_at",), "2026-11-10T00:00:00"),
+            ["usage page 1", "starting_at"],
+            id="bucket-naive",
+        ),
+        pytest.param(
+            answering(Raw(body=b"[" * 100_000 + b"]" * 100_000)), ["usage page 1", "nested"], id="nested-page"
+        ),
+        pytest.param(answering(Raw(body=DEEP_ROW)), ["usage page 1", "nested"], id="nested-row"),
+        pytest.param(answering(Raw(body=b"<html>\n<b>\x1b[2Jdown</b>")), ["usage page 1", "not JSON"], id="not-json"),
+        pytest.param(answering(Raw(body=b'{"data": 5}')), ["usage page 1", "'data'"], id="data-not-a-list"),
+        pytest.param(answering(Raw(body=b"[1]")), ["usage page 1"], id="page-not-an-object"),
+        pytest.param(
+            answering(Raw(body=b'{"data": [], "has_more": "maybe"}')), ["usage page 1", "has_more"], id="has-more"
+        ),
+        pytest.param(
+            answering(Raw(status=400, body=EVIL_MESSAGE)),
+            ["usage page 1", "answered 400", "no\\n\\x1b]52;"],
+            id="error-text-escaped",
+        ),
+        pytest.param(
+            answering(Raw(status=429, body=ERROR_JSON, headers=((b"retry-after", b"86400"),))),
+            ["usage page 1", "answered 429", "86400 s", "60 s"],
+            id="retry-after-a-day",
+        ),
+        pytest.param(
+            answering(Raw(body=b" " * 1024 * 1024, repeat=40)), ["usage page 1", "bytes"], id="endless-answer"
+        ),
+        pytest.param(
+            answering(Raw(body=b"garbage", headers=((b"content-encoding", b"gzip"),))),
+            ["usage page 1", "cannot be decoded"],
+            id="bad-gzip",
+        ),
+    ],
+)
+def test_a_hostile_admin_api_answer_is_one_clear_line(
+    hostile: FakeAdminAPI, capsys: pytest.CaptureFixture[str], tamper: Tamper, fragments: list[str]
+) -> None:
+    hostile.tamper = tamper
+    code, out, err, took = run_reconcile(capsys)
+    assert (code, out) == (1, "")
+    assert_one_clear_line(err, "/v1/organizations/analytics/", *fragments)
+    assert took < 30  # never waits minutes, whatever it is asked to
+
+
+HOSTILE_VALUES = st.one_of(
+    st.integers() | st.integers(min_value=10**14),
+    st.floats(),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=30),
+    st.builds(
+        lambda mantissa, exponent: f"{mantissa}e{exponent}",
+        st.integers(-(10**6), 10**6),
+        st.integers(-(10**12), 10**12),
+    ),
+    st.decimals(allow_nan=True, allow_infinity=True).map(str),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+HOSTILE_FIELDS = st.sampled_from(
+    [
+        ("cost", ("cost", "amount")),
+        ("cost", ("cost", "currency")),
+        ("cost", ("group", "service_tier")),
+        ("cost", ("starting_at",)),
+        ("usage", ("usage", "uncached_input_tokens")),
+        ("usage", ("usage", "cache_creation", "ephemeral_5m_input_tokens")),
+        ("usage", ("usage", "server_tool_use", "web_search_requests")),
+        ("usage", ("usage", "cache_creation")),
+        ("usage", ("group", "model")),
+        ("usage", ("starting_at",)),
+    ]
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(field=HOSTILE_FIELDS, value=HOSTILE_VALUES, form=st.sampled_from(["table", "csv", "json"]))
+def test_any_value_in_an_answer_is_reconciled_or_refused_in_one_line(
+    hostile: FakeAdminAPI, capsys: pytest.CaptureFixture[str], field: tuple[str, tuple[str, ...]], value: Any, form: str
+) -> None:
+    """A value reconcile can use gives a short report with nothing raw for the terminal; any other is refused in
+    one line naming the report, page and field. Never a traceback, never a hang."""
+    kind, where = field
+    hostile.tamper = at_first_row(kind, where, value)
+    code, out, err, took = run_reconcile(capsys, "--format", form)
+    assert took < 30
+    if code == 1:
+        assert_one_clear_line(err, f"/v1/organizations/analytics/{kind} page 1", where[-1])
+    else:
+        assert code in (0, 4) and err == ""
+        assert len(out) < 20_000 and not FORBIDDEN & set(out)
+
+
+def test_model_names_from_the_admin_api_are_shown_escaped(
+    hostile: FakeAdminAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile.tamper = at_first_row("usage", ("group", "model"), "\x1b]52;c;ZXZpbA==\x07\u202eevil")
+    code, out, err, _ = run_reconcile(capsys)
+    assert (code, err) == (4, "") and not FORBIDDEN & set(out)
+    assert "\\x1b]52;c;ZXZpbA==\\x07\\u202eevil" in out
+    code, out, _, _ = run_reconcile(capsys, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 4 and "\\x1b]52;c;ZXZpbA==\\x07\\u202eevil" in {row["model"] for row in rows}
+
+
+def test_retries_wait_a_minute_at_most_in_all() -> None:
+    since, until = datetime(2026, 11, 10, tzinfo=UTC), datetime(2026, 11, 11, tzinfo=UTC)
+    waits: list[float] = []
+    # Nobody listening: every attempt fails to connect, with the backoff between them (31 s in all).
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    nobody = AdminClient(ADMIN_KEY, base_url=f"http://127.0.0.1:{port}", sleep=waits.append)
+    with pytest.raises(ReportError, match="cannot reach the Admin API"):
+        nobody.usage(since, until, "day")
+    assert waits == [1, 2, 4, 8, 16]
+    busy = b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'
+    admin = FakeAdminAPI([], throttled=True, tamper=answering(Raw(status=529, body=busy)))
+    with serve_in_thread(admin) as admin_url:
+        client = AdminClient(ADMIN_KEY, base_url=admin_url, sleep=waits.append)
+        waits.clear()
+        with pytest.raises(ReportError, match="page 1 answered 529: overloaded_error: busy$"):
+            client.usage(since, until, "day")
+        assert waits == [1, 2, 4, 8, 16]
+        # Asked for 50 s twice: the second wait would pass the minute, so it is not taken.
+        admin.tamper = answering(Raw(status=429, body=ERROR_JSON, headers=((b"retry-after", b"50"),)))
+        waits.clear()
+        with pytest.raises(ReportError, match="waiting 50 s more as its retry-after asks would pass the 60 s"):
+            client.usage(since, until, "day")
+        assert waits == [50]

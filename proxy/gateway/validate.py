@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -38,10 +39,11 @@ class OutputLimits:
         return self.models.get(model, self.default)
 
 
-def parse_object(body: bytes, what: str) -> dict[str, Any]:
-    """The body as a JSON object, or `BadRequest` (invalid JSON, not an object, nested past the parser's depth)."""
+def parse_object(body: bytes, what: str, *, parse_float: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """The body as a JSON object, or `BadRequest` (invalid JSON, not an object, nested past the parser's depth);
+    `parse_float` reads JSON numbers with a fraction or exponent (`float` by default)."""
     try:
-        request = json.loads(body)
+        request = json.loads(body, parse_float=parse_float)
     except (ValueError, RecursionError):
         raise BadRequest(f"The request body is not valid JSON. Send {what} as a JSON object.") from None
     if not isinstance(request, dict):
