@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import ConfigError, Settings
+from proxy.display import csv_row, visible
 from proxy.types import CAP_POLICIES, GROUPS, PERIODS, RateLimits, parse_instant
 
 # Commands import what they use when they run, so `spendgate --help` (and every command that does not need
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A command group without its subcommand (`spendgate teams`): that group's help, not the top level's.
         getattr(args, "group", parser).print_help(sys.stderr)
         return 2
+    settings: Settings | None = None
     try:
         settings = Settings.from_environ(os.environ, db_url=getattr(args, "db", None))
         result: int = args.run(args, settings)
@@ -63,18 +65,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("spendgate: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        told = exc if isinstance(exc, _user_errors()) else f"{exc.__class__.__name__}: {exc}"
-        print(f"spendgate: {told}", file=sys.stderr)
+        if isinstance(exc, _user_errors()):
+            told = str(exc)
+        else:
+            failure = None if settings is None else _ledger_failure(exc, settings.db_url)
+            told = failure or f"{exc.__class__.__name__}: {exc}"
+        # Messages may quote what others sent (an Admin API's error text, a client's user id): one line, inert.
+        print(f"spendgate: {visible(told)}", file=sys.stderr)
         return 1
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story; those of modules a command never loaded cannot have happened."""
     known: list[type[Exception]] = [ConfigError, UsageError, ValueError]
-    for module, names in (("proxy.teams", ("NotFound", "Conflict")), ("proxy.pricing", ("PriceError",))):
+    for module, names in (
+        ("proxy.teams", ("NotFound", "Conflict")),
+        ("proxy.pricing", ("PriceError",)),
+        ("proxy.reconcile.anthropic", ("ReportError",)),
+    ):
         if module in sys.modules:
             known += [getattr(sys.modules[module], name) for name in names]
     return tuple(known)
+
+
+def _ledger_failure(exc: Exception, db_url: str) -> str | None:
+    """The CLI's one map of database failures, for every command: what kept it from using the ledger (PostgreSQL
+    down or refusing us, a SQLite file or its lock file that cannot be made), as a line naming the ledger's URL
+    with the password hidden; None when `exc` is no such failure."""
+    if "sqlalchemy" not in sys.modules:
+        # Nothing loaded SQLAlchemy: no database was opened.
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    from proxy.db import in_memory
+
+    try:
+        url = make_url(db_url)
+    except ArgumentError:
+        return None
+    database = url.database if url.get_backend_name() == "sqlite" and not in_memory(url) else None
+    if isinstance(exc, DBAPIError):
+        # The driver's own words; SQLAlchemy's text would add the statement and its parameters.
+        cause = str(exc.orig)
+    elif isinstance(exc, OSError) and database and str(exc.filename).startswith(database):
+        cause = f"{exc.strerror}: {exc.filename}"
+    else:
+        return None
+    if database and not Path(database).parent.is_dir():
+        # SQLite itself says only "unable to open database file".
+        cause = f"folder {Path(database).parent} does not exist"
+    cause = "; ".join(line.strip() for line in cause.splitlines() if line.strip())
+    return f"cannot use the ledger at {url.render_as_string(hide_password=True)}: {cause}"
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -98,6 +140,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "--workers needs a ledger every worker can open: an in-memory SQLite database would be one per worker. "
             "Use a SQLite file or PostgreSQL."
         )
+    _check_listenable(settings.host, settings.port, "--port (or SPENDGATE_PORT)")
+    if settings.metrics_addr is not None:
+        _check_listenable(*settings.metrics_addr, "SPENDGATE_METRICS_ADDR")
     upgrade(settings.db_url)
     with _ledger(settings) as engine:
         # Records spilled at an earlier shutdown; the journals of gone processes are replayed by every serving
@@ -114,6 +159,27 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _check_listenable(host: str, port: int, setting: str) -> None:
+    """A one-line `UsageError` for an address `serve` could not listen on (most often a port another server holds,
+    such as a `spendgate serve` already running): uvicorn would find out only after migrating and starting up,
+    and say so in a log line among others. `setting` is what chooses another port."""
+    import errno
+    import socket
+
+    # Bound the way uvicorn binds (SO_REUSEADDR: a port in TIME_WAIT is free, one listened on is not), then let go.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"port {port} on {host} is already in use (another `spendgate serve`?): stop that server, or "
+                    f"choose another port with {setting}."
+                ) from None
+            raise UsageError(f"cannot listen on {host} port {port}: {exc.strerror}") from None
+
+
 @contextlib.contextmanager
 def _ledger(settings: Settings) -> Iterator[Engine]:
     """An engine on a ledger that exists and is migrated; a one-line `UsageError` naming the fix otherwise."""
@@ -121,8 +187,10 @@ def _ledger(settings: Settings) -> Iterator[Engine]:
 
     url = _check_url(settings.db_url)
     shown = url.render_as_string(hide_password=True)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        # SQLite would create an empty file here and then fail on the first query.
+    database = Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
+    if database is not None and database.parent.is_dir() and not database.exists():
+        # SQLite would create an empty file here and then fail on the first query. (Where the folder is missing
+        # it cannot, and `db upgrade` would not help: opening fails, and `_ledger_failure` says why.)
         raise UsageError(
             f"no ledger at {shown}. Run `spendgate db upgrade --db {shown}` to create it, or pass --db (or set "
             "SPENDGATE_DB_URL) to the ledger `spendgate serve` uses."
@@ -177,10 +245,11 @@ def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.db import normalize_url, upgrade
+    from proxy.db import upgrade
 
+    url = _check_url(settings.db_url)
     upgrade(settings.db_url)
-    print(f"database is at the newest migration: {normalize_url(settings.db_url).render_as_string()}")
+    print(f"database is at the newest migration: {url.render_as_string()}")
     return 0
 
 
@@ -210,8 +279,8 @@ def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps(views, indent=2))
         return 0
-    columns = ("name", "budget_usd", "period", "spent_usd", "reserved_usd", "remaining_usd", "max_output_tokens")
-    _print_table(columns, views)
+    columns = ("name", "budget_usd", "period", "spent_usd", "held_usd", "remaining_usd", "max_output_tokens")
+    _print_table(columns, _money_shown(views))
     return 0
 
 
@@ -223,7 +292,7 @@ def _teams_users(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps(views, indent=2))
         return 0
-    _print_table(("user", "budget_usd", "own_budget", "spent_usd", "reserved_usd", "remaining_usd"), views)
+    _print_table(("user", "budget_usd", "own_budget", "spent_usd", "held_usd", "remaining_usd"), _money_shown(views))
     return 0
 
 
@@ -287,16 +356,21 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps(views, indent=2))
     else:
-        _print_table(("id", "team", "name", "prefix", "budget_usd", "period", "created_at", "revoked_at"), views)
+        columns = ("id", "team", "name", "prefix", "budget_usd", "period", "created_at", "revoked_at")
+        _print_table(columns, _money_shown(views))
     return 0
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.export import iter_usage, write_csv, write_jsonl
+    from proxy.teams import get_team
 
     since, until = _instant(args.since), _instant(args.until)
     writer = write_csv if args.format == "csv" else write_jsonl
     with _ledger(settings) as engine, _progress("exporting usage records", "records") as advance:
+        if args.team is not None:
+            # A filter naming no team would print nothing and succeed: a typo would pass for a team without calls.
+            get_team(engine, args.team)
         records = iter_usage(engine, team=args.team, since=since, until=until)
         writer((_counted(record, n, advance) for n, (_, record) in enumerate(records, 1)), sys.stdout)
     return 0
@@ -338,9 +412,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else by, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        _print_csv(list(rows[0]) if rows else by, rows)
     else:
         columns = [
             *by,
@@ -354,7 +426,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
             "batch_savings_usd",
             "unpriced_calls",
         ]
-        _print_table(columns, rows)
+        _print_table(columns, _money_shown(rows))
     return 0
 
 
@@ -464,9 +536,7 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps({"drift": result.drifted, "buckets": result.buckets_compared, "differences": rows}, indent=2))
     elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["bucket"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        _print_csv(list(rows[0]) if rows else ["bucket"], rows)
     elif rows:
         _print_table(
             ("bucket", "model", "service_tier", "measure", "ledger", "anthropic", "delta", "final", "cause"), rows
@@ -560,17 +630,69 @@ def _rate_options(parser: argparse.ArgumentParser, whose: str) -> None:
         parser.add_argument(f"--{name}", metavar="N", help=f"{whose} {what} per minute; 'none' for no limit")
 
 
+def _money_shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Money as tables show it. Amounts (`*_usd`) keep every significant digit and drop trailing zeros (`12.340000`
+    is `12.34`; `250` stays `250`): cents would hide what calls cost, a fixed scale would still round some, and
+    JSON keeps the ledger's exact text. `reserved_usd`, the name in JSON and the admin API (public, so kept), is
+    shown as `held_usd`, the word the README and dashboard use."""
+    shown = []
+    for row in rows:
+        named = {("held_usd" if name == "reserved_usd" else name): value for name, value in row.items()}
+        shown.append({name: _trimmed(value) if name.endswith("_usd") else value for name, value in named.items()})
+    return shown
+
+
+def _trimmed(amount: str | None) -> str | None:
+    """An exact decimal text without trailing zeros, nor a trailing point."""
+    if amount is None or "." not in amount:
+        return amount
+    return amount.rstrip("0").rstrip(".")
+
+
 def _print_table(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    cells = [[("-" if row[c] is None else str(row[c])) for c in columns] for row in rows]
+    cells = [[("-" if row[c] is None else visible(str(row[c]))) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _print_csv(columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(csv_row(row) for row in rows)
+
+
+def _default(variable: str, value: object) -> str:
+    """How every option's help names the environment variable it overrides, and the default without either."""
+    return f"(default: ${variable}, else {value})"
+
+
+class _Version(argparse.Action):
+    """`--version`: the installed package's version, looked up only when asked for (importlib.metadata takes
+    longer to load than `--help` takes to run)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib.metadata import version
+
+        print(f"spendgate {version('spendgate')}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spendgate", description="A metering proxy for Anthropic's Messages API.")
-    db_help = "SQLAlchemy database URL (default: $SPENDGATE_DB_URL, else sqlite:///./spendgate.db)"
+    parser.add_argument("--version", action=_Version)
+    defaults = Settings()
+    db_help = f"SQLAlchemy database URL {_default('SPENDGATE_DB_URL', defaults.db_url)}"
     parser.add_argument("--db", metavar="URL", help=db_help)
     commands = parser.add_subparsers(metavar="COMMAND")
 
@@ -588,13 +710,15 @@ def _parser() -> argparse.ArgumentParser:
         return parent.add_subparsers(metavar="COMMAND")
 
     serve = command(commands, "serve", _serve, "migrate the database, then serve the proxy")
-    serve.add_argument("--host", help="listen address (default: $SPENDGATE_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=_port, help="listen port (default: $SPENDGATE_PORT or 8080)")
-    serve.add_argument("--upstream", metavar="URL", help="where calls go (default: https://api.anthropic.com)")
+    serve.add_argument("--host", help=f"listen address {_default('SPENDGATE_HOST', defaults.host)}")
+    serve.add_argument("--port", type=_port, help=f"listen port {_default('SPENDGATE_PORT', defaults.port)}")
+    serve.add_argument(
+        "--upstream", metavar="URL", help=f"where calls go {_default('SPENDGATE_UPSTREAM_URL', defaults.upstream_url)}"
+    )
     serve.add_argument(
         "--workers",
         type=int,
-        help="serving processes, each a replica on the same ledger (default: $SPENDGATE_WORKERS or 1)",
+        help=f"serving processes, each a replica on the same ledger {_default('SPENDGATE_WORKERS', defaults.workers)}",
     )
 
     db = group("db", "database maintenance")
@@ -693,7 +817,8 @@ def _parser() -> argparse.ArgumentParser:
     reconcile_command.add_argument("--since", metavar="ISO8601", required=True)
     reconcile_command.add_argument("--until", metavar="ISO8601", required=True)
     reconcile_command.add_argument("--by", choices=("hour", "day"), default="day", help="token buckets (cost: daily)")
-    reconcile_command.add_argument("--tolerance", metavar="USD", help="cost difference that is not drift (0.01)")
+    tolerance = _default("SPENDGATE_RECONCILE_TOLERANCE", defaults.reconcile_tolerance)
+    reconcile_command.add_argument("--tolerance", metavar="USD", help=f"cost difference that is not drift {tolerance}")
     reconcile_command.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     prices = command(commands, "prices", _prices, "show the price table in force", db=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -86,6 +87,19 @@ class TeamSettings:
         tokens = self.max_output_tokens
         if not isinstance(tokens, Unset) and tokens is not None and tokens < 1:
             raise ValueError(f"max output tokens must be at least 1, got {tokens}")
+
+
+def no_team(connection: Connection, name: str, *, create: bool = False) -> NotFound:
+    """The error for a team name that does not exist, naming the existing teams it is close to (a typo is the
+    likelier mistake); with `create`, also the command that makes a new team of that name."""
+    names = connection.execute(select(Team.name)).scalars().all()
+    close = difflib.get_close_matches(name, names, n=3)
+    message = f"no team named {name!r}"
+    if close:
+        message += f" (did you mean {' or '.join(map(repr, close))}?)"
+    if create:
+        message += f"; create it with `spendgate teams create {name}`"
+    return NotFound(message)
 
 
 def check_rates(*limits: int | None | Unset) -> None:
@@ -192,7 +206,7 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
     with write_transaction(engine) as connection:
         row = connection.execute(select(Team).where(Team.name == name)).first()
         if row is None:
-            raise NotFound(f"no team named {name!r}")
+            raise no_team(connection, name)
         team = Team(**{column: getattr(row, column) for column in _COLUMNS})
         before = _rules(team)
         _apply(team, settings)
@@ -246,7 +260,7 @@ def set_user_budget(
     with write_transaction(engine) as connection:
         row = connection.execute(select(Team).where(Team.name == team)).first()
         if row is None:
-            raise NotFound(f"no team named {team!r}")
+            raise no_team(connection, team)
         where = UserBudget.team_id == row.id, UserBudget.user == user
         own = connection.execute(select(UserBudget.budget_usd).where(*where)).first()
         before = {"user": user, "budget_usd": usd(own[0]) if own else "team default"}
@@ -276,7 +290,7 @@ def list_users(
     with engine.connect() as connection:
         row = connection.execute(select(Team).where(Team.name == team)).first()
         if row is None:
-            raise NotFound(f"no team named {team!r}")
+            raise no_team(connection, team)
         query = select(UserBudget.user, UserBudget.budget_usd).where(UserBudget.team_id == row.id)
         own: dict[str, Decimal | None] = {name: budget for name, budget in connection.execute(query)}
         start = period_start(row.period, now) or TOTAL_PERIOD_START
@@ -311,7 +325,8 @@ def get_team(engine: Engine, name: str, *, now: datetime | None = None) -> TeamV
     """One team with its current-period spend."""
     views = list_teams(engine, name=name, now=now)
     if not views:
-        raise NotFound(f"no team named {name!r}")
+        with engine.connect() as connection:
+            raise no_team(connection, name)
     return views[0]
 
 
@@ -370,7 +385,7 @@ def create_key(
     with write_transaction(engine) as connection:
         team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
         if team_id is None:
-            raise NotFound(f"no team named {team!r}; create it with `spendgate teams create {team}`")
+            raise no_team(connection, team, create=True)
         connection.execute(
             insert(APIKey).values(
                 id=key_id,

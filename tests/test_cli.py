@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, select
 
 from proxy.cli import main
@@ -82,7 +85,8 @@ def test_team_create_update_list(db_url: str, capsys: pytest.CaptureFixture[str]
     assert listed["remaining_usd"] == "250.50"
     code, out, _ = run(capsys, "teams", "list", "--db", db_url)
     assert out.splitlines()[0].split()[:4] == ["name", "budget_usd", "period", "spent_usd"]
-    assert out.splitlines()[1].split()[:3] == ["research", "250.50", "week"]
+    # Tables drop trailing zeros; JSON (above) keeps the amount as given.
+    assert out.splitlines()[1].split()[:3] == ["research", "250.5", "week"]
 
 
 @pytest.mark.parametrize(
@@ -136,6 +140,7 @@ def test_usage_export_jsonl_and_csv(db_url: str, engine: Engine, capsys: pytest.
             make_record(id="sgr_2", team="b", cost_usd=Decimal("12.5")),
         ],
     )
+    assert run(capsys, "teams", "create", "b", "--db", db_url)[0] == 0
     _, out, _ = run(capsys, "usage", "--db", db_url)
     records = [json.loads(line) for line in out.splitlines()]
     assert [(r["id"], r["cost_usd"]) for r in records] == [("sgr_1", "0.000555"), ("sgr_2", "12.5")]
@@ -201,3 +206,145 @@ def test_usage_csv_cells_never_run_as_formulas(db_url: str, engine: Engine, caps
     code, out, _ = run(capsys, "usage", "--format", "csv", "--db", db_url)
     [row] = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and (row["feature"], row["user"]) == ('\'=HYPERLINK("http://evil")', "'@user")
+
+
+def test_tables_show_money_exactly_without_padding(
+    db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.ledger.commit import insert_records
+    from tests.test_writer import make_record
+
+    now = datetime.now(UTC)
+    run(capsys, "teams", "create", "research", "--budget", "250.500", "--db", db_url)
+    insert_records(
+        engine,
+        [
+            make_record(id="sgr_1", user="ann", started_at=now, finished_at=now, cost_usd=Decimal("12.340000")),
+            make_record(id="sgr_2", user="bob", started_at=now, finished_at=now, cost_usd=Decimal("0.000001875")),
+        ],
+    )
+    _, out, _ = run(capsys, "teams", "list", "--db", db_url)
+    assert table(out)[0] == {
+        "name": "research",
+        "budget_usd": "250.5",
+        "period": "month",
+        "spent_usd": "0",
+        "held_usd": "0",
+        "remaining_usd": "250.5",
+        "max_output_tokens": "-",
+    }
+    _, out, _ = run(capsys, "teams", "users", "research", "--db", db_url)
+    assert [(row["user"], row["spent_usd"], row["held_usd"]) for row in table(out)] == [
+        ("ann", "12.34", "0"),
+        ("bob", "0.000001875", "0"),
+    ]
+    _, out, _ = run(capsys, "report", "--by", "team", "--db", db_url)
+    assert table(out)[0]["cost_usd"] == "12.340001875"
+    # JSON carries the ledger's exact decimal text, under the admin API's field names.
+    _, out, _ = run(capsys, "teams", "users", "research", "--format", "json", "--db", db_url)
+    ann = json.loads(out)[0]
+    assert (ann["spent_usd"], ann["reserved_usd"]) == ("12.340000", "0")
+    [team] = json.loads(run(capsys, "teams", "list", "--format", "json", "--db", db_url)[1])
+    assert (team["budget_usd"], team["reserved_usd"]) == ("250.500", "0")
+
+
+def table(out: str) -> list[dict[str, str]]:
+    """The rows of a table the CLI printed, by column (cells hold no spaces here)."""
+    header, *rows = [line.split() for line in out.splitlines()]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+# What must never reach a terminal raw: C0 (newline is the output's own line structure), DEL, C1, and the Unicode
+# marks that reorder or break the text around them (bidi embeddings, overrides and isolates; line separators).
+FORBIDDEN = frozenset(
+    chr(code)
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029)
+    + (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+) - {"\n"}
+HOSTILE_TEXT = st.text(
+    st.sampled_from([*sorted(FORBIDDEN), "\n", "\\", '"', ",", "=", "+", "-", "@", "'"]) | st.characters()
+)
+# A second of its own for each example's record.
+SECONDS = itertools.count()
+
+
+def unescaped(cell: str) -> str:
+    """The text a CSV or table cell stands for: its escapes read back (`\\x1b`, `\\u202e`, `\\\\`, ...)."""
+    return cell.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+@pytest.mark.parametrize(
+    "user, shown",
+    [
+        pytest.param("\x1b]52;c;ZXZpbA==\x07", "\\x1b]52;c;ZXZpbA==\\x07", id="osc52-clipboard"),
+        pytest.param("\x1b[2J\x1b[Hadmin", "\\x1b[2J\\x1b[Hadmin", id="clear-screen"),
+        pytest.param("mallory\rroot", "mallory\\rroot", id="carriage-return"),
+        pytest.param("a\nb\tc", "a\\nb\\tc", id="newline-tab"),
+        pytest.param("\x9b31m", "\\x9b31m", id="c1-csi"),
+        pytest.param("evil\u202egpj.exe", "evil\\u202egpj.exe", id="bidi-override"),
+        pytest.param("C:\\x1b", "C:\\\\x1b", id="backslash"),
+        pytest.param("zoë 🦊", "zoë 🦊", id="printable-unicode"),
+    ],
+)
+def test_tables_show_control_characters_escaped(
+    db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str], user: str, shown: str
+) -> None:
+    from proxy.ledger.commit import insert_records
+    from proxy.teams import TeamSettings, create_team
+    from tests.test_writer import make_record
+
+    create_team(engine, "research", TeamSettings(), actor="test")
+    insert_records(engine, [make_record(id="sgr_1", user=user, feature=user, started_at=datetime.now(UTC))])
+    code, out, _ = run(capsys, "teams", "users", "research", "--db", db_url)
+    assert code == 0 and out.splitlines()[1].split("  ")[0] == shown
+    code, out, _ = run(capsys, "report", "--by", "feature", "--db", db_url)
+    assert code == 0 and out.splitlines()[1].split("  ")[0] == shown
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(text=HOSTILE_TEXT)
+def test_no_output_lets_a_control_character_reach_the_terminal(
+    db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """Whatever a client sends as its user id or feature, or an upstream as a model name, every table and CSV shows
+    it on its own line with its control characters escaped (the CSV reads back to exactly the text stored); JSON
+    escapes them itself."""
+    from proxy.gateway.call import label
+    from proxy.ledger.commit import insert_records
+    from proxy.teams import TeamSettings, create_team
+    from tests.test_writer import make_record
+
+    # Each example on its own team and second, so that it sees only its own record.
+    team = f"t{uuid.uuid4().hex}"
+    create_team(engine, team, TeamSettings(period="total"), actor="test")
+    at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=next(SECONDS))
+    stored = label(text, 256)
+    record = make_record(
+        id=f"sgr_{team}", team=team, user=stored, feature=stored, model=stored, response_model=stored, started_at=at
+    )
+    insert_records(engine, [record])
+    period = ("--since", at.isoformat(), "--until", (at + timedelta(seconds=1)).isoformat())
+    for argv in (
+        ("teams", "users", team),
+        ("report", "--by", "user,feature,model", *period),
+        ("report", "--by", "user,feature,model", "--format", "csv", *period),
+        ("usage", "--team", team, "--format", "csv"),
+    ):
+        code, out, err = run(capsys, *argv, "--db", db_url)
+        assert code == 0, err
+        assert not FORBIDDEN & set(out), argv
+        assert len(out.splitlines()) == 2, argv  # the header and one line for the record
+    [row] = csv.DictReader(io.StringIO(out))
+    for name in ("user", "feature", "model"):
+        cell = row[name]
+        if cell.startswith("'") and stored[:1] in ("=", "+", "-", "@"):
+            cell = cell[1:]  # OWASP's guard: a formula start gets a leading quote
+        assert unescaped(cell) == stored, name
+    code, out, _ = run(capsys, "usage", "--team", team, "--db", db_url)
+    assert code == 0 and not FORBIDDEN & set(out) and json.loads(out)["user"] == stored
+    code, out, _ = run(capsys, "teams", "users", team, "--format", "json", "--db", db_url)
+    assert code == 0 and not FORBIDDEN & set(out) and json.loads(out)[0]["user"] == stored

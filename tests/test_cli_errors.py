@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import pty
+import re
 import signal
+import socket
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from sqlalchemy import Engine
 
+from proxy import cli
 from proxy.ledger.commit import insert_records
+from tests.replicas import free_port
 from tests.test_writer import make_record
 
 CLI = [sys.executable, "-m", "proxy.cli"]
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def spendgate(*argv: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -146,3 +153,99 @@ def test_prices_speak_json_too() -> None:
     [sonnet] = json.loads(spendgate("prices", "--format", "json", "--model", "claude-sonnet-4-6").stdout)["models"]
     assert (sonnet["standard"]["input"], sonnet["standard"]["output"]) == ("3", "15")
     assert json.loads(spendgate("prices", "--format", "json", "--model", "gpt-4").stdout)["models"] == []
+
+
+def test_serve_on_a_port_in_use_says_so_before_touching_anything(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ran = spendgate("serve", "--port", str(port), cwd=tmp_path, ANTHROPIC_API_KEY="sk-ant-test")
+    assert ran.returncode == 1 and ran.stderr.count("\n") == 1, ran.stderr
+    assert f"port {port}" in ran.stderr and "already in use" in ran.stderr and "--port" in ran.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mistyped_team_gets_the_close_name(db_url: str) -> None:
+    assert spendgate("teams", "create", "research", "--db", db_url).returncode == 0
+    for argv in (
+        ("keys", "create", "--team", "reserch"),
+        ("keys", "list", "--team", "reserch"),
+        ("teams", "update", "reserch", "--budget", "10"),
+        ("teams", "users", "reserch"),
+        ("teams", "user-budget", "reserch", "ann", "--budget", "1"),
+        ("usage", "--team", "reserch"),
+    ):
+        ran = spendgate(*argv, "--db", db_url)
+        assert ran.returncode == 1 and ran.stderr.count("\n") == 1, (argv, ran.stderr)
+        assert "no team named 'reserch' (did you mean 'research'?)" in ran.stderr, (argv, ran.stderr)
+    # Still the way to a new team, for who meant one; and no guess when nothing is close.
+    assert "spendgate teams create reserch" in spendgate("keys", "create", "--team", "reserch", "--db", db_url).stderr
+    far = spendgate("keys", "create", "--team", "marketing", "--db", db_url).stderr
+    assert "did you mean" not in far and "spendgate teams create marketing" in far
+
+
+def test_usage_of_an_unknown_team_is_an_error(db_url: str) -> None:
+    ran = spendgate("usage", "--team", "nosuch", "--db", db_url)
+    assert (ran.returncode, ran.stdout) == (1, "")
+    assert ran.stderr == "spendgate: no team named 'nosuch'\n"
+    assert spendgate("teams", "create", "research", "--db", db_url).returncode == 0
+    assert spendgate("usage", "--team", "research", "--format", "csv", "--db", db_url).returncode == 0
+
+
+def test_a_ledger_that_cannot_be_opened_is_one_line_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    stopped = f"postgresql://spendgate:s3cret@127.0.0.1:{free_port()}/ledger"
+    for url, shown, cause in (
+        (f"sqlite:///{missing}/x.db", f"sqlite:///{missing}/x.db", f"folder {missing} does not exist"),
+        (stopped, stopped.replace("s3cret", "***"), "refused"),
+    ):
+        for argv in (
+            ("db", "upgrade"),
+            ("serve", "--port", str(free_port())),
+            ("teams", "list"),
+            ("keys", "create", "--team", "research"),
+            ("usage",),
+        ):
+            ran = spendgate(*argv, "--db", url, cwd=tmp_path, ANTHROPIC_API_KEY="sk-ant-test")
+            assert ran.returncode == 1 and ran.stderr.count("\n") == 1, (argv, ran.stderr)
+            assert f"the ledger at {shown}" in ran.stderr and cause in ran.stderr, (argv, ran.stderr)
+            assert "s3cret" not in ran.stderr and "Traceback" not in ran.stderr
+    assert not missing.exists()
+
+
+def test_flags_name_their_environment_variables() -> None:
+    # The README's configuration table pairs variables with flags: "`SPENDGATE_HOST`, ... (`--host`, ...)".
+    rows = re.findall(r"^\| ((?:`\w+`(?:, )?)+) \(((?:`--[\w-]+`(?:, )?)+)\) \|", README.read_text(), re.M)
+    paired = {
+        flag: variable
+        for variables, flags in rows
+        for variable, flag in zip(re.findall(r"`(\w+)`", variables), re.findall(r"`(--[\w-]+)`", flags), strict=True)
+    }
+    assert paired["--upstream"] == "SPENDGATE_UPSTREAM_URL"
+    helps = _option_helps(cli._parser())
+    assert helps, "no options found"
+    for command, flag, text in helps:
+        named = set(re.findall(r"\$(\w+)", text))
+        if flag in paired:
+            assert named == {paired[flag]}, (command, flag, text)
+        else:
+            assert not named, f"{command} {flag} names {named}: list it in the README's configuration table"
+    served = spendgate("serve", "--help").stdout
+    assert all(f"${name}" in served for name in ("SPENDGATE_UPSTREAM_URL", "SPENDGATE_PORT", "SPENDGATE_DB_URL"))
+
+
+def _option_helps(parser: argparse.ArgumentParser, command: str = "spendgate") -> list[tuple[str, str, str]]:
+    """(command, flag, help) of every option of `parser` and its subcommands."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _option_helps(sub, f"{command} {name}")
+        found += [(command, flag, action.help or "") for flag in action.option_strings if flag.startswith("--")]
+    return found
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    ran = spendgate("--version")
+    assert (ran.returncode, ran.stdout) == (0, f"spendgate {version('spendgate')}\n")
