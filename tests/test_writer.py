@@ -7,13 +7,16 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, func, select
 
 from proxy.budgets import team_counter
@@ -96,6 +99,32 @@ def test_same_id_is_written_once(engine: Engine) -> None:
     insert_records(engine, [make_record()])
     insert_records(engine, [make_record(), make_record(id="sgr_other")])
     assert count(engine) == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(min_value=0, max_value=5), max_size=20), st.integers(min_value=1, max_value=6))
+def test_batch_results_read_again_are_counted_once(
+    engine: Engine, tmp_path: Path, results: list[int], batch_size: int
+) -> None:
+    """A batch's results can come again (read twice, in one flush or in another): the ledger keeps each once and so
+    does `/metrics` (it counted every read)."""
+    metrics = Metrics()
+    ids = [f"sgr_result_{uuid.uuid4().hex[:8]}_{n}" for n in range(6)]
+
+    async def read() -> None:
+        writer = writer_for(engine, tmp_path, batch_size=batch_size, metrics=metrics)
+        writer.start()
+        for n in results:
+            writer.submit(make_record(id=ids[n], batch_id="msgbatch_x", custom_id=str(n)))
+        await writer.close()
+
+    anyio.run(read)
+    written = {ids[n] for n in results}
+    with engine.connect() as connection:
+        rows = connection.execute(select(UsageRow.id).where(UsageRow.id.in_(ids))).scalars().all()
+    assert sorted(rows) == sorted(written)
+    calls = [s.value for f in metrics.registry.collect() for s in f.samples if s.name == "spendgate_calls_total"]
+    assert sum(calls) == len(written)
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

@@ -39,12 +39,12 @@ Retried = tuple[str | None, Decimal | None]
 
 class Inserted(NamedTuple):
     """What one write did besides inserting: the soft limits it crossed, the (team, cost) of each record it
-    linked as a retry (known only here, where earlier attempts are looked up), and the ids it skipped as already
-    written (a batch's results read twice)."""
+    linked as a retry (known only here, where earlier attempts are looked up), and the ids of the batch results it
+    wrote (not those already written: a batch's results read twice)."""
 
     crossed: list[SoftLimitCrossed]
     retries: list[Retried]
-    known: list[str]
+    results: list[str]
 
 
 def insert_records(
@@ -67,8 +67,13 @@ def write_records(
     rows = [record_to_row(record) for record in records]
     # The chain's lock serialises every writer, so the check for ids already written cannot race.
     pos, head = lock_head(connection)
-    present = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
-    fresh = [index for index, record in enumerate(records) if record.id not in present]
+    seen = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
+    fresh = []
+    # The same id twice in one batch (a batch's results read twice within one flush) is written once.
+    for index, record in enumerate(records):
+        if record.id not in seen:
+            seen.add(record.id)
+            fresh.append(index)
     rows = [rows[index] for index in fresh]
     link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
     write_head(connection, *extend(rows, pos, head))
@@ -85,7 +90,8 @@ def write_records(
         soft_fraction=soft_fraction,
         release=[record.reservation.call_id for record in held if record.reservation is not None],
     )
-    return Inserted(crossed, [(row["team"], row["cost_usd"]) for row in rows if row["is_retry"]], sorted(present))
+    retried = [(row["team"], row["cost_usd"]) for row in rows if row["is_retry"]]
+    return Inserted(crossed, retried, [row["id"] for row in rows if row["custom_id"] is not None])
 
 
 def is_refused(error: Exception) -> bool:

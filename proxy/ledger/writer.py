@@ -193,7 +193,7 @@ class Writer:
             batch = [record for _, record in islice(self._pending, min(self._batch_size, queued))]
             correct_as = f"instance:{self._instance}" if self.correct_estimates else None
             try:
-                crossed, retries, known = await self._writes.write(batch, correct_as=correct_as)
+                crossed, retries, results = await self._writes.write(batch, correct_as=correct_as)
                 done = len(batch)
             except WriteFailed as failed:
                 self._last_error = str(failed)
@@ -203,12 +203,13 @@ class Writer:
                     return False
                 # The database refused some record's data: write the others one by one and set the bad ones
                 # aside, rather than retry a batch that can never succeed.
-                done, crossed, retries, known = await self._one_by_one(batch)
+                done, crossed, retries, results = await self._one_by_one(batch)
             self._trouble.succeeded()
             self._metrics.written(retries)
-            skipped = set(known)
+            written = set(results)
             for record in batch[:done]:
-                if record.custom_id is not None and record.id not in skipped:
+                if record.id in written:
+                    written.discard(record.id)
                     self._metrics.recorded(record)
             for _ in range(done):
                 self._pending.popleft()
@@ -227,25 +228,24 @@ class Writer:
     async def _one_by_one(
         self, batch: list[UsageRecord]
     ) -> tuple[int, list[SoftLimitCrossed], list[Retried], list[str]]:
-        """Write records singly; returns how many were dealt with (written, skipped as known, or set aside) before a
-        failure, and what the writes reported. A record set aside counts as known: the ledger does not have it."""
+        """Write records singly; returns how many were dealt with (written, skipped as written before, or set aside)
+        before a failure, and what the writes reported."""
         crossed: list[SoftLimitCrossed] = []
         retries: list[Retried] = []
-        known: list[str] = []
+        results: list[str] = []
         for index, record in enumerate(batch):
             try:
                 inserted = await self._writes.write([record])
             except WriteFailed as failed:
                 if not failed.refused:
                     logger.error("could not write usage record %s (%s); it stays queued", record.id, failed)
-                    return index, crossed, retries, known
+                    return index, crossed, retries, results
                 await anyio.to_thread.run_sync(self._place, record, str(failed))
-                known.append(record.id)
                 continue
             crossed += inserted.crossed
             retries += inserted.retries
-            known += inserted.known
-        return len(batch), crossed, retries, known
+            results += inserted.results
+        return len(batch), crossed, retries, results
 
     def _place(self, record: UsageRecord, reason: str) -> None:
         try:
