@@ -74,6 +74,27 @@ async def test_a_record_the_ledger_refuses_never_blocks_the_others(
 
 
 @pytest.mark.anyio
+async def test_a_bug_in_the_write_path_is_loud_and_sets_nothing_aside(engine: Engine, tmp_path: Path) -> None:
+    """A record our own settlement cannot handle (a float cost, as a bug would make) is not data the ledger
+    refused: it must not be set aside (with every record after it) while all looks well. It stays queued, and the
+    writer says why."""
+    writer = writer_for(engine, tmp_path, batch_size=50, stall_seconds=0.2)
+    writer.start()
+    counter = team_counter(1, "research", "month", Decimal(10), make_record().started_at)
+    hold = Reservation(call_id="sgr_bug", counters=(counter,), amount=Decimal(0), held=False)
+    bad: Any = 0.5
+    writer.submit(make_record(id="sgr_bug", cost_usd=bad, reservation=hold))
+    await wait_for(lambda: writer.problem is not None and "TypeError" in writer.problem, "the writer to say why")
+    assert writer.pending == 1
+    assert not list((tmp_path / "spill").glob("refused-*.jsonl"))
+    assert count(engine) == 0
+    # At shutdown it is spilled for the next start, like records the ledger would not take: nothing is lost.
+    await writer.close()
+    [spilled] = (tmp_path / "spill").glob("unwritten-*.jsonl")
+    assert json.loads(spilled.read_text())["id"] == "sgr_bug"
+
+
+@pytest.mark.anyio
 async def test_a_failing_collaborator_does_not_stop_the_writer(engine: Engine, tmp_path: Path) -> None:
     failures: list[int] = []
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from operator import attrgetter
@@ -64,7 +66,8 @@ def write_records(
     but whose acknowledgement was lost changes nothing. Retried calls are linked to their earlier attempts and
     every record is appended to the audit chain on the way in.
     """
-    rows = [record_to_row(record) for record in records]
+    with _values_of_records():
+        rows = [record_to_row(record) for record in records]
     # The chain's lock serialises every writer, so the check for ids already written cannot race.
     pos, head = lock_head(connection)
     seen = set(connection.execute(select(UsageRow.id).where(UsageRow.id.in_([r.id for r in records]))).scalars())
@@ -76,9 +79,10 @@ def write_records(
             fresh.append(index)
     rows = [rows[index] for index in fresh]
     link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
-    write_head(connection, *extend(rows, pos, head))
-    if rows:
-        insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
+    with _values_of_records():
+        write_head(connection, *extend(rows, pos, head))
+        if rows:
+            insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
     # Holds are released even when their record was written before (a batch's last result read twice).
     held = [record for record in records if record.reservation is not None and record.reservation.held]
     finished = sorted({record.batch_id for record in held if record.batch_id is not None})
@@ -94,15 +98,26 @@ def write_records(
     return Inserted(crossed, retried, [row["id"] for row in rows if row["custom_id"] is not None])
 
 
+class UnwritableRecord(Exception):
+    """A record's own values cannot be stored: text with a lone surrogate no driver can encode, an integer wider
+    than SQLite's. Retrying can never succeed."""
+
+
+@contextlib.contextmanager
+def _values_of_records() -> Iterator[None]:
+    """Where the records' values are turned into rows, hashed and bound: the errors raised there come from the
+    data. Anywhere else, the same exceptions are bugs of ours, not refusals, and must not set records aside."""
+    try:
+        yield
+    except (UnicodeError, OverflowError, ValueError, TypeError) as exc:
+        raise UnwritableRecord(f"{exc.__class__.__name__}: {exc}") from exc
+
+
 def is_refused(error: Exception) -> bool:
     """Whether the database (or its driver, binding a value) refused the data itself, so retrying it can never
-    succeed, rather than the connection failing."""
+    succeed, rather than the connection failing or a bug of ours."""
     if isinstance(error, OperationalError):
         return False
-    # Drivers raise these unwrapped while binding: text with a lone surrogate, an integer too wide for SQLite.
-    unbindable = isinstance(error, UnicodeError | OverflowError | ValueError | TypeError)
-    return (
-        unbindable
-        or isinstance(error, DataError | IntegrityError)
-        or (isinstance(error, StatementError) and not isinstance(error, DBAPIError))
+    return isinstance(error, UnwritableRecord | DataError | IntegrityError) or (
+        isinstance(error, StatementError) and not isinstance(error, DBAPIError)
     )
