@@ -69,6 +69,11 @@ class AlertSender:
         if self._webhook is not None:
             self._task = asyncio.create_task(self._deliver_forever(self._webhook))
 
+    async def delivered(self) -> None:
+        """Wait until every alert queued so far has been delivered (or given up on)."""
+        if self._task is not None:
+            await self._queue.join()
+
     async def close(self) -> None:
         """Stop delivering; alerts still queued are logged as undelivered."""
         if self._task is not None:
@@ -81,7 +86,10 @@ class AlertSender:
         async with httpx.AsyncClient(transport=self._transport, timeout=10.0) as client:
             while True:
                 payload = await self._queue.get()
-                await self._deliver(client, url, payload)
+                try:
+                    await self._deliver(client, url, payload)
+                finally:
+                    self._queue.task_done()
 
     async def _deliver(self, client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> None:
         backoff = FIRST_BACKOFF_SECONDS
@@ -97,3 +105,19 @@ class AlertSender:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
         logger.error("alert webhook gave up after %d attempts: %s", MAX_ATTEMPTS, payload)
+
+
+def notify_now(webhook: str | None, alerts: list[SoftLimitCrossed]) -> None:
+    """Log and deliver alerts from outside a serving process (records replayed by the command line), waiting
+    until each is delivered or given up on (blocking)."""
+    if not alerts:
+        return
+
+    async def deliver() -> None:
+        sender = AlertSender(webhook)
+        sender.notify(alerts)
+        sender.start()
+        await sender.delivered()
+        await sender.close()
+
+    asyncio.run(deliver())

@@ -106,7 +106,10 @@ def create_app(
         instance = f"{socket.gethostname()[:20]}-{secrets.token_hex(6)}"
         journal = Journal(settings.spill_dir, instance)
         # A worker restarted after its sibling died replays the sibling's journal (its lock is free now).
-        await anyio.to_thread.run_sync(partial(replay_gone, engine, settings.spill_dir, prices, name=instance))
+        replay = partial(
+            replay_gone, engine, settings.spill_dir, prices, name=instance, soft_fraction=settings.soft_limit_fraction
+        )
+        alerts.notify((await anyio.to_thread.run_sync(replay)).crossed)
         leases = Leases(
             engine,
             instance=instance,
@@ -183,6 +186,7 @@ def create_app(
             instance,
             interval=settings.heartbeat_seconds,
             limit=timedelta(seconds=settings.heartbeat_limit_seconds),
+            soft_fraction=settings.soft_limit_fraction,
         )
         await anyio.to_thread.run_sync(heart.start, datetime.now(UTC))
         writer.start()
@@ -190,7 +194,11 @@ def create_app(
         background = [
             asyncio.create_task(_release_expired_holds(engine, settings.reservation_sweep_seconds)),
             asyncio.create_task(
-                _every(settings.heartbeat_seconds, partial(_heartbeat, heart, writer, leases, throttle), "heartbeat")
+                _every(
+                    settings.heartbeat_seconds,
+                    partial(_heartbeat, heart, writer, leases, throttle, alerts),
+                    "heartbeat",
+                )
             ),
             asyncio.create_task(_every(TRIM_SECONDS, leases.trim, "lease upkeep")),
             asyncio.create_task(_every(SYNC_SECONDS, throttle.sync, "rate limit upkeep")),
@@ -288,11 +296,11 @@ class Dispatch:
         await self._app(scope, receive, send)
 
 
-async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, throttle: Throttle) -> None:
-    """Reap dead processes (this one beats from a thread of its own); once taken for dead, this process's records
-    correct estimates and its leases (recorded by the reaper) and rate-limit slices (dropped by it) admit nothing
-    more."""
-    await anyio.to_thread.run_sync(heart.reap, datetime.now(UTC))
+async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, throttle: Throttle, alerts: AlertSender) -> None:
+    """Reap dead processes (this one beats from a thread of its own) and send the soft-limit alerts their records
+    set off; once taken for dead, this process's records correct estimates and its leases (recorded by the reaper)
+    and rate-limit slices (dropped by it) admit nothing more."""
+    alerts.notify(await anyio.to_thread.run_sync(heart.reap, datetime.now(UTC)))
     if heart.taken_for_dead and not writer.correct_estimates:
         leases.forget()
         throttle.forget()

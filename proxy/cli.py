@@ -120,6 +120,7 @@ def _ledger_failure(exc: Exception, db_url: str) -> str | None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.alerts import notify_now
     from proxy.db import in_memory, upgrade
     from proxy.ledger.disk import replay_spilled
     from proxy.logs import configure_logging
@@ -147,7 +148,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with _ledger(settings) as engine:
         # Records spilled at an earlier shutdown; the journals of gone processes are replayed by every serving
         # process as it starts (proxy/app.py), so a restarted worker replays its dead sibling's too.
-        replay_spilled(engine, settings.spill_dir, name="replay")
+        spilled = replay_spilled(engine, settings.spill_dir, name="replay", soft_fraction=settings.soft_limit_fraction)
+    notify_now(settings.alert_webhook, spilled.crossed)
     logger.info(
         "spendgate serving on http://%s:%d with %d worker(s), forwarding to %s",
         settings.host,
@@ -224,22 +226,25 @@ def _check_url(db_url: str) -> URL:
     return url
 
 
-def _recover(engine: Engine, directory: Path, prices: PriceTable) -> Replayed:
+def _recover(engine: Engine, directory: Path, prices: PriceTable, soft_fraction: Decimal) -> Replayed:
     """Replay journals of gone processes, spill files and records set aside as refused."""
     from proxy.ledger.disk import replay_refused, replay_spilled
     from proxy.ledger.journal import replay_gone
 
-    total = replay_gone(engine, directory, prices, name="replay")
+    total = replay_gone(engine, directory, prices, name="replay", soft_fraction=soft_fraction)
     for step in (replay_spilled, replay_refused):
-        total += step(engine, directory, name="replay")
+        total += step(engine, directory, name="replay", soft_fraction=soft_fraction)
     return total
 
 
 def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.alerts import notify_now
     from proxy.pricing import PriceTable
 
     with _ledger(settings) as engine:
-        done = _recover(engine, Path(args.directory), PriceTable.load(settings.prices_path))
+        prices = PriceTable.load(settings.prices_path)
+        done = _recover(engine, Path(args.directory), prices, settings.soft_limit_fraction)
+    notify_now(settings.alert_webhook, done.crossed)
     print(f"replayed {args.directory}: {done.written} records written, {done.set_aside} set aside (refused-*.jsonl)")
     return 0
 

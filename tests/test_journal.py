@@ -16,6 +16,7 @@ from proxy.ledger import journal as journal_module
 from proxy.ledger.commit import insert_records
 from proxy.ledger.journal import Journal, Start, replay_journal
 from proxy.pricing import PriceTable
+from proxy.teams import TeamSettings, create_key, create_team
 from proxy.types import UsageRecord
 from tests.test_writer import make_record
 
@@ -97,3 +98,14 @@ def test_no_call_is_lost_whatever_the_order(
     assert sorted(r["id"] for r in mine) == sorted(s.id for s in started)
     outcomes = {r["id"]: r["outcome"] for r in mine}
     assert [outcomes[s.id] for s in started] == ["ok"] * len(ended) + ["interrupted"] * (len(started) - len(ended))
+
+
+def test_a_replay_reports_the_soft_limits_its_records_cross(engine: Engine, tmp_path: Path) -> None:
+    """A dead process's unfinished call, recorded at its hold by the replay, can cross a soft limit: the replay
+    says so, for its caller to alert (it was dropped before)."""
+    create_team(engine, "research", TeamSettings(budget_usd=Decimal("0.0125")), actor="test")
+    view, _ = create_key(engine, "research", actor="test")
+    journal = Journal(tmp_path, "dead")
+    journal.started(start(1)._replace(key_id=view.id))
+    replayed = replay_journal(engine, tmp_path, "dead", PriceTable.load(None), name="test")
+    assert [(alert.label, alert.spent_usd) for alert in replayed.crossed] == [("team research", Decimal("0.01"))]

@@ -6,6 +6,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,17 @@ from anthropic.types import MessageParam
 from sqlalchemy import Engine, text
 from starlette.types import Receive, Scope, Send
 
+from proxy.budgets import reserve, team_counter
+from proxy.keys import lookup_key_by_id
+from proxy.ledger.instances import register
 from proxy.teams import TeamSettings, create_key, create_team, get_team
+from proxy.types import HoldOwner, Reservation
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack
 from tests.upstream import FakeAnthropic
+from tests.waiting import wait_until
 
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hello"}]
 
@@ -209,6 +215,31 @@ def test_soft_limit_alert_is_posted_once(
             "fraction": "0.8",
         }
     ]
+
+
+def test_a_dead_replicas_calls_set_off_their_soft_limit_alert(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """The reaper records a dead replica's held call at its worst case: when that crosses the soft limit, the alert
+    goes out like any other (the reaper's records dropped it before, as did replays of journals and spills)."""
+    webhook = Webhook()
+    team = TeamSettings(budget_usd=Decimal(10))
+    beats: dict[str, Any] = {"heartbeat_seconds": 0.1, "heartbeat_limit_seconds": 0.5}
+    with (
+        serve_in_thread(webhook) as hook_url,
+        running_stack(engine, db_url, tmp_path, team=team, alert_webhook=hook_url, **beats) as stack,
+    ):
+        now = datetime.now(UTC)
+        register(engine, "dead-replica", now - timedelta(hours=1))
+        key = lookup_key_by_id(engine, stack.key_id)
+        assert key is not None
+        counter = team_counter(key.team_id, "research", "month", Decimal(10), now)
+        owner = HoldOwner(
+            instance_id="dead-replica", team="research", key_id=stack.key_id, endpoint="/v1/messages", model=None
+        )
+        hold = Reservation(call_id="sgr_dead_call", counters=(counter,), amount=Decimal(9), held=True)
+        reserve(engine, hold, expires_at=now + timedelta(hours=1), started_at=now, owner=owner)
+        wait_until(lambda: webhook.received, "the soft-limit alert of the dead replica's call")
+    [alert] = webhook.received
+    assert (alert["team"], alert["spent_usd"], alert["budget_usd"]) == ("research", "9", "10")
 
 
 # A long prompt: its byte-bound (≈3,100 input tokens) covers the fake upstream's fixed 406 reported tokens.

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +24,8 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from proxy.ledger.commit import RECORD_COLUMNS, insert_records, is_refused, record_to_row
+from proxy.budgets import SoftLimitCrossed
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, RECORD_COLUMNS, insert_records, is_refused, record_to_row
 from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
@@ -105,13 +106,15 @@ def append_line(path: Path, line: str) -> None:
 
 @dataclass(slots=True)
 class Replayed:
-    """What a replay did: records written to the ledger, and lines set aside (refused or unreadable)."""
+    """What a replay did: records written to the ledger, lines set aside (refused or unreadable), and the soft
+    limits the records written crossed (their alerts are the caller's to send)."""
 
     written: int = 0
     set_aside: int = 0
+    crossed: list[SoftLimitCrossed] = field(default_factory=list)
 
     def __add__(self, other: Replayed) -> Replayed:
-        return Replayed(written=self.written + other.written, set_aside=self.set_aside + other.set_aside)
+        return Replayed(self.written + other.written, self.set_aside + other.set_aside, self.crossed + other.crossed)
 
 
 def set_aside(directory: Path, name: str, data: dict[str, Any], reason: str) -> None:
@@ -119,14 +122,21 @@ def set_aside(directory: Path, name: str, data: dict[str, Any], reason: str) -> 
     append_line(directory / f"refused-{name}.jsonl", encode({**data, "error": reason[:500]}))
 
 
-def replay_records(engine: Engine, records: list[UsageRecord], *, directory: Path, name: str) -> Replayed:
+def replay_records(
+    engine: Engine,
+    records: list[UsageRecord],
+    *,
+    directory: Path,
+    name: str,
+    soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
+) -> Replayed:
     """Write records to the ledger, in one transaction if it takes them all, else one by one, setting aside the
     ones it refuses as data. A connection failure raises: nothing is lost, the caller keeps its file."""
     result = Replayed()
     if not records:
         return result
     try:
-        insert_records(engine, records)
+        result.crossed += insert_records(engine, records, soft_fraction=soft_fraction).crossed
         result.written = len(records)
         return result
     except Exception as exc:
@@ -134,7 +144,7 @@ def replay_records(engine: Engine, records: list[UsageRecord], *, directory: Pat
             raise
     for record in records:
         try:
-            insert_records(engine, [record])
+            result.crossed += insert_records(engine, [record], soft_fraction=soft_fraction).crossed
             result.written += 1
         except Exception as exc:
             if not is_refused(exc):
@@ -158,13 +168,15 @@ def read_records(path: Path, *, directory: Path, name: str) -> tuple[list[UsageR
     return records, bad
 
 
-def replay_spilled(engine: Engine, directory: Path, *, name: str) -> Replayed:
+def replay_spilled(
+    engine: Engine, directory: Path, *, name: str, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
+) -> Replayed:
     """Write the records spilled by earlier processes, then delete their files."""
     total = Replayed()
     for path in sorted(directory.glob("unwritten-*.jsonl")) if directory.is_dir() else ():
         records, bad = read_records(path, directory=directory, name=name)
-        done = replay_records(engine, records, directory=directory, name=name)
-        total += Replayed(done.written, done.set_aside + bad)
+        done = replay_records(engine, records, directory=directory, name=name, soft_fraction=soft_fraction)
+        total += Replayed(done.written, done.set_aside + bad, done.crossed)
         path.unlink()
         logger.warning(
             "replayed %d spilled usage records from %s (%d set aside)", done.written, path, done.set_aside + bad
@@ -172,7 +184,9 @@ def replay_spilled(engine: Engine, directory: Path, *, name: str) -> Replayed:
     return total
 
 
-def replay_refused(engine: Engine, directory: Path, *, name: str) -> Replayed:
+def replay_refused(
+    engine: Engine, directory: Path, *, name: str, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
+) -> Replayed:
     """Try again the records set aside as refused (after the cause was fixed); those refused again stay."""
     total = Replayed()
     for path in sorted(directory.glob("refused-*.jsonl")) if directory.is_dir() else ():
@@ -180,10 +194,10 @@ def replay_refused(engine: Engine, directory: Path, *, name: str) -> Replayed:
         os.replace(path, held)
         try:
             records, bad = read_records(held, directory=directory, name=name)
-            done = replay_records(engine, records, directory=directory, name=name)
+            done = replay_records(engine, records, directory=directory, name=name, soft_fraction=soft_fraction)
         except BaseException:
             os.replace(held, path)
             raise
-        total += Replayed(done.written, done.set_aside + bad)
+        total += Replayed(done.written, done.set_aside + bad, done.crossed)
         held.unlink()
     return total

@@ -18,8 +18,10 @@ from typing import Any
 
 from sqlalchemy import Engine, Row, delete, insert, select, update
 
+from proxy.budgets import LEASE_PREFIX, SoftLimitCrossed, counters_for
 from proxy.db import write_transaction
-from proxy.ledger.commit import write_records
+from proxy.keys import lookup_key_by_id
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, write_records
 from proxy.ledger.journal import Start, interrupted
 from proxy.logs import Trouble
 from proxy.models import BudgetReservation, Instance
@@ -38,12 +40,22 @@ class Heartbeat:
     record the holds of calls that are still running and their spend would count twice.
     """
 
-    def __init__(self, engine: Engine, prices: PriceTable, instance: str, *, interval: float, limit: timedelta) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prices: PriceTable,
+        instance: str,
+        *,
+        interval: float,
+        limit: timedelta,
+        soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
+    ) -> None:
         self._engine = engine
         self._prices = prices
         self._instance = instance
         self._interval = interval
         self._limit = limit
+        self._soft_fraction = soft_fraction
         self._beating_since: datetime | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,13 +69,14 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat_until_stopped, name="spendgate-heartbeat", daemon=True)
         self._thread.start()
 
-    def reap(self, now: datetime) -> None:
+    def reap(self, now: datetime) -> list[SoftLimitCrossed]:
         """Record the calls of processes that stopped beating (blocking); only once this process has itself beaten
         for a whole limit: after a ledger outage every heartbeat is stale, and the other replicas must get their
-        chance to beat first."""
+        chance to beat first. Returns the soft limits those records crossed."""
         since = self._beating_since
-        if since is not None and now - since >= self._limit:
-            reap(self._engine, self._prices, now, limit=self._limit)
+        if since is None or now - since < self._limit:
+            return []
+        return reap(self._engine, self._prices, now, limit=self._limit, soft_fraction=self._soft_fraction)
 
     def stop(self) -> None:
         """A clean exit, once every call of this process is recorded (blocking)."""
@@ -114,15 +127,23 @@ def retire(engine: Engine, instance: str) -> None:
         connection.execute(delete(Instance).where(Instance.id == instance))
 
 
-def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta) -> int:
+def reap(
+    engine: Engine,
+    prices: PriceTable,
+    now: datetime,
+    *,
+    limit: timedelta,
+    soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
+) -> list[SoftLimitCrossed]:
     """Turn the holds of processes whose heartbeat is older than `limit` into `interrupted` records (blocking).
 
-    Returns how many calls were recorded. The processes are claimed (deleted, locked in id order so that two
-    reapers never deadlock) in the transaction that records their holds: a process that beats before the claim
-    keeps its holds, and one claimed finds itself taken for dead at its next beat, never both. Safe on any number
-    of replicas at once.
+    Returns the soft limits those records crossed (their alerts are the caller's to send). The processes are
+    claimed (deleted, locked in id order so that two reapers never deadlock) in the transaction that records their
+    holds: a process that beats before the claim keeps its holds, and one claimed finds itself taken for dead at its
+    next beat, never both. Safe on any number of replicas at once.
     """
     records: list[UsageRecord] = []
+    crossed: list[SoftLimitCrossed] = []
     with write_transaction(engine) as connection:
         stale = select(Instance.id).where(Instance.heartbeat_at < now - limit).order_by(Instance.id)
         dead = list(connection.execute(stale.with_for_update()).scalars())
@@ -132,22 +153,36 @@ def reap(engine: Engine, prices: PriceTable, now: datetime, *, limit: timedelta)
             calls: dict[str, list[Row[Any]]] = {}
             for row in connection.execute(holds):
                 calls.setdefault(row.call_id, []).append(row)
-            records = [_interrupted(rows, prices, now) for rows in calls.values()]
+            records = [_interrupted(rows, prices, now, _budgets(engine, rows[0])) for rows in calls.values()]
             if records:
-                write_records(connection, records)
+                crossed = write_records(connection, records, soft_fraction=soft_fraction).crossed
         drop_holdings(connection, dead, now)
     if records:
         logger.warning(
             "recorded %d calls of dead processes %s as interrupted at their held amount", len(records), ", ".join(dead)
         )
-    return len(records)
+    return crossed
 
 
-def _interrupted(holds: Sequence[Row[Any]], prices: PriceTable, now: datetime) -> UsageRecord:
+def _budgets(engine: Engine, hold: Row[Any]) -> dict[str, Counter]:
+    """The counters of a held call's key as they stand now, by scope: their budgets and names, for the soft-limit
+    alerts its record may set off (a lease covers no one call: none)."""
+    key = lookup_key_by_id(engine, hold.key_id) if hold.key_id and not hold.call_id.startswith(LEASE_PREFIX) else None
+    if key is None:
+        return {}
+    return {counter.scope: counter for counter in counters_for(key, hold.started_at or hold.period_start, hold.user)}
+
+
+def _interrupted(
+    holds: Sequence[Row[Any]], prices: PriceTable, now: datetime, budgets: dict[str, Counter]
+) -> UsageRecord:
     first = holds[0]
     amount: Decimal = first.amount_usd
+    # The counter as it stands now only where it is the one held (same period): spend goes where it was held.
     counters = tuple(
-        Counter(
+        counter
+        if (counter := budgets.get(hold.scope)) is not None and counter.period_start == hold.period_start
+        else Counter(
             scope=hold.scope,
             label=hold.scope,
             period=_period(hold.scope),

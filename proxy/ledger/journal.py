@@ -4,7 +4,7 @@ A process appends to its own files, `journal-<instance>.<segment>.jsonl` under `
 an id made at start (not the pid: in containers every replica is pid 1), and holds an advisory lock on
 `journal-<instance>.lock` while it lives. Each line is one `write()` to a file opened with O_APPEND, so it is in
 the kernel's page cache when the call goes on: it survives the process being killed (SIGKILL, OOM), though not
-the machine losing power (that would need an `fsync` per line; see the README).
+the machine losing power (that would need an `fsync` per line; see docs/durability.md).
 
 A process that starts replays the journals of processes that are gone (their lock is free), as does
 `spendgate journal replay DIR`: a call whose end line is there gets its record written (if the ledger lacks
@@ -33,7 +33,7 @@ from sqlalchemy import Engine, delete
 from proxy.budgets import counters_for, end_leases
 from proxy.gateway.limits import estimate_cost
 from proxy.keys import lookup_key_by_id
-from proxy.ledger.commit import RECORD_COLUMNS
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, RECORD_COLUMNS
 from proxy.ledger.disk import Replayed, record_from_json, replay_records, set_aside
 from proxy.models import Instance
 from proxy.pricing import PriceTable
@@ -286,7 +286,9 @@ def _record_from_values(values: list[Any]) -> UsageRecord:
 _STARTED, _FINISHED, _COST = (END_FIELDS.index(name) for name in ("started_at", "finished_at", "cost_usd"))
 
 
-def replay_gone(engine: Engine, directory: Path, prices: PriceTable, *, name: str) -> Replayed:
+def replay_gone(
+    engine: Engine, directory: Path, prices: PriceTable, *, name: str, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
+) -> Replayed:
     """Replay the journals of every process that is gone (its lock is free), then delete them."""
     total = Replayed()
     for lock in sorted(directory.glob("journal-*.lock")) if directory.is_dir() else ():
@@ -297,14 +299,22 @@ def replay_gone(engine: Engine, directory: Path, prices: PriceTable, *, name: st
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its process is alive
-            total += replay_journal(engine, directory, instance, prices, name=name)
+            total += replay_journal(engine, directory, instance, prices, name=name, soft_fraction=soft_fraction)
             lock.unlink(missing_ok=True)
         finally:
             os.close(fd)
     return total
 
 
-def replay_journal(engine: Engine, directory: Path, instance: str, prices: PriceTable, *, name: str) -> Replayed:
+def replay_journal(
+    engine: Engine,
+    directory: Path,
+    instance: str,
+    prices: PriceTable,
+    *,
+    name: str,
+    soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
+) -> Replayed:
     """Write the records a gone process's journal holds and the `interrupted` records of its unfinished calls."""
     # Replayed here, so no heartbeat reaper need take it for dead (and record its leases) meanwhile.
     with engine.begin() as connection:
@@ -337,7 +347,7 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
     for call_id, start in starts.items():
         if call_id not in ended:
             records.append(_unfinished(engine, start, prices))
-    done = replay_records(engine, records, directory=directory, name=name)
+    done = replay_records(engine, records, directory=directory, name=name, soft_fraction=soft_fraction)
     # Every call admitted under its leases has its record now: what the leases still hold is free, and a lease a
     # live replica recorded at its held amount when this process stopped beating was spent by nothing.
     end_leases(engine, instance)
@@ -355,7 +365,7 @@ def replay_journal(engine: Engine, directory: Path, instance: str, prices: Price
             corrected,
             done.set_aside + bad,
         )
-    return Replayed(written=done.written, set_aside=done.set_aside + bad)
+    return Replayed(done.written, done.set_aside + bad, done.crossed)
 
 
 def _lease_void(values: list[Any], prices: PriceTable) -> UsageRecord:
