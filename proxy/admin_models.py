@@ -209,7 +209,7 @@ class Users(_Strict):
 
 
 class UsageRecord(_Strict):
-    """One usage record (see the README's record fields)."""
+    """One usage record: the fields `spendgate usage` and `GET /admin/usage` give for each call."""
 
     id: str
     started_at: str

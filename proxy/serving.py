@@ -6,7 +6,7 @@ dies; the dead one's holds and leases are recorded by the others' heartbeat reap
 next worker to start).
 
 httptools accepts a header of any size and copies the whole value for every chunk that arrives, so one client
-sending a 100 MB header stalled every other call on the server for about 9 s (measured; see the README). h11
+sending a 100 MB header stalled every other call on the server for about 9 s (measured; see docs/design.md). h11
 bounds heads but costs about twice the parser CPU. This keeps httptools and closes a connection whose head
 passes `MAX_HEAD_BYTES`, answering 431 in Anthropic's error shape.
 
