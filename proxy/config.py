@@ -40,7 +40,8 @@ class Settings:
     # A request head (request line and headers) not complete this long after the connection opened, or after the
     # previous response on it, is closed (408 if part of it came): each connection holds a file descriptor.
     head_timeout_seconds: float = 10.0
-    # Connections from one client address whose head is still arriving, at most; past it the oldest is closed.
+    # Connections from one client address whose head is still arriving after a second (or half the head timeout),
+    # at most; past it the oldest is closed.
     # 0: no bound per address (the bound on all of them, from the file-descriptor limit, still holds).
     max_pending_heads_per_client: int = 32
     # How long a key lookup is trusted before the ledger is asked again: the delay before a

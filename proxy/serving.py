@@ -62,6 +62,8 @@ _REFUSAL = (
 # (1,048,576) would let an attacker with many addresses take 4.7 GB.
 MIN_PENDING_HEADS = 32
 MAX_PENDING_HEADS = 10_000
+# A head not in after this long (or half the head timeout, if shorter) counts against its client address's bound.
+STALLED_AFTER_SECONDS = 1.0
 # While connections keep being closed for their heads, how often a summary is logged (the first one is at once).
 CLOSURES_LOGGED_EVERY_SECONDS = 60.0
 
@@ -87,11 +89,13 @@ def _head_timeout_refusal(seconds: float) -> bytes:
 
 class PendingHeads:
     """This process's connections whose request head is still arriving, and the rules they are held to: a deadline
-    (`timeout` seconds), at most `per_client` of them per client address (0: no such bound) and `total` in all.
+    (`timeout` seconds), at most `per_client` stalled ones (no head within `stall_seconds`) per client address (0:
+    no such bound) and `total` in all.
 
     Past a bound the oldest connection is closed, not the newest: a client sharing an address with an attacker gets
-    its head through in milliseconds, while the attacker's stalled connections are churned out. A load balancer
-    (every connection from one address) is unaffected, its heads arriving as fast.
+    its head through in milliseconds, while the attacker's stalled connections are churned out. A load balancer or a
+    fleet behind one NAT (every connection from one address, opened in bursts) is unaffected: its heads arrive
+    before they count as stalled.
     """
 
     def __init__(self, timeout: float, per_client: int, total: int) -> None:
@@ -112,27 +116,42 @@ class PendingHeads:
         total = max(MIN_PENDING_HEADS, min(soft // 2, MAX_PENDING_HEADS))
         return cls(settings.head_timeout_seconds, settings.max_pending_heads_per_client, total)
 
+    @property
+    def stall_seconds(self) -> float:
+        """How long a head may take before it counts against its address: a head arrives in milliseconds, but a
+        burst of connections from one address (a fleet behind one NAT, a load balancer warming its pool) is
+        accepted faster than a busy event loop reads their heads, and must not close its own connections."""
+        return min(STALLED_AFTER_SECONDS, self.timeout / 2)
+
     def add(self, connection: BoundedHttpToolsProtocol) -> None:
-        """Count `connection` as waiting for its head (if not yet counted); close the oldest past a bound."""
+        """Count `connection` as waiting for its head (if not yet counted); close the oldest past the bound in
+        all (every connection holds a file descriptor from the moment it is accepted)."""
         if connection in self._all:
             return
         self._all[connection] = None
+        if len(self._all) > self.total:
+            self.close(next(iter(self._all)), "total")
+
+    def stalled(self, connection: BoundedHttpToolsProtocol) -> None:
+        """Count `connection`, whose head has not come within `stall_seconds`, against its address; close that
+        address's oldest stalled one past the bound."""
+        if connection not in self._all:
+            return
         same = self._by_client.setdefault(connection.address, OrderedDict())
         same[connection] = None
         if self.per_client and len(same) > self.per_client:
             self.close(next(iter(same)), "client")
-        if len(self._all) > self.total:
-            self.close(next(iter(self._all)), "total")
 
     def discard(self, connection: BoundedHttpToolsProtocol) -> None:
         """Stop counting `connection`: its head arrived, or it is gone."""
         if connection not in self._all:
             return
         del self._all[connection]
-        same = self._by_client[connection.address]
-        del same[connection]
-        if not same:
-            del self._by_client[connection.address]
+        same = self._by_client.get(connection.address)
+        if same is not None and connection in same:
+            del same[connection]
+            if not same:
+                del self._by_client[connection.address]
 
     def close(self, connection: BoundedHttpToolsProtocol, why: str) -> None:
         """Close `connection` for its head: `timeout` (answered 408 if part of the head came), or past the bound
@@ -197,6 +216,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     # Whether the awaited head has begun (the parser started a request), which earns an answer at the deadline.
     head_begun = False
     _head_deadline: asyncio.TimerHandle | None = None
+    _head_stall: asyncio.TimerHandle | None = None
     _head_bytes = 0
     _in_head = True
     _tail = b""
@@ -232,6 +252,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # left to uvicorn's keep-alive timeout, and counting them would close a pool's connections as it reuses them.
         if self.head_begun and self._head_deadline is not None and not self.transport.is_closing():
             self.heads.add(self)
+            if self._head_stall is None:  # slow already: it counts against its address at once
+                self.heads.stalled(self)
 
     def on_message_begin(self) -> None:
         self._in_head, self._head_bytes, self._tail = True, 0, b""
@@ -254,14 +276,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def stop_waiting(self) -> None:
         """No head is awaited any more (it came, or the connection is closing): end the deadline and the count."""
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+        for timer in (self._head_deadline, self._head_stall):
+            if timer is not None:
+                timer.cancel()
+        self._head_deadline = self._head_stall = None
         self.head_begun = False
         self.heads.discard(self)
 
     def _await_head(self) -> None:
         self._head_deadline = self.loop.call_later(self.heads.timeout, self._head_late)
+        self._head_stall = self.loop.call_later(self.heads.stall_seconds, self._head_slow)
+
+    def _head_slow(self) -> None:
+        self._head_stall = None
+        if not self.transport.is_closing():
+            self.heads.stalled(self)
 
     def _head_late(self) -> None:
         if not self.transport.is_closing():

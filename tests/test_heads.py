@@ -194,10 +194,26 @@ def test_the_oldest_pending_head_of_an_address_is_closed_first(engine: Engine, d
         stall()
         wait_until(lambda: any(closed_by_server(sock) for sock in stalled), "a pending head to be closed")
         assert [closed_by_server(sock) for sock in stalled] == [True, False, False, False]
-        # A quick client on the crowded address gets in, at the expense of the oldest stalled head.
+        # A quick client on the crowded address gets in and closes nobody (its head never stalls); the next
+        # stalled head closes the oldest one left.
         assert call(url, "127.0.0.1", "GET", "/healthz") == 200
+        assert [closed_by_server(sock) for sock in stalled] == [True, False, False, False]
+        stall()
         wait_until(lambda: closed_by_server(stalled[1]), "the second oldest pending head to be closed")
-        assert [closed_by_server(sock) for sock in stalled] == [True, True, False, False]
+        assert [closed_by_server(sock) for sock in stalled] == [True, True, False, False, False]
+
+
+def test_a_burst_of_connections_from_one_address_is_served(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """200 clients behind one address connect at once (a fleet behind a NAT, a load balancer warming its pool), and
+    only then send their requests, as a busy server reads them: more heads wait to be read than the address's bound
+    allows, but none has stalled, so none is closed (the SDK's clients were cut off under load)."""
+    env = {"SPENDGATE_MAX_PENDING_HEADS_PER_CLIENT": "3"}
+    with spendgate_serve(engine, db_url, tmp_path, env) as (url, _, _), contextlib.ExitStack() as held:
+        burst = [held.enter_context(connect(url)) for _ in range(200)]
+        for sock in burst:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: spendgate\r\nconnection: close\r\n\r\n")
+        answers = [read_to_end(sock) for sock in burst]
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200"] * 200
 
 
 def test_stalled_heads_cannot_lock_out_valid_calls(engine: Engine, db_url: str, tmp_path: Path) -> None:
