@@ -215,8 +215,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     address: str | None = None
     # Whether the awaited head has begun (the parser started a request), which earns an answer at the deadline.
     head_begun = False
-    _head_deadline: asyncio.TimerHandle | None = None
-    _head_stall: asyncio.TimerHandle | None = None
+    # One timer while a head is awaited: first to when it counts as stalled, then to its deadline.
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_stalled = False
     _head_bytes = 0
     _in_head = True
     _tail = b""
@@ -250,9 +251,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         # A kept-alive connection counts once its next request has begun: idle ones (a load balancer's pool) are
         # left to uvicorn's keep-alive timeout, and counting them would close a pool's connections as it reuses them.
-        if self.head_begun and self._head_deadline is not None and not self.transport.is_closing():
+        if self.head_begun and self._head_timer is not None and not self.transport.is_closing():
             self.heads.add(self)
-            if self._head_stall is None:  # slow already: it counts against its address at once
+            if self._head_stalled:  # slow already: it counts against its address at once
                 self.heads.stalled(self)
 
     def on_message_begin(self) -> None:
@@ -276,19 +277,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def stop_waiting(self) -> None:
         """No head is awaited any more (it came, or the connection is closing): end the deadline and the count."""
-        for timer in (self._head_deadline, self._head_stall):
-            if timer is not None:
-                timer.cancel()
-        self._head_deadline = self._head_stall = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_stalled = False
         self.head_begun = False
         self.heads.discard(self)
 
     def _await_head(self) -> None:
-        self._head_deadline = self.loop.call_later(self.heads.timeout, self._head_late)
-        self._head_stall = self.loop.call_later(self.heads.stall_seconds, self._head_slow)
+        self._head_timer = self.loop.call_later(self.heads.stall_seconds, self._head_slow)
 
     def _head_slow(self) -> None:
-        self._head_stall = None
+        self._head_stalled = True
+        self._head_timer = self.loop.call_later(self.heads.timeout - self.heads.stall_seconds, self._head_late)
         if not self.transport.is_closing():
             self.heads.stalled(self)
 

@@ -106,17 +106,20 @@ class Gate:
         call.key = key
         return key
 
-    async def read_body(self, route: Route, receive: Receive) -> bytes:
-        """The whole body of a request that is not a batch create, bounded in size and in time (`BodyTimeout`)."""
-        async with self.body(route, receive) as body:
-            return body
+    async def read_body(self, receive: Receive) -> bytes:
+        """The whole body of a request that is not a batch call, bounded in size and in time (`BodyTimeout`)."""
+        try:
+            async with asyncio.timeout(self._rules.body_timeout_seconds):
+                return await receive_body(receive, self._rules.max_body_bytes)
+        except TimeoutError:
+            raise self._body_timeout() from None
 
     @contextlib.asynccontextmanager
     async def body(self, route: Route, receive: Receive) -> AsyncIterator[bytes]:
-        """The whole body, bounded in size for the route and in time (`BodyTimeout`). A body larger than the
-        ordinary limit (only batch creates may be: up to 256 MB) waits for the one turn such bodies have, and keeps
-        it until the block ends (the call is done with it): a few of them at once took gigabytes. A turn that does
-        not come within the body's time is `Overloaded`."""
+        """The whole body of a batch call, bounded in size for the route and in time (`BodyTimeout`). A body larger
+        than the ordinary limit (only batch creates may be: up to 256 MB) waits for the one turn such bodies have, and
+        keeps it until the block ends (the call is done with it): a few of them at once took gigabytes. A turn that
+        does not come within the body's time is `Overloaded`."""
         limit = BATCH_MAX_BODY_BYTES if route.kind == "batch_create" else self._rules.max_body_bytes
         waiting = False
 
@@ -137,11 +140,14 @@ class Gate:
                         f"spendgate takes in one request body over {self._rules.max_body_bytes} bytes at a time, and "
                         "another one kept its turn while this one waited. Try again later."
                     ) from None
-                raise BodyTimeout(
-                    f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it "
-                    "faster, or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."
-                ) from None
+                raise self._body_timeout() from None
             yield body
+
+    def _body_timeout(self) -> BodyTimeout:
+        return BodyTimeout(
+            f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it faster, "
+            "or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."
+        )
 
     async def admit_message(self, call: Call, key: KeyInfo, body: bytes, *, tokens: bool) -> bytes:
         """Validate a Messages (or, `tokens` false, token-counting) request and, for Messages, apply the team's

@@ -81,7 +81,7 @@ class Gateway:
 
     async def _call(self, call: Call, route: Route, key: KeyInfo, scope: Scope, receive: Receive, send: Send) -> None:
         """Messages, token counting, and every other route spendgate does not meter."""
-        body = await self._gate.read_body(route, receive)
+        body = await self._gate.read_body(receive)
         if route.kind == "messages":
             call.metered = True
             body = await self._gate.admit_message(call, key, body, tokens=True)
