@@ -85,19 +85,18 @@ def test_a_closed_pipe_ends_quietly(engine: Engine, db_url: str) -> None:
 
 def test_ctrl_c_ends_quietly(engine: Engine, db_url: str) -> None:
     insert_records(engine, [make_record(id=f"sgr_{n}") for n in range(3000)])
-    # Nobody reads its output past the first bytes, so it is blocked writing when the interrupt arrives.
-    process = subprocess.Popen([*CLI, "usage", "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert process.stdout is not None and process.stdout.read(1)
-    # Its output is not read until it ends: an interrupt that lands where Python cannot raise it (a finalizer,
-    # seen once in ~8 runs on a busy machine) leaves it blocked on the pipe, and the next one ends it.
-    for _ in range(10):
+    # An interrupt that lands where Python cannot raise it (a finalizer: seen once in ~8 runs on a busy machine) is
+    # lost, and the export then finishes; a person presses Ctrl-C again, the test starts again.
+    for _ in range(3):
+        # Nobody reads its output past the first bytes, so it is blocked writing when the interrupt arrives.
+        process = subprocess.Popen([*CLI, "usage", "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None and process.stdout.read(1)
         process.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
+        _, stderr = process.communicate(timeout=60)
+        if process.returncode != 0:
             break
-    _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert stderr.decode().endswith("spendgate: interrupted\n")
+    assert stderr.decode() == "spendgate: interrupted\n"
 
 
 def test_help_imports_no_database_or_http_library() -> None:
