@@ -92,11 +92,14 @@ def test_ctrl_c_ends_quietly(engine: Engine, db_url: str) -> None:
         # Nobody reads its output past the first bytes, so it is blocked writing when the interrupt arrives.
         process = subprocess.Popen([*CLI, "usage", "--db", db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert process.stdout is not None and process.stdout.read(1)
+        # If it fails, what the child ignored or blocked (inherited from this worker) tells why.
+        status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+        signals = [line for line in status if line.startswith("Sig")]
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
         if process.returncode != 0:
             break
-    assert process.returncode == 130
+    assert process.returncode == 130, (signals, signal.getsignal(signal.SIGINT), stderr)
     assert stderr.decode() == "spendgate: interrupted\n"
 
 
