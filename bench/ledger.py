@@ -22,15 +22,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from proxy.audit import verify
-from proxy.dashboard.pages import LastVerify, render
-from proxy.dashboard.views import ledger_page, outlooks, team_page
-from proxy.db import make_engine, upgrade
-from proxy.export import iter_usage, write_jsonl
+from proxy.ledger.audit import verify
 from proxy.ledger.commit import insert_records
-from proxy.pricing import PriceTable
-from proxy.reports import report
-from proxy.teams import TeamSettings, create_team
+from proxy.ledger.db import make_engine, upgrade
+from proxy.ledger.export import iter_usage, write_jsonl
+from proxy.ledger.reports import report
+from proxy.ledger.teams import TeamSettings, create_team
+from proxy.pricing.table import PriceTable
+from proxy.surfaces.dashboard.pages import LastVerify, render
+from proxy.surfaces.dashboard.views import ledger_page, outlooks, team_page
 from proxy.types import Usage, UsageRecord
 
 MODELS = (

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection `proxy.db.upgrade` hands over, or on `SPENDGATE_DB_URL`."""
+"""Alembic environment: runs on the connection `proxy.ledger.db.upgrade` hands over, or on `SPENDGATE_DB_URL`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 from alembic import context
 
 from proxy.config import DEFAULT_DB_URL
-from proxy.db import make_engine
-from proxy.models import Base
+from proxy.ledger.db import make_engine
+from proxy.ledger.schema import Base
 
 target_metadata = Base.metadata
 

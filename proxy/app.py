@@ -27,12 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.admin import admin_routes
-from proxy.alerts import AlertSender
-from proxy.budgets import release_expired
 from proxy.config import Settings
-from proxy.dashboard.pages import dashboard_routes
-from proxy.db import make_engine
 from proxy.errors import MethodNotAllowed, ProxyError, RouteNotFound
 from proxy.gateway.batches import Batches, ResultsFetcher
 from proxy.gateway.gate import Gate, GateRules
@@ -41,13 +36,21 @@ from proxy.gateway.leases import TRIM_SECONDS, Leases
 from proxy.gateway.relay import Relay
 from proxy.gateway.throttle import SYNC_SECONDS, Throttle
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
-from proxy.keys import KeyCache
+from proxy.ledger.alerts import AlertSender
+from proxy.ledger.budgets import release_expired
+from proxy.ledger.db import make_engine
 from proxy.ledger.instances import Heartbeat
 from proxy.ledger.journal import Journal, replay_gone
+from proxy.ledger.keys import KeyCache
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import writes_for
 from proxy.logs import Trouble
-from proxy.metrics import (
+from proxy.pricing.table import PriceTable
+from proxy.reconcile.anthropic import AdminClient
+from proxy.reconcile.scheduled import run_once
+from proxy.surfaces.admin import admin_routes
+from proxy.surfaces.dashboard.pages import dashboard_routes
+from proxy.surfaces.metrics import (
     MULTIPROCESS_ENV,
     LabelPolicy,
     Metrics,
@@ -55,9 +58,6 @@ from proxy.metrics import (
     metrics_route,
     scrape_registry,
 )
-from proxy.pricing import PriceTable
-from proxy.reconcile.anthropic import AdminClient
-from proxy.reconcile.scheduled import run_once
 
 logger = logging.getLogger("spendgate")
 

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 from starlette.types import Receive, Scope, Send
 
 from proxy.gateway.usage import parse_usage
-from proxy.pricing import PriceTable
+from proxy.pricing.table import PriceTable
 
 ADMIN_KEY = "sk-ant-admin01-fake"
 KEY_ID = "apikey_01fake"

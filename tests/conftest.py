@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text, update
 
-from proxy.audit import GENESIS
-from proxy.db import make_engine, normalize_url, upgrade
-from proxy.models import AuditHead, Base
+from proxy.ledger.audit import GENESIS
+from proxy.ledger.db import make_engine, normalize_url, upgrade
+from proxy.ledger.schema import AuditHead, Base
 from tests.stack import Stack, running_stack
 
 POSTGRES_URL = os.environ.get("SPENDGATE_TEST_DB_URL")

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from proxy.app import create_app
 from proxy.ledger.commit import insert_records
-from proxy.teams import TeamSettings, create_team
+from proxy.ledger.teams import TeamSettings, create_team
 from tests.servers import serve_in_thread
 from tests.stack import settings_for
 from tests.test_writer import make_record

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from proxy.audit import verify
-from proxy.cli import main
+from proxy.ledger.audit import verify
 from proxy.ledger.commit import insert_records
-from proxy.teams import TeamSettings, create_key, create_team, revoke_key, update_team
+from proxy.ledger.teams import TeamSettings, create_key, create_team, revoke_key, update_team
+from proxy.surfaces.cli import main
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread

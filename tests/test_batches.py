@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine
 from starlette.types import Receive, Scope, Send
 
-from proxy.export import iter_usage
-from proxy.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.export import iter_usage
+from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack, running_stack_again
 from tests.upstream import FakeAnthropic

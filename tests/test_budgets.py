@@ -9,7 +9,8 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import Engine, func, select
 
-from proxy.budgets import (
+from proxy.errors import BudgetExceeded
+from proxy.ledger.budgets import (
     TOTAL_PERIOD_START,
     current_spend,
     key_counter,
@@ -18,9 +19,8 @@ from proxy.budgets import (
     reserve,
     team_counter,
 )
-from proxy.errors import BudgetExceeded
 from proxy.ledger.commit import insert_records
-from proxy.models import BudgetReservation
+from proxy.ledger.schema import BudgetReservation
 from proxy.types import Counter, Reservation
 from tests.test_writer import make_record
 

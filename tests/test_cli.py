@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, select
 
-from proxy.cli import main
-from proxy.keys import hash_key
-from proxy.models import APIKey
-from proxy.pricing import PriceTable
+from proxy.ledger.keys import hash_key
+from proxy.ledger.schema import APIKey
+from proxy.pricing.table import PriceTable
+from proxy.surfaces.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -32,7 +32,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def spendgate(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed console script in a child process, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *argv],
+        [sys.executable, "-m", "proxy.surfaces.cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,
@@ -290,7 +290,7 @@ def test_tables_show_control_characters_escaped(
     db_url: str, engine: Engine, capsys: pytest.CaptureFixture[str], user: str, shown: str
 ) -> None:
     from proxy.ledger.commit import insert_records
-    from proxy.teams import TeamSettings, create_team
+    from proxy.ledger.teams import TeamSettings, create_team
     from tests.test_writer import make_record
 
     create_team(engine, "research", TeamSettings(), actor="test")
@@ -315,7 +315,7 @@ def test_no_output_lets_a_control_character_reach_the_terminal(
     escapes them itself."""
     from proxy.gateway.call import label
     from proxy.ledger.commit import insert_records
-    from proxy.teams import TeamSettings, create_team
+    from proxy.ledger.teams import TeamSettings, create_team
     from tests.test_writer import make_record
 
     # Each example on its own team and second, so that it sees only its own record.

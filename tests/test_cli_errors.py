@@ -17,12 +17,12 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from proxy import cli
 from proxy.ledger.commit import insert_records
+from proxy.surfaces import cli
 from tests.replicas import free_port
 from tests.test_writer import make_record
 
-CLI = [sys.executable, "-m", "proxy.cli"]
+CLI = [sys.executable, "-m", "proxy.surfaces.cli"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -106,7 +106,7 @@ def test_ctrl_c_ends_quietly(engine: Engine, db_url: str) -> None:
 def test_help_imports_no_database_or_http_library() -> None:
     probe = (
         "import sys\n"
-        "from proxy import cli\n"
+        "from proxy.surfaces import cli\n"
         "for argv in (['--help'], ['teams', '--help'], ['serve', '--help']):\n"
         "    try:\n"
         "        cli.main(argv)\n"

@@ -25,10 +25,10 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from sqlalchemy import Engine
 
 from proxy.app import create_app
-from proxy.dashboard.forecast import forecast
-from proxy.export import iter_usage
 from proxy.ledger.commit import insert_records
-from proxy.teams import TeamSettings, create_key, create_team
+from proxy.ledger.export import iter_usage
+from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.surfaces.dashboard.forecast import forecast
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.stack import settings_for
@@ -94,7 +94,7 @@ class Visit:
 
 def cli(db_url: str, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
+        [sys.executable, "-m", "proxy.surfaces.cli", *args],
         env={**os.environ, "SPENDGATE_DB_URL": db_url},
         capture_output=True,
         text=True,

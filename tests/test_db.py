@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from proxy.db import make_engine, normalize_url, upgrade
+from proxy.ledger.db import make_engine, normalize_url, upgrade
 from tests.conftest import empty_database
 
 

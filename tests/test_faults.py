@@ -22,15 +22,15 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, select, text
 
-from proxy.audit import verify
-from proxy.budgets import LEASE_PREFIX, team_counter
 from proxy.config import WriterMode
-from proxy.export import iter_usage
+from proxy.ledger.audit import verify
+from proxy.ledger.budgets import LEASE_PREFIX, team_counter
+from proxy.ledger.export import iter_usage
+from proxy.ledger.schema import BudgetReservation, Instance, UsageRow
+from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
-from proxy.metrics import Metrics
-from proxy.models import BudgetReservation, Instance, UsageRow
-from proxy.teams import TeamSettings, create_key, create_team, get_team
+from proxy.surfaces.metrics import Metrics
 from proxy.types import Reservation
 from tests.locks import ledger_locked
 from tests.replicas import replica
@@ -396,7 +396,7 @@ os._exit(0)
     # Twice: a second replay of the same folder finds nothing more to do.
     for _ in range(2):
         replayed = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "journal", "replay", str(journal), "--db", db_url],
+            [sys.executable, "-m", "proxy.surfaces.cli", "journal", "replay", str(journal), "--db", db_url],
             capture_output=True,
             text=True,
             timeout=60,

@@ -33,7 +33,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.teams import TeamSettings, create_key, create_team
+from proxy.ledger.teams import TeamSettings, create_key, create_team
 from tests.stack import settings_for
 from tests.upstream import UPSTREAM_KEY, fixture
 

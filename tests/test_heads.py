@@ -29,8 +29,8 @@ from starlette.routing import Route
 
 from proxy import serving
 from proxy.config import ConfigError, Settings
+from proxy.ledger.teams import TeamSettings, create_key, create_team
 from proxy.serving import BoundedHttpToolsProtocol, PendingHeads
-from proxy.teams import TeamSettings, create_key, create_team
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine
 
-from proxy.export import iter_usage
 from proxy.ledger import journal as journal_module
 from proxy.ledger.commit import insert_records
+from proxy.ledger.export import iter_usage
 from proxy.ledger.journal import Journal, Start, replay_journal
-from proxy.pricing import PriceTable
-from proxy.teams import TeamSettings, create_key, create_team
+from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.pricing.table import PriceTable
 from proxy.types import UsageRecord
 from tests.test_writer import make_record
 

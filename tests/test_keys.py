@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import Engine, event
 
 from proxy.errors import InvalidKey
-from proxy.keys import KEY_PREFIX, KeyCache, hash_key, key_from_headers, new_key
-from proxy.teams import TeamSettings, create_key, create_team, revoke_key
+from proxy.ledger.keys import KEY_PREFIX, KeyCache, hash_key, key_from_headers, new_key
+from proxy.ledger.teams import TeamSettings, create_key, create_team, revoke_key
 
 pytestmark = pytest.mark.anyio
 
@@ -74,8 +74,8 @@ async def test_revocation_reaches_the_cache_after_its_ttl(engine: Engine) -> Non
 
 async def test_every_caller_waiting_on_a_failed_lookup_gets_a_503(tmp_path: Any) -> None:
     """Calls that arrive while one lookup runs share its outcome: with the ledger down, the 503 of the spec."""
-    from proxy.db import make_engine
     from proxy.errors import LedgerUnavailable
+    from proxy.ledger.db import make_engine
 
     broken = make_engine(f"sqlite:///{tmp_path / 'no-such-dir' / 'ledger.db'}")
     cache = KeyCache(broken, ttl=5)

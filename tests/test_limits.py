@@ -19,7 +19,7 @@ from proxy.gateway.limits import (
     estimate_cost,
     input_token_bound,
 )
-from proxy.pricing import PriceTable
+from proxy.pricing.table import PriceTable
 
 AT = datetime(2026, 11, 20, tzinfo=UTC)
 PRICES = PriceTable.load()

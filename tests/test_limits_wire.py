@@ -18,10 +18,10 @@ from anthropic.types import MessageParam
 from sqlalchemy import Engine, text
 from starlette.types import Receive, Scope, Send
 
-from proxy.budgets import reserve, team_counter
-from proxy.keys import lookup_key_by_id
+from proxy.ledger.budgets import reserve, team_counter
 from proxy.ledger.instances import register
-from proxy.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.keys import lookup_key_by_id
+from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
 from proxy.types import HoldOwner, Reservation
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas

@@ -16,8 +16,8 @@ from openapi_spec_validator import validate
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from proxy.admin import admin_routes
 from proxy.app import create_app
+from proxy.surfaces.admin import admin_routes
 from tests.stack import settings_for
 from tests.upstream import fixture
 from tests.waiting import wait_until

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
-from proxy.pricing import PriceError, PriceTable
+from proxy.pricing.table import PriceError, PriceTable
 from proxy.types import IterationUsage, PriceSource, Usage
 
 TABLE = PriceTable.load()

@@ -18,15 +18,15 @@ from anthropic.types import MessageParam
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, delete, text
 
-from proxy.db import write_transaction
-from proxy.export import iter_usage
 from proxy.gateway.throttle import Throttle
-from proxy.keys import KeyInfo
+from proxy.ledger.db import write_transaction
+from proxy.ledger.export import iter_usage
 from proxy.ledger.instances import register
-from proxy.metrics import Metrics
-from proxy.models import Instance
-from proxy.rates import Exchange, Limit, drop_holdings, exchange
-from proxy.teams import TeamSettings, create_key, create_team, update_key
+from proxy.ledger.keys import KeyInfo
+from proxy.ledger.rates import Exchange, Limit, drop_holdings, exchange
+from proxy.ledger.schema import Instance
+from proxy.ledger.teams import TeamSettings, create_key, create_team, update_key
+from proxy.surfaces.metrics import Metrics
 from proxy.types import RateLimits
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas

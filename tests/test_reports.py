@@ -11,10 +11,10 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import Engine
 
-from proxy.cli import main
 from proxy.ledger.commit import insert_records
-from proxy.pricing import PriceTable
-from proxy.reports import report
+from proxy.ledger.reports import report
+from proxy.pricing.table import PriceTable
+from proxy.surfaces.cli import main
 from proxy.types import Usage
 from tests.test_writer import make_record
 

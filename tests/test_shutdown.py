@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine
 
-from proxy.export import iter_usage
-from proxy.teams import TeamSettings, create_key, create_team
+from proxy.ledger.export import iter_usage
+from proxy.ledger.teams import TeamSettings, create_key, create_team
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic

@@ -20,10 +20,19 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
 
-from proxy.budgets import NO_USER
 from proxy.gateway.call import label
-from proxy.models import UsageRow
-from proxy.teams import UNSET, Conflict, TeamSettings, create_key, create_team, list_users, set_user_budget, update_team
+from proxy.ledger.budgets import NO_USER
+from proxy.ledger.schema import UsageRow
+from proxy.ledger.teams import (
+    UNSET,
+    Conflict,
+    TeamSettings,
+    create_key,
+    create_team,
+    list_users,
+    set_user_budget,
+    update_team,
+)
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
@@ -202,7 +211,10 @@ def test_one_users_concurrent_calls_never_pass_their_budget(
 def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> None:
     def cli(*args: str) -> Any:
         done = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "--db", db_url, *args], capture_output=True, text=True, check=True
+            [sys.executable, "-m", "proxy.surfaces.cli", "--db", db_url, *args],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return done.stdout
 
@@ -233,7 +245,7 @@ def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> Non
         "key.update",
     ]
     refused = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "--db", db_url, "teams", "update", "research", "--rpm", "0"],
+        [sys.executable, "-m", "proxy.surfaces.cli", "--db", db_url, "teams", "update", "research", "--rpm", "0"],
         capture_output=True,
         text=True,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine
 
-from proxy.teams import TeamSettings, create_key, create_team
+from proxy.ledger.teams import TeamSettings, create_key, create_team
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
@@ -44,11 +44,12 @@ def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path)
     packages = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "proxy").rglob("__init__.py")}
     shipped = {str(p.parent.relative_to(unpacked)).replace("/", ".") for p in unpacked.rglob("__init__.py")}
     assert packages <= shipped
-    assert (unpacked / "proxy" / "prices.toml").is_file() and (unpacked / "proxy" / "output_limits.toml").is_file()
+    assert (unpacked / "proxy" / "pricing" / "prices.toml").is_file()
+    assert (unpacked / "proxy" / "gateway" / "output_limits.toml").is_file()
     # The dashboard's templates and stylesheet: everything its pages load ships in the wheel.
-    dashboard = ROOT / "proxy" / "dashboard"
+    dashboard = ROOT / "proxy" / "surfaces" / "dashboard"
     assets = {p.relative_to(dashboard) for p in [*dashboard.glob("templates/*"), *dashboard.glob("static/*")]}
-    assert assets and all((unpacked / "proxy" / "dashboard" / asset).is_file() for asset in assets)
+    assert assets and all((unpacked / "proxy" / "surfaces" / "dashboard" / asset).is_file() for asset in assets)
 
     create_team(engine, "research", TeamSettings(), actor="test")
     _, key = create_key(engine, "research", actor="test")

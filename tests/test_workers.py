@@ -15,10 +15,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
-from proxy.budgets import LEASE_PREFIX
-from proxy.export import iter_usage
-from proxy.models import BudgetReservation, Instance
-from proxy.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.budgets import LEASE_PREFIX
+from proxy.ledger.export import iter_usage
+from proxy.ledger.schema import BudgetReservation, Instance
+from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
 from tests.replicas import free_port, replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
@@ -151,7 +151,7 @@ def calls_journaled_by_pid(spill: Path, pid: int) -> int:
 
 def test_workers_refuse_an_in_memory_ledger(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "serve", "--workers", "2", "--db", "sqlite://"],
+        [sys.executable, "-m", "proxy.surfaces.cli", "serve", "--workers", "2", "--db", "sqlite://"],
         env={**os.environ, "ANTHROPIC_API_KEY": "sk-ant-test"},
         capture_output=True,
         text=True,

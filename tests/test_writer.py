@@ -19,17 +19,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, func, select
 
-from proxy.budgets import team_counter
 from proxy.config import WriterMode
-from proxy.db import make_engine
-from proxy.export import iter_usage
+from proxy.ledger.budgets import team_counter
 from proxy.ledger.commit import insert_records
+from proxy.ledger.db import make_engine
 from proxy.ledger.disk import encode, record_to_json, replay_spilled
+from proxy.ledger.export import iter_usage
+from proxy.ledger.schema import UsageRow
+from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InProcess, InThread, WriteFailed, usable_cores, writes_for
-from proxy.metrics import Metrics
-from proxy.models import UsageRow
-from proxy.teams import TeamSettings, create_team, get_team
+from proxy.surfaces.metrics import Metrics
 from proxy.types import Reservation, Usage, UsageRecord
 from tests.waiting import wait_for, wait_until
 
@@ -213,7 +213,7 @@ async def child_of(writes: InProcess) -> int:
 
 CHILD_OF_A_KILLED_PARENT = """
 import asyncio, sys
-from proxy.db import make_engine
+from proxy.ledger.db import make_engine
 from proxy.ledger.writes import InProcess, InThread
 
 async def main():
@@ -241,7 +241,7 @@ from decimal import Decimal
 
 # The fork server's socket goes in a temporary folder: with none to be had, no child can start.
 tempfile.tempdir = sys.argv[2]
-from proxy.db import make_engine
+from proxy.ledger.db import make_engine
 from proxy.ledger.writes import writes_for
 from tests.test_writer import make_record
 

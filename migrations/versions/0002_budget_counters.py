@@ -14,7 +14,7 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-# Exact decimal money: NUMERIC on PostgreSQL, the decimal's text on SQLite (see proxy.models.Money).
+# Exact decimal money: NUMERIC on PostgreSQL, the decimal's text on SQLite (see proxy.ledger.schema.Money).
 MONEY = sa.Numeric().with_variant(sa.String(64), "sqlite")
 
 

@@ -13,7 +13,7 @@ revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
-# Exact decimal money: NUMERIC on PostgreSQL, the decimal's text on SQLite (see proxy.models.Money).
+# Exact decimal money: NUMERIC on PostgreSQL, the decimal's text on SQLite (see proxy.ledger.schema.Money).
 MONEY = sa.Numeric().with_variant(sa.String(64), "sqlite")
 
 

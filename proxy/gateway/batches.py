@@ -21,15 +21,15 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Receive, Scope, Send
 
-from proxy.batch_owners import BatchOwner, abandon, claim_unrecorded, owned_ids, release_lease, save_batch
 from proxy.gateway.call import Call
 from proxy.gateway.gate import Gate
 from proxy.gateway.meters import ResultsMeter
 from proxy.gateway.relay import Headers, Relay, read_whole, send_whole, stream_back
 from proxy.gateway.routes import BATCHES, Route
 from proxy.gateway.upstream import Upstream, UpstreamResponse
-from proxy.keys import KeyInfo, lookup_key_by_id
-from proxy.pricing import PriceTable
+from proxy.ledger.batch_owners import BatchOwner, abandon, claim_unrecorded, owned_ids, release_lease, save_batch
+from proxy.ledger.keys import KeyInfo, lookup_key_by_id
+from proxy.pricing.table import PriceTable
 from proxy.types import UsageRecord
 
 logger = logging.getLogger("spendgate")

@@ -19,8 +19,8 @@ from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.gateway.routes import COUNT_TOKENS
 from proxy.gateway.throttle import Ticket
 from proxy.gateway.usage import MessageSummary
-from proxy.keys import KeyInfo
-from proxy.pricing import PriceTable
+from proxy.ledger.keys import KeyInfo
+from proxy.pricing.table import PriceTable
 from proxy.types import Cost, Outcome, Reservation, Usage, UsageRecord
 
 ZERO = Decimal(0)

@@ -22,8 +22,6 @@ import anyio.to_thread
 from sqlalchemy import Engine
 from starlette.types import Receive
 
-from proxy.batch_owners import BatchOwner, find_batch
-from proxy.budgets import counters_for, release, reserve
 from proxy.errors import (
     BadRequest,
     BatchNotFound,
@@ -41,10 +39,12 @@ from proxy.gateway.routes import Route
 from proxy.gateway.throttle import Throttle, Ticket
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.gateway.waits import bounded
-from proxy.keys import KeyCache, KeyInfo, key_from_headers
-from proxy.metrics import Metrics
-from proxy.pricing import PriceTable
-from proxy.retries import fingerprint_request
+from proxy.ledger.batch_owners import BatchOwner, find_batch
+from proxy.ledger.budgets import counters_for, release, reserve
+from proxy.ledger.keys import KeyCache, KeyInfo, key_from_headers
+from proxy.ledger.retries import fingerprint_request
+from proxy.pricing.table import PriceTable
+from proxy.surfaces.metrics import Metrics
 from proxy.types import HoldOwner, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")

@@ -19,9 +19,9 @@ from proxy.gateway.gate import ClientGone, Gate
 from proxy.gateway.meters import respond_messages, respond_plain
 from proxy.gateway.relay import OVERHEAD_HEADER, Relay
 from proxy.gateway.routes import Route, allowed_methods, classify
-from proxy.keys import KeyInfo
+from proxy.ledger.keys import KeyInfo
 from proxy.ledger.writer import Writer
-from proxy.pricing import PriceTable
+from proxy.pricing.table import PriceTable
 from proxy.types import UsageRecord, usd
 
 logger = logging.getLogger("spendgate")

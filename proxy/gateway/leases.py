@@ -30,10 +30,10 @@ from functools import partial
 import anyio.to_thread
 from sqlalchemy import Engine
 
-from proxy.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
 from proxy.gateway.waits import Turns
-from proxy.keys import KeyInfo
-from proxy.metrics import Metrics
+from proxy.ledger.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
+from proxy.ledger.keys import KeyInfo
+from proxy.surfaces.metrics import Metrics
 from proxy.types import Counter, HoldOwner, UsageRecord
 
 ZERO = Decimal(0)

@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from proxy.errors import ModelNotAllowed, OutputCapExceeded
-from proxy.pricing import PriceTable
+from proxy.pricing.table import PriceTable
 from proxy.types import CapPolicy, Usage
 
 # Anthropic resizes images before tokenizing; even the largest accepted image stays under this many tokens

@@ -1,7 +1,7 @@
 """Rate limits on the request path: calls admitted in memory against this process's slices of the shared buckets.
 
 Each limit a call counts against (its team's and its key's requests, input tokens and output tokens per minute)
-is a bucket in the ledger (`proxy/rates.py`). This process takes a slice of a bucket in one transaction, sized
+is a bucket in the ledger (`proxy/ledger/rates.py`). This process takes a slice of a bucket in one transaction, sized
 from the recent demand, and admits calls against it with no I/O: a request takes 1, its input tokens their
 pre-call bound (`input_token_bound`, the body's size: loose, never low for text), its output tokens the
 `max_tokens` sent. When the call ends, what its usage shows unused goes back to the slice (input counted as
@@ -24,9 +24,9 @@ from sqlalchemy import Engine
 
 from proxy.errors import RateLimited
 from proxy.gateway.waits import Turns
-from proxy.keys import KeyInfo
-from proxy.metrics import Metrics
-from proxy.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
+from proxy.ledger.keys import KeyInfo
+from proxy.ledger.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
+from proxy.surfaces.metrics import Metrics
 
 # A slice covers the demand of this many seconds, at most this share of the limit (other replicas lease too).
 HORIZON_SECONDS = 1.0

@@ -25,14 +25,14 @@ MAX_CUSTOM_ID = 64
 
 @dataclass(frozen=True, slots=True)
 class OutputLimits:
-    """The largest `max_tokens` accepted, per model id, with a default (`proxy/output_limits.toml`)."""
+    """The largest `max_tokens` accepted, per model id, with a default (`proxy/gateway/output_limits.toml`)."""
 
     default: int
     models: dict[str, int]
 
     @classmethod
     def load(cls) -> OutputLimits:
-        data = tomllib.loads(resources.files("proxy").joinpath("output_limits.toml").read_text())
+        data = tomllib.loads(resources.files("proxy.gateway").joinpath("output_limits.toml").read_text())
         return cls(default=int(data["default"]), models={k: int(v) for k, v in data.get("models", {}).items()})
 
     def bound(self, model: str) -> int:

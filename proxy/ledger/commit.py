@@ -12,11 +12,11 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 
-from proxy.audit import extend, lock_head, write_head
-from proxy.budgets import SoftLimitCrossed, settle
-from proxy.db import insert_rows, write_transaction
-from proxy.models import Batch, UsageRow
-from proxy.retries import link_retries
+from proxy.ledger.audit import extend, lock_head, write_head
+from proxy.ledger.budgets import SoftLimitCrossed, settle
+from proxy.ledger.db import insert_rows, write_transaction
+from proxy.ledger.retries import link_retries
+from proxy.ledger.schema import Batch, UsageRow
 from proxy.types import USAGE_COLUMNS, UsageRecord
 
 DEFAULT_SOFT_FRACTION = Decimal("0.8")

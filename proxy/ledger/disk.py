@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from proxy.budgets import SoftLimitCrossed
+from proxy.ledger.budgets import SoftLimitCrossed
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, RECORD_COLUMNS, insert_records, is_refused, record_to_row
 from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
 

@@ -18,15 +18,15 @@ from typing import Any
 
 from sqlalchemy import Engine, Row, delete, insert, select, update
 
-from proxy.budgets import LEASE_PREFIX, SoftLimitCrossed, counters_for
-from proxy.db import write_transaction
-from proxy.keys import lookup_key_by_id
+from proxy.ledger.budgets import LEASE_PREFIX, SoftLimitCrossed, counters_for
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, write_records
+from proxy.ledger.db import write_transaction
 from proxy.ledger.journal import Start, interrupted
+from proxy.ledger.keys import lookup_key_by_id
+from proxy.ledger.rates import drop_holdings
+from proxy.ledger.schema import BudgetReservation, Instance
 from proxy.logs import Trouble
-from proxy.models import BudgetReservation, Instance
-from proxy.pricing import PriceTable
-from proxy.rates import drop_holdings
+from proxy.pricing.table import PriceTable
 from proxy.types import PERIODS, Counter, Period, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")

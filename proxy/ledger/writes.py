@@ -33,9 +33,9 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.config import WriterMode
-from proxy.db import in_memory, make_engine
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, Inserted, insert_records, is_refused
-from proxy.reprice import correct_estimates
+from proxy.ledger.db import in_memory, make_engine
+from proxy.ledger.reprice import correct_estimates
 from proxy.types import UsageRecord
 
 T = TypeVar("T")

@@ -22,8 +22,8 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, select
 
-from proxy.models import UsageRow, effective_cost
-from proxy.pricing import undated
+from proxy.ledger.schema import UsageRow, effective_cost
+from proxy.pricing.table import undated
 from proxy.reconcile.anthropic import TOKEN_KINDS, WIDTHS, Reported, Width
 from proxy.types import TOKEN_KIND_FIELDS
 

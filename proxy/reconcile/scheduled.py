@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import Engine, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from proxy.db import write_transaction
-from proxy.models import ReconciledDay
+from proxy.ledger.db import write_transaction
+from proxy.ledger.schema import ReconciledDay
 from proxy.reconcile.anthropic import AdminClient
 from proxy.reconcile.compare import FINAL_AFTER, ledger_buckets, reconcile
 

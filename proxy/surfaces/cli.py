@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
     from proxy.ledger.disk import Replayed
-    from proxy.pricing import PriceTable
-    from proxy.teams import TeamSettings
+    from proxy.ledger.teams import TeamSettings
+    from proxy.pricing.table import PriceTable
 
 logger = logging.getLogger("spendgate")
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.
@@ -79,8 +79,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story; those of modules a command never loaded cannot have happened."""
     known: list[type[Exception]] = [ConfigError, UsageError, ValueError]
     for module, names in (
-        ("proxy.teams", ("NotFound", "Conflict")),
-        ("proxy.pricing", ("PriceError",)),
+        ("proxy.ledger.teams", ("NotFound", "Conflict")),
+        ("proxy.pricing.table", ("PriceError",)),
         ("proxy.reconcile.anthropic", ("ReportError",)),
     ):
         if module in sys.modules:
@@ -98,7 +98,7 @@ def _ledger_failure(exc: Exception, db_url: str) -> str | None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
-    from proxy.db import in_memory
+    from proxy.ledger.db import in_memory
 
     try:
         url = make_url(db_url)
@@ -120,8 +120,8 @@ def _ledger_failure(exc: Exception, db_url: str) -> str | None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.alerts import notify_now
-    from proxy.db import in_memory, upgrade
+    from proxy.ledger.alerts import notify_now
+    from proxy.ledger.db import in_memory, upgrade
     from proxy.ledger.disk import replay_spilled
     from proxy.logs import configure_logging
     from proxy.serving import run
@@ -185,7 +185,7 @@ def _check_listenable(host: str, port: int, setting: str) -> None:
 @contextlib.contextmanager
 def _ledger(settings: Settings) -> Iterator[Engine]:
     """An engine on a ledger that exists and is migrated; a one-line `UsageError` naming the fix otherwise."""
-    from proxy.db import head_revision, make_engine, migration_of
+    from proxy.ledger.db import head_revision, make_engine, migration_of
 
     url = _check_url(settings.db_url)
     shown = url.render_as_string(hide_password=True)
@@ -212,7 +212,7 @@ def _check_url(db_url: str) -> URL:
     """The parsed URL of a database spendgate supports; a one-line `UsageError` otherwise."""
     from sqlalchemy.exc import ArgumentError
 
-    from proxy.db import normalize_url
+    from proxy.ledger.db import normalize_url
 
     try:
         url = normalize_url(db_url)
@@ -238,8 +238,8 @@ def _recover(engine: Engine, directory: Path, prices: PriceTable, soft_fraction:
 
 
 def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.alerts import notify_now
-    from proxy.pricing import PriceTable
+    from proxy.ledger.alerts import notify_now
+    from proxy.pricing.table import PriceTable
 
     with _ledger(settings) as engine:
         prices = PriceTable.load(settings.prices_path)
@@ -250,7 +250,7 @@ def _journal_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.db import upgrade
+    from proxy.ledger.db import upgrade
 
     url = _check_url(settings.db_url)
     upgrade(settings.db_url)
@@ -259,7 +259,7 @@ def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import create_team
+    from proxy.ledger.teams import create_team
 
     with _ledger(settings) as engine:
         view = create_team(engine, args.name, _team_settings(args), actor=_actor())
@@ -268,7 +268,7 @@ def _teams_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import update_team
+    from proxy.ledger.teams import update_team
 
     with _ledger(settings) as engine:
         view = update_team(engine, args.name, _team_settings(args), actor=_actor())
@@ -277,7 +277,7 @@ def _teams_update(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import list_teams
+    from proxy.ledger.teams import list_teams
 
     with _ledger(settings) as engine:
         views = [view.to_json() for view in list_teams(engine)]
@@ -290,7 +290,7 @@ def _teams_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_users(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import list_users
+    from proxy.ledger.teams import list_users
 
     with _ledger(settings) as engine:
         views = [view.to_json() for view in list_users(engine, args.name)]
@@ -302,7 +302,7 @@ def _teams_users(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _teams_user_budget(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import UNSET, set_user_budget
+    from proxy.ledger.teams import UNSET, set_user_budget
 
     if (args.budget is None) == (not args.clear):
         raise UsageError("give either --budget USD (or 'none') or --clear")
@@ -314,7 +314,7 @@ def _teams_user_budget(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import create_key
+    from proxy.ledger.teams import create_key
 
     with _ledger(settings) as engine:
         view, key = create_key(
@@ -335,7 +335,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_update(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import update_key
+    from proxy.ledger.teams import update_key
 
     changes = {name: _given(getattr(args, name), _positive_int) for name in RATE_OPTIONS}
     with _ledger(settings) as engine:
@@ -345,7 +345,7 @@ def _keys_update(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import revoke_key
+    from proxy.ledger.teams import revoke_key
 
     with _ledger(settings) as engine:
         view = revoke_key(engine, args.key_id, actor=_actor())
@@ -354,7 +354,7 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.teams import list_keys
+    from proxy.ledger.teams import list_keys
 
     with _ledger(settings) as engine:
         views = [view.to_json() for view in list_keys(engine, team=args.team)]
@@ -367,8 +367,8 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _usage(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.export import iter_usage, write_csv, write_jsonl
-    from proxy.teams import get_team
+    from proxy.ledger.export import iter_usage, write_csv, write_jsonl
+    from proxy.ledger.teams import get_team
 
     since, until = _instant(args.since), _instant(args.until)
     writer = write_csv if args.format == "csv" else write_jsonl
@@ -404,8 +404,8 @@ def _progress(what: str, unit: str) -> Iterator[Callable[[int, int | None], None
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.pricing import PriceTable
-    from proxy.reports import report
+    from proxy.ledger.reports import report
+    from proxy.pricing.table import PriceTable
 
     by = [name.strip() for name in args.by.split(",") if name.strip()] if args.by else []
     since, until = _instant(args.since), _instant(args.until)
@@ -436,7 +436,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.audit import verify
+    from proxy.ledger.audit import verify
 
     with _ledger(settings) as engine, _progress("verifying the audit chain", "entries") as advance:
         verdict = verify(engine, progress=advance)
@@ -448,8 +448,8 @@ def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.audit import iter_events
-    from proxy.export import write_jsonl
+    from proxy.ledger.audit import iter_events
+    from proxy.ledger.export import write_jsonl
 
     with _ledger(settings) as engine:
         write_jsonl(iter_events(engine, since=_instant(args.since)), sys.stdout)
@@ -457,8 +457,8 @@ def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _reprice(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.pricing import PriceTable
-    from proxy.reprice import recount_current, reprice
+    from proxy.ledger.reprice import recount_current, reprice
+    from proxy.pricing.table import PriceTable
 
     since, until = _instant(args.since), _instant(args.until)
     if since is None:
@@ -482,7 +482,7 @@ def _reprice(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _prices(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.pricing import PriceTable
+    from proxy.pricing.table import PriceTable
 
     table = PriceTable.load(settings.prices_path)
     if args.format == "json":
@@ -493,7 +493,7 @@ def _prices(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _prices_check(args: argparse.Namespace, settings: Settings) -> int:
-    from proxy.reports import price_fallbacks
+    from proxy.ledger.reports import price_fallbacks
 
     with _ledger(settings) as engine:
         found = [f.to_json() for f in price_fallbacks(engine, since=_instant(args.since), until=_instant(args.until))]
@@ -557,7 +557,7 @@ def _actor() -> str:
 
 
 def _team_settings(args: argparse.Namespace) -> TeamSettings:
-    from proxy.teams import UNSET, TeamSettings
+    from proxy.ledger.teams import UNSET, TeamSettings
 
     return TeamSettings(
         budget_usd=_given(args.budget, _money),
@@ -573,7 +573,7 @@ def _team_settings(args: argparse.Namespace) -> TeamSettings:
 
 def _given(value: str | None, parse: Callable[[str], Any]) -> Any:
     """An option that may clear a limit: not given (`UNSET`), 'none' (no limit), or `parse`d."""
-    from proxy.teams import UNSET
+    from proxy.ledger.teams import UNSET
 
     if value is None:
         return UNSET
@@ -605,7 +605,7 @@ def _seconds(text: str) -> int:
 
 
 def _models(text: str) -> tuple[str, ...]:
-    from proxy.pricing import PriceTable
+    from proxy.pricing.table import PriceTable
 
     models = tuple(model.strip() for model in text.split(",") if model.strip())
     if not models:

@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, or_, select, update
 
-from proxy.budgets import settle
-from proxy.db import write_transaction
-from proxy.keys import KeyInfo
-from proxy.models import Batch
+from proxy.ledger.budgets import settle
+from proxy.ledger.db import write_transaction
+from proxy.ledger.keys import KeyInfo
+from proxy.ledger.schema import Batch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

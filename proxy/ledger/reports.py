@@ -1,7 +1,7 @@
 """Spend reports: usage records aggregated in SQL, grouped by team, model, feature, user, key and day.
 
 Money is summed exactly: NUMERIC `sum()` on PostgreSQL, and on SQLite (whose money column holds decimal
-text) a `decimal_sum` aggregate that `proxy.db` registers on every connection. Cache and batch savings are
+text) a `decimal_sum` aggregate that `proxy.ledger.db` registers on every connection. Cache and batch savings are
 derived per model from the token sums and the price table.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, case, func, select
 
-from proxy.models import UsageRow, effective_cost
-from proxy.pricing import WEB_SEARCH_USD, PriceTable
+from proxy.ledger.schema import UsageRow, effective_cost
+from proxy.pricing.table import WEB_SEARCH_USD, PriceTable
 from proxy.types import GROUPS
 
 TOKEN_KINDS = (

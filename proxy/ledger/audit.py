@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, exists, insert, select, type_coerce, update
 
-from proxy.models import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
+from proxy.ledger.schema import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
 
 GENESIS = "0" * 64
 # What a usage record's content hash covers, in this order. Fixed, not derived from the table: a column added

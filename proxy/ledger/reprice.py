@@ -15,11 +15,11 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
-from proxy.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
-from proxy.budgets import key_counter, recount, recount_users, settle, team_counter
-from proxy.db import write_transaction
-from proxy.models import APIKey, RepriceEntry, Team, UsageRow
-from proxy.pricing import PriceTable
+from proxy.ledger.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
+from proxy.ledger.budgets import key_counter, recount, recount_users, settle, team_counter
+from proxy.ledger.db import write_transaction
+from proxy.ledger.schema import APIKey, RepriceEntry, Team, UsageRow
+from proxy.pricing.table import PriceTable
 from proxy.types import USAGE_COLUMNS, Usage, UsageRecord
 
 ZERO = Decimal(0)

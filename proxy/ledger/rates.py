@@ -24,8 +24,8 @@ from typing import Literal
 from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from proxy.db import write_transaction
-from proxy.models import Instance, RateBucket, RateLease
+from proxy.ledger.db import write_transaction
+from proxy.ledger.schema import Instance, RateBucket, RateLease
 
 RateKind = Literal["requests", "input_tokens", "output_tokens"]
 # The setting of each kind, as the CLI, the admin API and the ledger columns name it.

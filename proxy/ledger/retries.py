@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from proxy.models import UsageRow
+from proxy.ledger.schema import UsageRow
 
 # How far back an SDK retry looks for the attempt it repeats: the SDKs' 10-minute timeout plus their backoff.
 SDK_RETRY_WINDOW = timedelta(minutes=15)

@@ -12,7 +12,7 @@ from typing import IO, Any
 from sqlalchemy import Engine, literal, select, tuple_
 
 from proxy.display import csv_row
-from proxy.models import UsageRow
+from proxy.ledger.schema import UsageRow
 from proxy.types import usd
 
 # The spec's usage-record fields, in the order exports write them.

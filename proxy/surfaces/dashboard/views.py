@@ -1,6 +1,6 @@
 """What each dashboard page shows, read from the ledger (blocking; run in a thread).
 
-Spend comes from the same SQL aggregates as `spendgate report` (`proxy/reports.py`), for the team's current
+Spend comes from the same SQL aggregates as `spendgate report` (`proxy/ledger/reports.py`), for the team's current
 budget period, so the page and the command agree to the digit.
 """
 
@@ -16,15 +16,15 @@ from typing import Any
 from markupsafe import Markup
 from sqlalchemy import Engine, func, select
 
-from proxy.budgets import TOTAL_PERIOD_START, period_end
-from proxy.dashboard import charts
-from proxy.dashboard.forecast import Forecast, forecast
-from proxy.export import iter_usage
-from proxy.models import AuditHead, UsageRow
-from proxy.pricing import PriceTable
+from proxy.ledger.budgets import TOTAL_PERIOD_START, period_end
+from proxy.ledger.export import iter_usage
+from proxy.ledger.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
+from proxy.ledger.schema import AuditHead, UsageRow
+from proxy.ledger.teams import TeamView, UserView, get_team, list_teams, list_users
+from proxy.pricing.table import PriceTable
 from proxy.reconcile.scheduled import DayResult, recent
-from proxy.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
-from proxy.teams import TeamView, UserView, get_team, list_teams, list_users
+from proxy.surfaces.dashboard import charts
+from proxy.surfaces.dashboard.forecast import Forecast, forecast
 
 ZERO = Decimal(0)
 TOP = 10

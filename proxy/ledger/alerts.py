@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from proxy.budgets import SoftLimitCrossed
+from proxy.ledger.budgets import SoftLimitCrossed
 
 logger = logging.getLogger("spendgate")
 

@@ -14,8 +14,8 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from proxy.audit import record_event
-from proxy.budgets import (
+from proxy.ledger.audit import record_event
+from proxy.ledger.budgets import (
     NO_USER,
     TOTAL_PERIOD_START,
     ZERO,
@@ -26,9 +26,9 @@ from proxy.budgets import (
     team_counter,
     user_counter,
 )
-from proxy.db import write_transaction
-from proxy.keys import hash_key, new_key, new_key_id
-from proxy.models import APIKey, Team, UsageRow, UserBudget, effective_cost
+from proxy.ledger.db import write_transaction
+from proxy.ledger.keys import hash_key, new_key, new_key_id
+from proxy.ledger.schema import APIKey, Team, UsageRow, UserBudget, effective_cost
 from proxy.types import CAP_POLICIES, NO_RATE_LIMITS, PERIODS, CapPolicy, Period, RateLimits, usd
 
 # Rate limits are INTEGER columns.

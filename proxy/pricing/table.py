@@ -1,4 +1,4 @@
-"""Turn a response's `Usage` into exact dollars with the dated price table in `proxy/prices.toml`.
+"""Turn a response's `Usage` into exact dollars with the dated price table in `proxy/pricing/prices.toml`.
 
 The table is data; the rules that apply it live here, each stated once with its source. "The pricing page"
 below is https://docs.claude.com/en/docs/about-claude/pricing.
@@ -24,7 +24,7 @@ from proxy.types import Cost, IterationUsage, PriceSource, Usage
 WEB_SEARCH_USD = Decimal("0.01")
 CELLS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "batch_input", "batch_output")
 logger = logging.getLogger("spendgate")
-SHIPPED_TABLE = "proxy/prices.toml"
+SHIPPED_TABLE = "proxy/pricing/prices.toml"
 
 _MODEL_KEYS = frozenset({*CELLS, "aliases", "residency_multiplier", "fast", "long_context"})
 _HALF = Decimal("0.5")
@@ -146,7 +146,9 @@ class PriceTable:
         A version in `override` whose id is shipped patches that version; a new id adds a dated version.
         Raises `PriceError` naming the file, key and bad value.
         """
-        sources = [(SHIPPED_TABLE, resources.files("proxy").joinpath("prices.toml").read_text(encoding="utf-8"))]
+        sources = [
+            (SHIPPED_TABLE, resources.files("proxy.pricing").joinpath("prices.toml").read_text(encoding="utf-8"))
+        ]
         if override is not None:
             try:
                 sources.append((str(override), override.read_text(encoding="utf-8")))

@@ -27,7 +27,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admin_models import (
+from proxy.errors import ProxyError, error_response, ledger_errors
+from proxy.gateway.gate import receive_body
+from proxy.gateway.validate import parse_object
+from proxy.ledger.export import Cursor, iter_usage
+from proxy.ledger.keys import KeyCache
+from proxy.ledger.reports import report
+from proxy.ledger.teams import (
+    UNSET,
+    Conflict,
+    NotFound,
+    TeamSettings,
+    create_key,
+    create_team,
+    get_team,
+    list_keys,
+    list_teams,
+    list_users,
+    revoke_key,
+    set_user_budget,
+    update_key,
+    update_team,
+)
+from proxy.pricing.table import PriceTable
+from proxy.surfaces.admin_models import (
     Document,
     Error,
     Key as KeyOut,
@@ -48,29 +71,6 @@ from proxy.admin_models import (
     UserQuery,
     Users,
     explain,
-)
-from proxy.errors import ProxyError, error_response, ledger_errors
-from proxy.export import Cursor, iter_usage
-from proxy.gateway.gate import receive_body
-from proxy.gateway.validate import parse_object
-from proxy.keys import KeyCache
-from proxy.pricing import PriceTable
-from proxy.reports import report
-from proxy.teams import (
-    UNSET,
-    Conflict,
-    NotFound,
-    TeamSettings,
-    create_key,
-    create_team,
-    get_team,
-    list_keys,
-    list_teams,
-    list_users,
-    revoke_key,
-    set_user_budget,
-    update_key,
-    update_team,
 )
 from proxy.types import RateLimits, parse_instant
 

@@ -167,7 +167,7 @@ class UsageRow(Base):
     max_tokens_sent: Mapped[int | None] = mapped_column(BigInteger)
     latency_ms: Mapped[float] = mapped_column(Float)
     ttfb_ms: Mapped[float | None] = mapped_column(Float)
-    # The audit chain (see proxy/audit.py): this record's content hash, its place in the chain, the chain's hash.
+    # The audit chain (see proxy/ledger/audit.py): this record's content hash, its place in the chain, the chain's hash.
     content_hash: Mapped[str | None] = mapped_column(String(64))
     chain_pos: Mapped[int | None] = mapped_column(BigInteger)
     chain_hash: Mapped[str | None] = mapped_column(String(64))
@@ -224,7 +224,7 @@ class BudgetReservation(Base):
 
 
 class RateBucket(Base):
-    """The shared token bucket of one rate limit (`proxy/rates.py`): its level when last touched."""
+    """The shared token bucket of one rate limit (`proxy/ledger/rates.py`): its level when last touched."""
 
     __tablename__ = "rate_buckets"
 

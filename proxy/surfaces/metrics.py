@@ -38,12 +38,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.budgets import current_spend, key_counter, period_end, period_start
 from proxy.errors import error_response
 from proxy.gateway.routes import BATCHES, COUNT_TOKENS, MESSAGES
-from proxy.models import APIKey, Team, UserBudget
+from proxy.ledger.budgets import current_spend, key_counter, period_end, period_start
+from proxy.ledger.schema import APIKey, Team, UserBudget
+from proxy.ledger.teams import list_teams, list_users
 from proxy.reconcile.scheduled import recent
-from proxy.teams import list_teams, list_users
 from proxy.types import TOKEN_KIND_FIELDS, Period, UsageRecord
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -1,6 +1,6 @@
 """The dashboard's routes: sign-in, the overview, a team's page, its usage as CSV, and the ledger's health.
 
-Every page but the sign-in form wants a valid session cookie (`proxy/dashboard/session.py`); without the admin
+Every page but the sign-in form wants a valid session cookie (`proxy/surfaces/dashboard/session.py`); without the admin
 token configured, the dashboard does not exist (404), like the admin API. Pages are rendered on the server
 from Jinja2 templates and load nothing from anywhere else (a Content-Security-Policy says so to the browser).
 """
@@ -23,14 +23,14 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from proxy.audit import Verdict, verify
-from proxy.dashboard.charts import money
-from proxy.dashboard.session import COOKIE, SESSION_SECONDS, Sessions, SignInLimiter
-from proxy.dashboard.views import ledger_page, outlooks, team_page
 from proxy.errors import error_response, ledger_errors
-from proxy.export import csv_chunks, iter_usage
-from proxy.pricing import PriceTable
-from proxy.teams import NotFound, get_team
+from proxy.ledger.audit import Verdict, verify
+from proxy.ledger.export import csv_chunks, iter_usage
+from proxy.ledger.teams import NotFound, get_team
+from proxy.pricing.table import PriceTable
+from proxy.surfaces.dashboard.charts import money
+from proxy.surfaces.dashboard.session import COOKIE, SESSION_SECONDS, Sessions, SignInLimiter
+from proxy.surfaces.dashboard.views import ledger_page, outlooks, team_page
 from proxy.types import parse_instant
 
 Clock = Callable[[], datetime]
@@ -46,7 +46,9 @@ SECURITY_HEADERS = {
 }
 MAX_FORM_BYTES = 4096
 _templates = jinja2.Environment(
-    loader=jinja2.PackageLoader("proxy.dashboard", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    loader=jinja2.PackageLoader("proxy.surfaces.dashboard", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
 )
 _templates.filters["usd"] = money
 
@@ -162,7 +164,7 @@ def dashboard_routes(
         Route("/dashboard/teams/{name}/usage.csv", signed_in(usage_csv), methods=["GET"]),
         Route("/dashboard/ledger", signed_in(ledger), methods=["GET"]),
         Route("/dashboard/ledger/verify", signed_in(run_verify), methods=["POST"]),
-        Mount("/dashboard/static", StaticFiles(packages=[("proxy.dashboard", "static")])),
+        Mount("/dashboard/static", StaticFiles(packages=[("proxy.surfaces.dashboard", "static")])),
     ]
 
 

@@ -1,6 +1,6 @@
 """The admin API's shapes: pydantic models that validate every request and describe every answer.
 
-`/admin/openapi.json` is generated from these same models (`proxy/admin.py`), so the document cannot drift from
+`/admin/openapi.json` is generated from these same models (`proxy/surfaces/admin.py`), so the document cannot drift from
 what the API accepts. Money is an exact decimal: accepted as a JSON string or number (parsed without floats),
 always answered as a string.
 """

@@ -19,10 +19,10 @@ from decimal import Decimal
 from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from proxy.db import write_transaction
 from proxy.errors import BudgetExceeded
-from proxy.keys import KeyInfo
-from proxy.models import BudgetCounter, BudgetReservation, Instance, UsageRow, effective_cost
+from proxy.ledger.db import write_transaction
+from proxy.ledger.keys import KeyInfo
+from proxy.ledger.schema import BudgetCounter, BudgetReservation, Instance, UsageRow, effective_cost
 from proxy.types import Counter, HoldOwner, Period, Reservation, UsageRecord
 
 # `total` budgets never reset: one counter, dated at the epoch.

@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.errors import InvalidKey, LedgerUnavailable
-from proxy.models import APIKey, Team, UserBudget
+from proxy.ledger.schema import APIKey, Team, UserBudget
 from proxy.types import NO_RATE_LIMITS, CapPolicy, Period, RateLimits
 
 KEY_PREFIX = "sk-sg-"
