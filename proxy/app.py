@@ -36,6 +36,7 @@ from proxy.gateway.leases import TRIM_SECONDS, Leases
 from proxy.gateway.relay import Relay
 from proxy.gateway.throttle import SYNC_SECONDS, Throttle
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
+from proxy.instruments import MULTIPROCESS_ENV, LabelPolicy, Metrics
 from proxy.ledger.alerts import AlertSender
 from proxy.ledger.budgets import release_expired
 from proxy.ledger.db import make_engine
@@ -50,14 +51,7 @@ from proxy.reconcile.anthropic import AdminClient
 from proxy.reconcile.scheduled import run_once
 from proxy.surfaces.admin import admin_routes
 from proxy.surfaces.dashboard.pages import dashboard_routes
-from proxy.surfaces.metrics import (
-    MULTIPROCESS_ENV,
-    LabelPolicy,
-    Metrics,
-    forget_dead_workers,
-    metrics_route,
-    scrape_registry,
-)
+from proxy.surfaces.metrics import forget_dead_workers, metrics_route, scrape_registry
 
 logger = logging.getLogger("spendgate")
 

@@ -35,8 +35,9 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.config import Settings
+from proxy.instruments import MULTIPROCESS_ENV
 from proxy.ledger.db import make_engine
-from proxy.surfaces.metrics import MULTIPROCESS_ENV, scrape_registry
+from proxy.surfaces.metrics import scrape_registry
 
 logger = logging.getLogger("spendgate")
 # The request line and every header together; nginx's default `large_client_header_buffers` allows 32 KB.

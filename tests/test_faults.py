@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from proxy.config import WriterMode
+from proxy.instruments import Metrics
 from proxy.ledger.audit import verify
 from proxy.ledger.budgets import LEASE_PREFIX, team_counter
 from proxy.ledger.export import iter_usage
@@ -30,7 +31,6 @@ from proxy.ledger.schema import BudgetReservation, Instance, UsageRow
 from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
-from proxy.surfaces.metrics import Metrics
 from proxy.types import Reservation
 from tests.locks import ledger_locked
 from tests.replicas import replica

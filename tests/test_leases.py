@@ -13,11 +13,11 @@ from sqlalchemy import Engine, delete, select
 
 from proxy.errors import BudgetExceeded
 from proxy.gateway.leases import LEASE_CALLS, SMALL_BUDGET, Leases
+from proxy.instruments import Metrics
 from proxy.ledger.budgets import counters_for, current_spend, end_leases, grant_lease, reserve, return_lease
 from proxy.ledger.commit import insert_records
 from proxy.ledger.keys import KeyInfo
 from proxy.ledger.schema import BudgetCounter, BudgetReservation
-from proxy.surfaces.metrics import Metrics
 from proxy.types import Counter, HoldOwner, Reservation
 from tests.test_writer import make_record
 

@@ -11,14 +11,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from proxy.errors import ModelNotAllowed, OutputCapExceeded
-from proxy.gateway.limits import (
-    IMAGE_TOKEN_BOUND,
-    TOOLS_TOKEN_BOUND,
-    cap_output,
-    check_model,
-    estimate_cost,
-    input_token_bound,
-)
+from proxy.gateway.limits import cap_output, check_model
+from proxy.pricing.estimate import IMAGE_TOKEN_BOUND, TOOLS_TOKEN_BOUND, estimate_cost, input_token_bound
 from proxy.pricing.table import PriceTable
 
 AT = datetime(2026, 11, 20, tzinfo=UTC)

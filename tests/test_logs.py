@@ -10,11 +10,11 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
+from proxy.instruments import Metrics
 from proxy.ledger.db import make_engine, upgrade
 from proxy.ledger.teams import TeamSettings, create_key, create_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
-from proxy.surfaces.metrics import Metrics
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.test_writer import make_record

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
+from proxy.instruments import LabelPolicy, Metrics, endpoint_label
 from proxy.ledger.export import iter_usage
 from proxy.ledger.teams import TeamSettings, get_key, get_team
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.metrics import LabelPolicy, Metrics, endpoint_label
 from proxy.types import Usage, UsageRecord
 from tests.replicas import free_port
 from tests.stack import Stack, running_stack

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, delete, text
 
 from proxy.gateway.throttle import Throttle
+from proxy.instruments import Metrics
 from proxy.ledger.db import write_transaction
 from proxy.ledger.export import iter_usage
 from proxy.ledger.instances import register
@@ -26,7 +27,6 @@ from proxy.ledger.keys import KeyInfo
 from proxy.ledger.rates import Exchange, Limit, drop_holdings, exchange
 from proxy.ledger.schema import Instance
 from proxy.ledger.teams import TeamSettings, create_key, create_team, update_key
-from proxy.surfaces.metrics import Metrics
 from proxy.types import RateLimits
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas

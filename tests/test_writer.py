@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, func, select
 
 from proxy.config import WriterMode
+from proxy.instruments import Metrics
 from proxy.ledger.budgets import team_counter
 from proxy.ledger.commit import insert_records
 from proxy.ledger.db import make_engine
@@ -29,7 +30,6 @@ from proxy.ledger.schema import UsageRow
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InProcess, InThread, WriteFailed, usable_cores, writes_for
-from proxy.surfaces.metrics import Metrics
 from proxy.types import Reservation, Usage, UsageRecord
 from tests.waiting import wait_for, wait_until
 

@@ -34,17 +34,18 @@ from proxy.errors import (
 )
 from proxy.gateway.call import Call, label
 from proxy.gateway.leases import Leases
-from proxy.gateway.limits import cap_output, check_model, estimate_cost, input_token_bound
+from proxy.gateway.limits import cap_output, check_model
 from proxy.gateway.routes import Route
 from proxy.gateway.throttle import Throttle, Ticket
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.gateway.waits import bounded
+from proxy.instruments import Metrics
 from proxy.ledger.batch_owners import BatchOwner, find_batch
 from proxy.ledger.budgets import counters_for, release, reserve
 from proxy.ledger.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.ledger.retries import fingerprint_request
+from proxy.pricing.estimate import estimate_cost, input_token_bound
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.metrics import Metrics
 from proxy.types import HoldOwner, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")

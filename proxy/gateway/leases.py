@@ -31,9 +31,9 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.gateway.waits import Turns
+from proxy.instruments import Metrics
 from proxy.ledger.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
 from proxy.ledger.keys import KeyInfo
-from proxy.surfaces.metrics import Metrics
 from proxy.types import Counter, HoldOwner, UsageRecord
 
 ZERO = Decimal(0)

@@ -24,9 +24,9 @@ from sqlalchemy import Engine
 
 from proxy.errors import RateLimited
 from proxy.gateway.waits import Turns
+from proxy.instruments import Metrics
 from proxy.ledger.keys import KeyInfo
 from proxy.ledger.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
-from proxy.surfaces.metrics import Metrics
 
 # A slice covers the demand of this many seconds, at most this share of the limit (other replicas lease too).
 HORIZON_SECONDS = 1.0

@@ -30,13 +30,13 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, delete
 
-from proxy.gateway.limits import estimate_cost
 from proxy.ledger.budgets import counters_for, end_leases
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, RECORD_COLUMNS
 from proxy.ledger.disk import Replayed, record_from_json, replay_records, set_aside
 from proxy.ledger.keys import lookup_key_by_id
 from proxy.ledger.reprice import correct_estimates
 from proxy.ledger.schema import Instance
+from proxy.pricing.estimate import estimate_cost
 from proxy.pricing.table import PriceTable
 from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import anyio.to_thread
 
 from proxy.errors import LedgerUnavailable
+from proxy.instruments import Metrics
 from proxy.ledger.budgets import SoftLimitCrossed
 from proxy.ledger.commit import Retried
 from proxy.ledger.disk import encode, record_to_json, set_aside, write_atomically
 from proxy.ledger.journal import Journal, Start
 from proxy.ledger.writes import WriteFailed, Writes
 from proxy.logs import Trouble
-from proxy.surfaces.metrics import Metrics
 from proxy.types import UsageRecord
 
 logger = logging.getLogger("spendgate")
