@@ -32,16 +32,17 @@ from proxy.errors import MethodNotAllowed, ProxyError, RouteNotFound
 from proxy.gateway.batches import Batches, ResultsFetcher
 from proxy.gateway.gate import Gate, GateRules
 from proxy.gateway.handler import Gateway
-from proxy.gateway.leases import TRIM_SECONDS, Leases
+from proxy.gateway.leases.lifecycle import Leases
+from proxy.gateway.leases.policy import UPKEEP_SECONDS
 from proxy.gateway.relay import Relay
-from proxy.gateway.throttle import SYNC_SECONDS, Throttle
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.instruments import MULTIPROCESS_ENV, LabelPolicy, Metrics
 from proxy.ledger.alerts import AlertSender
 from proxy.ledger.budgets import release_expired
 from proxy.ledger.db import make_engine
 from proxy.ledger.instances import Heartbeat
-from proxy.ledger.journal import Journal, replay_gone
+from proxy.ledger.journal import Journal
+from proxy.ledger.journal_replay import replay_gone
 from proxy.ledger.keys import KeyCache
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import writes_for
@@ -49,7 +50,7 @@ from proxy.logs import Trouble
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.anthropic import AdminClient
 from proxy.reconcile.scheduled import run_once
-from proxy.surfaces.admin import admin_routes
+from proxy.surfaces.admin.routes import admin_routes
 from proxy.surfaces.dashboard.pages import dashboard_routes
 from proxy.surfaces.metrics import forget_dead_workers, metrics_route, scrape_registry
 
@@ -112,7 +113,6 @@ def create_app(
             metrics=metrics,
             wait_seconds=settings.ledger_wait_seconds,
         )
-        throttle = Throttle(engine, instance=instance, metrics=metrics, wait_seconds=settings.ledger_wait_seconds)
         writer = Writer(
             writes_for(
                 settings.db_url,
@@ -130,7 +130,7 @@ def create_app(
             stall_seconds=settings.ledger_stall_seconds,
             on_soft_limit=alerts.notify,
             journal=journal,
-            on_committed=leases.committed,
+            on_committed=leases.budgets.committed,
             metrics=metrics,
         )
         fetcher = ResultsFetcher(
@@ -146,7 +146,6 @@ def create_app(
             prices=prices,
             engine=engine,
             leases=leases,
-            throttle=throttle,
             rules=GateRules(
                 max_body_bytes=settings.max_body_bytes,
                 body_timeout_seconds=settings.body_timeout_seconds,
@@ -190,12 +189,11 @@ def create_app(
             asyncio.create_task(
                 _every(
                     settings.heartbeat_seconds,
-                    partial(_heartbeat, heart, writer, leases, throttle, alerts),
+                    partial(_heartbeat, heart, writer, leases, alerts),
                     "heartbeat",
                 )
             ),
-            asyncio.create_task(_every(TRIM_SECONDS, leases.trim, "lease upkeep")),
-            asyncio.create_task(_every(SYNC_SECONDS, throttle.sync, "rate limit upkeep")),
+            asyncio.create_task(_every(UPKEEP_SECONDS, leases.upkeep, "lease upkeep")),
             asyncio.create_task(
                 _every(1.0, partial(_ledger_gauges, metrics, writer, settings.spill_dir), "ledger gauges")
             ),
@@ -241,11 +239,8 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await writer.close()
-            with contextlib.suppress(SQLAlchemyError):
-                # Every record is written: what the leases still hold is nobody's.
-                await leases.close()
-            with contextlib.suppress(SQLAlchemyError):
-                await throttle.close()
+            # Every record is written: what the leases still hold is nobody's.
+            await leases.close()
             # Only now may the journal go: had this process died before its leases ended, a replay would need it.
             journal.close()
             with contextlib.suppress(SQLAlchemyError):
@@ -290,14 +285,13 @@ class Dispatch:
         await self._app(scope, receive, send)
 
 
-async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, throttle: Throttle, alerts: AlertSender) -> None:
+async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, alerts: AlertSender) -> None:
     """Reap dead processes (this one beats from a thread of its own) and send the soft-limit alerts their records
-    set off; once taken for dead, this process's records correct estimates and its leases (recorded by the reaper)
-    and rate-limit slices (dropped by it) admit nothing more."""
+    set off; once taken for dead, this process's records correct estimates and its leases (counted as used by the
+    reaper) admit nothing more."""
     alerts.notify(await anyio.to_thread.run_sync(heart.reap, datetime.now(UTC)))
     if heart.taken_for_dead and not writer.correct_estimates:
         leases.forget()
-        throttle.forget()
     writer.correct_estimates = heart.taken_for_dead
 
 

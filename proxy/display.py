@@ -1,4 +1,5 @@
-"""Text that others chose, made safe to print: in a terminal and in a spreadsheet.
+"""Text shown to people: what others chose, made safe to print (in a terminal and in a spreadsheet), and a
+rejected value's validation errors said in one line.
 
 End users pick their user ids and feature tags, upstreams and Anthropic's Admin API name models and explain
 errors. Printed raw, an escape sequence in one of them would act on the operator's terminal (clear it, move the
@@ -11,7 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Only for the annotation: `spendgate --help` imports this module and must not load pydantic.
+    from pydantic import ValidationError
 
 # Written the way `repr` writes them: C0 (tab and newline too, so that a value stays on its line and in its column),
 # DEL, C1 (`\x9b` is CSI to terminals that read 8-bit controls), the bidi embeddings, overrides, isolates and marks
@@ -49,3 +54,17 @@ def _cell(value: Any) -> Any:
     if shown.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(shown):
         return "'" + shown
     return shown
+
+
+def explain(error: ValidationError) -> str:
+    """A validation failure as one readable sentence naming each field."""
+    problems = []
+    for problem in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{where}'")
+        elif problem["type"] == "missing":
+            problems.append(f"'{where}' is required")
+        else:
+            problems.append(f"'{where}': {problem['msg']}" if where else problem["msg"])
+    return "; ".join(problems)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from sqlalchemy import Engine
 
 # What every write of a call touches: its record, the audit chain, budget counters and holds.
-WRITTEN = ("usage_records", "audit_head", "budget_counters", "budget_reservations")
+WRITTEN = ("usage_records", "audit_head", "budget_counters", "budget_holds")
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ from sqlalchemy import Engine, func, select
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.ledger.export import iter_usage
+from proxy.ledger.key_admin import create_key
 from proxy.ledger.schema import UsageRow
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.teams import TeamSettings, create_team
 from tests.servers import serve_in_thread
 from tests.upstream import UPSTREAM_KEY, FakeAnthropic
 from tests.waiting import wait_until

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine
 
 from proxy.ledger.export import iter_usage
-from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team, get_team
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack

@@ -15,7 +15,8 @@ from sqlalchemy import Engine
 from starlette.types import Receive, Scope, Send
 
 from proxy.ledger.export import iter_usage
-from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team, get_team
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack, running_stack_again
 from tests.upstream import FakeAnthropic

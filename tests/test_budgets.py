@@ -20,7 +20,7 @@ from proxy.ledger.budgets import (
     team_counter,
 )
 from proxy.ledger.commit import insert_records
-from proxy.ledger.schema import BudgetReservation
+from proxy.ledger.schema import BudgetHold
 from proxy.types import Counter, Reservation
 from tests.test_writer import make_record
 
@@ -42,7 +42,7 @@ def hold(call_id: str, amount: str, *counters: Counter) -> Reservation:
 
 def holds(engine: Engine) -> int:
     with engine.connect() as connection:
-        return int(connection.execute(select(func.count()).select_from(BudgetReservation)).scalar_one())
+        return int(connection.execute(select(func.count()).select_from(BudgetHold)).scalar_one())
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select
 from proxy.ledger.keys import hash_key
 from proxy.ledger.schema import APIKey
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.cli import main
+from proxy.surfaces.cli.main import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -27,7 +27,8 @@ from sqlalchemy import Engine
 from proxy.app import create_app
 from proxy.ledger.commit import insert_records
 from proxy.ledger.export import iter_usage
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.surfaces.dashboard.forecast import forecast
 from tests.replicas import replica
 from tests.servers import serve_in_thread

@@ -27,8 +27,9 @@ from proxy.instruments import Metrics
 from proxy.ledger.audit import verify
 from proxy.ledger.budgets import LEASE_PREFIX, team_counter
 from proxy.ledger.export import iter_usage
-from proxy.ledger.schema import BudgetReservation, Instance, UsageRow
-from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.schema import BudgetHold, Instance, UsageRow
+from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
 from proxy.types import Reservation
@@ -254,7 +255,7 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
             # Without any restart, a live replica takes over the dead one's holds: each call's own hold becomes
             # its record, a lease becomes one record at the amount leased (the calls it covered may have been
             # billed; only the dead replica's journal knows them). The survivor's idle lease ends by itself.
-            wait_until(lambda: count(engine, BudgetReservation) == 0, "the dead replica's holds to be recorded")
+            wait_until(lambda: count(engine, BudgetHold) == 0, "the dead replica's holds to be recorded")
             if budget == 100:
                 wait_until(lambda: [r for r in records(engine) if is_lease(r)], "the dead replica's lease recorded")
             else:
@@ -312,7 +313,7 @@ def _swept_past_ttl(stack: Any) -> bool:
     """True once a hold is older than its TTL by several sweeps (read from the ledger, not the clock)."""
     with stack.engine.connect() as connection:
         expired = connection.execute(
-            text("SELECT count(*) FROM budget_reservations WHERE expires_at < :now"),
+            text("SELECT count(*) FROM budget_holds WHERE expires_at < :now"),
             {"now": _utc_naive_now() - timedelta(seconds=0.5)},
         ).scalar_one()
     return bool(expired)

@@ -33,7 +33,8 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from tests.stack import settings_for
 from tests.upstream import UPSTREAM_KEY, fixture
 

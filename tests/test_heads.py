@@ -29,7 +29,8 @@ from starlette.routing import Route
 
 from proxy import serving
 from proxy.config import ConfigError, Settings
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.serving import BoundedHttpToolsProtocol, PendingHeads
 from tests.replicas import replica
 from tests.servers import serve_in_thread

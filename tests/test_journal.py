@@ -14,8 +14,10 @@ from sqlalchemy import Engine
 from proxy.ledger import journal as journal_module
 from proxy.ledger.commit import insert_records
 from proxy.ledger.export import iter_usage
-from proxy.ledger.journal import Journal, Start, replay_journal
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.journal import Journal, Start
+from proxy.ledger.journal_replay import replay_journal
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.types import UsageRecord
 from tests.test_writer import make_record

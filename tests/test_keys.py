@@ -9,8 +9,9 @@ import pytest
 from sqlalchemy import Engine, event
 
 from proxy.errors import InvalidKey
+from proxy.ledger.key_admin import create_key, revoke_key
 from proxy.ledger.keys import KEY_PREFIX, KeyCache, hash_key, key_from_headers, new_key
-from proxy.ledger.teams import TeamSettings, create_key, create_team, revoke_key
+from proxy.ledger.teams import TeamSettings, create_team
 
 pytestmark = pytest.mark.anyio
 

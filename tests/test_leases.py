@@ -1,4 +1,4 @@
-"""Budget leases: calls admitted in memory against slices the ledger granted, never past a budget."""
+"""Budget leases: calls admitted in memory against leases the ledger granted, never past a budget."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, delete, select
 
 from proxy.errors import BudgetExceeded
-from proxy.gateway.leases import LEASE_CALLS, SMALL_BUDGET, Leases
+from proxy.gateway.leases.budget import LEASE_CALLS, SMALL_BUDGET, BudgetLeases
 from proxy.instruments import Metrics
 from proxy.ledger.budgets import counters_for, current_spend, end_leases, grant_lease, reserve, return_lease
 from proxy.ledger.commit import insert_records
 from proxy.ledger.keys import KeyInfo
-from proxy.ledger.schema import BudgetCounter, BudgetReservation
+from proxy.ledger.schema import BudgetCounter, BudgetHold
 from proxy.types import Counter, HoldOwner, Reservation
 from tests.test_writer import make_record
 
@@ -39,9 +39,7 @@ def spend(engine: Engine, key: KeyInfo = KEY) -> dict[str, tuple[Decimal, Decima
 
 def leased(engine: Engine) -> dict[tuple[str, str], Decimal]:
     with engine.connect() as connection:
-        rows = connection.execute(
-            select(BudgetReservation.call_id, BudgetReservation.scope, BudgetReservation.amount_usd)
-        ).all()
+        rows = connection.execute(select(BudgetHold.call_id, BudgetHold.scope, BudgetHold.amount_usd)).all()
     return {(call_id, scope): amount for call_id, scope, amount in rows}
 
 
@@ -103,29 +101,29 @@ def test_recorded_costs_move_from_the_lease_to_spent(engine: Engine) -> None:
 
 
 @pytest.mark.anyio
-async def test_calls_are_admitted_in_memory_until_the_slice_is_used(engine: Engine) -> None:
+async def test_calls_are_admitted_in_memory_until_the_lease_is_used(engine: Engine) -> None:
     noted: list[str] = []
-    leases = Leases(
+    leases = BudgetLeases(
         engine, instance="test-1", ttl=timedelta(hours=1), note=lambda lease, *_: noted.append(lease), metrics=Metrics()
     )
     first = await leases.admit(KEY, counters(), WORST, endpoint="/v1/messages")
     assert first is not None and noted == [first]
     # One grant covers several calls: no more ledger rows change until it is used up.
-    slice_ = leased(engine)[(first, "team:1:month")]
-    assert slice_ >= WORST * LEASE_CALLS
+    granted = leased(engine)[(first, "team:1:month")]
+    assert granted >= WORST * LEASE_CALLS
     admitted = [await leases.admit(KEY, counters(), WORST, endpoint="/v1/messages") for _ in range(LEASE_CALLS - 1)]
     assert set(admitted) == {first}
-    assert leased(engine)[(first, "team:1:month")] == slice_
+    assert leased(engine)[(first, "team:1:month")] == granted
     await leases.close()
     assert leased(engine) == {}
 
 
 @pytest.mark.anyio
 async def test_a_cold_lease_under_a_burst_grows_with_the_demand(engine: Engine) -> None:
-    # Before the first trim has measured the demand, a slice that runs out grows with what was just admitted:
+    # Before the first upkeep has measured the demand, a lease that runs out grows with what was just admitted:
     # a burst of calls at once takes a handful of grants, not one per LEASE_CALLS calls.
     metrics = Metrics()
-    leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=metrics)
+    leases = BudgetLeases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=metrics)
     large = replace(KEY, team_budget_usd=Decimal(1_000_000))
     burst = 5_000
     admitted = [await leases.admit(large, counters(large), WORST, endpoint="/v1/messages") for _ in range(burst)]
@@ -145,7 +143,7 @@ async def test_a_cold_lease_under_a_burst_grows_with_the_demand(engine: Engine) 
 
 @pytest.mark.anyio
 async def test_a_small_budget_gets_per_call_holds(engine: Engine) -> None:
-    leases = Leases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
+    leases = BudgetLeases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
     small = replace(KEY, team_budget_usd=WORST * (SMALL_BUDGET - 1))
     assert await leases.admit(small, counters(small), WORST, endpoint="/v1/messages") is None
     assert leased(engine) == {}
@@ -161,12 +159,12 @@ async def test_what_is_admitted_never_passes_the_budget(engine: Engine, worst: l
     """Any sequence of calls (worst cases in cents) admitted by two processes, each finishing at a fraction of its
     worst case: at every step, spent + in flight at the worst case <= budget, and the counters end exact."""
     with engine.begin() as connection:
-        connection.execute(delete(BudgetReservation))
+        connection.execute(delete(BudgetHold))
         connection.execute(delete(BudgetCounter))
     budget = Decimal(100)
     key = replace(KEY, team_budget_usd=budget)
     processes = [
-        Leases(engine, instance=f"test-{n}", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
+        BudgetLeases(engine, instance=f"test-{n}", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
         for n in (1, 2)
     ]
     in_flight: list[tuple[int, Reservation, Decimal]] = []

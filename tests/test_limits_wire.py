@@ -20,8 +20,9 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.ledger.budgets import reserve, team_counter
 from proxy.ledger.instances import register
+from proxy.ledger.key_admin import create_key
 from proxy.ledger.keys import lookup_key_by_id
-from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.types import HoldOwner, Reservation
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
@@ -165,7 +166,7 @@ def test_ledger_down_can_fail_open(
 ) -> None:
     team = TeamSettings(budget_usd=Decimal(10))
     with running_stack(engine, db_url, tmp_path, team=team, budget_fail_open=True) as stack:
-        with table_gone(engine, "budget_reservations"):
+        with table_gone(engine, "budget_holds"):
             sdk(stack, sdks).messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
         assert len(stack.upstream.requests) == 1
 
@@ -291,7 +292,7 @@ def test_budget_holds_under_concurrency_across_replicas(
             thread.join(timeout=120)
     admitted = statuses.count(200)
     assert sorted(set(statuses)) == [200, 402]
-    # At least the worst cases that fit; leases may refuse some of those while other replicas hold unused slices.
+    # At least the worst cases that fit; leases may refuse some of those while other replicas hold unused leases.
     assert admitted >= (9 if budget == Decimal("0.13") else 76 // 2), statuses
     # Refused calls were not retried: the upstream saw only the admitted ones, and there is one record per call.
     assert len(upstream.requests) == admitted

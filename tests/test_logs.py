@@ -12,7 +12,8 @@ from sqlalchemy import Engine
 
 from proxy.instruments import Metrics
 from proxy.ledger.db import make_engine, upgrade
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
 from tests.replicas import replica

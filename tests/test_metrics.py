@@ -20,7 +20,8 @@ from sqlalchemy import Engine
 
 from proxy.instruments import LabelPolicy, Metrics, endpoint_label
 from proxy.ledger.export import iter_usage
-from proxy.ledger.teams import TeamSettings, get_key, get_team
+from proxy.ledger.key_admin import get_key
+from proxy.ledger.teams import TeamSettings, get_team
 from proxy.pricing.table import PriceTable
 from proxy.types import Usage, UsageRecord
 from tests.replicas import free_port

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from proxy.surfaces.admin import admin_routes
+from proxy.surfaces.admin.routes import admin_routes
 from tests.stack import settings_for
 from tests.upstream import fixture
 from tests.waiting import wait_until

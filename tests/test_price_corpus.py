@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from genai_prices import data_snapshot
 
-from proxy.pricing.table import PriceTable, Rates
+from proxy.pricing.table import PriceTable
+from proxy.pricing.versions import Rates
 
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
 # (model, cell): why our value stands, and the source that says so.

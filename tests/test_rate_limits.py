@@ -18,15 +18,16 @@ from anthropic.types import MessageParam
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, delete, text
 
-from proxy.gateway.throttle import Throttle
+from proxy.gateway.leases.rate import RateLeases
 from proxy.instruments import Metrics
 from proxy.ledger.db import write_transaction
 from proxy.ledger.export import iter_usage
 from proxy.ledger.instances import register
+from proxy.ledger.key_admin import create_key, update_key
 from proxy.ledger.keys import KeyInfo
-from proxy.ledger.rates import Exchange, Limit, drop_holdings, exchange
+from proxy.ledger.rates import Exchange, Limit, drop_leases, exchange
 from proxy.ledger.schema import Instance
-from proxy.ledger.teams import TeamSettings, create_key, create_team, update_key
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.types import RateLimits
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
@@ -67,9 +68,9 @@ def windows(events: list[tuple[datetime, int]], span: float) -> list[tuple[datet
             st.integers(0, 2),  # which process
             st.floats(0, 20, allow_nan=False),  # seconds since the previous step
             st.integers(0, 700),  # how much it asks for
-            st.integers(0, 100),  # % of its holding its calls consume now
+            st.integers(0, 100),  # % of its lease its calls consume now
             st.integers(0, 100),  # % of the rest it gives back
-            st.booleans(),  # it dies (the reaper drops its holding)
+            st.booleans(),  # it dies (the reaper drops its lease)
         ),
         max_size=30,
     ),
@@ -80,33 +81,33 @@ def test_the_shared_bucket_never_admits_more_than_it_refills(
     """Any interleaving of processes taking, consuming, giving back and dying: what is consumed in any window of T
     seconds stays within N x (1 + T/60)."""
     limit = Limit(scope=f"team:{uuid.uuid4().hex[:12]}:rpm", label="l", kind="requests", per_minute=per_minute)
-    now, holding = T0, [0, 0, 0]
+    now, held = T0, [0, 0, 0]
     names = [f"p{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
     for name in names:
         register(engine, name, now)
     consumed: list[tuple[datetime, int]] = []
     for process, seconds, want, consume, back_share, dies in steps:
         now += timedelta(seconds=seconds)
-        used = holding[process] * consume // 100
-        holding[process] -= used
+        used = held[process] * consume // 100
+        held[process] -= used
         consumed.append((now, used))
         if dies:
             # Reaped, as the heartbeat reaper does; the process comes back as a new one with nothing.
             with write_transaction(engine) as connection:
                 connection.execute(delete(Instance).where(Instance.id == names[process]))
-                drop_holdings(connection, [names[process]], now)
+                drop_leases(connection, [names[process]], now)
             names[process] = f"p{process}-{uuid.uuid4().hex[:8]}"
             register(engine, names[process], now)
-            holding[process] = 0
+            held[process] = 0
             continue
-        back = holding[process] * back_share // 100
-        holding[process] -= back
-        item = Exchange(limit=limit, holding=holding[process], give_back=back, need=min(want, 1), want=want)
+        back = held[process] * back_share // 100
+        held[process] -= back
+        item = Exchange(limit=limit, held=held[process], give_back=back, need=min(want, 1), want=want)
         [taken] = exchange(engine, names[process], [item], now)
         assert 0 <= taken.granted <= want and not taken.forfeited
-        holding[process] += taken.granted
+        held[process] += taken.granted
     # Whatever is still held may be consumed at the end.
-    consumed.append((now, sum(holding)))
+    consumed.append((now, sum(held)))
     for span in (0.0, 1.0, 10.0, 60.0, 3600.0):
         for start, total in windows(consumed, span):
             assert within(total, per_minute, span), (start, span, total)
@@ -291,7 +292,7 @@ def _aware(value: datetime | str) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
-def test_idle_slices_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path: Path) -> None:
+def test_idle_leases_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path: Path) -> None:
     """A replica gives back what it holds once its calls stop, so another replica can use the whole limit."""
     with running_stack(engine, db_url, tmp_path, team=TeamSettings(rpm=600)) as stack:
         with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
@@ -302,7 +303,7 @@ def test_idle_slices_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path
             with engine.connect() as connection:
                 return int(connection.execute(text("SELECT COALESCE(SUM(amount), 0) FROM rate_leases")).scalar_one())
 
-        wait_until(lambda: held() == 0, "the idle slice given back")
+        wait_until(lambda: held() == 0, "the idle lease given back")
         with engine.connect() as connection:
             level = connection.execute(text("SELECT level FROM rate_buckets")).scalar_one()
         # 30 consumed, the rest back: the level is what a full bucket less 30 has refilled since.
@@ -329,18 +330,18 @@ def test_a_ledger_that_does_not_answer_is_a_503_not_a_pass(
         assert stack.upstream.requests == []
 
 
-def test_a_process_whose_holding_was_dropped_keeps_nothing_it_held(engine: Engine) -> None:
-    """Taken for dead while it still ran: its holding was dropped as consumed, so its next exchange gives nothing
+def test_a_process_whose_lease_was_dropped_keeps_nothing_it_held(engine: Engine) -> None:
+    """Taken for dead while it still ran: its lease was dropped as consumed, so its next exchange gives nothing
     back and keeps nothing, and the bucket never holds more than its capacity."""
     limit = Limit(scope="team:1:rpm", label="l", kind="requests", per_minute=60)
     register(engine, "alive", T0)
-    [taken] = exchange(engine, "alive", [Exchange(limit=limit, holding=0, need=60, want=60)], T0)
+    [taken] = exchange(engine, "alive", [Exchange(limit=limit, held=0, need=60, want=60)], T0)
     assert taken.granted == 60 and taken.level == 0
     with write_transaction(engine) as connection:
         connection.execute(delete(Instance).where(Instance.id == "alive"))
-        drop_holdings(connection, ["alive"], T0)
+        drop_leases(connection, ["alive"], T0)
     later = T0 + timedelta(seconds=30)
-    item = Exchange(limit=limit, holding=20, give_back=40, need=1, want=5)
+    item = Exchange(limit=limit, held=20, give_back=40, need=1, want=5)
     [taken] = exchange(engine, "alive", [item], later)
     # 30 s refilled 30; nothing of the 40 "given back" counts, and only what was granted now is held.
     assert taken.forfeited and taken.granted == 5 and taken.level == 25
@@ -348,32 +349,32 @@ def test_a_process_whose_holding_was_dropped_keeps_nothing_it_held(engine: Engin
         assert connection.execute(text("SELECT amount FROM rate_leases")).scalar_one() == 5
 
 
-def test_holdings_of_processes_that_no_longer_exist_are_dropped(engine: Engine) -> None:
-    """A clean exit that could not give its holding back leaves rows of an instance that is gone: the next reap
+def test_leases_of_processes_that_no_longer_exist_are_dropped(engine: Engine) -> None:
+    """A clean exit that could not give its lease back leaves rows of an instance that is gone: the next reap
     drops them, so the bucket refills again."""
     limit = Limit(scope="team:1:rpm", label="l", kind="requests", per_minute=60)
-    exchange(engine, "gone", [Exchange(limit=limit, holding=0, need=60, want=60)], T0)
+    exchange(engine, "gone", [Exchange(limit=limit, held=0, need=60, want=60)], T0)
     with write_transaction(engine) as connection:
-        drop_holdings(connection, [], T0)
+        drop_leases(connection, [], T0)
     later = T0 + timedelta(seconds=60)
-    [taken] = exchange(engine, "other", [Exchange(limit=limit, holding=0, need=60, want=60)], later)
+    [taken] = exchange(engine, "other", [Exchange(limit=limit, held=0, need=60, want=60)], later)
     assert taken.granted == 60
 
 
 @pytest.mark.anyio
-async def test_the_upkeep_tops_slices_up_so_a_steady_load_waits_for_no_exchange(engine: Engine) -> None:
+async def test_the_upkeep_tops_leases_up_so_a_steady_load_waits_for_no_exchange(engine: Engine) -> None:
     """Each second's sync takes what the last second's demand needs, in the transaction it runs anyway: calls at
-    the same pace then fit their slices and none waits for an exchange of its own."""
+    the same pace then fit their leases and none waits for an exchange of its own."""
     register(engine, "steady", datetime.now(UTC))
     metrics = Metrics()
-    throttle = Throttle(engine, instance="steady", metrics=metrics)
+    rates = RateLeases(engine, instance="steady", metrics=metrics)
     key = KeyInfo(key_id="key_1", team_id=1, team="t", team_rates=RateLimits(rpm=10**9, itpm=10**9, otpm=10**9))
 
     async def a_second_of_calls() -> None:
         for _ in range(200):
-            ticket = await throttle.admit(key, input_tokens=50, output_tokens=20, at=datetime.now(UTC))
+            ticket = await rates.admit(key, input_tokens=50, output_tokens=20, at=datetime.now(UTC))
             assert ticket is not None
-            throttle.finished(ticket, input_tokens=40, output_tokens=20)
+            rates.finished(ticket, input_tokens=40, output_tokens=20)
 
     def exchanges() -> float:
         return (
@@ -381,11 +382,11 @@ async def test_the_upkeep_tops_slices_up_so_a_steady_load_waits_for_no_exchange(
         )
 
     await a_second_of_calls()
-    await throttle.sync()
+    await rates.upkeep()
     synced = exchanges()
     await a_second_of_calls()
     assert exchanges() == synced
-    await throttle.close()
+    await rates.close()
 
 
 def test_what_a_call_really_used_decides_what_goes_back(engine: Engine, db_url: str, tmp_path: Path) -> None:

@@ -28,11 +28,12 @@ from sqlalchemy import Engine, func, select
 from proxy.app import create_app
 from proxy.ledger.commit import insert_records
 from proxy.ledger.export import iter_usage
+from proxy.ledger.key_admin import create_key
 from proxy.ledger.schema import ReconciledDay
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.anthropic import AdminClient, ReportError
-from proxy.surfaces.cli import main
+from proxy.surfaces.cli.main import main
 from proxy.types import Usage, UsageRecord
 from tests.admin_api import ADMIN_KEY, KEY_ID, FakeAdminAPI, Raw, Tamper
 from tests.replicas import replica

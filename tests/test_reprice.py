@@ -16,7 +16,7 @@ from proxy.ledger.commit import insert_records
 from proxy.ledger.reprice import reprice
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.cli import main
+from proxy.surfaces.cli.main import main
 from proxy.types import Reservation, Usage
 from tests.test_writer import make_record
 

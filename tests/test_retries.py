@@ -11,8 +11,9 @@ import pytest
 from anthropic.types import MessageParam
 from sqlalchemy import Engine, text
 
+from proxy.ledger.key_admin import create_key
 from proxy.ledger.retries import fingerprint
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.teams import TeamSettings, create_team
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replica
 from tests.servers import serve_in_thread

@@ -11,7 +11,8 @@ import httpx
 from sqlalchemy import Engine
 
 from proxy.ledger.export import iter_usage
-from proxy.ledger.teams import TeamSettings, create_key, create_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic

@@ -22,17 +22,10 @@ from sqlalchemy import Engine, select, text
 
 from proxy.gateway.call import label
 from proxy.ledger.budgets import NO_USER
+from proxy.ledger.end_users import list_users, set_user_budget
+from proxy.ledger.key_admin import create_key
 from proxy.ledger.schema import UsageRow
-from proxy.ledger.teams import (
-    UNSET,
-    Conflict,
-    TeamSettings,
-    create_key,
-    create_team,
-    list_users,
-    set_user_budget,
-    update_team,
-)
+from proxy.ledger.teams import UNSET, Conflict, TeamSettings, create_team, update_team
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread

@@ -358,7 +358,7 @@ def test_a_stream_cut_before_its_usage_is_charged_its_worst_case(
 
 
 def test_revoked_key_is_refused(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    from proxy.ledger.teams import revoke_key
+    from proxy.ledger.key_admin import revoke_key
 
     with running_stack(engine, db_url, tmp_path, key_cache_seconds=0) as stack:
         client(stack).messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)

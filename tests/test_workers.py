@@ -17,8 +17,9 @@ from sqlalchemy import Engine, func, select
 
 from proxy.ledger.budgets import LEASE_PREFIX
 from proxy.ledger.export import iter_usage
-from proxy.ledger.schema import BudgetReservation, Instance
-from proxy.ledger.teams import TeamSettings, create_key, create_team, get_team
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.schema import BudgetHold, Instance
+from proxy.ledger.teams import TeamSettings, create_team, get_team
 from tests.replicas import free_port, replica
 from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
@@ -53,7 +54,7 @@ def calls_counted(metrics_url: str) -> float:
     return sum(s.value for f in families if f.name == "spendgate_calls" for s in f.samples if s.name.endswith("_total"))
 
 
-def count(engine: Engine, table: type[Instance] | type[BudgetReservation]) -> int:
+def count(engine: Engine, table: type[Instance] | type[BudgetHold]) -> int:
     with engine.connect() as connection:
         return int(connection.execute(select(func.count()).select_from(table)).scalar_one())
 
@@ -99,7 +100,7 @@ def test_two_workers_both_serve_and_keep_every_guarantee(engine: Engine, db_url:
     team = get_team(engine, "research")
     assert team.spent_usd == sum(Decimal(r["cost_usd"]) for r in records)
     assert team.reserved_usd == 0
-    assert count(engine, Instance) == count(engine, BudgetReservation) == 0
+    assert count(engine, Instance) == count(engine, BudgetHold) == 0
 
 
 def test_a_killed_worker_is_replaced_and_its_calls_recorded(engine: Engine, db_url: str, tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_a_killed_worker_is_replaced_and_its_calls_recorded(engine: Engine, db_u
     team = get_team(engine, "research")
     assert team.spent_usd == sum(Decimal(r["cost_usd"]) for r in calls)
     assert team.reserved_usd == 0
-    assert count(engine, BudgetReservation) == 0
+    assert count(engine, BudgetHold) == 0
 
 
 def calls_journaled_by_pid(spill: Path, pid: int) -> int:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.gateway.leases.rate import Ticket
 from proxy.gateway.routes import COUNT_TOKENS
-from proxy.gateway.throttle import Ticket
 from proxy.gateway.usage import MessageSummary
 from proxy.ledger.keys import KeyInfo
 from proxy.pricing.table import PriceTable

@@ -33,10 +33,10 @@ from proxy.errors import (
     ledger_errors,
 )
 from proxy.gateway.call import Call, label
-from proxy.gateway.leases import Leases
+from proxy.gateway.leases.lifecycle import Leases
+from proxy.gateway.leases.rate import Ticket
 from proxy.gateway.limits import cap_output, check_model
 from proxy.gateway.routes import Route
-from proxy.gateway.throttle import Throttle, Ticket
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.gateway.waits import bounded
 from proxy.instruments import Metrics
@@ -85,14 +85,13 @@ class Gate:
         prices: PriceTable,
         engine: Engine,
         leases: Leases,
-        throttle: Throttle,
         rules: GateRules,
         metrics: Metrics,
     ) -> None:
         self._keys = keys
         self._metrics = metrics
-        self._leases = leases
-        self._throttle = throttle
+        self._budgets = leases.budgets
+        self._rates = leases.rates
         self._prices = prices
         self._engine = engine
         self._rules = rules
@@ -189,7 +188,7 @@ class Gate:
             )
         except BaseException:
             if ticket is not None:
-                self._throttle.cancel(ticket)
+                self._rates.cancel(ticket)
             raise
         call.ticket = ticket
         return capped.body
@@ -252,7 +251,7 @@ class Gate:
         """Take the call's share of its rate limits (`RateLimited` if it does not fit)."""
         try:
             with ledger_errors("The spend ledger did not answer, so the rate limit could not be checked."):
-                return await self._throttle.admit(
+                return await self._rates.admit(
                     key, input_tokens=input_tokens, output_tokens=output_tokens, at=call.started_at
                 )
         except LedgerUnavailable:
@@ -266,21 +265,21 @@ class Gate:
 
     def finished(self, call: Call, record: UsageRecord) -> None:
         """A call's record is made: what it took from a lease and from rate limits is settled in memory."""
-        self._leases.finished(record)
+        self._budgets.finished(record)
         if call.ticket is None:
             return
         if not call.forwarded:
-            self._throttle.cancel(call.ticket)
+            self._rates.cancel(call.ticket)
             return
         usage = call.usage
         if usage is None:
             # An error answer generated nothing; a call cut off before its usage arrived may have used it all.
             tokens = 0 if call.facts.status >= 400 else None
-            self._throttle.finished(call.ticket, input_tokens=tokens, output_tokens=tokens)
+            self._rates.finished(call.ticket, input_tokens=tokens, output_tokens=tokens)
             return
         # A stream that did not end normally reported its output only so far (the model may have gone on).
         output_known = record.outcome == "ok" or not call.streamed
-        self._throttle.finished(
+        self._rates.finished(
             call.ticket,
             input_tokens=usage.input_tokens
             + usage.cache_creation_5m_input_tokens
@@ -319,7 +318,7 @@ class Gate:
                 "The spend ledger did not answer, so the budget could not be checked and the call was not sent."
             ):
                 if lease:
-                    leased = await self._leases.admit(key, counters, amount, endpoint=call.endpoint)
+                    leased = await self._budgets.admit(key, counters, amount, endpoint=call.endpoint)
                     if leased is not None:
                         call.reservation = Reservation(
                             call_id=call.id, counters=counters, amount=amount, held=False, lease=leased

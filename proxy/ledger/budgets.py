@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from proxy.errors import BudgetExceeded
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import KeyInfo
-from proxy.ledger.schema import BudgetCounter, BudgetReservation, Instance, UsageRow, effective_cost
+from proxy.ledger.schema import BudgetCounter, BudgetHold, Instance, UsageRow, effective_cost
 from proxy.types import Counter, HoldOwner, Period, Reservation, UsageRecord
 
 # `total` budgets never reset: one counter, dated at the epoch.
@@ -176,7 +176,7 @@ def reserve(
             writes.append((counter.scope, counter.period_start, spent, reserved + amount))
         _write(connection, writes)
         connection.execute(
-            insert(BudgetReservation),
+            insert(BudgetHold),
             [
                 {
                     "call_id": reservation.call_id,
@@ -259,7 +259,7 @@ def grant_lease(
 ) -> Decimal:
     """Grow a process's budget lease on every budgeted counter by `size(left)`, where `left` is the least any of
     them has left (budget - spent - held), under the counters' locks; returns the amount granted (zero when
-    `size` says so). The lease is a hold like a call's (`budget_reservations`, owned by the process), so spent +
+    `size` says so). The lease is a hold like a call's (`budget_holds`, owned by the process), so spent +
     held <= budget keeps holding for every counter, whoever leases or holds."""
     budgeted = [counter for counter in counters if counter.budget_usd is not None]
     with write_transaction(engine) as connection:
@@ -272,22 +272,20 @@ def grant_lease(
         grant = min(size(left), left)
         if grant <= 0:
             return ZERO
-        query = select(BudgetReservation.scope, BudgetReservation.amount_usd).where(
-            BudgetReservation.call_id == lease_id
-        )
+        query = select(BudgetHold.scope, BudgetHold.amount_usd).where(BudgetHold.call_id == lease_id)
         held = {scope: amount for scope, amount in connection.execute(query)}
         for counter in budgeted:
             spent, reserved = current[(counter.scope, counter.period_start)]
             _write(connection, [(counter.scope, counter.period_start, spent, reserved + grant)])
             if counter.scope in held:
                 connection.execute(
-                    update(BudgetReservation)
-                    .where(BudgetReservation.call_id == lease_id, BudgetReservation.scope == counter.scope)
+                    update(BudgetHold)
+                    .where(BudgetHold.call_id == lease_id, BudgetHold.scope == counter.scope)
                     .values(amount_usd=held[counter.scope] + grant, expires_at=expires_at)
                 )
             else:
                 connection.execute(
-                    insert(BudgetReservation).values(
+                    insert(BudgetHold).values(
                         call_id=lease_id,
                         scope=counter.scope,
                         period_start=counter.period_start,
@@ -302,8 +300,8 @@ def grant_lease(
 
 def return_lease(engine: Engine, lease_id: str, amount: Decimal | None) -> None:
     """Give back `amount` of a lease on each of its counters, or all of it (ending the lease) when None."""
-    query = select(BudgetReservation.scope, BudgetReservation.period_start, BudgetReservation.amount_usd).where(
-        BudgetReservation.call_id == lease_id
+    query = select(BudgetHold.scope, BudgetHold.period_start, BudgetHold.amount_usd).where(
+        BudgetHold.call_id == lease_id
     )
     with write_transaction(engine) as connection:
         # The amounts are read again once the counters are locked: a settlement may have taken from them.
@@ -312,18 +310,18 @@ def return_lease(engine: Engine, lease_id: str, amount: Decimal | None) -> None:
             back = held if amount is None else min(amount, held)
             spent, reserved = current[(scope, start)]
             _write(connection, [(scope, start, spent, max(reserved - back, ZERO))])
-            change = BudgetReservation.call_id == lease_id, BudgetReservation.scope == scope
+            change = BudgetHold.call_id == lease_id, BudgetHold.scope == scope
             if amount is None:
-                connection.execute(delete(BudgetReservation).where(*change))
+                connection.execute(delete(BudgetHold).where(*change))
             else:
-                connection.execute(update(BudgetReservation).where(*change).values(amount_usd=held - back))
+                connection.execute(update(BudgetHold).where(*change).values(amount_usd=held - back))
 
 
 def end_leases(engine: Engine, instance: str) -> int:
     """Give back every lease of a process (at its clean exit, or once its journal has been replayed: by then each
     call it admitted has its own record). Returns how many leases ended (blocking)."""
-    query = select(BudgetReservation.call_id).where(
-        BudgetReservation.instance_id == instance, BudgetReservation.call_id.startswith(LEASE_PREFIX)
+    query = select(BudgetHold.call_id).where(
+        BudgetHold.instance_id == instance, BudgetHold.call_id.startswith(LEASE_PREFIX)
     )
     with write_transaction(engine) as connection:
         leases = sorted(set(connection.execute(query).scalars()))
@@ -334,10 +332,10 @@ def end_leases(engine: Engine, instance: str) -> int:
 def release_expired(engine: Engine, now: datetime, *, limit: int = 1000) -> int:
     """Release holds past their expiry whose process is not serving any more: the last resort, after the
     heartbeat reaper (`proxy/ledger/instances.py`). Returns how many calls' holds were released."""
-    alive = select(Instance.id).where(Instance.id == BudgetReservation.instance_id).exists()
+    alive = select(Instance.id).where(Instance.id == BudgetHold.instance_id).exists()
     with write_transaction(engine) as connection:
         expired = connection.execute(
-            select(BudgetReservation.call_id).where(BudgetReservation.expires_at < now, ~alive).limit(limit)
+            select(BudgetHold.call_id).where(BudgetHold.expires_at < now, ~alive).limit(limit)
         ).scalars()
         call_ids = sorted(set(expired))
         if not call_ids:
@@ -402,8 +400,8 @@ _WRITE = (
     .values(spent_usd=bindparam("w_spent"), reserved_usd=bindparam("w_reserved"))
 )
 _CONSUME = (
-    update(BudgetReservation)
-    .where(BudgetReservation.call_id == bindparam("c_lease"), BudgetReservation.scope == bindparam("c_scope"))
+    update(BudgetHold)
+    .where(BudgetHold.call_id == bindparam("c_lease"), BudgetHold.scope == bindparam("c_scope"))
     .values(amount_usd=bindparam("c_left"))
 )
 CounterWrite = tuple[str, datetime, Decimal, Decimal]  # scope, period start, spent, reserved
@@ -438,9 +436,9 @@ def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey
     if not call_ids:
         return released
     rows = connection.execute(
-        delete(BudgetReservation)
-        .where(BudgetReservation.call_id.in_(call_ids))
-        .returning(BudgetReservation.scope, BudgetReservation.period_start, BudgetReservation.amount_usd)
+        delete(BudgetHold)
+        .where(BudgetHold.call_id.in_(call_ids))
+        .returning(BudgetHold.scope, BudgetHold.period_start, BudgetHold.amount_usd)
     )
     for scope, start, amount in rows:
         released[(scope, start)] += amount
@@ -462,11 +460,11 @@ def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[Cou
         return freed
     rows = connection.execute(
         select(
-            BudgetReservation.call_id,
-            BudgetReservation.scope,
-            BudgetReservation.period_start,
-            BudgetReservation.amount_usd,
-        ).where(BudgetReservation.call_id.in_(sorted({lease for lease, _ in wanted})))
+            BudgetHold.call_id,
+            BudgetHold.scope,
+            BudgetHold.period_start,
+            BudgetHold.amount_usd,
+        ).where(BudgetHold.call_id.in_(sorted({lease for lease, _ in wanted})))
     )
     taken = []
     for lease, scope, start, held in rows:

@@ -21,10 +21,11 @@ from sqlalchemy import Engine, Row, delete, insert, select, update
 from proxy.ledger.budgets import LEASE_PREFIX, SoftLimitCrossed, counters_for
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, write_records
 from proxy.ledger.db import write_transaction
-from proxy.ledger.journal import Start, interrupted
+from proxy.ledger.journal import Start
+from proxy.ledger.journal_replay import interrupted
 from proxy.ledger.keys import lookup_key_by_id
-from proxy.ledger.rates import drop_holdings
-from proxy.ledger.schema import BudgetReservation, Instance
+from proxy.ledger.rates import drop_leases
+from proxy.ledger.schema import BudgetHold, Instance
 from proxy.logs import Trouble
 from proxy.pricing.table import PriceTable
 from proxy.types import PERIODS, Counter, Period, Reservation, UsageRecord
@@ -149,14 +150,14 @@ def reap(
         dead = list(connection.execute(stale.with_for_update()).scalars())
         if dead:
             connection.execute(delete(Instance).where(Instance.id.in_(dead)))
-            holds = select(BudgetReservation.__table__).where(BudgetReservation.instance_id.in_(dead))
+            holds = select(BudgetHold.__table__).where(BudgetHold.instance_id.in_(dead))
             calls: dict[str, list[Row[Any]]] = {}
             for row in connection.execute(holds):
                 calls.setdefault(row.call_id, []).append(row)
             records = [_interrupted(rows, prices, now, _budgets(engine, rows[0])) for rows in calls.values()]
             if records:
                 crossed = write_records(connection, records, soft_fraction=soft_fraction).crossed
-        drop_holdings(connection, dead, now)
+        drop_leases(connection, dead, now)
     if records:
         logger.warning(
             "recorded %d calls of dead processes %s as interrupted at their held amount", len(records), ", ".join(dead)

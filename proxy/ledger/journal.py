@@ -6,11 +6,8 @@ an id made at start (not the pid: in containers every replica is pid 1), and hol
 the kernel's page cache when the call goes on: it survives the process being killed (SIGKILL, OOM), though not
 the machine losing power (that would need an `fsync` per line; see docs/durability.md).
 
-A process that starts replays the journals of processes that are gone (their lock is free), as does
-`spendgate journal replay DIR`: a call whose end line is there gets its record written (if the ledger lacks
-it); a call that started and never ended gets an `interrupted` record whose cost is its worst case, flagged
-`cost_source: estimate`, so every call the upstream may have billed has a record. A segment is deleted once
-every call started in it has ended and every record ended in it is in the ledger.
+A process that starts replays the journals of processes that are gone (`proxy/ledger/journal_replay.py`). A
+segment is deleted once every call started in it has ended and every record ended in it is in the ledger.
 """
 
 from __future__ import annotations
@@ -22,28 +19,19 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, delete
-
-from proxy.ledger.budgets import counters_for, end_leases
-from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, RECORD_COLUMNS
-from proxy.ledger.disk import Replayed, record_from_json, replay_records, set_aside
-from proxy.ledger.keys import lookup_key_by_id
-from proxy.ledger.reprice import correct_estimates
-from proxy.ledger.schema import Instance
-from proxy.pricing.estimate import estimate_cost
-from proxy.pricing.table import PriceTable
-from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
+from proxy.ledger.commit import RECORD_COLUMNS
+from proxy.ledger.disk import record_from_json
+from proxy.types import USAGE_COLUMNS, Counter, UsageRecord
 
 logger = logging.getLogger("spendgate")
 # A segment is closed and a new one begun past this size, so finished calls stop costing disk.
 SEGMENT_BYTES = 8 * 1024 * 1024
-ZERO = Decimal(0)
 
 
 class Start(NamedTuple):
@@ -232,7 +220,8 @@ def _start_values(start: Start) -> list[Any]:
     return values
 
 
-def _start_from_values(values: list[Any]) -> Start:
+def start_from_values(values: list[Any]) -> Start:
+    """A start line's fields (after its kind) as the `Start` they were written from."""
     if len(values) != len(Start._fields):
         raise ValueError(f"a start line has {len(values)} fields, not {len(Start._fields)}")
     values[_START_AT] = datetime.fromisoformat(values[_START_AT])
@@ -261,7 +250,8 @@ def _record_values(record: UsageRecord) -> list[Any]:
     return [*values, held, record.retry_window_seconds]
 
 
-def _record_from_values(values: list[Any]) -> UsageRecord:
+def record_from_values(values: list[Any]) -> UsageRecord:
+    """An end line's fields (after its kind) as the record they were written from."""
     *columns, held, window = values
     if len(columns) != len(END_FIELDS):
         raise ValueError(f"an end line has {len(columns)} fields, not {len(END_FIELDS)}")
@@ -284,168 +274,3 @@ def _record_from_values(values: list[Any]) -> UsageRecord:
 
 
 _STARTED, _FINISHED, _COST = (END_FIELDS.index(name) for name in ("started_at", "finished_at", "cost_usd"))
-
-
-def replay_gone(
-    engine: Engine, directory: Path, prices: PriceTable, *, name: str, soft_fraction: Decimal = DEFAULT_SOFT_FRACTION
-) -> Replayed:
-    """Replay the journals of every process that is gone (its lock is free), then delete them."""
-    total = Replayed()
-    for lock in sorted(directory.glob("journal-*.lock")) if directory.is_dir() else ():
-        instance = lock.name.removeprefix("journal-").removesuffix(".lock")
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its process is alive
-            total += replay_journal(engine, directory, instance, prices, name=name, soft_fraction=soft_fraction)
-            lock.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
-    return total
-
-
-def replay_journal(
-    engine: Engine,
-    directory: Path,
-    instance: str,
-    prices: PriceTable,
-    *,
-    name: str,
-    soft_fraction: Decimal = DEFAULT_SOFT_FRACTION,
-) -> Replayed:
-    """Write the records a gone process's journal holds and the `interrupted` records of its unfinished calls."""
-    # Replayed here, so no heartbeat reaper need take it for dead (and record its leases) meanwhile.
-    with engine.begin() as connection:
-        connection.execute(delete(Instance).where(Instance.id == instance))
-    segments = sorted(directory.glob(f"journal-{instance}.*.jsonl"), key=lambda p: int(p.name.split(".")[-2]))
-    starts: dict[str, Start] = {}
-    ended: dict[str, UsageRecord] = {}
-    leases: dict[str, UsageRecord] = {}
-    bad = 0
-    for path in segments:
-        for line in path.read_bytes().decode("utf-8", "surrogateescape").splitlines():
-            if not line.strip():
-                continue
-            try:
-                kind, *values = json.loads(line)
-                if kind == "s":
-                    start = _start_from_values(values)
-                    starts[start.id] = start
-                elif kind == "l":
-                    void = _lease_void(values, prices)
-                    leases[void.id] = void
-                else:
-                    record = _record_from_values(values)
-                    ended[record.id] = record
-            except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                # A line cut short by the crash, or damaged: kept with its reason, never a reason not to start.
-                set_aside(directory, name, {"line": line[:100_000]}, f"unreadable line in {path.name}: {exc}")
-                bad += 1
-    records = list(ended.values())
-    for call_id, start in starts.items():
-        if call_id not in ended:
-            records.append(_unfinished(engine, start, prices))
-    done = replay_records(engine, records, directory=directory, name=name, soft_fraction=soft_fraction)
-    # Every call admitted under its leases has its record now: what the leases still hold is free, and a lease a
-    # live replica recorded at its held amount when this process stopped beating was spent by nothing.
-    end_leases(engine, instance)
-    # Calls a live replica recorded at their held amount when this process stopped beating: now the real cost.
-    corrected = correct_estimates(engine, [*ended.values(), *leases.values()], actor=f"journal:{instance}")
-    for path in segments:
-        path.unlink()
-    if records or bad:
-        logger.warning(
-            "replayed the journal of process %s: %d records written (%d of calls it never finished), %d estimates "
-            "corrected, %d set aside",
-            instance,
-            done.written,
-            len(records) - len(ended),
-            corrected,
-            done.set_aside + bad,
-        )
-    return Replayed(done.written, done.set_aside + bad, done.crossed)
-
-
-def _lease_void(values: list[Any], prices: PriceTable) -> UsageRecord:
-    """What a lease of a gone process turns out to have cost once every call it covered has its own record:
-    nothing (the correction of the estimate the heartbeat reaper wrote for it, if it did)."""
-    lease, at, scopes = values
-    counters = tuple(
-        Counter(scope=scope, label=scope, period="total", period_start=datetime.fromisoformat(start), budget_usd=None)
-        for scope, start in scopes
-    )
-    start = Start(
-        id=lease,
-        started_at=datetime.fromisoformat(at),
-        team=None,
-        key_id=None,
-        feature=None,
-        user=None,
-        endpoint="",
-        model=None,
-        streamed=False,
-        max_tokens=None,
-        input_bound=0,
-        held=None,
-        metered=True,
-    )
-    reservation = Reservation(call_id=lease, counters=counters, amount=ZERO, held=False)
-    return interrupted(start, cost=ZERO, reservation=reservation, prices=prices)
-
-
-def interrupted(
-    start: Start, *, cost: Decimal | None, reservation: Reservation | None, prices: PriceTable
-) -> UsageRecord:
-    """The record of a call that went upstream and never ended: usage unknown, `cost` its worst case, flagged
-    `cost_source: estimate`. The one shape for the journal's unfinished calls and the reaper's dead holds."""
-    now = datetime.now(UTC)
-    return UsageRecord(
-        id=start.id,
-        started_at=start.started_at,
-        finished_at=now,
-        team=start.team,
-        key_id=start.key_id,
-        feature=start.feature,
-        user=start.user,
-        endpoint=start.endpoint,
-        model=start.model,
-        response_model=None,
-        upstream_request_id=None,
-        status=0,
-        outcome="interrupted",
-        error_type="process_died",
-        streamed=start.streamed,
-        usage=Usage(),
-        cost_usd=cost if start.metered else None,
-        price_version=prices.version_at(start.started_at),
-        price_source="table" if start.metered else "unmetered",
-        cost_source="estimate",
-        max_tokens_requested=start.max_tokens,
-        max_tokens_sent=start.max_tokens,
-        latency_ms=round((now - start.started_at).total_seconds() * 1000, 3),
-        ttfb_ms=None,
-        reservation=reservation,
-    )
-
-
-def _unfinished(engine: Engine, start: Start, prices: PriceTable) -> UsageRecord:
-    """A journaled call that never ended, at the hold it took, else an estimate from its model, size and
-    `max_tokens`; settled on its key's budgets (blocking)."""
-    cost = start.held
-    if cost is None and start.metered and start.model:
-        cost = estimate_cost(
-            {},
-            model=start.model,
-            input_tokens=start.input_bound,
-            max_tokens=start.max_tokens,
-            prices=prices,
-            at=start.started_at,
-        )
-    key = lookup_key_by_id(engine, start.key_id) if start.key_id else None
-    reservation = None
-    if key is not None:
-        counters = counters_for(key, start.started_at, start.user)
-        reservation = Reservation(call_id=start.id, counters=counters, amount=start.held or Decimal(0), held=True)
-    return interrupted(start, cost=cost, reservation=reservation, prices=prices)

@@ -1,15 +1,15 @@
 """Rate limits in the ledger: one token bucket per limit, shared by every replica.
 
 A limit of N per minute is Anthropic's model: a bucket of capacity N refilled continuously at N/60 per second.
-Replicas do not ask the bucket for every call: each takes a slice of it in one transaction (a row in
-`rate_leases`, this process's holding) and admits calls against the slice in memory (`proxy/gateway/throttle.py`).
+Replicas do not ask the bucket for every call: each leases part of it in one transaction (a row of `rate_leases`)
+and admits calls against the lease in memory (`proxy/gateway/leases/rate.py`).
 
 Why it cannot let through more than the bucket: the bucket refills only while its level plus everything the
-replicas hold stays within the capacity, and a holding leaves the rows only when it is given back (to the level)
-or known consumed. A holding is written as it was at the process's last exchange; it only shrinks in between
+replicas hold stays within the capacity, and a lease leaves the rows only when it is given back (to the level)
+or known consumed. A lease is written as it was at the process's last exchange; it only shrinks in between
 (calls consume it), so the rows never understate it and the refill is never larger than the true bucket's. So in
 any window of T seconds the calls admitted take at most what was in the bucket or held at its start (<= N) plus
-the refill (N x T/60): N x (1 + T/60), across any number of replicas. A process that dies leaves its holding in
+the refill (N x T/60): N x (1 + T/60), across any number of replicas. A process that dies leaves its lease in
 the rows until the heartbeat reaper deletes it, treated as consumed: the bucket then refills without it.
 """
 
@@ -48,14 +48,14 @@ class Limit:
 class Exchange:
     """What one process does with one bucket in one transaction.
 
-    `holding` is what the process holds out of the bucket after the exchange's give-back (unused slice plus the
+    `held` is what the process holds out of the bucket after the exchange's give-back (unused lease plus the
     bounds of its calls in flight); `debt` is what its calls consumed beyond what they had taken (a usage above
     its pre-call bound), paid from the level; `give_back` goes back into the level; then `want` is taken if the
     level has at least `need` of it (`need` <= `want`), else nothing.
     """
 
     limit: Limit
-    holding: int
+    held: int
     debt: int = 0
     give_back: int = 0
     need: int = 0
@@ -64,9 +64,9 @@ class Exchange:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Taken:
-    """What an exchange took from a bucket, and the bucket's level after it. `forfeited`: the process's holding
+    """What an exchange took from a bucket, and the bucket's level after it. `forfeited`: the process's lease
     was gone from the ledger (a reaper took it for dead and dropped it as consumed), so nothing it held was given
-    back or kept: its slice must start again from what was granted now."""
+    back or kept: its lease must start again from what was granted now."""
 
     scope: str
     granted: int
@@ -90,8 +90,8 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
         mine = {scope: amount for scope, amount in connection.execute(query)}
         for scope, level in levels.items():
             item = by_scope[scope]
-            forfeited = item.holding > 0 and scope not in mine
-            holding, give_back = (0, 0) if forfeited else (item.holding, item.give_back)
+            forfeited = item.held > 0 and scope not in mine
+            held, give_back = (0, 0) if forfeited else (item.held, item.give_back)
             others = leased.get(scope, 0) - mine.get(scope, 0)
             # A lowered limit takes effect at once (the level may go below zero until the refill brings it back).
             level = min(level, Decimal(item.limit.per_minute - others - mine.get(scope, 0)))
@@ -100,9 +100,9 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
             if item.want > 0 and level >= item.need:
                 granted = min(item.want, int(level.to_integral_value(ROUND_FLOOR)))
             level -= granted
-            # Never more in the bucket and the holdings together than the capacity, whatever happened before.
-            level = min(level, Decimal(item.limit.per_minute - others - holding - granted))
-            _hold(connection, scope, instance, holding + granted)
+            # Never more in the bucket and the leases together than the capacity, whatever happened before.
+            level = min(level, Decimal(item.limit.per_minute - others - held - granted))
+            _hold(connection, scope, instance, held + granted)
             connection.execute(
                 update(RateBucket).where(RateBucket.scope == scope).values(level=level, capacity=item.limit.per_minute)
             )
@@ -110,8 +110,8 @@ def exchange(engine: Engine, instance: str, exchanges: Sequence[Exchange], now: 
     return taken
 
 
-def end_holdings(engine: Engine, instance: str, give_back: dict[str, int], now: datetime) -> None:
-    """A clean exit: give back what this process's slices still had unused, and drop its holdings (blocking)."""
+def end_leases(engine: Engine, instance: str, give_back: dict[str, int], now: datetime) -> None:
+    """A clean exit: give back what this process's leases still had unused, and drop them (blocking)."""
     with write_transaction(engine) as connection:
         levels = _refill(connection, _scopes_of(connection, [instance]), now)
         for scope, level in levels.items():
@@ -121,10 +121,10 @@ def end_holdings(engine: Engine, instance: str, give_back: dict[str, int], now: 
         connection.execute(delete(RateLease).where(RateLease.instance_id == instance))
 
 
-def drop_holdings(connection: Connection, instances: Sequence[str], now: datetime) -> None:
-    """Forget the holdings of dead processes, and of processes that no longer exist (one whose clean exit could not
+def drop_leases(connection: Connection, instances: Sequence[str], now: datetime) -> None:
+    """Forget the leases of dead processes, and of processes that no longer exist (one whose clean exit could not
     give them back), as consumed (their calls may have gone out): in the caller's transaction. The buckets are
-    refilled up to now first, while those holdings still count against them."""
+    refilled up to now first, while those leases still count against them."""
     orphans = select(RateLease.instance_id).where(
         ~select(Instance.id).where(Instance.id == RateLease.instance_id).exists()
     )
@@ -149,7 +149,7 @@ def _create(connection: Connection, limits: Sequence[Limit], now: datetime) -> N
 
 def _refill(connection: Connection, scopes: Sequence[str], now: datetime) -> dict[str, Decimal]:
     """Lock the buckets (in scope order, so two transactions never deadlock) and refill each up to `now` by its
-    capacity, never past the capacity less what the holdings (as written) still count: the level only ever rises
+    capacity, never past the capacity less what the leases (as written) still count: the level only ever rises
     here, at the bucket's rate, so this is the one place the bound is kept. Returns the levels."""
     if not scopes:
         return {}

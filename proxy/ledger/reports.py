@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, case, func, select
 
 from proxy.ledger.schema import UsageRow, effective_cost
-from proxy.pricing.table import WEB_SEARCH_USD, PriceTable
+from proxy.pricing.cost import WEB_SEARCH_USD
+from proxy.pricing.table import PriceTable
 from proxy.types import GROUPS
 
 TOKEN_KINDS = (

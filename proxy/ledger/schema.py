@@ -199,10 +199,11 @@ class BudgetCounter(Base):
     soft_alerted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
-class BudgetReservation(Base):
-    """A hold one in-flight call has on one counter; deleted when the call is settled or the hold expires."""
+class BudgetHold(Base):
+    """A hold on one counter: of one call in flight (deleted when the call is settled), or of a process's lease
+    (call id `lease-…`, shrunk as its calls are settled, ended at the process's exit or reaped at its death)."""
 
-    __tablename__ = "budget_reservations"
+    __tablename__ = "budget_holds"
 
     call_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     scope: Mapped[str] = mapped_column(String(80), primary_key=True)
@@ -220,7 +221,7 @@ class BudgetReservation(Base):
     user: Mapped[str | None] = mapped_column(String(256))
     feature: Mapped[str | None] = mapped_column(String(200))
 
-    __table_args__ = (Index("ix_budget_reservations_instance", "instance_id"),)
+    __table_args__ = (Index("ix_budget_holds_instance", "instance_id"),)
 
 
 class RateBucket(Base):

@@ -1,40 +1,27 @@
-"""Team and key management: the one implementation behind the CLI and the admin API."""
+"""Teams: their budgets, periods and limits, each change with an audit entry, and each team read with its spend.
+One implementation behind the CLI and the admin API, with proxy/ledger/key_admin.py (client keys) and
+proxy/ledger/end_users.py (end users' budgets), which share the errors and `UNSET` defined here."""
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from proxy.ledger.audit import record_event
-from proxy.ledger.budgets import (
-    NO_USER,
-    TOTAL_PERIOD_START,
-    ZERO,
-    current_spend,
-    period_start,
-    recount,
-    recount_users,
-    team_counter,
-    user_counter,
-)
+from proxy.ledger.budgets import current_spend, recount, recount_users, team_counter
 from proxy.ledger.db import write_transaction
-from proxy.ledger.keys import hash_key, new_key, new_key_id
-from proxy.ledger.schema import APIKey, Team, UsageRow, UserBudget, effective_cost
-from proxy.types import CAP_POLICIES, NO_RATE_LIMITS, PERIODS, CapPolicy, Period, RateLimits, usd
+from proxy.ledger.schema import Team, UsageRow
+from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period, RateLimits, usd
 
 # Rate limits are INTEGER columns.
 MAX_RATE = 2**31 - 1
-# End-user ids as the ledger stores them.
-MAX_USER = 256
 # Team names travel in admin API paths and in every record: no spaces, slashes or look-alikes.
 TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -148,37 +135,6 @@ class TeamView:
         }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KeyView:
-    """A key as `keys list` shows it; never the key itself."""
-
-    id: str
-    team: str
-    name: str | None
-    prefix: str
-    budget_usd: Decimal | None
-    period: str
-    rates: RateLimits
-    created_at: datetime
-    revoked_at: datetime | None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "id": self.id,
-            "team": self.team,
-            "name": self.name,
-            "prefix": self.prefix,
-            "budget_usd": usd(self.budget_usd),
-            "period": self.period,
-            "rpm": self.rates.rpm,
-            "itpm": self.rates.itpm,
-            "otpm": self.rates.otpm,
-            "created_at": self.created_at.isoformat(),
-            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
-        }
-
-
 def create_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str) -> TeamView:
     """Create a team; unset options take their defaults (no budget, monthly period, clamp policy).
 
@@ -224,103 +180,6 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
     return get_team(engine, name)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UserView:
-    """One end user of a team: their allowance (the team's, or their own) and their spend this period."""
-
-    user: str
-    budget_usd: Decimal | None
-    own_budget: bool  # set for this user (an override), rather than the team's per-user budget
-    spent_usd: Decimal
-    reserved_usd: Decimal
-    remaining_usd: Decimal | None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict; money as exact decimal strings."""
-        return {
-            "user": self.user,
-            "budget_usd": usd(self.budget_usd),
-            "own_budget": self.own_budget,
-            "spent_usd": usd(self.spent_usd),
-            "reserved_usd": usd(self.reserved_usd),
-            "remaining_usd": usd(self.remaining_usd),
-        }
-
-
-def set_user_budget(
-    engine: Engine, team: str, user: str, budget_usd: Decimal | None | Unset, *, actor: str
-) -> UserView:
-    """Give one end user of a team their own budget per period (None: no limit for them), or with `UNSET` take it
-    away (they get the team's per-user budget again). `""` names the calls that carry no user."""
-    if len(user) > MAX_USER or "\x00" in user or not _encodable(user):
-        # What a call's user can be (`label` makes header and metadata values so); another could never match.
-        raise ValueError(f"an end user id is at most {MAX_USER} characters of valid Unicode, without NUL")
-    if isinstance(budget_usd, Decimal) and budget_usd < 0:
-        raise ValueError(f"budget must not be negative, got {budget_usd}")
-    with write_transaction(engine) as connection:
-        row = connection.execute(select(Team).where(Team.name == team)).first()
-        if row is None:
-            raise no_team(connection, team)
-        where = UserBudget.team_id == row.id, UserBudget.user == user
-        own = connection.execute(select(UserBudget.budget_usd).where(*where)).first()
-        before = {"user": user, "budget_usd": usd(own[0]) if own else "team default"}
-        after = {"user": user, "budget_usd": "team default" if isinstance(budget_usd, Unset) else usd(budget_usd)}
-        if after != before:
-            connection.execute(delete(UserBudget).where(*where))
-            if not isinstance(budget_usd, Unset):
-                connection.execute(insert(UserBudget).values(team_id=row.id, user=user, budget_usd=budget_usd))
-            record_event(connection, actor=actor, action="team.user_budget", target=team, before=before, after=after)
-    found = [view for view in list_users(engine, team) if view.user == user]
-    if found:
-        return found[0]
-    default = row.user_budget_usd
-    return UserView(
-        user=user, budget_usd=default, own_budget=False, spent_usd=ZERO, reserved_usd=ZERO, remaining_usd=default
-    )
-
-
-def list_users(
-    engine: Engine, team: str, *, now: datetime | None = None, only: Collection[str] | None = None
-) -> list[UserView]:
-    """A team's end users with calls this period or a budget of their own, by spend (largest first). Spend is the
-    ledger's (so it shows with or without end-user budgets); holds are their counters'."""
-    now = now or datetime.now(UTC)
-    user = func.coalesce(UsageRow.user, NO_USER)
-    money = func.decimal_sum if engine.dialect.name == "sqlite" else func.sum
-    with engine.connect() as connection:
-        row = connection.execute(select(Team).where(Team.name == team)).first()
-        if row is None:
-            raise no_team(connection, team)
-        query = select(UserBudget.user, UserBudget.budget_usd).where(UserBudget.team_id == row.id)
-        own: dict[str, Decimal | None] = {name: budget for name, budget in connection.execute(query)}
-        start = period_start(row.period, now) or TOTAL_PERIOD_START
-        query = (
-            select(user, money(effective_cost()))
-            .where(UsageRow.team == team, UsageRow.started_at >= start)
-            .group_by(user)
-        )
-        spent = {name: Decimal(total or 0) for name, total in connection.execute(query)}
-    users = sorted(name for name in {*spent, *own} if only is None or name in only)
-    counters = {name: user_counter(row.id, team, name, row.period, None, now) for name in users}
-    held = current_spend(engine, counters.values())
-    views = []
-    for name in users:
-        budget = own[name] if name in own else row.user_budget_usd
-        reserved = held[counters[name].scope][1]
-        spend = spent.get(name, ZERO)
-        views.append(
-            UserView(
-                user=name,
-                budget_usd=budget,
-                own_budget=name in own,
-                spent_usd=spend,
-                reserved_usd=reserved,
-                remaining_usd=None if budget is None else budget - spend - reserved,
-            )
-        )
-    return sorted(views, key=lambda view: (-view.spent_usd, view.user))
-
-
 def get_team(engine: Engine, name: str, *, now: datetime | None = None) -> TeamView:
     """One team with its current-period spend."""
     views = list_teams(engine, name=name, now=now)
@@ -364,131 +223,6 @@ def list_teams(engine: Engine, *, name: str | None = None, now: datetime | None 
     return views
 
 
-def create_key(
-    engine: Engine,
-    team: str,
-    *,
-    actor: str,
-    name: str | None = None,
-    budget_usd: Decimal | None = None,
-    period: Period = "month",
-    rates: RateLimits = NO_RATE_LIMITS,
-) -> tuple[KeyView, str]:
-    """Create a client key for a team; returns its view and the key, which is never shown again."""
-    if budget_usd is not None and budget_usd < 0:
-        raise ValueError(f"budget must not be negative, got {budget_usd}")
-    check_rates(rates.rpm, rates.itpm, rates.otpm)
-    if period not in PERIODS:
-        raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
-    key = new_key()
-    key_id = new_key_id()
-    with write_transaction(engine) as connection:
-        team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
-        if team_id is None:
-            raise no_team(connection, team, create=True)
-        connection.execute(
-            insert(APIKey).values(
-                id=key_id,
-                team_id=team_id,
-                name=name,
-                key_hash=hash_key(key),
-                prefix=key[:10],
-                budget_usd=budget_usd,
-                period=period,
-                created_at=datetime.now(UTC),
-                **asdict(rates),
-            )
-        )
-        after = {
-            "team": team,
-            "name": name,
-            "prefix": key[:10],
-            "budget_usd": usd(budget_usd),
-            "period": period,
-            **asdict(rates),
-        }
-        record_event(connection, actor=actor, action="key.create", target=key_id, after=after)
-    return get_key(engine, key_id), key
-
-
-def update_key(
-    engine: Engine,
-    key_id: str,
-    *,
-    actor: str,
-    rpm: int | None | Unset = UNSET,
-    itpm: int | None | Unset = UNSET,
-    otpm: int | None | Unset = UNSET,
-) -> KeyView:
-    """Change a key's rate limits (None: no limit; `UNSET`: as it is). Every replica applies them within its
-    key-cache lifetime."""
-    check_rates(rpm, itpm, otpm)
-    changes = {
-        name: value for name, value in (("rpm", rpm), ("itpm", itpm), ("otpm", otpm)) if not isinstance(value, Unset)
-    }
-    with write_transaction(engine) as connection:
-        row = connection.execute(select(APIKey.rpm, APIKey.itpm, APIKey.otpm).where(APIKey.id == key_id)).first()
-        if row is None:
-            raise NotFound(f"no key with id {key_id!r}")
-        before = dict(row._mapping)
-        after = {**before, **changes}
-        if after != before:
-            connection.execute(update(APIKey).where(APIKey.id == key_id).values(**changes))
-            record_event(connection, actor=actor, action="key.update", target=key_id, before=before, after=after)
-    return get_key(engine, key_id)
-
-
-def revoke_key(engine: Engine, key_id: str, *, actor: str) -> KeyView:
-    """Revoke a key; every replica refuses it within its key-cache lifetime (5 s by default)."""
-    now = datetime.now(UTC)
-    with write_transaction(engine) as connection:
-        result = connection.execute(
-            update(APIKey).where(APIKey.id == key_id, APIKey.revoked_at.is_(None)).values(revoked_at=now)
-        )
-        if result.rowcount == 1:
-            after = {"revoked_at": now.isoformat()}
-            record_event(connection, actor=actor, action="key.revoke", target=key_id, after=after)
-    view = get_key(engine, key_id)
-    if result.rowcount == 0 and view.revoked_at is None:
-        raise NotFound(f"no key with id {key_id!r}")
-    return view
-
-
-def get_key(engine: Engine, key_id: str) -> KeyView:
-    """One key by id."""
-    keys = list_keys(engine, key_id=key_id)
-    if not keys:
-        raise NotFound(f"no key with id {key_id!r}")
-    return keys[0]
-
-
-def list_keys(engine: Engine, *, team: str | None = None, key_id: str | None = None) -> list[KeyView]:
-    """Keys, oldest first, optionally of one team (`NotFound` if there is no such team)."""
-    if team is not None:
-        get_team(engine, team)
-    query = select(APIKey, Team.name).join(Team, Team.id == APIKey.team_id).order_by(APIKey.created_at, APIKey.id)
-    if team is not None:
-        query = query.where(Team.name == team)
-    if key_id is not None:
-        query = query.where(APIKey.id == key_id)
-    with Session(engine) as session:
-        rows = session.execute(query).all()
-    return [
-        KeyView(
-            id=key.id,
-            team=team_name,
-            name=key.name,
-            prefix=key.prefix,
-            budget_usd=key.budget_usd,
-            period=key.period,
-            rates=RateLimits(rpm=key.rpm, itpm=key.itpm, otpm=key.otpm),
-            created_at=key.created_at,
-            revoked_at=key.revoked_at,
-        )
-        for key, team_name in rows
-    ]
-
-
 _COLUMNS = (
     "id",
     "name",
@@ -521,14 +255,6 @@ def _rules(team: Team) -> dict[str, Any]:
         "itpm": team.itpm,
         "otpm": team.otpm,
     }
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 _SETTINGS = (

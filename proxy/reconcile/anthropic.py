@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import httpx
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from proxy.surfaces.admin_models import explain
+from proxy.display import explain
 from proxy.types import TOKEN_KIND_FIELDS
 
 ANTHROPIC_VERSION = "2023-06-01"

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select
 
 from proxy.ledger.schema import UsageRow, effective_cost
-from proxy.pricing.table import undated
+from proxy.pricing.versions import undated
 from proxy.reconcile.anthropic import TOKEN_KINDS, WIDTHS, Reported, Width
 from proxy.types import TOKEN_KIND_FIELDS
 

@@ -1,8 +1,8 @@
 """The admin API's shapes: pydantic models that validate every request and describe every answer.
 
-`/admin/openapi.json` is generated from these same models (`proxy/surfaces/admin.py`), so the document cannot drift from
-what the API accepts. Money is an exact decimal: accepted as a JSON string or number (parsed without floats),
-always answered as a string.
+`/admin/openapi.json` is generated from these same models (`proxy/surfaces/admin/openapi.py`), so the document
+cannot drift from what the API accepts. Money is an exact decimal: accepted as a JSON string or number (parsed
+without floats), always answered as a string.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from proxy.types import CAP_POLICIES, GROUPS, PERIODS, CapPolicy, Outcome, Period, PriceSource, RetryReason
 
@@ -310,17 +310,3 @@ class Document(BaseModel):
     openapi: str
     info: dict[str, Any]
     paths: dict[str, Any]
-
-
-def explain(error: ValidationError) -> str:
-    """A validation failure as one readable sentence naming each field."""
-    problems = []
-    for problem in error.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in problem["loc"])
-        if problem["type"] == "extra_forbidden":
-            problems.append(f"unknown field '{where}'")
-        elif problem["type"] == "missing":
-            problems.append(f"'{where}' is required")
-        else:
-            problems.append(f"'{where}': {problem['msg']}" if where else problem["msg"])
-    return "; ".join(problems)

@@ -1,20 +1,11 @@
-"""Budget leases: calls admitted in memory, the budget guaranteed by the ledger in bulk.
+"""Budget leases: calls admitted in memory against a process's part of a key's budgets (its team's, its own and
+its end user's counters, at once), the lifecycle of `proxy/gateway/leases/__init__.py`.
 
-A per-call hold is a locking transaction before every call. Instead, a process leases a slice of what a key's
-budgets have left (its team's counter and its own, at once) in one such transaction, admits calls against the
-slice with no I/O, and the writer takes each call's actual cost out of the slice in its batched transaction.
-Slices are sized from the recent demand (the worst cases admitted per second) and given back when demand drops.
-
-Why it cannot overrun: a slice is a hold in the ledger (`budget_reservations`, owned by this process), granted
-under the counters' locks only while spent + held stays within every budget, exactly like a call's hold. At
-every instant, what this process has admitted against a slice — calls in flight at their worst case, plus
-finished calls whose records are not yet written — is at most the slice, so spent + everything that may still
-be spent <= budget, across any number of replicas. When what is left is small beside the call's worst case
-(`SMALL_BUDGET`), no slice is taken: the call takes its own hold, exact as before, and refusals are exact.
-
-A process that dies leaves its slices behind: the heartbeat reaper records each as an `interrupted` call at
-the amount held (the calls it covered may have been billed), and a replay of the process's journal, which
-has every call it admitted, corrects that estimate to zero and ends the lease.
+The writer takes each call's actual cost out of the lease in its batched transaction (`budgets.settle`). A lease
+is a hold in the ledger like a call's own, so spent + held <= budget holds for every counter whoever leases or
+holds: at every instant, what this process has admitted against a lease (calls in flight at their worst case,
+plus finished calls whose records are not yet written) is at most the lease. When what is left is small beside
+the call's worst case (`SMALL_BUDGET`), no lease is taken: the call takes its own hold, and refusals are exact.
 """
 
 from __future__ import annotations
@@ -30,6 +21,7 @@ from functools import partial
 import anyio.to_thread
 from sqlalchemy import Engine
 
+from proxy.gateway.leases.policy import SHARE, UPKEEP_SECONDS, Demand, grant_size
 from proxy.gateway.waits import Turns
 from proxy.instruments import Metrics
 from proxy.ledger.budgets import LEASE_PREFIX, end_leases, grant_lease, return_lease
@@ -37,37 +29,25 @@ from proxy.ledger.keys import KeyInfo
 from proxy.types import Counter, HoldOwner, UsageRecord
 
 ZERO = Decimal(0)
-# No slice while a budget has less left than this many worst cases of the call asking: per-call holds then.
-SMALL_BUDGET = 32
-# A slice covers at least this many such calls, and at most this share of what is left (so other replicas
-# can lease too), and otherwise the demand of `HORIZON_SECONDS`.
+# A grant covers at least this many worst cases of the call asking.
 LEASE_CALLS = 8
-SHARE = Decimal("0.25")
-HORIZON_SECONDS = 2
-# Unused slices beyond the demand are given back this often; a lease unused for this long ends.
-TRIM_SECONDS = 1.0
-IDLE_SECONDS = 1.0
-# Before a trim has measured the demand (a new lease, a burst), it is the demand so far over at least this long:
-# a slice that runs out grows with what was just admitted, so a cold start under load takes a few grants, not
-# one per `LEASE_CALLS` calls until the first trim.
-MIN_WINDOW_SECONDS = 0.1
+# No lease while a budget has less left than this many worst cases (a grant of LEASE_CALLS would be more than its
+# share): the call takes its own hold then.
+SMALL_BUDGET = LEASE_CALLS * SHARE
 Slot = tuple[str, tuple[tuple[str, datetime], ...]]
 LeaseNote = Callable[[str, Sequence[Counter], datetime], None]
 
 
 @dataclass(slots=True, eq=False)
-class Lease:
-    """One slice of a key's budgets held by this process, and what it has admitted against it."""
+class BudgetLease:
+    """This process's lease of one key's budgets, and what it has admitted against it."""
 
     id: str
     granted: Decimal = ZERO  # in the ledger, as far as this process's own writes go
     in_flight: Decimal = ZERO  # worst cases of calls admitted and still running
     unwritten: Decimal = ZERO  # actual costs of finished calls whose records are not written yet
     returning: Decimal = ZERO  # being given back right now
-    demand: Decimal = ZERO  # worst cases admitted since the last trim
-    rate: Decimal = ZERO  # worst cases admitted per second, as of the last trim
-    since: float = field(default_factory=time.monotonic)  # the last trim (or the lease's start)
-    last_used: float = field(default_factory=time.monotonic)
+    demand: Demand[Decimal] = field(default_factory=lambda: Demand.none(ZERO))  # worst cases admitted
     small_until: float = 0.0  # until then (monotonic), the budget is too small for leasing: per-call holds
     turns: Turns = field(default_factory=Turns)  # its grants, one at a time
 
@@ -78,12 +58,11 @@ class Lease:
 
     def take(self, amount: Decimal) -> str:
         self.in_flight += amount
-        self.demand += amount
-        self.last_used = time.monotonic()
+        self.demand.took(amount)
         return self.id
 
 
-class Leases:
+class BudgetLeases:
     """This process's budget leases: admission against them on the request path, upkeep in the background."""
 
     def __init__(
@@ -102,8 +81,8 @@ class Leases:
         self._ttl = ttl
         self._wait = wait_seconds
         self._note = note
-        self._slots: dict[Slot, Lease] = {}
-        self._by_id: dict[str, Lease] = {}
+        self._slots: dict[Slot, BudgetLease] = {}
+        self._by_id: dict[str, BudgetLease] = {}
 
     async def admit(self, key: KeyInfo, counters: tuple[Counter, ...], amount: Decimal, *, endpoint: str) -> str | None:
         """Admit a call of worst case `amount` against this process's lease of the key's budgets, growing it in
@@ -117,7 +96,7 @@ class Leases:
         if lease is not None and lease.small_until > time.monotonic():
             return None  # the budget was found small a moment ago: no transaction to learn it again
         if lease is None:
-            lease = Lease(id=f"{LEASE_PREFIX}{secrets.token_hex(12)}")
+            lease = BudgetLease(id=f"{LEASE_PREFIX}{secrets.token_hex(12)}")
             self._slots[slot] = lease
             self._by_id[lease.id] = lease
             self._note(lease.id, budgeted, datetime.now(UTC))
@@ -126,16 +105,14 @@ class Leases:
         return lease.take(amount) if lease.available >= amount else None
 
     async def _grow(
-        self, lease: Lease, key: KeyInfo, budgeted: tuple[Counter, ...], amount: Decimal, endpoint: str
+        self, lease: BudgetLease, key: KeyInfo, budgeted: tuple[Counter, ...], amount: Decimal, endpoint: str
     ) -> None:
         """Grow the lease in the ledger so that it can admit `amount`, unless another call's grant already did."""
         if lease.available >= amount:
             return
         now = datetime.now(UTC)
         owner = HoldOwner(instance_id=self._instance, team=key.team, key_id=key.key_id, endpoint=endpoint, model=None)
-        # Per second by a whole factor, not a division: money stays exact (no 28-digit quotients in the ledger).
-        per_second = lease.demand * int(1 / max(time.monotonic() - lease.since, MIN_WINDOW_SECONDS))
-        size = partial(_slice_size, amount=amount, rate=max(lease.rate, per_second))
+        size = partial(_grant, amount=amount, per_second=lease.demand.recent())
         grow = partial(
             grant_lease, self._engine, lease.id, budgeted, size, owner=owner, now=now, expires_at=now + self._ttl
         )
@@ -143,7 +120,7 @@ class Leases:
         self._metrics.round_trips.labels("lease_grant").inc()
         lease.granted += granted
         if not granted:
-            lease.small_until = time.monotonic() + TRIM_SECONDS
+            lease.small_until = time.monotonic() + UPKEEP_SECONDS
 
     def finished(self, record: UsageRecord) -> None:
         """A call admitted under a lease ended: its worst case is no longer in flight, its cost is owed."""
@@ -154,7 +131,7 @@ class Leases:
         lease.unwritten += max(record.cost_usd or ZERO, ZERO)
 
     def committed(self, records: Sequence[UsageRecord]) -> None:
-        """The writer wrote these records: their costs left the leases' slices in the ledger."""
+        """The writer wrote these records: their costs left the leases in the ledger."""
         for record in records:
             lease = self._lease_of(record)
             if lease is None:
@@ -163,14 +140,14 @@ class Leases:
             lease.unwritten -= cost
             lease.granted = max(lease.granted - cost, ZERO)
 
-    async def trim(self) -> None:
+    async def upkeep(self) -> None:
         """Give back what the recent demand does not need, and end leases nobody used for a while."""
         now = time.monotonic()
         for slot, lease in list(self._slots.items()):
-            lease.rate, lease.demand, lease.since = lease.demand / Decimal(TRIM_SECONDS), ZERO, now
+            lease.demand.measure()
             if lease.turns.busy:
                 continue  # growing right now
-            if now - lease.last_used > IDLE_SECONDS and lease.in_flight == 0 and lease.unwritten == 0:
+            if lease.demand.idle(now) and lease.in_flight == 0 and lease.unwritten == 0:
                 # Out of the slots first, so no call is admitted against it while it ends; back in if it cannot.
                 del self._slots[slot]
                 try:
@@ -180,8 +157,8 @@ class Leases:
                     raise
                 del self._by_id[lease.id]
                 continue
-            # Kept: the demand of a horizon; given back only past twice that, so a steady load does not churn.
-            keep = lease.rate * HORIZON_SECONDS
+            # Given back only past twice what is kept, so a steady load does not churn.
+            keep = lease.demand.keep()
             if lease.available > 2 * keep:
                 await self._give_back(lease, lease.available - keep)
 
@@ -196,11 +173,11 @@ class Leases:
         """Another replica took this process for dead and recorded its leases: admit nothing more against them."""
         self._slots.clear()
 
-    def _lease_of(self, record: UsageRecord) -> Lease | None:
+    def _lease_of(self, record: UsageRecord) -> BudgetLease | None:
         hold = record.reservation
         return self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
 
-    async def _give_back(self, lease: Lease, amount: Decimal | None) -> None:
+    async def _give_back(self, lease: BudgetLease, amount: Decimal | None) -> None:
         back = lease.available if amount is None else amount
         lease.returning += back
         try:
@@ -211,8 +188,8 @@ class Leases:
             lease.returning -= back
 
 
-def _slice_size(left: Decimal, *, amount: Decimal, rate: Decimal) -> Decimal:
+def _grant(left: Decimal, *, amount: Decimal, per_second: Decimal) -> Decimal:
     """How much to lease, given what the tightest budget has left: nothing when that is small beside the call."""
     if left < amount * SMALL_BUDGET:
         return ZERO
-    return min(max(amount * LEASE_CALLS, rate * HORIZON_SECONDS), left * SHARE)
+    return grant_size(amount * LEASE_CALLS, per_second, left / SHARE)

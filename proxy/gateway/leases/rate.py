@@ -1,12 +1,12 @@
-"""Rate limits on the request path: calls admitted in memory against this process's slices of the shared buckets.
+"""Rate leases: calls admitted in memory against this process's parts of the shared token buckets, the lifecycle
+of `proxy/gateway/leases/__init__.py`.
 
 Each limit a call counts against (its team's and its key's requests, input tokens and output tokens per minute)
-is a bucket in the ledger (`proxy/ledger/rates.py`). This process takes a slice of a bucket in one transaction, sized
-from the recent demand, and admits calls against it with no I/O: a request takes 1, its input tokens their
-pre-call bound (`input_token_bound`, the body's size: loose, never low for text), its output tokens the
-`max_tokens` sent. When the call ends, what its usage shows unused goes back to the slice (input counted as
-Anthropic counts it for its own limits: uncached input plus cache writes, not cache reads). Once a second the
-slices are brought in line with the demand and the ledger learns what was consumed, all in one transaction.
+is a bucket in the ledger (`proxy/ledger/rates.py`). A call takes 1 request, its input tokens' pre-call bound
+(`input_token_bound`, the body's size: loose, never low for text) and the `max_tokens` it sent. When it ends,
+what its usage shows unused goes back to the lease (input counted as Anthropic counts it for its own limits:
+uncached input plus cache writes, not cache reads). Every upkeep brings the leases in line with the demand and
+tells the ledger what was consumed, all in one transaction.
 """
 
 from __future__ import annotations
@@ -23,18 +23,12 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.errors import RateLimited
+from proxy.gateway.leases.policy import SHARE, Demand, grant_size
 from proxy.gateway.waits import Turns
 from proxy.instruments import Metrics
 from proxy.ledger.keys import KeyInfo
-from proxy.ledger.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_holdings, exchange
+from proxy.ledger.rates import RATE_SETTINGS, Exchange, Limit, RateKind, Taken, end_leases, exchange
 
-# A slice covers the demand of this many seconds, at most this share of the limit (other replicas lease too).
-HORIZON_SECONDS = 1.0
-SHARE = 8
-# Slices are brought in line with the demand (and what was consumed written) this often; unused for this long,
-# a slice is given back whole.
-SYNC_SECONDS = 1.0
-IDLE_SECONDS = 2.0
 # After a bucket was found short, for this long calls its estimated refill cannot serve are refused from memory.
 ASK_AGAIN_SECONDS = 0.25
 # Anthropic's `anthropic-ratelimit-<kind>-limit|remaining|reset` under our own prefix.
@@ -79,38 +73,35 @@ def limits_for(key: KeyInfo) -> tuple[Limit, ...]:
 
 
 @dataclass(slots=True, eq=False)
-class Slice:
-    """This process's share of one bucket, and what it knows of the bucket."""
+class RateLease:
+    """This process's lease of one bucket, and what it knows of the bucket."""
 
     limit: Limit
     available: int = 0  # may go below zero when calls used more than their bound: a debt paid from the bucket
     in_flight: int = 0  # bounds of calls admitted and still running
-    demand: int = 0  # taken since the last sync
-    rate: float = 0.0  # taken per second, as of the last sync
+    demand: Demand[int] = field(default_factory=lambda: Demand.none(0))
     level: float = 0.0  # the bucket's level at `seen` (monotonic); a float, as it only feeds estimates
     seen: float = 0.0
-    last_used: float = field(default_factory=time.monotonic)
-    # After an exchange found the bucket short: until then, a call the slice cannot admit is refused from memory
+    # After an exchange found the bucket short: until then, a call the lease cannot admit is refused from memory
     # when the bucket cannot have refilled enough for it (no transaction per refusal in a storm of them).
     ask_after: float = 0.0
 
     @property
-    def holding(self) -> int:
+    def held(self) -> int:
         return max(self.available, 0) + self.in_flight
 
     def size(self, need: int) -> int:
         """How much to take when `need` more is wanted now."""
-        recent = max(self.rate * HORIZON_SECONDS, self.demand)
-        return max(need, min(int(recent), self.limit.per_minute // SHARE))
+        return grant_size(need, self.demand.recent(), self.limit.per_minute // SHARE)
 
     def wait(self, amount: int, now: float) -> float:
         """Seconds until the bucket, refilling at its rate from its level at the last exchange, has what a call of
-        `amount` needs beyond this slice (other replicas taking or giving back are not foreseen)."""
+        `amount` needs beyond this lease (other replicas taking or giving back are not foreseen)."""
         level = self.level + self.limit.per_minute / 60 * max(now - self.seen, 0.0)
         return (amount - max(self.available, 0) - level) * 60 / self.limit.per_minute
 
     def remaining(self, now: float) -> int:
-        """An estimate of what the bucket could still give (other replicas' slices are not counted); floats
+        """An estimate of what the bucket could still give (other replicas' leases are not counted); floats
         are exact enough for a header."""
         per_minute = self.limit.per_minute
         level = min(self.level + per_minute / 60 * max(now - self.seen, 0.0), per_minute)
@@ -123,23 +114,23 @@ class Slice:
 
 @dataclass(slots=True, kw_only=True)
 class Ticket:
-    """What an admitted call took from each slice (the same order as its limits)."""
+    """What an admitted call took from each lease (the same order as its limits)."""
 
-    slices: tuple[Slice, ...]
+    leases: tuple[RateLease, ...]
     amounts: tuple[int, ...]
     headers: list[tuple[bytes, bytes]]
 
 
-class Throttle:
-    """This process's slices of the rate-limit buckets: admission on the request path, upkeep in the background."""
+class RateLeases:
+    """This process's leases of the rate-limit buckets: admission on the request path, upkeep in the background."""
 
     def __init__(self, engine: Engine, *, instance: str, metrics: Metrics, wait_seconds: float | None = None) -> None:
         self._engine = engine
         self._instance = instance
         self._metrics = metrics
         self._wait = wait_seconds
-        self._slices: dict[str, Slice] = {}
-        # One exchange at a time: calls short of a slice wait for the exchange in progress, which takes for them. A
+        self._leases: dict[str, RateLease] = {}
+        # One exchange at a time: calls short of a lease wait for the exchange in progress, which takes for them. A
         # call whose wait runs out is refused; its exchange still lands.
         self._turns = Turns()
 
@@ -165,60 +156,57 @@ class Throttle:
                     "allows at once, so it can never be admitted. Send a smaller request (lower max_tokens), or ask "
                     "your spendgate admin to raise the limit.",
                     retry=False,
-                    headers=tuple(_headers([self._slice(limit) for limit in limits], time.monotonic())),
+                    headers=tuple(_headers([self._lease(limit) for limit in limits], time.monotonic())),
                 )
-        slices = tuple(self._slice(limit) for limit in limits)
-        while not self._fits(slices, amounts):
-            self._refuse_if_known_short(slices, amounts)
+        leases = tuple(self._lease(limit) for limit in limits)
+        while not self._fits(leases, amounts):
+            self._refuse_if_known_short(leases, amounts)
             await self._turns.run(partial(self._take_more, limits, amounts, at), self._wait)
-            # Looked up again after every wait: the upkeep may have ended a slice, an exchange may have replaced one,
+            # Looked up again after every wait: the upkeep may have ended a lease, an exchange may have replaced one,
             # and calls that fit kept being admitted during the exchange.
-            slices = tuple(self._slice(limit) for limit in limits)
-        now = time.monotonic()
-        for part, amount in zip(slices, amounts, strict=True):
+            leases = tuple(self._lease(limit) for limit in limits)
+        for part, amount in zip(leases, amounts, strict=True):
             part.available -= amount
             part.in_flight += amount
-            part.demand += amount
-            part.last_used = now
-        return Ticket(slices=slices, amounts=amounts, headers=_headers(slices, now))
+            part.demand.took(amount)
+        return Ticket(leases=leases, amounts=amounts, headers=_headers(leases, time.monotonic()))
 
     def finished(self, ticket: Ticket, *, input_tokens: int | None, output_tokens: int | None) -> None:
         """A call admitted with `ticket` ended having used these tokens (input as Anthropic counts it for rate limits:
         uncached and cache writes); None where that is not known, so all it took counts as used. What it did not use
-        goes back to the slices."""
+        goes back to the leases."""
         used: dict[RateKind, int | None] = {"requests": 1, "input_tokens": input_tokens, "output_tokens": output_tokens}
-        for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
+        for part, amount in zip(ticket.leases, ticket.amounts, strict=True):
             part.in_flight -= amount
             count = used[part.limit.kind]
             if count is not None:
                 part.available += amount - count
-                # Usage above the bound is demand too: slices are sized for what calls really use.
-                part.demand += max(count - amount, 0)
+                if count > amount:
+                    part.demand.took(count - amount)  # usage above the bound is demand too
 
     def cancel(self, ticket: Ticket) -> None:
         """A call admitted with `ticket` was refused before it went out: it consumed nothing."""
-        for part, amount in zip(ticket.slices, ticket.amounts, strict=True):
+        for part, amount in zip(ticket.leases, ticket.amounts, strict=True):
             part.in_flight -= amount
             part.available += amount
-            part.demand = max(part.demand - amount, 0)
+            part.demand.gave_back(amount)
 
-    async def sync(self) -> None:
-        """Keep each slice near the demand of the last second (topped up to it, so calls seldom wait for an exchange
-        of their own; given back past twice it), give back slices nobody used for a while, and write what was
-        consumed (one transaction)."""
-        await self._turns.run(self._sync, None)
+    async def upkeep(self) -> None:
+        """Keep each lease near the demand (topped up to it, so calls seldom wait for an exchange of their own; given
+        back past twice it), end leases nobody used for a while, and write what was consumed (one transaction)."""
+        await self._turns.run(self._upkeep, None)
 
-    async def _sync(self) -> None:
+    async def _upkeep(self) -> None:
         now = time.monotonic()
         plans, ended = [], {}
-        for scope, part in list(self._slices.items()):
-            part.rate, part.demand = part.demand / SYNC_SECONDS, 0
-            idle = now - part.last_used > IDLE_SECONDS and part.in_flight == 0
+        for scope, part in list(self._leases.items()):
+            part.demand.measure()
+            idle = part.demand.idle(now) and part.in_flight == 0
             keep = 0 if idle else part.size(0)
             back = max(part.available - keep, 0) if idle or part.available > 2 * keep else 0
             if idle:
-                # Out of the slices first, so no call is admitted against it while it ends.
-                ended[scope] = self._slices.pop(scope)
+                # Out of the leases first, so no call is admitted against it while it ends.
+                ended[scope] = self._leases.pop(scope)
             # Whatever the bucket has, up to the demand (need 0: a short bucket is no refusal here).
             top_up = max(keep - max(part.available, 0), 0)
             plans.append((part, back, 0, top_up))
@@ -226,55 +214,55 @@ class Throttle:
             await self._exchange(plans, datetime.now(UTC))
         except BaseException:
             for scope, part in ended.items():
-                self._slices.setdefault(scope, part)
+                self._leases.setdefault(scope, part)
             raise
 
     async def close(self) -> None:
-        """At a clean exit, once every call has ended: give back every slice."""
-        back = {scope: max(part.available, 0) for scope, part in self._slices.items()}
-        self._slices.clear()
-        await anyio.to_thread.run_sync(end_holdings, self._engine, self._instance, back, datetime.now(UTC))
+        """At a clean exit, once every call has ended: give back every lease."""
+        back = {scope: max(part.available, 0) for scope, part in self._leases.items()}
+        self._leases.clear()
+        await anyio.to_thread.run_sync(end_leases, self._engine, self._instance, back, datetime.now(UTC))
 
     def forget(self) -> None:
-        """Another replica took this process for dead and dropped its holdings: start again from nothing."""
-        self._slices.clear()
+        """Another replica took this process for dead and dropped its leases: start again from nothing."""
+        self._leases.clear()
 
-    def _slice(self, limit: Limit) -> Slice:
-        part = self._slices.get(limit.scope)
+    def _lease(self, limit: Limit) -> RateLease:
+        part = self._leases.get(limit.scope)
         if part is None:
-            part = self._slices[limit.scope] = Slice(limit)
+            part = self._leases[limit.scope] = RateLease(limit)
             part.saw(Decimal(limit.per_minute), time.monotonic())
         elif part.limit != limit:
-            # The limit changed: the same slice (its holding is one row), sized and refilled by the new limit.
+            # The limit changed: the same lease (it is one row), sized and refilled by the new limit.
             part.limit = limit
         return part
 
     @staticmethod
-    def _fits(slices: Sequence[Slice], amounts: Sequence[int]) -> bool:
-        return all(part.available >= amount for part, amount in zip(slices, amounts, strict=True))
+    def _fits(leases: Sequence[RateLease], amounts: Sequence[int]) -> bool:
+        return all(part.available >= amount for part, amount in zip(leases, amounts, strict=True))
 
-    def _refuse_if_known_short(self, slices: Sequence[Slice], amounts: Sequence[int]) -> None:
+    def _refuse_if_known_short(self, leases: Sequence[RateLease], amounts: Sequence[int]) -> None:
         """`RateLimited` without asking the ledger, when an exchange found a bucket short a moment ago and, refilled
-        at its rate since, it still cannot have what this call needs beyond its slice."""
+        at its rate since, it still cannot have what this call needs beyond its lease."""
         now = time.monotonic()
         waits = [
             (part.wait(amount, now), part)
-            for part, amount in zip(slices, amounts, strict=True)
+            for part, amount in zip(leases, amounts, strict=True)
             if part.available < amount and now < part.ask_after
         ]
         wait, tightest = max(waits, key=lambda item: item[0], default=(0.0, None))
         if tightest is not None and wait > 0:
-            raise _refusal(tightest.limit, wait, slices, now)
+            raise _refusal(tightest.limit, wait, leases, now)
 
     async def _take_more(self, limits: Sequence[Limit], amounts: Sequence[int], at: datetime) -> None:
-        """One exchange growing every slice that is short for this call (unless the exchange before it in turn made
+        """One exchange growing every lease that is short for this call (unless the exchange before it in turn made
         room); `RateLimited` if a bucket cannot."""
-        slices = tuple(self._slice(limit) for limit in limits)
-        if self._fits(slices, amounts):
+        leases = tuple(self._lease(limit) for limit in limits)
+        if self._fits(leases, amounts):
             return
-        self._refuse_if_known_short(slices, amounts)
+        self._refuse_if_known_short(leases, amounts)
         plans, wanted = [], []
-        for part, amount in zip(slices, amounts, strict=True):
+        for part, amount in zip(leases, amounts, strict=True):
             need = amount - max(part.available, 0)
             if need > 0:
                 plans.append((part, 0, need, part.size(need)))
@@ -284,15 +272,15 @@ class Throttle:
         waits = []
         for (part, _, need, _), got, amount in zip(plans, taken, wanted, strict=True):
             if got.granted < need:
-                current = self._slices.get(part.limit.scope, part)
+                current = self._leases.get(part.limit.scope, part)
                 current.ask_after = now + ASK_AGAIN_SECONDS
                 waits.append((current.wait(amount, now), current))
         if waits:
             wait, tightest = max(waits, key=lambda item: item[0])
-            raise _refusal(tightest.limit, wait, slices, now)
+            raise _refusal(tightest.limit, wait, leases, now)
 
-    async def _exchange(self, plans: Sequence[tuple[Slice, int, int, int]], at: datetime) -> list[Taken]:
-        """Run one exchange for (slice, give back, need, want) plans, the buckets refilled up to `at`, and apply
+    async def _exchange(self, plans: Sequence[tuple[RateLease, int, int, int]], at: datetime) -> list[Taken]:
+        """Run one exchange for (lease, give back, need, want) plans, the buckets refilled up to `at`, and apply
         what it took."""
         if not plans:
             return []
@@ -300,7 +288,7 @@ class Throttle:
         for part, back, _, _ in plans:
             part.available -= back
         exchanges = [
-            Exchange(limit=part.limit, holding=part.holding, debt=debt, give_back=back, need=need, want=want)
+            Exchange(limit=part.limit, held=part.held, debt=debt, give_back=back, need=need, want=want)
             for (part, back, need, want), debt in zip(plans, debts, strict=True)
         ]
         try:
@@ -316,12 +304,12 @@ class Throttle:
         for (part, *_), debt in zip(plans, debts, strict=True):
             got = by_scope[part.limit.scope]
             if got.forfeited:
-                # Taken for dead and dropped as consumed: what the old slice held (and its calls in flight give
-                # back) is nobody's now. A fresh slice holds only what was granted.
-                fresh = Slice(part.limit, available=got.granted)
+                # Taken for dead and dropped as consumed: what the old lease held (and its calls in flight give
+                # back) is nobody's now. A fresh lease holds only what was granted.
+                fresh = RateLease(part.limit, available=got.granted)
                 fresh.saw(got.level, now)
-                if self._slices.get(part.limit.scope) is part:
-                    self._slices[part.limit.scope] = fresh
+                if self._leases.get(part.limit.scope) is part:
+                    self._leases[part.limit.scope] = fresh
                 part = fresh
             else:
                 part.available += debt + got.granted
@@ -330,21 +318,21 @@ class Throttle:
         return results
 
 
-def _refusal(limit: Limit, wait: float, slices: Sequence[Slice], now: float) -> RateLimited:
+def _refusal(limit: Limit, wait: float, leases: Sequence[RateLease], now: float) -> RateLimited:
     retry_after = max(1, math.ceil(wait))
     return RateLimited(
         f"This call would exceed {limit.label} ({limit.per_minute}). Retry after {retry_after} seconds.",
         retry_after=retry_after,
-        headers=tuple(_headers(slices, now)),
+        headers=tuple(_headers(leases, now)),
     )
 
 
-def _headers(slices: Sequence[Slice], now: float) -> list[tuple[bytes, bytes]]:
+def _headers(leases: Sequence[RateLease], now: float) -> list[tuple[bytes, bytes]]:
     """`x-spendgate-ratelimit-<kind>-limit|remaining|reset` for the tightest limit of each kind (Anthropic's
-    `anthropic-ratelimit-*` under our own prefix): remaining is an estimate (other replicas' slices are not seen),
+    `anthropic-ratelimit-*` under our own prefix): remaining is an estimate (other replicas' leases are not seen),
     reset is when the bucket would be full again (RFC 3339). On every admitted call: kept cheap."""
-    tightest: dict[RateKind, tuple[int, Slice]] = {}
-    for part in slices:
+    tightest: dict[RateKind, tuple[int, RateLease]] = {}
+    for part in leases:
         remaining = part.remaining(now)
         if part.limit.kind not in tightest or remaining < tightest[part.limit.kind][0]:
             tightest[part.limit.kind] = (remaining, part)

@@ -17,10 +17,11 @@ from markupsafe import Markup
 from sqlalchemy import Engine, func, select
 
 from proxy.ledger.budgets import TOTAL_PERIOD_START, period_end
+from proxy.ledger.end_users import UserView, list_users
 from proxy.ledger.export import iter_usage
 from proxy.ledger.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
 from proxy.ledger.schema import AuditHead, UsageRow
-from proxy.ledger.teams import TeamView, UserView, get_team, list_teams, list_users
+from proxy.ledger.teams import TeamView, get_team, list_teams
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.scheduled import DayResult, recent
 from proxy.surfaces.dashboard import charts

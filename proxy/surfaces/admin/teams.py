@@ -1,0 +1,217 @@
+"""The admin routes for teams, their keys and their end users' budgets."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from proxy.ledger.end_users import list_users, set_user_budget
+from proxy.ledger.key_admin import create_key, list_keys, revoke_key, update_key
+from proxy.ledger.keys import KeyCache
+from proxy.ledger.teams import UNSET, TeamSettings, create_team, get_team, list_teams, update_team
+from proxy.surfaces.admin.requests import Operation, actor, json_body, on_ledger
+from proxy.surfaces.admin_models import (
+    Key as KeyOut,
+    KeyCreate,
+    KeyCreated,
+    Keys,
+    KeyUpdate,
+    Team as TeamOut,
+    TeamCreate,
+    TeamFields,
+    Teams,
+    User as UserOut,
+    UserBudgetSet,
+    UserQuery,
+    Users,
+)
+from proxy.types import RateLimits
+
+
+async def _create_team(request: Request) -> Response:
+    body = TeamCreate.model_validate(await json_body(request))
+    fields = body.given()
+    fields.pop("name", None)
+    settings = TeamSettings(**fields)
+    view = await on_ledger(request, lambda engine: create_team(engine, body.name, settings, actor=actor(request)))
+    return JSONResponse(view.to_json(), status_code=201)
+
+
+async def _list_teams(request: Request) -> Response:
+    views = await on_ledger(request, list_teams)
+    return JSONResponse({"data": [view.to_json() for view in views]})
+
+
+async def _get_team(request: Request) -> Response:
+    name = request.path_params["name"]
+    view = await on_ledger(request, lambda engine: get_team(engine, name))
+    return JSONResponse(view.to_json())
+
+
+async def _update_team(request: Request) -> Response:
+    name = request.path_params["name"]
+    settings = TeamSettings(**TeamFields.model_validate(await json_body(request)).given())
+    view = await on_ledger(request, lambda engine: update_team(engine, name, settings, actor=actor(request)))
+    return JSONResponse(view.to_json())
+
+
+async def _create_key(request: Request) -> Response:
+    team = request.path_params["name"]
+    body = KeyCreate.model_validate(await json_body(request))
+    view, key = await on_ledger(
+        request,
+        lambda engine: create_key(
+            engine,
+            team,
+            actor=actor(request),
+            name=body.name,
+            budget_usd=body.budget_usd,
+            period=body.period,
+            rates=RateLimits(rpm=body.rpm, itpm=body.itpm, otpm=body.otpm),
+        ),
+    )
+    return JSONResponse({**view.to_json(), "key": key}, status_code=201)
+
+
+async def _list_keys(request: Request) -> Response:
+    team = request.path_params["name"]
+    await on_ledger(request, lambda engine: get_team(engine, team))
+    views = await on_ledger(request, lambda engine: list_keys(engine, team=team))
+    return JSONResponse({"data": [view.to_json() for view in views]})
+
+
+async def _revoke_key(request: Request) -> Response:
+    key_id = request.path_params["key_id"]
+    view = await on_ledger(request, lambda engine: revoke_key(engine, key_id, actor=actor(request)))
+    keys: KeyCache = request.state.keys
+    # This replica refuses the key at once; the others within their key-cache lifetime.
+    keys.forget(key_id)
+    return JSONResponse(view.to_json())
+
+
+async def _update_key(request: Request) -> Response:
+    key_id = request.path_params["key_id"]
+    changes = KeyUpdate.model_validate(await json_body(request)).given()
+    view = await on_ledger(request, lambda engine: update_key(engine, key_id, actor=actor(request), **changes))
+    keys: KeyCache = request.state.keys
+    keys.forget(key_id)
+    return JSONResponse(view.to_json())
+
+
+async def _list_users(request: Request) -> Response:
+    team = request.path_params["name"]
+    views = await on_ledger(request, lambda engine: list_users(engine, team))
+    return JSONResponse({"data": [view.to_json() for view in views]})
+
+
+async def _set_user_budget(request: Request) -> Response:
+    team = request.path_params["name"]
+    body = UserBudgetSet.model_validate(await json_body(request))
+    view = await on_ledger(
+        request, lambda engine: set_user_budget(engine, team, body.user, body.budget_usd, actor=actor(request))
+    )
+    return JSONResponse(view.to_json())
+
+
+async def _clear_user_budget(request: Request) -> Response:
+    team = request.path_params["name"]
+    query = UserQuery.model_validate(dict(request.query_params))
+    view = await on_ledger(
+        request, lambda engine: set_user_budget(engine, team, query.user, UNSET, actor=actor(request))
+    )
+    return JSONResponse(view.to_json())
+
+
+TEAM_OPERATIONS = (
+    Operation(
+        method="POST",
+        path="/admin/teams",
+        handler=_create_team,
+        summary="Create a team",
+        body=TeamCreate,
+        answer=TeamOut,
+        status=201,
+        errors=(400, 409),
+    ),
+    Operation(
+        method="GET", path="/admin/teams", handler=_list_teams, summary="List teams with their spend", answer=Teams
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}",
+        handler=_get_team,
+        summary="One team with its spend",
+        answer=TeamOut,
+        errors=(404,),
+    ),
+    Operation(
+        method="PATCH",
+        path="/admin/teams/{name}",
+        handler=_update_team,
+        summary="Change a team's rules",
+        body=TeamFields,
+        answer=TeamOut,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="POST",
+        path="/admin/teams/{name}/keys",
+        handler=_create_key,
+        summary="Create a client key",
+        body=KeyCreate,
+        answer=KeyCreated,
+        status=201,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}/keys",
+        handler=_list_keys,
+        summary="List a team's keys",
+        answer=Keys,
+        errors=(404,),
+    ),
+    Operation(
+        method="DELETE",
+        path="/admin/keys/{key_id}",
+        handler=_revoke_key,
+        summary="Revoke a key",
+        answer=KeyOut,
+        errors=(404,),
+    ),
+    Operation(
+        method="PATCH",
+        path="/admin/keys/{key_id}",
+        handler=_update_key,
+        summary="Change a key's rate limits",
+        body=KeyUpdate,
+        answer=KeyOut,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}/users",
+        handler=_list_users,
+        summary="A team's end users this period, against their allowance",
+        answer=Users,
+        errors=(404,),
+    ),
+    Operation(
+        method="PUT",
+        path="/admin/teams/{name}/user-budgets",
+        handler=_set_user_budget,
+        summary="Give one end user their own budget",
+        body=UserBudgetSet,
+        answer=UserOut,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="DELETE",
+        path="/admin/teams/{name}/user-budgets",
+        handler=_clear_user_budget,
+        summary="End a user's own budget (the team's per-user budget applies again)",
+        query=UserQuery,
+        answer=UserOut,
+        errors=(400, 404),
+    ),
+)

@@ -1,0 +1,49 @@
+"""Option values as several commands take them: amounts, counts, instants and limits that may be cleared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from proxy.surfaces.cli.errors import UsageError
+from proxy.types import parse_instant
+
+# Accepted by `teams update` to remove a limit rather than leave it unchanged.
+CLEAR_WORDS = ("none", "unlimited", "all")
+RATE_OPTIONS = ("rpm", "itpm", "otpm")
+
+
+def given(value: str | None, parse: Callable[[str], Any]) -> Any:
+    """An option that may clear a limit: not given (`UNSET`), 'none' (no limit), or `parse`d."""
+    from proxy.ledger.teams import UNSET
+
+    if value is None:
+        return UNSET
+    if value.lower() in CLEAR_WORDS:
+        return None
+    return parse(value)
+
+
+def money(text: str) -> Decimal:
+    """An amount in USD: a finite, non-negative decimal."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise UsageError(f"{text!r} is not an amount in USD (e.g. 250 or 12.50)") from None
+    if not value.is_finite() or value < 0:
+        raise UsageError(f"{text!r} is not an amount in USD (e.g. 250 or 12.50)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def instant(text: str | None) -> datetime | None:
+    """An optional ISO 8601 instant (`--since`, `--until`)."""
+    return None if text is None else parse_instant(text)
