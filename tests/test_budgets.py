@@ -10,16 +10,9 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from proxy.errors import BudgetExceeded
-from proxy.ledger.budgets import (
-    TOTAL_PERIOD_START,
-    current_spend,
-    key_counter,
-    period_start,
-    release_expired,
-    reserve,
-    team_counter,
-)
+from proxy.ledger.budgets import release_expired, reserve
 from proxy.ledger.commit import insert_records
+from proxy.ledger.counters import TOTAL_PERIOD_START, current_spend, key_counter, period_start, team_counter
 from proxy.ledger.schema import BudgetHold
 from proxy.types import Counter, Reservation
 from tests.test_writer import make_record

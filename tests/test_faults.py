@@ -25,7 +25,8 @@ from sqlalchemy import Engine, func, select, text
 from proxy.config import WriterMode
 from proxy.instruments import Metrics
 from proxy.ledger.audit import verify
-from proxy.ledger.budgets import LEASE_PREFIX, team_counter
+from proxy.ledger.budgets import LEASE_PREFIX
+from proxy.ledger.counters import team_counter
 from proxy.ledger.export import iter_usage
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.schema import BudgetHold, Instance, UsageRow

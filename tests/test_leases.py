@@ -14,8 +14,9 @@ from sqlalchemy import Engine, delete, select
 from proxy.errors import BudgetExceeded
 from proxy.gateway.leases.budget import LEASE_CALLS, SMALL_BUDGET, BudgetLeases
 from proxy.instruments import Metrics
-from proxy.ledger.budgets import counters_for, current_spend, end_leases, grant_lease, reserve, return_lease
+from proxy.ledger.budgets import end_leases, grant_lease, reserve, return_lease
 from proxy.ledger.commit import insert_records
+from proxy.ledger.counters import counters_for, current_spend
 from proxy.ledger.keys import KeyInfo
 from proxy.ledger.schema import BudgetCounter, BudgetHold
 from proxy.types import Counter, HoldOwner, Reservation

@@ -18,7 +18,8 @@ from anthropic.types import MessageParam
 from sqlalchemy import Engine, text
 from starlette.types import Receive, Scope, Send
 
-from proxy.ledger.budgets import reserve, team_counter
+from proxy.ledger.budgets import reserve
+from proxy.ledger.counters import team_counter
 from proxy.ledger.instances import register
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.keys import lookup_key_by_id

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from proxy.ledger.audit import verify
-from proxy.ledger.budgets import team_counter
 from proxy.ledger.commit import insert_records
+from proxy.ledger.counters import team_counter
 from proxy.ledger.reprice import reprice
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.pricing.table import PriceTable

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
 
 from proxy.gateway.call import label
-from proxy.ledger.budgets import NO_USER
+from proxy.ledger.counters import NO_USER
 from proxy.ledger.end_users import list_users, set_user_budget
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.schema import UsageRow

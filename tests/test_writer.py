@@ -21,8 +21,8 @@ from sqlalchemy import Engine, func, select
 
 from proxy.config import WriterMode
 from proxy.instruments import Metrics
-from proxy.ledger.budgets import team_counter
 from proxy.ledger.commit import insert_records
+from proxy.ledger.counters import team_counter
 from proxy.ledger.db import make_engine
 from proxy.ledger.disk import encode, record_to_json, replay_spilled
 from proxy.ledger.export import iter_usage

@@ -41,7 +41,8 @@ from proxy.gateway.validate import OutputLimits, check_batch_request, check_mess
 from proxy.gateway.waits import bounded
 from proxy.instruments import Metrics
 from proxy.ledger.batch_owners import BatchOwner, find_batch
-from proxy.ledger.budgets import counters_for, release, reserve
+from proxy.ledger.budgets import release, reserve
+from proxy.ledger.counters import counters_for
 from proxy.ledger.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.ledger.retries import fingerprint_request
 from proxy.pricing.estimate import estimate_cost, input_token_bound

@@ -23,7 +23,7 @@ from proxy.gateway.routes import BATCHES
 from proxy.gateway.upstream import UpstreamResponse
 from proxy.gateway.usage import StreamUsage, parse_usage, summarize_json
 from proxy.ledger.batch_owners import BatchOwner
-from proxy.ledger.budgets import counters_for
+from proxy.ledger.counters import counters_for
 from proxy.ledger.keys import KeyInfo
 from proxy.pricing.table import PriceTable
 from proxy.types import Reservation, UsageRecord

@@ -3,7 +3,7 @@ answer the ledger owes it (a lock someone else holds, a database that stopped an
 503 `ledger_unavailable`.
 
 A transaction cannot be abandoned halfway: its thread runs to the end, and what it did must be kept or undone (a
-slice granted belongs to this process, a hold taken is in the ledger). So the wait is bounded, not the work: the
+lease granted belongs to this process, a hold taken is in the ledger). So the wait is bounded, not the work: the
 work finishes in the background and applies its result there, or `late` undoes it.
 """
 

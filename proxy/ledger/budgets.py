@@ -1,5 +1,5 @@
-"""Budgets in the ledger: a hold taken before a call goes out (its own, or a slice of a process's lease that
-covers many calls), settled to its actual cost when it is recorded.
+"""Budget holds in the ledger: a hold taken before a call goes out (its own, or a process's lease that covers many
+calls, `proxy/gateway/leases/`), settled to its actual cost when it is recorded.
 
 Every check-and-hold is one transaction holding the counters' row locks (`SELECT … FOR UPDATE` on
 PostgreSQL, `BEGIN IMMEDIATE` on SQLite), so concurrent calls on any number of replicas see each other's
@@ -9,32 +9,33 @@ that died are recorded by the heartbeat reaper; `release_expired` is the last re
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, func, insert, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, func, insert, select, update
 
 from proxy.errors import BudgetExceeded
+from proxy.ledger.counters import (
+    NO_USER,
+    TOTAL_PERIOD_START,
+    ZERO,
+    CounterKey,
+    lock_counters,
+    mark_alerted,
+    period_start,
+    stub_counter,
+    user_counter,
+    write_counters,
+)
 from proxy.ledger.db import write_transaction
-from proxy.ledger.keys import KeyInfo
-from proxy.ledger.schema import BudgetCounter, BudgetHold, Instance, UsageRow, effective_cost
+from proxy.ledger.schema import BudgetHold, Instance, UsageRow, effective_cost
 from proxy.types import Counter, HoldOwner, Period, Reservation, UsageRecord
 
-# `total` budgets never reset: one counter, dated at the epoch.
-TOTAL_PERIOD_START = datetime(1970, 1, 1, tzinfo=UTC)
-ZERO = Decimal(0)
-CounterKey = tuple[str, datetime]
-# A process's budget leases are holds whose call id starts with this (`proxy/gateway/leases.py`).
+# A process's budget leases are holds whose call id starts with this (`proxy/gateway/leases/budget.py`).
 LEASE_PREFIX = "lease-"
-# How end-user budgets name the calls that carry no user identity: they share one allowance.
-NO_USER = ""
-# Counter keys per statement: well within SQLite's 32,766 parameters and PostgreSQL's 65,535.
-CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,60 +50,6 @@ class SoftLimitCrossed:
     fraction: Decimal
 
 
-def period_start(period: str, now: datetime) -> datetime | None:
-    """Start of the current calendar period in UTC (weeks start Monday); None for `total`."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    return None
-
-
-def period_end(period: str, start: datetime) -> datetime | None:
-    """The end of the calendar period that starts at `start` (None for `total`)."""
-    if period == "day":
-        return start + timedelta(days=1)
-    if period == "week":
-        return start + timedelta(days=7)
-    if period == "month":
-        return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
-    return None
-
-
-def counters_for(key: KeyInfo, at: datetime, user: str | None = None) -> tuple[Counter, ...]:
-    """The budgets a call with this key counts against: its team's, its own, and its end user's in the team (calls
-    without a user share the counter of `NO_USER`). Every counter counts spend, with a budget or not, so a budget
-    set later starts from what was already spent."""
-    name = user or NO_USER
-    user_budget = key.user_budgets[name] if name in key.user_budgets else key.user_budget_usd
-    return (
-        team_counter(key.team_id, key.team, key.team_period, key.team_budget_usd, at),
-        key_counter(key.key_id, key.key_period, key.key_budget_usd, at),
-        user_counter(key.team_id, key.team, name, key.team_period, user_budget, at),
-    )
-
-
-def user_counter(team_id: int, team: str, user: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
-    """The counter of one end user's budget in a team (in the team's period). Users are any string up to 256
-    characters, so the scope names them by digest."""
-    digest = hashlib.sha256(user.encode()).hexdigest()[:32]
-    label = f"user {user!r} of team {team}" if user else f"calls without a user of team {team}"
-    return _counter(f"user:{team_id}:{digest}", label, period, budget, at)
-
-
-def team_counter(team_id: int, name: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
-    """The counter of a team's budget for the period containing `at`."""
-    return _counter(f"team:{team_id}", f"team {name}", period, budget, at)
-
-
-def key_counter(key_id: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
-    """The counter of a key's own budget for the period containing `at`."""
-    return _counter(f"key:{key_id}", f"key {key_id}", period, budget, at)
-
-
 def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) -> None:
     """Set a counter's spend from the usage records it covers (after a period change or a reprice), keeping
     its holds."""
@@ -110,10 +57,10 @@ def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) ->
     query = select(cost).where(condition, UsageRow.started_at >= counter.period_start, cost.is_not(None))
     with write_transaction(engine) as connection:
         # Lock first: a settlement committing between the sum and the write would otherwise be lost.
-        current = _lock(connection, [counter])
+        current = lock_counters(connection, [counter])
         spent = sum((value for (value,) in connection.execute(query) if value is not None), ZERO)
         _, reserved = current[(counter.scope, counter.period_start)]
-        _write(connection, [(counter.scope, counter.period_start, spent, reserved)])
+        write_counters(connection, [(counter.scope, counter.period_start, spent, reserved)])
 
 
 def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: datetime) -> None:
@@ -127,7 +74,7 @@ def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: d
         users = sorted(connection.execute(select(name).where(*where).distinct()).scalars())
         counters = {user: user_counter(team_id, team, user, period, None, at) for user in users}
         # Lock first: a settlement committing between the sum and the write would otherwise be lost.
-        current = _lock(connection, counters.values())
+        current = lock_counters(connection, counters.values())
         spent: dict[str, Decimal] = defaultdict(Decimal)
         for user, value in connection.execute(select(name, cost).where(*where, cost.is_not(None))):
             spent[user] += value
@@ -135,17 +82,7 @@ def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: d
         for user, counter in counters.items():
             _, reserved = current[(counter.scope, counter.period_start)]
             writes.append((counter.scope, counter.period_start, spent[user], reserved))
-        _write(connection, writes)
-
-
-def _counter(scope: str, label: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
-    return Counter(
-        scope=f"{scope}:{period}",
-        label=label,
-        period=period,
-        period_start=period_start(period, at) or TOTAL_PERIOD_START,
-        budget_usd=budget,
-    )
+        write_counters(connection, writes)
 
 
 def reserve(
@@ -160,7 +97,7 @@ def reserve(
     budgeted = [(counter, counter.budget_usd) for counter in reservation.counters if counter.budget_usd is not None]
     amount = reservation.amount
     with write_transaction(engine) as connection:
-        current = _lock(connection, [counter for counter, _ in budgeted])
+        current = lock_counters(connection, [counter for counter, _ in budgeted])
         for counter, budget in budgeted:
             spent, reserved = current[(counter.scope, counter.period_start)]
             if spent + reserved + amount > budget:
@@ -174,7 +111,7 @@ def reserve(
         for counter, _ in budgeted:
             spent, reserved = current[(counter.scope, counter.period_start)]
             writes.append((counter.scope, counter.period_start, spent, reserved + amount))
-        _write(connection, writes)
+        write_counters(connection, writes)
         connection.execute(
             insert(BudgetHold),
             [
@@ -219,8 +156,8 @@ def settle(
             counters[(counter.scope, counter.period_start)] = counter
             spent[(counter.scope, counter.period_start)] += record.cost_usd or ZERO
     released = _release(connection, sorted(set(release)))
-    current = _lock(connection, [*counters.values(), *(_stub(key) for key in released)])
-    # Calls admitted under a lease: their cost moves from the lease's slice to spent.
+    current = lock_counters(connection, [*counters.values(), *(stub_counter(key) for key in released)])
+    # Calls admitted under a lease: their cost moves from the lease to spent.
     for key, amount in _consume(connection, records).items():
         released[key] += amount
     crossed, writes = [], []
@@ -232,7 +169,7 @@ def settle(
         budget = source.budget_usd if source is not None else None
         if source is None or not budget or not before < budget * soft_fraction <= after:
             continue
-        if _mark_alerted(connection, key):
+        if mark_alerted(connection, key):
             crossed.append(
                 SoftLimitCrossed(
                     label=source.label,
@@ -243,7 +180,7 @@ def settle(
                     fraction=soft_fraction,
                 )
             )
-    _write(connection, writes)
+    write_counters(connection, writes)
     return crossed
 
 
@@ -263,7 +200,7 @@ def grant_lease(
     held <= budget keeps holding for every counter, whoever leases or holds."""
     budgeted = [counter for counter in counters if counter.budget_usd is not None]
     with write_transaction(engine) as connection:
-        current = _lock(connection, budgeted)
+        current = lock_counters(connection, budgeted)
         left = min(
             counter.budget_usd - sum(current[(counter.scope, counter.period_start)], ZERO)
             for counter in budgeted
@@ -276,7 +213,7 @@ def grant_lease(
         held = {scope: amount for scope, amount in connection.execute(query)}
         for counter in budgeted:
             spent, reserved = current[(counter.scope, counter.period_start)]
-            _write(connection, [(counter.scope, counter.period_start, spent, reserved + grant)])
+            write_counters(connection, [(counter.scope, counter.period_start, spent, reserved + grant)])
             if counter.scope in held:
                 connection.execute(
                     update(BudgetHold)
@@ -305,11 +242,13 @@ def return_lease(engine: Engine, lease_id: str, amount: Decimal | None) -> None:
     )
     with write_transaction(engine) as connection:
         # The amounts are read again once the counters are locked: a settlement may have taken from them.
-        current = _lock(connection, [_stub((scope, start)) for scope, start, _ in connection.execute(query)])
+        current = lock_counters(
+            connection, [stub_counter((scope, start)) for scope, start, _ in connection.execute(query)]
+        )
         for scope, start, held in connection.execute(query):
             back = held if amount is None else min(amount, held)
             spent, reserved = current[(scope, start)]
-            _write(connection, [(scope, start, spent, max(reserved - back, ZERO))])
+            write_counters(connection, [(scope, start, spent, max(reserved - back, ZERO))])
             change = BudgetHold.call_id == lease_id, BudgetHold.scope == scope
             if amount is None:
                 connection.execute(delete(BudgetHold).where(*change))
@@ -344,90 +283,23 @@ def release_expired(engine: Engine, now: datetime, *, limit: int = 1000) -> int:
         return len(call_ids)
 
 
-def current_spend(engine: Engine, counters: Iterable[Counter]) -> dict[str, tuple[Decimal, Decimal]]:
-    """Spent and reserved per counter scope, as committed (no locks); zero for counters never used."""
-    wanted = list(counters)
-    found: dict[str, tuple[Decimal, Decimal]] = {counter.scope: (ZERO, ZERO) for counter in wanted}
-    if not wanted:
-        return found
-    keys = sorted({(counter.scope, counter.period_start) for counter in wanted})
-    with engine.connect() as connection:
-        for chunk in _chunks(keys):
-            query = select(BudgetCounter.scope, BudgetCounter.spent_usd, BudgetCounter.reserved_usd).where(
-                tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_(chunk)
-            )
-            for scope, spent, reserved in connection.execute(query):
-                found[scope] = (spent, reserved)
-    return found
-
-
-def _lock(connection: Connection, counters: Iterable[Counter]) -> dict[CounterKey, tuple[Decimal, Decimal]]:
-    """Create missing counter rows, then lock them all in one order (so two transactions never deadlock), in
-    chunks a database takes as parameters however many counters there are (a team's end users)."""
-    keys = sorted({(counter.scope, counter.period_start) for counter in counters})
-    if not keys:
-        return {}
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    connection.execute(
-        dialect.insert(BudgetCounter).on_conflict_do_nothing(),
-        [
-            {"scope": scope, "period_start": start, "spent_usd": ZERO, "reserved_usd": ZERO, "soft_alerted": False}
-            for scope, start in keys
-        ],
-    )
-    locked = {}
-    for chunk in _chunks(keys):
-        rows = connection.execute(
-            select(BudgetCounter.scope, BudgetCounter.period_start, BudgetCounter.spent_usd, BudgetCounter.reserved_usd)
-            .where(tuple_(BudgetCounter.scope, BudgetCounter.period_start).in_(chunk))
-            .order_by(BudgetCounter.scope, BudgetCounter.period_start)
-            .with_for_update()
-        )
-        locked.update({(scope, start): (spent, reserved) for scope, start, spent, reserved in rows})
-    return locked
-
-
-def _chunks(keys: Sequence[CounterKey]) -> Iterator[Sequence[CounterKey]]:
-    """Counter keys in order, a few hundred at a time (two parameters each)."""
-    for first in range(0, len(keys), CHUNK):
-        yield keys[first : first + CHUNK]
-
-
-# The statements the writer runs on every batch, built once (building one costs more than running it).
-_WRITE = (
-    update(BudgetCounter)
-    .where(BudgetCounter.scope == bindparam("w_scope"), BudgetCounter.period_start == bindparam("w_start"))
-    .values(spent_usd=bindparam("w_spent"), reserved_usd=bindparam("w_reserved"))
-)
+# Run on every batch the writer writes, so built once (building it costs more than running it).
 _CONSUME = (
     update(BudgetHold)
     .where(BudgetHold.call_id == bindparam("c_lease"), BudgetHold.scope == bindparam("c_scope"))
     .values(amount_usd=bindparam("c_left"))
 )
-CounterWrite = tuple[str, datetime, Decimal, Decimal]  # scope, period start, spent, reserved
-
-
-def _write(connection: Connection, writes: Sequence[CounterWrite]) -> None:
-    """Set the spent and reserved amounts of counters (locked by the caller), in one statement."""
-    if writes:
-        connection.execute(
-            _WRITE,
-            [
-                {"w_scope": scope, "w_start": start, "w_spent": spent, "w_reserved": reserved}
-                for scope, start, spent, reserved in writes
-            ],
-        )
 
 
 def _unhold(connection: Connection, call_ids: Sequence[str]) -> None:
     """Delete the holds of these calls (or leases) and take what they held off their counters."""
     released = _release(connection, call_ids)
-    current = _lock(connection, [_stub(key) for key in released])
+    current = lock_counters(connection, [stub_counter(key) for key in released])
     writes = []
     for key, amount in sorted(released.items()):
         spent, reserved = current[key]
         writes.append((key[0], key[1], spent, max(reserved - amount, ZERO)))
-    _write(connection, writes)
+    write_counters(connection, writes)
 
 
 def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey, Decimal]:
@@ -446,7 +318,7 @@ def _release(connection: Connection, call_ids: Sequence[str]) -> dict[CounterKey
 
 
 def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[CounterKey, Decimal]:
-    """Take the costs of calls admitted under leases out of the leases' slices; returns what left each counter's
+    """Take the costs of calls admitted under leases out of the leases; returns what left each counter's
     holds. A lease already ended (or reaped) gives nothing back: the cost is then only added to spent."""
     wanted: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for record in records:
@@ -476,21 +348,6 @@ def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[Cou
     if taken:
         connection.execute(_CONSUME, taken)
     return freed
-
-
-def _mark_alerted(connection: Connection, key: CounterKey) -> bool:
-    result = connection.execute(
-        update(BudgetCounter)
-        .where(
-            BudgetCounter.scope == key[0], BudgetCounter.period_start == key[1], BudgetCounter.soft_alerted.is_(False)
-        )
-        .values(soft_alerted=True)
-    )
-    return result.rowcount == 1
-
-
-def _stub(key: CounterKey) -> Counter:
-    return Counter(scope=key[0], label=key[0], period="total", period_start=key[1], budget_usd=None)
 
 
 def _plain(amount: Decimal) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, insert, select
 
 from proxy.ledger.audit import record_event
-from proxy.ledger.budgets import NO_USER, TOTAL_PERIOD_START, ZERO, current_spend, period_start, user_counter
+from proxy.ledger.counters import NO_USER, TOTAL_PERIOD_START, ZERO, current_spend, period_start, user_counter
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import Team, UsageRow, UserBudget, effective_cost
 from proxy.ledger.teams import Unset, no_team

@@ -18,8 +18,9 @@ from typing import Any
 
 from sqlalchemy import Engine, Row, delete, insert, select, update
 
-from proxy.ledger.budgets import LEASE_PREFIX, SoftLimitCrossed, counters_for
+from proxy.ledger.budgets import LEASE_PREFIX, SoftLimitCrossed
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, write_records
+from proxy.ledger.counters import counters_for
 from proxy.ledger.db import write_transaction
 from proxy.ledger.journal import Start
 from proxy.ledger.journal_replay import interrupted

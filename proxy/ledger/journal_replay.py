@@ -19,8 +19,9 @@ from typing import Any
 
 from sqlalchemy import Engine, delete
 
-from proxy.ledger.budgets import counters_for, end_leases
+from proxy.ledger.budgets import end_leases
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION
+from proxy.ledger.counters import counters_for
 from proxy.ledger.disk import Replayed, replay_records, set_aside
 from proxy.ledger.journal import Start, record_from_values, start_from_values
 from proxy.ledger.keys import lookup_key_by_id

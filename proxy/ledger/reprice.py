@@ -16,7 +16,8 @@ from decimal import Decimal
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from proxy.ledger.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
-from proxy.ledger.budgets import key_counter, recount, recount_users, settle, team_counter
+from proxy.ledger.budgets import recount, recount_users, settle
+from proxy.ledger.counters import key_counter, team_counter
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import APIKey, RepriceEntry, Team, UsageRow
 from proxy.pricing.table import PriceTable

@@ -15,7 +15,8 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from proxy.ledger.audit import record_event
-from proxy.ledger.budgets import current_spend, recount, recount_users, team_counter
+from proxy.ledger.budgets import recount, recount_users
+from proxy.ledger.counters import current_spend, team_counter
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import Team, UsageRow
 from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period, RateLimits, usd

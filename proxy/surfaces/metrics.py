@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from proxy.errors import error_response
 from proxy.instruments import MULTIPROCESS_ENV, Metrics
-from proxy.ledger.budgets import current_spend, key_counter, period_end, period_start
+from proxy.ledger.counters import current_spend, key_counter, period_end, period_start
 from proxy.ledger.end_users import list_users
 from proxy.ledger.schema import APIKey, Team, UserBudget
 from proxy.ledger.teams import list_teams

@@ -16,7 +16,7 @@ from typing import Any
 from markupsafe import Markup
 from sqlalchemy import Engine, func, select
 
-from proxy.ledger.budgets import TOTAL_PERIOD_START, period_end
+from proxy.ledger.counters import TOTAL_PERIOD_START, period_end
 from proxy.ledger.end_users import UserView, list_users
 from proxy.ledger.export import iter_usage
 from proxy.ledger.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
