@@ -62,7 +62,7 @@ class Batches:
         self, call: Call, route: Route, key: KeyInfo, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Serve one batch call whose caller the gate has identified."""
-        async with self._gate.body(route, receive) as body:
+        async with self._gate.bodies.batch(route, receive) as body:
             await self._serve(call, route, key, scope, receive, send, body)
 
     async def _serve(

@@ -8,10 +8,9 @@ alone: nobody gets a byte of body read, or a batch looked up, without a valid ke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -20,23 +19,19 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import Engine
-from starlette.types import Receive
 
 from proxy.errors import (
     BadRequest,
     BatchNotFound,
-    BodyTimeout,
     LedgerUnavailable,
-    Overloaded,
-    RequestTooLarge,
     UnpricedModel,
     ledger_errors,
 )
+from proxy.gateway.bodies import Bodies
 from proxy.gateway.call import Call, label
 from proxy.gateway.leases.lifecycle import Leases
 from proxy.gateway.leases.rate import Ticket
 from proxy.gateway.limits import cap_output, check_model
-from proxy.gateway.routes import Route
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.gateway.waits import bounded
 from proxy.instruments import Metrics
@@ -52,14 +47,8 @@ from proxy.types import HoldOwner, Reservation, UsageRecord
 logger = logging.getLogger("spendgate")
 T = TypeVar("T")
 ZERO = Decimal(0)
-# The API's own limit for a batch create; other requests: SPENDGATE_MAX_BODY_BYTES (the API's 32 MB).
-BATCH_MAX_BODY_BYTES = 256 * 1024 * 1024
 # A batch can take 24 hours to end and its results are read later: its hold lasts two days unless settled.
 BATCH_HOLD = timedelta(hours=48)
-
-
-class ClientGone(Exception):
-    """The client closed the connection."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,57 +87,13 @@ class Gate:
         self._rules = rules
         self._limits = OutputLimits.load()
         self._tasks: set[asyncio.Future[object]] = set()
-        # One body larger than the ordinary limit at a time (only batch creates can be).
-        self._large_bodies = asyncio.Lock()
+        self.bodies = Bodies(max_body_bytes=rules.max_body_bytes, timeout_seconds=rules.body_timeout_seconds)
 
     async def authenticate(self, call: Call, headers: dict[bytes, bytes]) -> KeyInfo:
         """The caller's key (or `InvalidKey`), from the headers alone."""
         key = await self._keys.authenticate(key_from_headers(headers))
         call.key = key
         return key
-
-    async def read_body(self, receive: Receive) -> bytes:
-        """The whole body of a request that is not a batch call, bounded in size and in time (`BodyTimeout`)."""
-        try:
-            async with asyncio.timeout(self._rules.body_timeout_seconds):
-                return await receive_body(receive, self._rules.max_body_bytes)
-        except TimeoutError:
-            raise self._body_timeout() from None
-
-    @contextlib.asynccontextmanager
-    async def body(self, route: Route, receive: Receive) -> AsyncIterator[bytes]:
-        """The whole body of a batch call, bounded in size for the route and in time (`BodyTimeout`). A body larger
-        than the ordinary limit (only batch creates may be: up to 256 MB) waits for the one turn such bodies have, and
-        keeps it until the block ends (the call is done with it): a few of them at once took gigabytes. A turn that
-        does not come within the body's time is `Overloaded`."""
-        limit = BATCH_MAX_BODY_BYTES if route.kind == "batch_create" else self._rules.max_body_bytes
-        waiting = False
-
-        async def take_large_turn() -> None:
-            nonlocal waiting
-            waiting = True
-            await held.enter_async_context(self._large_bodies)
-            waiting = False
-
-        async with contextlib.AsyncExitStack() as held:
-            try:
-                async with asyncio.timeout(self._rules.body_timeout_seconds):
-                    large = (self._rules.max_body_bytes, take_large_turn)
-                    body = await receive_body(receive, limit, large=large)
-            except TimeoutError:
-                if waiting:
-                    raise Overloaded(
-                        f"spendgate takes in one request body over {self._rules.max_body_bytes} bytes at a time, and "
-                        "another one kept its turn while this one waited. Try again later."
-                    ) from None
-                raise self._body_timeout() from None
-            yield body
-
-    def _body_timeout(self) -> BodyTimeout:
-        return BodyTimeout(
-            f"The request body did not arrive within {self._rules.body_timeout_seconds:g} seconds. Send it faster, "
-            "or ask your spendgate admin to raise SPENDGATE_BODY_TIMEOUT_SECONDS."
-        )
 
     async def admit_message(self, call: Call, key: KeyInfo, body: bytes, *, tokens: bool) -> bytes:
         """Validate a Messages (or, `tokens` false, token-counting) request and, for Messages, apply the team's
@@ -382,40 +327,3 @@ def _size(params: dict[str, Any]) -> int:
         return len(json.dumps(params))
     except RecursionError:
         raise BadRequest("A batch request is nested too deeply to be read.") from None
-
-
-async def receive_body(
-    receive: Receive,
-    limit: int,
-    *,
-    content_length: str | None = None,
-    large: tuple[int, Callable[[], Awaitable[None]]] | None = None,
-) -> bytes:
-    """The whole request body, or `RequestTooLarge` as soon as it is known to pass `limit` bytes: from its
-    `content_length` before a byte is read, else (chunked) as they arrive, so that no more than `limit` bytes
-    and a chunk are ever held. `ClientGone` if the client leaves first. With `large` (a size and a wait), the
-    bytes past that size are read only once the wait is over (meanwhile TCP holds the client's sending back)."""
-    # The server has checked the header's form already; the guard keeps a server that did not from making a 500.
-    if content_length and content_length.isascii() and content_length.isdigit() and int(content_length) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if large is not None and size <= large[0] < size + len(chunk):
-            await large[1]()
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _too_large(limit: int) -> RequestTooLarge:
-    return RequestTooLarge(
-        f"The request body is over {limit} bytes, the limit for this request. Send a smaller request."
-    )

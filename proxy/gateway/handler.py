@@ -14,8 +14,9 @@ from starlette.types import Receive, Scope, Send
 
 from proxy.errors import LedgerUnavailable, ProxyError
 from proxy.gateway.batches import Batches
+from proxy.gateway.bodies import ClientGone
 from proxy.gateway.call import Call, describe, label, make_record
-from proxy.gateway.gate import ClientGone, Gate
+from proxy.gateway.gate import Gate
 from proxy.gateway.meters import respond_messages, respond_plain
 from proxy.gateway.relay import OVERHEAD_HEADER, Relay
 from proxy.gateway.routes import Route, allowed_methods, classify
@@ -81,7 +82,7 @@ class Gateway:
 
     async def _call(self, call: Call, route: Route, key: KeyInfo, scope: Scope, receive: Receive, send: Send) -> None:
         """Messages, token counting, and every other route spendgate does not meter."""
-        body = await self._gate.read_body(receive)
+        body = await self._gate.bodies.read(receive)
         if route.kind == "messages":
             call.metered = True
             body = await self._gate.admit_message(call, key, body, tokens=True)

@@ -15,8 +15,8 @@ from typing import Any, cast
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.errors import ProxyError
+from proxy.gateway.bodies import ClientGone
 from proxy.gateway.call import Call, label
-from proxy.gateway.gate import ClientGone
 from proxy.gateway.routes import Route
 from proxy.gateway.upstream import Upstream, UpstreamResponse
 from proxy.ledger.journal import Start

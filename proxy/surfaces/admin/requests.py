@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.errors import ledger_errors
-from proxy.gateway.gate import receive_body
+from proxy.gateway.bodies import receive_body
 from proxy.gateway.validate import parse_object
 from proxy.types import parse_instant
 
