@@ -7,7 +7,7 @@ Each call is forwarded to the upstream with the client's headers (less hop-by-ho
 and the client's key, which is replaced by ANTHROPIC_API_KEY), and the answer is streamed back as it arrives,
 JSON or SSE, with the upstream's status and headers. Nothing else: no key check, no metering, no ledger, no log
 line, no watching for clients that leave. What is left is what uvicorn, Starlette and aiohttp cost, served the
-way `spendgate serve` serves (see proxy/surfaces/cli/serve.py): httptools, uvicorn's default event loop (uvloop when
+way `spendgate serve` serves (see proxy/cli/serve.py): httptools, uvicorn's default event loop (uvloop when
 installed), no Server or Date header added, start-up objects frozen out of the garbage collector; Starlette
 holds the lifespan and /v1 skips its middleware, as in spendgate's `Dispatch`. A gateway on this stack cannot
 go under it. It runs on the interpreter spendgate runs on, with spendgate's own dependencies only.

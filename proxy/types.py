@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from operator import attrgetter
+from typing import Any, Literal
 
 Outcome = Literal["ok", "upstream_error", "rejected", "client_disconnected", "upstream_unreachable", "interrupted"]
 RetryReason = Literal["sdk", "repeat"]
@@ -21,6 +23,11 @@ CostSource = Literal["estimate"]
 GROUPS = ("team", "model", "feature", "user", "key", "day")
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
 CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")
+
+# Field metadata of `Usage` and `UsageRecord` saying where a field goes beyond the process. A field without any is
+# a ledger column that exports and the admin API show.
+_NOT_A_COLUMN = {"column": False}  # the process's alone: never stored, never shown
+_NOT_PUBLIC = {"public": False}  # stored for spendgate's own use, not shown
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,7 +61,7 @@ class Usage:
     service_tier: str | None = None
     speed: str | None = None
     inference_geo: str | None = None
-    iterations: tuple[IterationUsage, ...] = ()
+    iterations: tuple[IterationUsage, ...] = field(default=(), metadata=_NOT_A_COLUMN)
 
 
 # Token kinds as metrics and reconciliation name them (Anthropic's report vocabulary), and the `Usage` field (and
@@ -67,8 +74,8 @@ TOKEN_KIND_FIELDS = {
     "cache_read": "cache_read_input_tokens",
 }
 
-# The token counts and modifiers of `Usage` that are ledger columns (iterations are not stored).
-USAGE_COLUMNS = tuple(name for name in Usage.__dataclass_fields__ if name != "iterations")
+# The token counts and modifiers of `Usage` that are ledger columns.
+USAGE_COLUMNS = tuple(item.name for item in fields(Usage) if item.metadata.get("column", True))
 
 
 def usd(value: Decimal | None) -> str | None:
@@ -148,7 +155,12 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UsageRecord:
-    """One metered call, exactly as it is written to the ledger (fields per the spec's usage-record table)."""
+    """One metered call, exactly as it is written to the ledger (fields per the spec's usage-record table).
+
+    The one list of a record's fields: the ledger row, spill files, exports and the admin API follow these fields
+    in this order (`ROW_COLUMNS`, `usage` flattened in place), as their metadata says. The audit hash and the crash
+    journal's line keep lists of their own, frozen on purpose (`proxy/ledger/audit.py`, `proxy/ledger/journal.py`).
+    """
 
     id: str
     started_at: datetime
@@ -165,6 +177,8 @@ class UsageRecord:
     outcome: Outcome
     error_type: str | None
     streamed: bool
+    batch_id: str | None = None
+    custom_id: str | None = None
     usage: Usage = field(default_factory=Usage)
     cost_usd: Decimal | None
     price_version: str
@@ -175,18 +189,39 @@ class UsageRecord:
     retry_reason: RetryReason | None = None
     retry_of: str | None = None
     retry_count: int = 0
+    # SHA-256 of the request's canonical JSON, how the writer finds earlier attempts of a call: not one of the
+    # spec's usage-record fields, so exports and the admin API leave it out.
+    fingerprint: str | None = field(default=None, metadata=_NOT_PUBLIC)
     attempt: int = 0
-    fingerprint: str | None = None
-    batch_id: str | None = None
-    custom_id: str | None = None
     max_tokens_requested: int | None = None
     max_tokens_sent: int | None = None
     latency_ms: float
     ttfb_ms: float | None
-    # Not a column: of `latency_ms`, the time spent waiting on the upstream (0 for a call never sent; None for a
-    # batch result, which has no timings of its own), for metrics and logs.
-    upstream_ms: float | None = None
-    # Not columns: what the ledger writer settles in the same transaction that inserts the record, and the team's
-    # repeat window it links retries within.
-    reservation: Reservation | None = None
-    retry_window_seconds: int = 0
+    # Of `latency_ms`, the time spent waiting on the upstream (0 for a call never sent; None for a batch result,
+    # which has no timings of its own), for metrics and logs.
+    upstream_ms: float | None = field(default=None, metadata=_NOT_A_COLUMN)
+    # What the ledger writer settles in the same transaction that inserts the record, and the team's repeat window
+    # it links retries within.
+    reservation: Reservation | None = field(default=None, metadata=_NOT_A_COLUMN)
+    retry_window_seconds: int = field(default=0, metadata=_NOT_A_COLUMN)
+
+
+def _columns(*, public: bool) -> tuple[str, ...]:
+    names: list[str] = []
+    for item in fields(UsageRecord):
+        if item.metadata.get("column", True) and (not public or item.metadata.get("public", True)):
+            names += USAGE_COLUMNS if item.name == "usage" else (item.name,)
+    return tuple(names)
+
+
+# A record's ledger columns, in its fields' order with its usage flattened in place.
+ROW_COLUMNS = _columns(public=False)
+# The columns exports and the admin API show, in the same order.
+PUBLIC_COLUMNS = _columns(public=True)
+
+
+def column_getter(columns: Iterable[str]) -> Callable[[UsageRecord], tuple[Any, ...]]:
+    """A function giving a record's values of these ledger columns, in their order (token counts from its `usage`).
+
+    One `attrgetter`: a single C call per record, on the writer's and the journal's paths."""
+    return attrgetter(*(f"usage.{name}" if name in USAGE_COLUMNS else name for name in columns))

@@ -48,7 +48,7 @@ def replica(
     }
     with log.open("w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.surfaces.cli", "serve", "--port", str(port), "--upstream", upstream_url],
+            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), "--upstream", upstream_url],
             env=environ,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
+from proxy.cli.main import main
 from proxy.ledger.audit import verify
 from proxy.ledger.commit import insert_records
 from proxy.ledger.key_admin import create_key, revoke_key
 from proxy.ledger.teams import TeamSettings, create_team, update_team
-from proxy.surfaces.cli.main import main
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread

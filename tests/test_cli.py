@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, select
 
+from proxy.cli.main import main
 from proxy.ledger.keys import hash_key
 from proxy.ledger.schema import APIKey
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.cli.main import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -32,7 +32,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def spendgate(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed console script in a child process, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "proxy.surfaces.cli", *argv],
+        [sys.executable, "-m", "proxy.cli", *argv],
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from proxy.cli.parser import build_parser
 from proxy.ledger.commit import insert_records
-from proxy.surfaces.cli.parser import build_parser
 from tests.replicas import free_port
 from tests.test_writer import make_record
 
-CLI = [sys.executable, "-m", "proxy.surfaces.cli"]
+CLI = [sys.executable, "-m", "proxy.cli"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -104,7 +104,7 @@ def test_ctrl_c_ends_quietly(engine: Engine, db_url: str) -> None:
 def test_help_imports_no_database_or_http_library() -> None:
     probe = (
         "import sys\n"
-        "from proxy.surfaces.cli.main import main\n"
+        "from proxy.cli.main import main\n"
         "for argv in (['--help'], ['teams', '--help'], ['serve', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"

@@ -95,7 +95,7 @@ class Visit:
 
 def cli(db_url: str, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.surfaces.cli", *args],
+        [sys.executable, "-m", "proxy.cli", *args],
         env={**os.environ, "SPENDGATE_DB_URL": db_url},
         capture_output=True,
         text=True,

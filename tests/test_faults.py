@@ -398,7 +398,7 @@ os._exit(0)
     # Twice: a second replay of the same folder finds nothing more to do.
     for _ in range(2):
         replayed = subprocess.run(
-            [sys.executable, "-m", "proxy.surfaces.cli", "journal", "replay", str(journal), "--db", db_url],
+            [sys.executable, "-m", "proxy.cli", "journal", "replay", str(journal), "--db", db_url],
             capture_output=True,
             text=True,
             timeout=60,

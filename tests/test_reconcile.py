@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from sqlalchemy import Engine, func, select
 
 from proxy.app import create_app
+from proxy.cli.main import main
 from proxy.ledger.commit import insert_records
 from proxy.ledger.export import iter_usage
 from proxy.ledger.key_admin import create_key
@@ -33,7 +34,6 @@ from proxy.ledger.schema import ReconciledDay
 from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.anthropic import AdminClient, ReportError
-from proxy.surfaces.cli.main import main
 from proxy.types import Usage, UsageRecord
 from tests.admin_api import ADMIN_KEY, KEY_ID, FakeAdminAPI, Raw, Tamper
 from tests.replicas import replica
@@ -61,7 +61,7 @@ def reconcile(
     if key_id:
         env["SPENDGATE_ANTHROPIC_API_KEY_ID"] = KEY_ID
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.surfaces.cli", "reconcile", *args, "--format", "json"],
+        [sys.executable, "-m", "proxy.cli", "reconcile", *args, "--format", "json"],
         env=env,
         capture_output=True,
         text=True,
@@ -211,7 +211,7 @@ def test_refusals_from_the_admin_api_are_errors(engine: Engine, db_url: str) -> 
     env = {**os.environ, "SPENDGATE_DB_URL": db_url, "SPENDGATE_ANTHROPIC_ADMIN_KEY": "sk-ant-admin01-wrong"}
     with serve_in_thread(FakeAdminAPI([])) as admin_url:
         done = subprocess.run(
-            [sys.executable, "-m", "proxy.surfaces.cli", "reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+            [sys.executable, "-m", "proxy.cli", "reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
             env={**env, "SPENDGATE_ANTHROPIC_ADMIN_URL": admin_url},
             capture_output=True,
             text=True,
@@ -219,7 +219,7 @@ def test_refusals_from_the_admin_api_are_errors(engine: Engine, db_url: str) -> 
         )
     assert done.returncode == 1 and "answered 401" in done.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "proxy.surfaces.cli", "reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+        [sys.executable, "-m", "proxy.cli", "reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
         env={**os.environ, "SPENDGATE_DB_URL": db_url},
         capture_output=True,
         text=True,

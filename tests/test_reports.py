@@ -11,10 +11,10 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import Engine
 
+from proxy.cli.main import main
 from proxy.ledger.commit import insert_records
 from proxy.ledger.reports import report
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.cli.main import main
 from proxy.types import Usage
 from tests.test_writer import make_record
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
+from proxy.cli.main import main
 from proxy.ledger.audit import verify
 from proxy.ledger.commit import insert_records
 from proxy.ledger.counters import team_counter
 from proxy.ledger.reprice import reprice
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.pricing.table import PriceTable
-from proxy.surfaces.cli.main import main
 from proxy.types import Reservation, Usage
 from tests.test_writer import make_record
 

@@ -204,7 +204,7 @@ def test_one_users_concurrent_calls_never_pass_their_budget(
 def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> None:
     def cli(*args: str) -> Any:
         done = subprocess.run(
-            [sys.executable, "-m", "proxy.surfaces.cli", "--db", db_url, *args],
+            [sys.executable, "-m", "proxy.cli", "--db", db_url, *args],
             capture_output=True,
             text=True,
             check=True,
@@ -238,7 +238,7 @@ def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> Non
         "key.update",
     ]
     refused = subprocess.run(
-        [sys.executable, "-m", "proxy.surfaces.cli", "--db", db_url, "teams", "update", "research", "--rpm", "0"],
+        [sys.executable, "-m", "proxy.cli", "--db", db_url, "teams", "update", "research", "--rpm", "0"],
         capture_output=True,
         text=True,
     )

@@ -152,7 +152,7 @@ def calls_journaled_by_pid(spill: Path, pid: int) -> int:
 
 def test_workers_refuse_an_in_memory_ledger(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.surfaces.cli", "serve", "--workers", "2", "--db", "sqlite://"],
+        [sys.executable, "-m", "proxy.cli", "serve", "--workers", "2", "--db", "sqlite://"],
         env={**os.environ, "ANTHROPIC_API_KEY": "sk-ant-test"},
         capture_output=True,
         text=True,

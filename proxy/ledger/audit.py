@@ -26,8 +26,10 @@ from sqlalchemy import Connection, DateTime, Engine, exists, insert, select, typ
 from proxy.ledger.schema import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
 
 GENESIS = "0" * 64
-# What a usage record's content hash covers, in this order. Fixed, not derived from the table: a column added
-# later must not change the hash of entries already written.
+# What a usage record's content hash covers, in this order. Frozen, not derived from `UsageRecord` or the table:
+# a column added later must not change the hash of entries already written, or no existing chain would verify.
+# tests/test_record_fields.py fails until a new column is hashed (in `USAGE_HASHED_WHEN_SET`) or named there as
+# left out on purpose.
 USAGE_HASHED = (
     "id",
     "started_at",

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from operator import attrgetter
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, Table, select, update
@@ -17,22 +16,18 @@ from proxy.ledger.budgets import SoftLimitCrossed, settle
 from proxy.ledger.db import insert_rows, write_transaction
 from proxy.ledger.retries import link_retries
 from proxy.ledger.schema import Batch, UsageRow
-from proxy.types import USAGE_COLUMNS, UsageRecord
+from proxy.types import ROW_COLUMNS, UsageRecord, column_getter
 
 DEFAULT_SOFT_FRACTION = Decimal("0.8")
-_NOT_COLUMNS = ("usage", "reservation", "retry_window_seconds", "upstream_ms")
-RECORD_COLUMNS = tuple(name for name in UsageRecord.__dataclass_fields__ if name not in _NOT_COLUMNS)
-ROW_COLUMNS = (*RECORD_COLUMNS, *USAGE_COLUMNS)
 # What the writer inserts: a record's row, then its place in the audit chain (`audit.extend`).
 INSERTED = (*ROW_COLUMNS, "content_hash", "chain_pos", "chain_hash")
 USAGE_TABLE: Table = UsageRow.__table__  # type: ignore[assignment]
-_record_values = attrgetter(*RECORD_COLUMNS)
-_usage_values = attrgetter(*USAGE_COLUMNS)
+_row_values = column_getter(ROW_COLUMNS)
 
 
 def record_to_row(record: UsageRecord) -> dict[str, Any]:
-    """The ledger columns of a usage record (token counts flattened beside the call's fields)."""
-    return dict(zip(ROW_COLUMNS, (*_record_values(record), *_usage_values(record.usage)), strict=True))
+    """The ledger columns of a usage record (token counts flattened in among the call's fields)."""
+    return dict(zip(ROW_COLUMNS, _row_values(record), strict=True))
 
 
 # A record written as a retry: its team and cost.

@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import Engine
 
 from proxy.ledger.budgets import SoftLimitCrossed
-from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, RECORD_COLUMNS, insert_records, is_refused, record_to_row
-from proxy.types import USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
+from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, insert_records, is_refused, record_to_row
+from proxy.types import ROW_COLUMNS, USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
@@ -46,7 +46,9 @@ def encode(data: dict[str, Any]) -> str:
 
 def record_from_json(data: dict[str, Any]) -> UsageRecord:
     """The inverse of `record_to_json`; raises KeyError, TypeError or ValueError on a malformed object."""
-    fields = {name: data[name] for name in RECORD_COLUMNS if name in data}
+    fields = {name: data[name] for name in ROW_COLUMNS if name in data}
+    # Every token count must be there; the record's own fields with a default may be missing.
+    usage = Usage(**{name: fields.pop(name) for name in USAGE_COLUMNS})
     for name in ("started_at", "finished_at"):
         fields[name] = datetime.fromisoformat(fields[name])
     if fields.get("cost_usd") is not None:
@@ -71,7 +73,6 @@ def record_from_json(data: dict[str, Any]) -> UsageRecord:
             held=held["held"],
             lease=held.get("lease"),
         )
-    usage = Usage(**{name: data[name] for name in USAGE_COLUMNS})
     window = int(data.get("retry_window_seconds") or 0)
     return UsageRecord(**fields, usage=usage, reservation=reservation, retry_window_seconds=window)
 

@@ -13,55 +13,11 @@ from sqlalchemy import Engine, literal, select, tuple_
 
 from proxy.display import csv_row
 from proxy.ledger.schema import UsageRow
-from proxy.types import usd
+from proxy.types import PUBLIC_COLUMNS, usd
 
-# The spec's usage-record fields, in the order exports write them.
-PUBLIC_FIELDS = (
-    "id",
-    "started_at",
-    "finished_at",
-    "team",
-    "key_id",
-    "feature",
-    "user",
-    "endpoint",
-    "model",
-    "response_model",
-    "upstream_request_id",
-    "status",
-    "outcome",
-    "error_type",
-    "streamed",
-    "batch_id",
-    "custom_id",
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_5m_input_tokens",
-    "cache_creation_1h_input_tokens",
-    "cache_read_input_tokens",
-    "web_search_requests",
-    "web_fetch_requests",
-    "service_tier",
-    "speed",
-    "inference_geo",
-    "cost_usd",
-    "price_version",
-    "price_source",
-    "cost_source",
-    "is_retry",
-    "retry_reason",
-    "retry_of",
-    "retry_count",
-    "attempt",
-    "max_tokens_requested",
-    "max_tokens_sent",
-    "latency_ms",
-    "ttfb_ms",
-    "repriced_from_cost_usd",
-    "repriced_from_price_version",
-)
-# All but the last two fields are columns as recorded; the last two say what a reprice replaced.
-RECORDED_FIELDS = PUBLIC_FIELDS[:-2]
+# The spec's usage-record fields, in the order exports write them: the record's public columns as recorded, then
+# what a reprice replaced.
+PUBLIC_FIELDS = (*PUBLIC_COLUMNS, "repriced_from_cost_usd", "repriced_from_price_version")
 STREAM_BATCH = 1000
 Cursor = tuple[datetime, int]
 
@@ -102,7 +58,7 @@ def iter_usage(
 
 def public_record(row: Any) -> dict[str, Any]:
     """A ledger row as the JSON object `spendgate usage` prints: ISO 8601 UTC times, money as exact strings."""
-    record = {name: getattr(row, name) for name in RECORDED_FIELDS}
+    record = {name: getattr(row, name) for name in PUBLIC_COLUMNS}
     record["started_at"] = row.started_at.isoformat()
     record["finished_at"] = row.finished_at.isoformat()
     record["cost_usd"] = usd(row.cost_usd)

@@ -21,13 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from proxy.ledger.commit import RECORD_COLUMNS
 from proxy.ledger.disk import record_from_json
-from proxy.types import USAGE_COLUMNS, Counter, UsageRecord
+from proxy.types import Counter, UsageRecord, column_getter
 
 logger = logging.getLogger("spendgate")
 # A segment is closed and a new one begun past this size, so finished calls stop costing disk.
@@ -203,13 +201,57 @@ class Journal:
         del self._segments[number]  # type: ignore[arg-type]
 
 
-# An end line: a record's columns, its usage, then its hold and repeat window.
-END_FIELDS = (*RECORD_COLUMNS, *USAGE_COLUMNS)
+# An end line: a record's columns in this order, then its hold and repeat window. Positional and frozen, not
+# derived from `UsageRecord`: a process replays the journals of processes that died before an upgrade, so a new
+# column is appended here, never inserted, and old lines must still read (tests/test_record_fields.py says which
+# columns the line leaves out on purpose).
+END_FIELDS = (
+    "id",
+    "started_at",
+    "finished_at",
+    "team",
+    "key_id",
+    "feature",
+    "user",
+    "endpoint",
+    "model",
+    "response_model",
+    "upstream_request_id",
+    "status",
+    "outcome",
+    "error_type",
+    "streamed",
+    "cost_usd",
+    "price_version",
+    "price_source",
+    "cost_source",
+    "is_retry",
+    "retry_reason",
+    "retry_of",
+    "retry_count",
+    "attempt",
+    "fingerprint",
+    "batch_id",
+    "custom_id",
+    "max_tokens_requested",
+    "max_tokens_sent",
+    "latency_ms",
+    "ttfb_ms",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+    "web_search_requests",
+    "web_fetch_requests",
+    "service_tier",
+    "speed",
+    "inference_geo",
+)
 # Every line is encoded on a call's path: one encoder made once (json.dumps with options makes one per call),
 # ASCII-only, so lone surrogates from client data are escaped rather than unencodable.
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-_record_columns = attrgetter(*RECORD_COLUMNS)
-_usage_columns = attrgetter(*USAGE_COLUMNS)
+_end_values = column_getter(END_FIELDS)
 _START_AT, _HELD = Start._fields.index("started_at"), Start._fields.index("held")
 
 
@@ -230,7 +272,7 @@ def start_from_values(values: list[Any]) -> Start:
 
 
 def _record_values(record: UsageRecord) -> list[Any]:
-    values: list[Any] = [*_record_columns(record), *_usage_columns(record.usage)]
+    values: list[Any] = list(_end_values(record))
     values[_STARTED], values[_FINISHED] = record.started_at.isoformat(), record.finished_at.isoformat()
     values[_COST] = None if record.cost_usd is None else str(record.cost_usd)
     hold = record.reservation

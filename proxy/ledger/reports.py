@@ -18,16 +18,10 @@ from sqlalchemy import ColumnElement, Engine, case, func, select
 from proxy.ledger.schema import UsageRow, effective_cost
 from proxy.pricing.cost import WEB_SEARCH_USD
 from proxy.pricing.table import PriceTable
-from proxy.types import GROUPS
+from proxy.types import GROUPS, TOKEN_KIND_FIELDS
 
-TOKEN_KINDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_5m_input_tokens",
-    "cache_creation_1h_input_tokens",
-    "cache_read_input_tokens",
-    "web_search_requests",
-)
+# The usage columns reports total.
+TOKEN_KINDS = (*TOKEN_KIND_FIELDS.values(), "web_search_requests")
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
 

@@ -6,18 +6,17 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from proxy.config import Settings
-from proxy.surfaces.cli.maintenance import (
+from proxy.cli.maintenance import (
     run_audit_export,
     run_audit_verify,
     run_db_upgrade,
     run_journal_replay,
     run_reprice,
 )
-from proxy.surfaces.cli.prices import run_prices, run_prices_check
-from proxy.surfaces.cli.reconcile import run_reconcile
-from proxy.surfaces.cli.serve import run_serve
-from proxy.surfaces.cli.teams import (
+from proxy.cli.prices import run_prices, run_prices_check
+from proxy.cli.reconcile import run_reconcile
+from proxy.cli.serve import run_serve
+from proxy.cli.teams import (
     run_keys_create,
     run_keys_list,
     run_keys_revoke,
@@ -28,8 +27,9 @@ from proxy.surfaces.cli.teams import (
     run_teams_user_budget,
     run_teams_users,
 )
-from proxy.surfaces.cli.usage import run_report, run_usage
-from proxy.surfaces.cli.values import RATE_OPTIONS
+from proxy.cli.usage import run_report, run_usage
+from proxy.cli.values import RATE_OPTIONS
+from proxy.config import Settings
 from proxy.types import CAP_POLICIES, GROUPS, PERIODS
 
 

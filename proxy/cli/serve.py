@@ -6,9 +6,9 @@ import argparse
 import logging
 import os
 
+from proxy.cli.database import check_url, open_ledger
+from proxy.cli.errors import UsageError
 from proxy.config import Settings
-from proxy.surfaces.cli.database import check_url, open_ledger
-from proxy.surfaces.cli.errors import UsageError
 
 logger = logging.getLogger("spendgate")
 

@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from proxy.cli.errors import UsageError
+from proxy.cli.parser import build_parser
 from proxy.config import ConfigError, Settings
 from proxy.display import visible
-from proxy.surfaces.cli.errors import UsageError
-from proxy.surfaces.cli.parser import build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

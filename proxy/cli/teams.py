@@ -9,11 +9,11 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from proxy.cli.database import actor, open_ledger
+from proxy.cli.errors import UsageError
+from proxy.cli.output import money_shown, print_table
+from proxy.cli.values import RATE_OPTIONS, given, money, positive_int
 from proxy.config import Settings
-from proxy.surfaces.cli.database import actor, open_ledger
-from proxy.surfaces.cli.errors import UsageError
-from proxy.surfaces.cli.output import money_shown, print_table
-from proxy.surfaces.cli.values import RATE_OPTIONS, given, money, positive_int
 from proxy.types import RateLimits
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from proxy.surfaces.cli.errors import UsageError
+from proxy.cli.errors import UsageError
 from proxy.types import parse_instant
 
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.

@@ -10,11 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.cli.database import actor, check_url, open_ledger
+from proxy.cli.errors import UsageError
+from proxy.cli.output import progress
+from proxy.cli.values import instant
 from proxy.config import Settings
-from proxy.surfaces.cli.database import actor, check_url, open_ledger
-from proxy.surfaces.cli.errors import UsageError
-from proxy.surfaces.cli.output import progress
-from proxy.surfaces.cli.values import instant
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from proxy.cli.database import open_ledger
+from proxy.cli.output import money_shown, print_csv, print_table, progress
+from proxy.cli.values import instant
 from proxy.config import Settings
-from proxy.surfaces.cli.database import open_ledger
-from proxy.surfaces.cli.output import money_shown, print_csv, print_table, progress
-from proxy.surfaces.cli.values import instant
 
 
 def run_usage(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,11 +6,11 @@ import argparse
 import json
 from datetime import UTC, datetime, timedelta
 
+from proxy.cli.database import open_ledger
+from proxy.cli.errors import DRIFT, UsageError
+from proxy.cli.output import print_csv, print_table
+from proxy.cli.values import money
 from proxy.config import Settings
-from proxy.surfaces.cli.database import open_ledger
-from proxy.surfaces.cli.errors import DRIFT, UsageError
-from proxy.surfaces.cli.output import print_csv, print_table
-from proxy.surfaces.cli.values import money
 from proxy.types import parse_instant
 
 

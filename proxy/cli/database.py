@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from proxy.cli.errors import UsageError
 from proxy.config import Settings
-from proxy.surfaces.cli.errors import UsageError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine

@@ -6,11 +6,11 @@ import argparse
 import json
 from datetime import UTC, datetime
 
+from proxy.cli.database import open_ledger
+from proxy.cli.errors import DRIFT
+from proxy.cli.output import print_table
+from proxy.cli.values import instant
 from proxy.config import Settings
-from proxy.surfaces.cli.database import open_ledger
-from proxy.surfaces.cli.errors import DRIFT
-from proxy.surfaces.cli.output import print_table
-from proxy.surfaces.cli.values import instant
 
 
 def run_prices(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,8 +1,0 @@
-"""`python -m proxy.surfaces.cli`: the `spendgate` command, without the console script."""
-
-import sys
-
-from proxy.surfaces.cli.main import main
-
-if __name__ == "__main__":
-    sys.exit(main())
