@@ -430,7 +430,8 @@ def records_key_id(engine: Engine) -> str:
 def test_a_call_that_cannot_be_journaled_never_goes_out(engine: Engine, db_url: str, tmp_path: Path) -> None:
     """With the journal's disk full and the ledger locked, calls are refused 503 instead of going out with their
     record in memory only (30 got 200 and, after a SIGKILL, left no record). Once the disk has room the calls go
-    out again, and a SIGKILL while the ledger is still locked loses none of them."""
+    out again, the outage is logged as one failure and its recovery, and a SIGKILL while the ledger is still locked
+    loses none of them."""
     create_team(engine, "research", TeamSettings(), actor="test")
     _, key = create_key(engine, "research", actor="test")
     upstream = FakeAnthropic()
@@ -445,6 +446,9 @@ def test_a_call_that_cannot_be_journaled_never_goes_out(engine: Engine, db_url: 
             resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
             sent = [httpx.post(f"{url}/v1/messages", json=MESSAGE, headers=headers, timeout=60) for _ in range(5)]
             assert [r.status_code for r in sent] == [200] * 5
+            # One line for the whole outage, not one per call refused (a storm of calls was a storm of lines).
+            [log] = tmp_path.glob("serve-*.log")
+            wait_until(lambda: "recovered after 30 failed attempts" in log.read_text(), "the journal's recovery logged")
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
         # The next process on the same spill folder replays the journal.

@@ -32,6 +32,7 @@ def grant_size(floor: N, per_second: N, cap: N) -> N:
 class Demand(Generic[N]):
     """What calls took of one lease lately: the measure every grant, trim and end goes by."""
 
+    zero: N  # of the lease's unit: 0 tokens or Decimal(0) dollars
     taken: N  # since the last upkeep
     per_second: N  # taken between the last two upkeeps
     measured_at: float = field(default_factory=time.monotonic)
@@ -40,19 +41,20 @@ class Demand(Generic[N]):
     @classmethod
     def none(cls, zero: N) -> Demand[N]:
         """No demand yet, in the lease's unit (`0` or `Decimal(0)`)."""
-        return cls(taken=zero, per_second=zero)
+        return cls(zero=zero, taken=zero, per_second=zero)
 
     def took(self, amount: N) -> None:
+        """A call took `amount` (or used that much beyond what it took)."""
         self.taken += amount
         self.last_used = time.monotonic()
 
     def gave_back(self, amount: N) -> None:
         """A call admitted and then refused before it went out: it was no demand."""
-        self.taken = max(self.taken - amount, self.taken * 0)
+        self.taken = max(self.taken - amount, self.zero)
 
     def measure(self) -> None:
         """At an upkeep: what was taken since the last one becomes the demand per second."""
-        self.per_second, self.taken = self.taken, self.taken * 0
+        self.per_second, self.taken = self.taken, self.zero
         self.measured_at = time.monotonic()
 
     def recent(self) -> N:
