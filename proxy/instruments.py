@@ -26,8 +26,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from proxy.gateway.routes import BATCHES, COUNT_TOKENS, MESSAGES
-from proxy.types import TOKEN_KIND_FIELDS, UsageRecord
+from proxy.types import BATCHES, COUNT_TOKENS, MESSAGES, TOKEN_KIND_FIELDS, UsageRecord
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"

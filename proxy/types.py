@@ -22,6 +22,10 @@ CostSource = Literal["estimate"]
 # What reports can be grouped by.
 GROUPS = ("team", "model", "feature", "user", "key", "day")
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
+# The endpoints spendgate meters, as a record's `endpoint` names them (a batch's own paths start with BATCHES).
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
+BATCHES = "/v1/messages/batches"
 CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")
 
 # Field metadata of `Usage` and `UsageRecord` saying where a field goes beyond the process. A field without any is

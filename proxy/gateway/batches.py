@@ -25,12 +25,12 @@ from proxy.gateway.call import Call
 from proxy.gateway.gate import Gate
 from proxy.gateway.meters import ResultsMeter
 from proxy.gateway.relay import Headers, Relay, read_whole, send_whole, stream_back
-from proxy.gateway.routes import BATCHES, Route
+from proxy.gateway.routes import Route
 from proxy.gateway.upstream import Upstream, UpstreamResponse
 from proxy.ledger.batch_owners import BatchOwner, abandon, claim_unrecorded, owned_ids, release_lease, save_batch
 from proxy.ledger.keys import KeyInfo, lookup_key_by_id
 from proxy.pricing.table import PriceTable
-from proxy.types import UsageRecord
+from proxy.types import BATCHES, UsageRecord
 
 logger = logging.getLogger("spendgate")
 ANTHROPIC_VERSION = b"2023-06-01"

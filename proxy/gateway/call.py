@@ -17,11 +17,10 @@ from decimal import Decimal
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.gateway.leases.rate import Ticket
-from proxy.gateway.routes import COUNT_TOKENS
 from proxy.gateway.usage import MessageSummary
 from proxy.ledger.keys import KeyInfo
 from proxy.pricing.table import PriceTable
-from proxy.types import Cost, Outcome, Reservation, Usage, UsageRecord
+from proxy.types import COUNT_TOKENS, Cost, Outcome, Reservation, Usage, UsageRecord
 
 ZERO = Decimal(0)
 

@@ -19,14 +19,13 @@ from starlette.types import Send
 
 from proxy.gateway.call import Call, label, make_record
 from proxy.gateway.relay import Headers, Responder, read_whole, send_whole, stream_back
-from proxy.gateway.routes import BATCHES
 from proxy.gateway.upstream import UpstreamResponse
 from proxy.gateway.usage import StreamUsage, parse_usage, summarize_json
 from proxy.ledger.batch_owners import BatchOwner
 from proxy.ledger.counters import counters_for
 from proxy.ledger.keys import KeyInfo
 from proxy.pricing.table import PriceTable
-from proxy.types import Reservation, UsageRecord
+from proxy.types import BATCHES, Reservation, UsageRecord
 
 logger = logging.getLogger("spendgate")
 ZERO = Decimal(0)

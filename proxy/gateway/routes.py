@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.errors import MethodNotAllowed, NonCanonicalPath, RouteNotFound
+from proxy.types import BATCHES
 
 RouteKind = Literal[
     "messages",
@@ -24,9 +25,6 @@ RouteKind = Literal[
     "batch_results",
     "other",
 ]
-MESSAGES = "/v1/messages"
-COUNT_TOKENS = "/v1/messages/count_tokens"
-BATCHES = "/v1/messages/batches"
 # A segment is what Anthropic's ids and route names are made of; it never starts with a dot, so `.`/`..` and
 # hidden tricks like `.%2e` cannot be spelled, and `%` is not allowed at all.
 _CANONICAL_PATH = re.compile(rb"/v1(?:/[A-Za-z0-9_~-][A-Za-z0-9_.~-]*)+")
