@@ -33,7 +33,6 @@ from proxy.gateway.batches import Batches, ResultsFetcher
 from proxy.gateway.gate import Gate, GateRules
 from proxy.gateway.handler import Gateway
 from proxy.gateway.leases.lifecycle import Leases
-from proxy.gateway.leases.policy import UPKEEP_SECONDS
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.instruments import MULTIPROCESS_ENV, LabelPolicy, Metrics
@@ -193,7 +192,7 @@ def create_app(
                     "heartbeat",
                 )
             ),
-            asyncio.create_task(_every(UPKEEP_SECONDS, leases.upkeep, "lease upkeep")),
+            asyncio.create_task(leases.keep()),
             asyncio.create_task(
                 _every(1.0, partial(_ledger_gauges, metrics, writer, settings.spill_dir), "ledger gauges")
             ),
@@ -239,10 +238,14 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await writer.close()
-            # Every record is written: what the leases still hold is nobody's.
-            await leases.close()
-            # Only now may the journal go: had this process died before its leases ended, a replay would need it.
-            journal.close()
+            # Every record is written: what the leases still hold is nobody's. Only then may the journal go: while a
+            # lease is in the ledger, a replay of the journal is what corrects it.
+            ended = await leases.close()
+            if not ended:
+                logger.warning(
+                    "the ledger did not answer: the journal is kept, so that a replay ends this process's leases"
+                )
+            journal.close(keep=not ended)
             with contextlib.suppress(SQLAlchemyError):
                 # Every call of this process is recorded; its holds (none are left) no longer need a heartbeat.
                 await anyio.to_thread.run_sync(heart.stop)

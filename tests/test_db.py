@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import column, inspect, select, table as table_, text
 
 from proxy.ledger.db import make_engine, normalize_url, upgrade
 from tests.conftest import empty_database
@@ -54,3 +57,50 @@ def test_concurrent_upgrades_on_a_fresh_database(fresh_url: str) -> None:
 
 def test_concurrent_upgrades_on_a_migrated_database(db_url: str) -> None:
     assert upgrade_concurrently(db_url) == []
+
+
+def migrate(url: str, revision: str) -> None:
+    """Up or down to `revision`, as an operator would with Alembic."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("proxy.migrations")))
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        if revision == "head":
+            command.upgrade(config, revision)
+        else:
+            command.downgrade(config, revision)
+    engine.dispose()
+
+
+def test_the_holds_table_renamed_both_ways_keeps_every_hold(fresh_url: str) -> None:
+    """0013 renames budget_reservations to budget_holds (and back) with its indexes and holds; on PostgreSQL a
+    replica of the release before, still serving while a new one migrated, writes holds under the old name."""
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    hold = "(call_id, scope, period_start, amount_usd, expires_at) VALUES (:call, 'team:1:month', :at, 1, :at)"
+    with engine.begin() as connection:
+        connection.execute(text(f"INSERT INTO budget_holds {hold}"), {"call": "sgr_new", "at": "2026-12-01 00:00:00"})
+        if engine.dialect.name == "postgresql":
+            old = {"call": "sgr_old", "at": "2026-12-01 00:00:00"}
+            connection.execute(text(f"INSERT INTO budget_reservations {hold}"), old)
+            connection.execute(text("DELETE FROM budget_reservations WHERE call_id = 'sgr_old'"))
+    engine.dispose()
+
+    def state(table: str) -> tuple[list[str], set[str]]:
+        engine = make_engine(fresh_url)
+        with engine.connect() as connection:
+            calls: list[str] = list(connection.execute(select(column("call_id")).select_from(table_(table))).scalars())
+        indexes = {index["name"] for index in inspect(engine).get_indexes(table) if index["name"]}
+        engine.dispose()
+        return calls, indexes
+
+    new_indexes = {"ix_budget_holds_expires_at", "ix_budget_holds_instance"}
+    assert state("budget_holds") == (["sgr_new"], new_indexes)
+    migrate(fresh_url, "0012")
+    assert state("budget_reservations") == (
+        ["sgr_new"],
+        {name.replace("holds", "reservations") for name in new_indexes},
+    )
+    migrate(fresh_url, "head")
+    assert state("budget_holds") == (["sgr_new"], new_indexes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -37,7 +38,8 @@ from proxy.types import Reservation
 from tests.locks import ledger_locked
 from tests.replicas import replica
 from tests.servers import serve_in_thread
-from tests.stack import running_stack
+from tests.stack import running_stack, running_stack_again
+from tests.test_limits_wire import table_gone
 from tests.test_writer import make_record, writer_for
 from tests.upstream import FakeAnthropic
 from tests.waiting import wait_for, wait_until
@@ -448,7 +450,8 @@ def test_a_call_that_cannot_be_journaled_never_goes_out(engine: Engine, db_url: 
             assert [r.status_code for r in sent] == [200] * 5
             # One line for the whole outage, not one per call refused (a storm of calls was a storm of lines).
             [log] = tmp_path.glob("serve-*.log")
-            wait_until(lambda: "recovered after 30 failed attempts" in log.read_text(), "the journal's recovery logged")
+            recovered = re.compile(r"writing the crash journal .* recovered after \d+ failed attempts")
+            wait_until(lambda: recovered.search(log.read_text()) is not None, "the journal's recovery logged")
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
         # The next process on the same spill folder replays the journal.
@@ -483,3 +486,31 @@ def test_budgeted_calls_are_refused_in_bounded_time_while_the_ledger_is_locked(
         wait_until(lambda: get_team(engine, "research").reserved_usd == 0, "late holds and grants to be given back")
         answer = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
         assert answer.status_code == 200
+
+
+def lease_holds(engine: Engine) -> list[tuple[str, Decimal]]:
+    with engine.connect() as connection:
+        query = select(BudgetHold.call_id, BudgetHold.amount_usd).where(BudgetHold.call_id.startswith(LEASE_PREFIX))
+        return [(call_id, amount) for call_id, amount in connection.execute(query)]
+
+
+def test_leases_a_clean_exit_cannot_end_stay_in_the_journal_until_a_replay_ends_them(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """The ledger does not answer as the proxy stops, so its budget leases stay in the ledger: the journal, which
+    the next start replays to end them, is kept (it was deleted, leaving the leases to be recorded as spent)."""
+    team = TeamSettings(budget_usd=Decimal(100))
+    with contextlib.ExitStack() as later:
+        with running_stack(engine, db_url, tmp_path, team=team) as stack:
+            for _ in range(5):
+                assert httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key}).is_success
+            stack.idle()
+            assert lease_holds(engine)
+            later.enter_context(table_gone(engine, "budget_holds"))
+        assert list((tmp_path / "spill").glob("journal-*.jsonl"))
+    assert lease_holds(engine)
+    with running_stack_again(engine, db_url, tmp_path, stack) as again:
+        wait_until(lambda: not lease_holds(engine), "the journal's replay ending the leases")
+        assert len(again.records(5)) == 5
+    costs = [Decimal(record["cost_usd"]) for record in records(engine)]
+    assert get_team(engine, "research").spent_usd == sum(costs, Decimal(0))

@@ -292,6 +292,11 @@ def _aware(value: datetime | str) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
+def rate_leased(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT COALESCE(SUM(amount), 0) FROM rate_leases")).scalar_one())
+
+
 def test_idle_leases_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path: Path) -> None:
     """A replica gives back what it holds once its calls stop, so another replica can use the whole limit."""
     with running_stack(engine, db_url, tmp_path, team=TeamSettings(rpm=600)) as stack:
@@ -299,11 +304,7 @@ def test_idle_leases_go_back_to_the_bucket(engine: Engine, db_url: str, tmp_path
             for _ in range(30):
                 client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
 
-        def held() -> int:
-            with engine.connect() as connection:
-                return int(connection.execute(text("SELECT COALESCE(SUM(amount), 0) FROM rate_leases")).scalar_one())
-
-        wait_until(lambda: held() == 0, "the idle lease given back")
+        wait_until(lambda: rate_leased(engine) == 0, "the idle lease given back")
         with engine.connect() as connection:
             level = connection.execute(text("SELECT level FROM rate_buckets")).scalar_one()
         # 30 consumed, the rest back: the level is what a full bucket less 30 has refilled since.
@@ -412,3 +413,20 @@ def test_what_a_call_really_used_decides_what_goes_back(engine: Engine, db_url: 
             with pytest.raises(anthropic.RateLimitError):
                 client.messages.create(model="claude-sonnet-4-6", max_tokens=200, messages=HELLO)
             client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+
+
+def test_a_budget_upkeep_waiting_on_a_lock_holds_up_no_rate_lease(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """One upkeep keeps both kinds of lease: while the budget give-back waits for an operator's lock on the budget
+    tables, idle rate leases still go back to their buckets (other replicas would be refused meanwhile)."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one write lock for every table")
+    with running_stack(engine, db_url, tmp_path, team=TeamSettings(rpm=600, budget_usd=Decimal(100))) as stack:
+        with anthropic.Anthropic(base_url=stack.url, api_key=stack.key, max_retries=0) as client:
+            for _ in range(30):
+                client.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
+        stack.idle()
+        assert rate_leased(engine) > 0
+        with engine.connect() as locker:
+            locker.exec_driver_sql("LOCK TABLE budget_counters, budget_holds IN EXCLUSIVE MODE")
+            wait_until(lambda: rate_leased(engine) == 0, "the idle rate leases given back")
+            locker.rollback()

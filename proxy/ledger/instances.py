@@ -84,8 +84,7 @@ class Heartbeat:
         """A clean exit, once every call of this process is recorded (blocking)."""
         self._stopping.set()
         if self._thread is not None:
-            # A beat stuck on an unreachable ledger must not hold the exit: past the limit, others reap us anyway.
-            self._thread.join(timeout=self._limit.total_seconds())
+            self._thread.join()
         retire(self._engine, self._instance)
 
     def _beat_until_stopped(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from proxy.ledger.disk import record_from_json
+from proxy.logs import Trouble
 from proxy.types import Counter, UsageRecord, column_getter
 
 logger = logging.getLogger("spendgate")
@@ -78,13 +79,19 @@ class Journal:
         self._fd = -1
         self._size = 0
         self.failing: str | None = None
+        # Logged when writing starts and stops failing, not once per line lost or call refused meanwhile.
+        self._trouble = Trouble(logger, f"writing the crash journal in {directory} (calls are refused meanwhile)")
         self._open_segment()
 
     def started(self, start: Start) -> None:
         """Note a call about to go upstream (raises OSError if the line cannot be written); end lines waiting to
         be written go in the same `write()`."""
         line = "s", *_start_values(start)
-        self._write_lines([*(held for _, held in self._held), _encode(line)])
+        try:
+            self._write_lines([*(held for _, held in self._held), _encode(line)])
+        except OSError as exc:
+            self._failed(exc)
+            raise
         self._note_ended()
         self._segments[self._number].open_calls.add(start.id)
         self._started_in[start.id] = self._number
@@ -123,7 +130,7 @@ class Journal:
 
     def _failed(self, exc: OSError) -> None:
         self.failing = f"cannot write the crash journal in {self._directory}: {exc}"
-        logger.error("%s", self.failing)
+        self._trouble.failed(exc)
 
     def _note_ended(self) -> None:
         """Bookkeeping for end lines just written (or lost: the records are queued all the same)."""
@@ -153,12 +160,13 @@ class Journal:
         for number in touched:
             self._forget(number)
 
-    def close(self) -> None:
-        """At a clean shutdown, after the writer drained: delete the segments nothing depends on, then unlock."""
+    def close(self, *, keep: bool = False) -> None:
+        """At a clean shutdown, after the writer drained: delete the segments nothing depends on (none with `keep`:
+        a lease is still in the ledger, and the next start's replay must end it), then unlock."""
         self._write_held()
         for segment in self._segments.values():
             segment.closed = True
-        for number in list(self._segments):
+        for number in [] if keep else list(self._segments):
             self._forget(number)
         os.close(self._fd)
         if not self._segments:
@@ -180,6 +188,7 @@ class Journal:
         if os.write(self._fd, data) != len(data):
             raise OSError(f"short write to the journal in {self._directory}")
         self.failing = None
+        self._trouble.succeeded()
         self._size += len(data)
 
     def _open_segment(self) -> None:

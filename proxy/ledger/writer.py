@@ -72,8 +72,6 @@ class Writer:
         self._on_committed = on_committed
         self._metrics = metrics
         self._trouble = Trouble(logger, "writing usage records to the ledger")
-        # Logged when journaling starts and stops failing, not once per call refused meanwhile.
-        self._journaling = Trouble(logger, "journaling calls (each is refused meanwhile)")
         # Set when another replica took this process for dead and recorded its live calls at their estimate:
         # then each batch's real records correct those estimates.
         self.correct_estimates = False
@@ -123,13 +121,10 @@ class Writer:
             return
         try:
             self._journal.started(start)
-        except OSError as exc:
-            self._journal.failing = f"cannot write the crash journal: {exc}"
-            self._journaling.failed(exc)
+        except OSError:
             raise LedgerUnavailable(
                 "spendgate cannot journal calls right now (its spill folder cannot be written), so it sends none."
             ) from None
-        self._journaling.succeeded()
 
     def submit(self, record: UsageRecord) -> None:
         """Journal and queue a record; never blocks on the ledger and never fails (past the bound too: the call

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import timedelta
 from typing import Protocol
 
@@ -9,8 +11,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.gateway.leases.budget import BudgetLeases, LeaseNote
+from proxy.gateway.leases.policy import UPKEEP_SECONDS
 from proxy.gateway.leases.rate import RateLeases
 from proxy.instruments import Metrics
+from proxy.logs import Trouble
+
+logger = logging.getLogger("spendgate")
 
 
 class LeaseBook(Protocol):
@@ -43,29 +49,41 @@ class Leases:
             engine, instance=instance, ttl=ttl, note=note, metrics=metrics, wait_seconds=wait_seconds
         )
         self.rates = RateLeases(engine, instance=instance, metrics=metrics, wait_seconds=wait_seconds)
-        self._books: tuple[LeaseBook, ...] = (self.budgets, self.rates)
+        books: tuple[tuple[LeaseBook, str], ...] = ((self.budgets, "budget"), (self.rates, "rate limit"))
+        self._books = tuple((book, Trouble(logger, f"the upkeep of {name} leases")) for book, name in books)
 
-    async def upkeep(self) -> None:
-        """One upkeep of every lease; a kind whose ledger work fails does not hold up the other."""
-        failed: BaseException | None = None
-        for book in self._books:
-            try:
-                await book.upkeep()
-            except Exception as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+    async def keep(self) -> None:
+        """The upkeep of every lease, once a second until cancelled: each kind in a lane of its own, so one kind's
+        ledger work, failing or waiting on a lock, never holds up the other's. Failures are logged as they start
+        and end."""
+        async with asyncio.TaskGroup() as lanes:
+            for book, trouble in self._books:
+                lanes.create_task(_upkeep_every_second(book, trouble))
 
-    async def close(self) -> None:
-        """Give back every lease at a clean exit; with the ledger unreachable, they are left to the reaper, as a dead
-        process's would be."""
-        for book in self._books:
+    async def close(self) -> bool:
+        """Give back every lease at a clean exit; whether all went back. With the ledger unreachable they stay in
+        it, and this process's journal must stay too: the replica that reaps this process records them as used,
+        and only a replay of the journal corrects those records to what the calls cost."""
+        ended = True
+        for book, _ in self._books:
             try:
                 await book.close()
             except SQLAlchemyError:
-                pass
+                ended = False
+        return ended
 
     def forget(self) -> None:
         """Admit nothing more against leases another replica counted as used (this process was taken for dead)."""
-        for book in self._books:
+        for book, _ in self._books:
             book.forget()
+
+
+async def _upkeep_every_second(book: LeaseBook, trouble: Trouble) -> None:
+    while True:
+        await asyncio.sleep(UPKEEP_SECONDS)
+        try:
+            await book.upkeep()
+        except Exception as exc:
+            trouble.failed(exc, traceback=not isinstance(exc, SQLAlchemyError))
+        else:
+            trouble.succeeded()
