@@ -152,7 +152,7 @@ class Reservation:
     counters: tuple[Counter, ...]
     amount: Decimal  # the worst-case estimate held on every counter that has a budget
     held: bool  # whether the call has a hold of its own in the ledger (only when some counter has a budget)
-    # The budget lease of this process the call was admitted under instead (`proxy/gateway/leases.py`): its cost
+    # The budget lease of this process the call was admitted under instead (`proxy/gateway/leases/budget.py`): its cost
     # is taken from the lease when the record is written.
     lease: str | None = None
 

@@ -364,7 +364,7 @@ def test_leases_of_processes_that_no_longer_exist_are_dropped(engine: Engine) ->
 
 @pytest.mark.anyio
 async def test_the_upkeep_tops_leases_up_so_a_steady_load_waits_for_no_exchange(engine: Engine) -> None:
-    """Each second's sync takes what the last second's demand needs, in the transaction it runs anyway: calls at
+    """Each second's upkeep takes what the last second's demand needs, in the transaction it runs anyway: calls at
     the same pace then fit their leases and none waits for an exchange of its own."""
     register(engine, "steady", datetime.now(UTC))
     metrics = Metrics()

@@ -5,6 +5,7 @@ journal's line) neither change nor miss a field by accident."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -135,3 +136,7 @@ def test_a_journal_line_never_changes_and_reads_back(tmp_path: Path) -> None:
         '["sgr_full","0.5",true,[["team:r:day","team r","day","2026-11-20T00:00:00+00:00","5"]],"l1"],30]\n'
     )
     assert record_from_values(json.loads(line)[1:]) == full_record()
+    # A line from before the last column was appended reads back with that column at its default.
+    *columns, held, window = json.loads(line)[1:]
+    older = record_from_values([*columns[:-1], held, window])
+    assert older == replace(full_record(), usage=replace(full_record().usage, inference_geo=None))

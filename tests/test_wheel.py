@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,26 @@ from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a working tree holds beside its tracked files.
+UNTRACKED = (
+    "build",
+    "dist",
+    "*.egg-info",
+    ".venv",
+    ".git",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
+    "*.db",
+    ".coverage*",
+)
 
 
 def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    # Built from a copy without build artefacts: setuptools reuses a stale `build/` of the tree, and shipped modules
+    # deleted from the source long ago beside the new ones.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*UNTRACKED))
     subprocess.run(
         [
             sys.executable,
@@ -32,7 +50,7 @@ def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path)
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         timeout=300,
@@ -45,6 +63,9 @@ def test_the_installed_wheel_serves(engine: Engine, db_url: str, tmp_path: Path)
     packages = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in (ROOT / "proxy").rglob("__init__.py")}
     shipped = {str(p.parent.relative_to(unpacked)).replace("/", ".") for p in unpacked.rglob("__init__.py")}
     assert packages <= shipped
+    modules = {p.relative_to(ROOT) for p in (ROOT / "proxy").rglob("*.py")}
+    in_wheel = {p.relative_to(unpacked) for p in (unpacked / "proxy").rglob("*.py")}
+    assert {p for p in in_wheel if p.parts[1] != "migrations"} == modules
     assert (unpacked / "proxy" / "pricing" / "prices.toml").is_file()
     assert (unpacked / "proxy" / "gateway" / "output_limits.toml").is_file()
     # The dashboard's templates and stylesheet: everything its pages load ships in the wheel.

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from proxy.ledger.disk import record_from_json
 from proxy.logs import Trouble
-from proxy.types import Counter, UsageRecord, column_getter
+from proxy.types import Counter, Usage, UsageRecord, column_getter
 
 logger = logging.getLogger("spendgate")
 # A segment is closed and a new one begun past this size, so finished calls stop costing disk.
@@ -261,6 +261,11 @@ END_FIELDS = (
 # ASCII-only, so lone surrogates from client data are escaped rather than unencodable.
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _end_values = column_getter(END_FIELDS)
+_APPENDED_DEFAULTS = {
+    item.name: item.default
+    for item in (*fields(UsageRecord), *fields(Usage))
+    if item.name in END_FIELDS and item.default is not MISSING
+}
 _START_AT, _HELD = Start._fields.index("started_at"), Start._fields.index("held")
 
 
@@ -304,9 +309,11 @@ def _record_values(record: UsageRecord) -> list[Any]:
 def record_from_values(values: list[Any]) -> UsageRecord:
     """An end line's fields (after its kind) as the record they were written from."""
     *columns, held, window = values
-    if len(columns) != len(END_FIELDS):
-        raise ValueError(f"an end line has {len(columns)} fields, not {len(END_FIELDS)}")
-    data = dict(zip(END_FIELDS, columns, strict=True))
+    if len(columns) > len(END_FIELDS):
+        raise ValueError(f"an end line has {len(columns)} fields, more than {len(END_FIELDS)}")
+    # A line of an earlier version lacks the columns appended since: they take their defaults (one without a
+    # default makes the line unreadable, and its call is recorded at its estimate).
+    data = {**_APPENDED_DEFAULTS, **dict(zip(END_FIELDS, columns, strict=False))}
     reservation = None
     if held is not None:
         # Lines written before leases existed have no fifth element.

@@ -11,7 +11,8 @@ from typing import Generic, TypeVar
 UPKEEP_SECONDS = 1.0
 # A lease covers the demand of this many seconds, and is given back down to that once it holds twice as much.
 HORIZON_SECONDS = 2
-# A grant takes at most 1/SHARE of the allowance at once (other replicas lease too).
+# A grant takes at most 1/SHARE of the allowance at once (other replicas lease too). Its inverse must be a finite
+# decimal (2, 4, 5, 8, ...): dollars divided by it stay exact.
 SHARE = 4
 # A lease nobody used for this long ends (given back whole).
 IDLE_SECONDS = 2.0
@@ -30,7 +31,7 @@ def grant_size(floor: N, per_second: N, cap: N) -> N:
 
 @dataclass(slots=True)
 class Demand(Generic[N]):
-    """What calls took of one lease lately: the measure every grant, trim and end goes by."""
+    """What calls took of one lease lately: the measure every grant, give-back and end goes by."""
 
     zero: N  # of the lease's unit: 0 tokens or Decimal(0) dollars
     taken: N  # since the last upkeep
