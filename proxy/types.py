@@ -145,7 +145,7 @@ class HoldOwner:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Reservation:
+class Hold:
     """What a call holds against its budgets while it runs; settled to the actual cost when it is recorded."""
 
     call_id: str
@@ -206,7 +206,7 @@ class UsageRecord:
     upstream_ms: float | None = field(default=None, metadata=_NOT_A_COLUMN)
     # What the ledger writer settles in the same transaction that inserts the record, and the team's repeat window
     # it links retries within.
-    reservation: Reservation | None = field(default=None, metadata=_NOT_A_COLUMN)
+    hold: Hold | None = field(default=None, metadata=_NOT_A_COLUMN)
     retry_window_seconds: int = field(default=0, metadata=_NOT_A_COLUMN)
 
 

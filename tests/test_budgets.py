@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from proxy.errors import BudgetExceeded
-from proxy.ledger.budgets import release_expired, reserve
+from proxy.ledger.budgets import release_expired, take_hold
 from proxy.ledger.commit import insert_records
 from proxy.ledger.counters import TOTAL_PERIOD_START, current_spend, key_counter, period_start, team_counter
 from proxy.ledger.schema import BudgetHold
-from proxy.types import Counter, Reservation
+from proxy.types import Counter, Hold
 from tests.test_writer import make_record
 
 NOW = datetime(2026, 11, 25, 15, 30, tzinfo=UTC)  # a Wednesday
@@ -29,8 +29,8 @@ def key(budget: str | None) -> Counter:
     return key_counter("key_1", "day", None if budget is None else Decimal(budget), NOW)
 
 
-def hold(call_id: str, amount: str, *counters: Counter) -> Reservation:
-    return Reservation(call_id=call_id, counters=counters, amount=Decimal(amount), held=True)
+def hold(call_id: str, amount: str, *counters: Counter) -> Hold:
+    return Hold(call_id=call_id, counters=counters, amount=Decimal(amount), held=True)
 
 
 def holds(engine: Engine) -> int:
@@ -61,10 +61,10 @@ def test_total_budget_counter_never_resets() -> None:
 
 def test_hold_then_settle(engine: Engine) -> None:
     counters = (team("10"), key(None))
-    reserve(engine, hold("sgr_1", "3", *counters), expires_at=LATER)
+    take_hold(engine, hold("sgr_1", "3", *counters), expires_at=LATER)
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(3))
     assert holds(engine) == 1
-    record = make_record(id="sgr_1", cost_usd=Decimal("0.25"), reservation=hold("sgr_1", "3", *counters))
+    record = make_record(id="sgr_1", cost_usd=Decimal("0.25"), hold=hold("sgr_1", "3", *counters))
     insert_records(engine, [record])
     spend = current_spend(engine, counters)
     assert spend["team:1:month"] == (Decimal("0.25"), Decimal(0))
@@ -77,17 +77,17 @@ def test_hold_then_settle(engine: Engine) -> None:
 
 
 def test_over_budget_is_refused_and_holds_nothing(engine: Engine) -> None:
-    reserve(engine, hold("sgr_1", "4", team("10")), expires_at=LATER)
+    take_hold(engine, hold("sgr_1", "4", team("10")), expires_at=LATER)
     with pytest.raises(BudgetExceeded) as refused:
-        reserve(engine, hold("sgr_2", "4.5", team("10"), key("1")), expires_at=LATER)
+        take_hold(engine, hold("sgr_2", "4.5", team("10"), key("1")), expires_at=LATER)
     message = refused.value.message
     assert "up to $4.5" in message
     assert "key key_1 has left this day (UTC): budget $1, spent $0, reserved by calls in flight $0" in message
     # The team had room, but nothing was held on it either.
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(4))
     with pytest.raises(BudgetExceeded, match=r"team research has left this month \(UTC\): budget \$10, spent \$0, "):
-        reserve(engine, hold("sgr_3", "6.01", team("10")), expires_at=LATER)
-    reserve(engine, hold("sgr_4", "6", team("10")), expires_at=LATER)
+        take_hold(engine, hold("sgr_3", "6.01", team("10")), expires_at=LATER)
+    take_hold(engine, hold("sgr_4", "6", team("10")), expires_at=LATER)
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(10))
     assert holds(engine) == 2
 
@@ -98,7 +98,7 @@ def test_concurrent_holds_never_exceed_the_budget(engine: Engine) -> None:
 
     def attempt(n: int) -> None:
         try:
-            reserve(engine, hold(f"sgr_{n}", "1", team("10")), expires_at=LATER)
+            take_hold(engine, hold(f"sgr_{n}", "1", team("10")), expires_at=LATER)
             admitted.append(f"sgr_{n}")
         except BudgetExceeded:
             refused.append(f"sgr_{n}")
@@ -113,19 +113,19 @@ def test_concurrent_holds_never_exceed_the_budget(engine: Engine) -> None:
 
 
 def test_expired_holds_are_released(engine: Engine) -> None:
-    reserve(engine, hold("sgr_1", "7", team("10")), expires_at=NOW + timedelta(minutes=5))
-    reserve(engine, hold("sgr_2", "2", team("10")), expires_at=NOW + timedelta(hours=5))
+    take_hold(engine, hold("sgr_1", "7", team("10")), expires_at=NOW + timedelta(minutes=5))
+    take_hold(engine, hold("sgr_2", "2", team("10")), expires_at=NOW + timedelta(hours=5))
     assert release_expired(engine, NOW + timedelta(minutes=10)) == 1
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(2))
     # The call settles after its hold was released: its cost counts, nothing is released twice.
-    insert_records(engine, [make_record(id="sgr_1", cost_usd=Decimal(1), reservation=hold("sgr_1", "7", team("10")))])
+    insert_records(engine, [make_record(id="sgr_1", cost_usd=Decimal(1), hold=hold("sgr_1", "7", team("10")))])
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(1), Decimal(2))
     assert release_expired(engine, NOW + timedelta(minutes=10)) == 0
 
 
 def test_soft_limit_is_reported_once_per_period(engine: Engine) -> None:
     def settle(call_id: str, cost: str) -> list[str]:
-        record = make_record(id=call_id, cost_usd=Decimal(cost), reservation=hold(call_id, "0", team("10")))
+        record = make_record(id=call_id, cost_usd=Decimal(cost), hold=hold(call_id, "0", team("10")))
         return [alert.label for alert in insert_records(engine, [record], soft_fraction=Decimal("0.8")).crossed]
 
     assert settle("sgr_1", "7.99") == []

@@ -34,7 +34,7 @@ from proxy.ledger.schema import BudgetHold, Instance, UsageRow
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
-from proxy.types import Reservation
+from proxy.types import Hold
 from tests.locks import ledger_locked
 from tests.replicas import replica
 from tests.servers import serve_in_thread
@@ -85,9 +85,9 @@ async def test_a_bug_in_the_write_path_is_loud_and_sets_nothing_aside(engine: En
     writer = writer_for(engine, tmp_path, batch_size=50, stall_seconds=0.2)
     writer.start()
     counter = team_counter(1, "research", "month", Decimal(10), make_record().started_at)
-    hold = Reservation(call_id="sgr_bug", counters=(counter,), amount=Decimal(0), held=False)
+    hold = Hold(call_id="sgr_bug", counters=(counter,), amount=Decimal(0), held=False)
     bad: Any = 0.5
-    writer.submit(make_record(id="sgr_bug", cost_usd=bad, reservation=hold))
+    writer.submit(make_record(id="sgr_bug", cost_usd=bad, hold=hold))
     await wait_for(lambda: writer.problem is not None and "TypeError" in writer.problem, "the writer to say why")
     assert writer.pending == 1
     assert not list((tmp_path / "spill").glob("refused-*.jsonl"))
@@ -109,8 +109,8 @@ async def test_a_failing_collaborator_does_not_stop_the_writer(engine: Engine, t
     writer = writer_for(engine, tmp_path, on_soft_limit=alert, batch_size=1)
     writer.start()
     counter = team_counter(1, "research", "month", Decimal(10), make_record().started_at)
-    hold = Reservation(call_id="sgr_big", counters=(counter,), amount=Decimal(0), held=False)
-    writer.submit(make_record(id="sgr_big", cost_usd=Decimal(9), reservation=hold))
+    hold = Hold(call_id="sgr_big", counters=(counter,), amount=Decimal(0), held=False)
+    writer.submit(make_record(id="sgr_big", cost_usd=Decimal(9), hold=hold))
     await wait_for(lambda: failures, "the soft-limit alert to fail")
     for n in range(5):
         writer.submit(make_record(id=f"sgr_after_{n}"))

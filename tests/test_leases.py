@@ -14,12 +14,12 @@ from sqlalchemy import Engine, delete, select
 from proxy.errors import BudgetExceeded
 from proxy.gateway.leases.budget import LEASE_CALLS, SMALL_BUDGET, BudgetLeases
 from proxy.instruments import Metrics
-from proxy.ledger.budgets import end_leases, grant_lease, reserve, return_lease
+from proxy.ledger.budgets import end_leases, grant_lease, return_lease, take_hold
 from proxy.ledger.commit import insert_records
 from proxy.ledger.counters import counters_for, current_spend
 from proxy.ledger.keys import KeyInfo
 from proxy.ledger.schema import BudgetCounter, BudgetHold
-from proxy.types import Counter, HoldOwner, Reservation
+from proxy.types import Counter, Hold, HoldOwner
 from tests.test_writer import make_record
 
 NOW = datetime.now(UTC)
@@ -63,7 +63,7 @@ def test_a_lease_is_a_hold_within_the_budget(engine: Engine) -> None:
     assert grant(engine, "lease-c", "1") == 0
     assert spend(engine)["team:1:month"] == (ZERO, Decimal(10))
     with pytest.raises(BudgetExceeded):
-        reserve(engine, Reservation(call_id="sgr_1", counters=counters(), amount=WORST, held=True), expires_at=NOW)
+        take_hold(engine, Hold(call_id="sgr_1", counters=counters(), amount=WORST, held=True), expires_at=NOW)
     # The lease grows in place; the key has no budget, so only the team's counter is held.
     return_lease(engine, "lease-b", Decimal(3))
     assert grant(engine, "lease-b", "2") == 2
@@ -78,10 +78,9 @@ def test_a_lease_is_a_hold_within_the_budget(engine: Engine) -> None:
 def test_recorded_costs_move_from_the_lease_to_spent(engine: Engine) -> None:
     both = replace(KEY, key_budget_usd=Decimal(5), key_period="day")
     grant(engine, "lease-a", "2", both)
-    hold = Reservation(call_id="sgr_1", counters=counters(both), amount=WORST, held=False, lease="lease-a")
+    hold = Hold(call_id="sgr_1", counters=counters(both), amount=WORST, held=False, lease="lease-a")
     records = [
-        make_record(id=f"sgr_{n}", cost_usd=Decimal("0.25"), reservation=replace(hold, call_id=f"sgr_{n}"))
-        for n in range(3)
+        make_record(id=f"sgr_{n}", cost_usd=Decimal("0.25"), hold=replace(hold, call_id=f"sgr_{n}")) for n in range(3)
     ]
     insert_records(engine, records)
     team, key, user = spend(engine, both).items()
@@ -97,7 +96,7 @@ def test_recorded_costs_move_from_the_lease_to_spent(engine: Engine) -> None:
     assert set(leased(engine).values()) == {Decimal("1.25")}
     # A lease already ended (its process reaped) gives nothing back: the cost is only spent.
     return_lease(engine, "lease-a", None)
-    insert_records(engine, [make_record(id="sgr_9", cost_usd=Decimal(1), reservation=replace(hold, call_id="sgr_9"))])
+    insert_records(engine, [make_record(id="sgr_9", cost_usd=Decimal(1), hold=replace(hold, call_id="sgr_9"))])
     assert spend(engine, both)["team:1:month"] == (Decimal("1.75"), ZERO)
 
 
@@ -168,32 +167,32 @@ async def test_what_is_admitted_never_passes_the_budget(engine: Engine, worst: l
         BudgetLeases(engine, instance=f"test-{n}", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
         for n in (1, 2)
     ]
-    in_flight: list[tuple[int, Reservation, Decimal]] = []
+    in_flight: list[tuple[int, Hold, Decimal]] = []
     total = Decimal(0)
     example = next(EXAMPLES)
     for n, cents in enumerate(worst):
         amount = Decimal(cents) / 100
         which = n % 2
         lease = await processes[which].admit(key, counters(key), amount, endpoint="/v1/messages")
-        hold = Reservation(
+        hold = Hold(
             call_id=f"sgr_{example}_{n}", counters=counters(key), amount=amount, held=lease is None, lease=lease
         )
         if lease is None:
             try:
-                reserve(engine, hold, expires_at=NOW + timedelta(hours=1))
+                take_hold(engine, hold, expires_at=NOW + timedelta(hours=1))
             except BudgetExceeded:
                 continue
         in_flight.append((which, hold, amount * spent[n] / 100))
         assert total + sum(h.amount for _, h, _ in in_flight) <= budget
         if n % 3 == 2:  # finish the oldest call, its record written at once
             owner, hold, cost = in_flight.pop(0)
-            record = make_record(id=hold.call_id, cost_usd=cost, reservation=hold)
+            record = make_record(id=hold.call_id, cost_usd=cost, hold=hold)
             processes[owner].finished(record)
             insert_records(engine, [record])
             processes[owner].committed([record])
             total += cost
     for owner, hold, cost in in_flight:
-        record = make_record(id=hold.call_id, cost_usd=cost, reservation=hold)
+        record = make_record(id=hold.call_id, cost_usd=cost, hold=hold)
         processes[owner].finished(record)
         insert_records(engine, [record])
         processes[owner].committed([record])

@@ -18,13 +18,13 @@ from anthropic.types import MessageParam
 from sqlalchemy import Engine, text
 from starlette.types import Receive, Scope, Send
 
-from proxy.ledger.budgets import reserve
+from proxy.ledger.budgets import take_hold
 from proxy.ledger.counters import team_counter
 from proxy.ledger.instances import register
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.keys import lookup_key_by_id
 from proxy.ledger.teams import TeamSettings, create_team, get_team
-from proxy.types import HoldOwner, Reservation
+from proxy.types import Hold, HoldOwner
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
@@ -237,8 +237,8 @@ def test_a_dead_replicas_calls_set_off_their_soft_limit_alert(engine: Engine, db
         owner = HoldOwner(
             instance_id="dead-replica", team="research", key_id=stack.key_id, endpoint="/v1/messages", model=None
         )
-        hold = Reservation(call_id="sgr_dead_call", counters=(counter,), amount=Decimal(9), held=True)
-        reserve(engine, hold, expires_at=now + timedelta(hours=1), started_at=now, owner=owner)
+        hold = Hold(call_id="sgr_dead_call", counters=(counter,), amount=Decimal(9), held=True)
+        take_hold(engine, hold, expires_at=now + timedelta(hours=1), started_at=now, owner=owner)
         wait_until(lambda: webhook.received, "the soft-limit alert of the dead replica's call")
     [alert] = webhook.received
     assert (alert["team"], alert["spent_usd"], alert["budget_usd"]) == ("research", "9", "10")

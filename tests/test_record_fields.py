@@ -17,7 +17,7 @@ from proxy.ledger.export import PUBLIC_FIELDS
 from proxy.ledger.journal import END_FIELDS, Journal, record_from_values
 from proxy.ledger.schema import UsageRow
 from proxy.surfaces import admin_models
-from proxy.types import PUBLIC_COLUMNS, ROW_COLUMNS, Counter, Reservation, Usage, UsageRecord
+from proxy.types import PUBLIC_COLUMNS, ROW_COLUMNS, Counter, Hold, Usage, UsageRecord
 from tests.test_writer import make_record
 
 # Columns a new field may be left out of on purpose, each with why. Empty: every column is hashed and journaled.
@@ -74,7 +74,7 @@ def full_record() -> UsageRecord:
         custom_id="c1",
         max_tokens_requested=100,
         max_tokens_sent=50,
-        reservation=Reservation(call_id="sgr_full", counters=(counter,), amount=Decimal("0.5"), held=True, lease="l1"),
+        hold=Hold(call_id="sgr_full", counters=(counter,), amount=Decimal("0.5"), held=True, lease="l1"),
         retry_window_seconds=30,
     )
 

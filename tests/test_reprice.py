@@ -17,7 +17,7 @@ from proxy.ledger.counters import team_counter
 from proxy.ledger.reprice import reprice
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.pricing.table import PriceTable
-from proxy.types import Reservation, Usage
+from proxy.types import Hold, Usage
 from tests.test_writer import make_record
 
 NOW = datetime.now(UTC)
@@ -46,7 +46,7 @@ def corrected(tmp_path: Path) -> Path:
 def fill(engine: Engine) -> None:
     team = create_team(engine, "research", TeamSettings(budget_usd=Decimal(10)), actor="test")
     counter = team_counter(1, team.name, "month", Decimal(10), NOW)
-    hold = Reservation(call_id="none", counters=(counter,), amount=Decimal(0), held=False)
+    hold = Hold(call_id="none", counters=(counter,), amount=Decimal(0), held=False)
     insert_records(
         engine,
         [
@@ -55,7 +55,7 @@ def fill(engine: Engine) -> None:
                 id="sgr_1",
                 team="research",
                 started_at=NOW,
-                reservation=hold,
+                hold=hold,
                 usage=Usage(input_tokens=100_000, output_tokens=10_000),
                 cost_usd=Decimal("0.45"),
             ),
@@ -64,7 +64,7 @@ def fill(engine: Engine) -> None:
                 id="sgr_2",
                 team="research",
                 started_at=NOW,
-                reservation=hold,
+                hold=hold,
                 usage=Usage(),
                 cost_usd=Decimal(0),
                 status=429,

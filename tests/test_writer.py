@@ -30,7 +30,7 @@ from proxy.ledger.schema import UsageRow
 from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InProcess, InThread, WriteFailed, usable_cores, writes_for
-from proxy.types import Reservation, Usage, UsageRecord
+from proxy.types import Hold, Usage, UsageRecord
 from tests.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -187,8 +187,8 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost_or_settle
     writer.start()
     killed: set[int] = set()
     for n in range(300):
-        hold = Reservation(call_id=f"sgr_{n}", counters=(counter,), amount=Decimal(0), held=False)
-        writer.submit(make_record(id=f"sgr_{n}", cost_usd=Decimal("0.01"), reservation=hold))
+        hold = Hold(call_id=f"sgr_{n}", counters=(counter,), amount=Decimal(0), held=False)
+        writer.submit(make_record(id=f"sgr_{n}", cost_usd=Decimal("0.01"), hold=hold))
         if n % 100 == 50:
             await wait_for(lambda: count(engine) > 0, "some records written")
             pid = await child_of(writes)

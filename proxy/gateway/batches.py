@@ -125,7 +125,7 @@ class Batches:
         """(blocking)"""
         if route.kind == "batch_delete":
             return body
-        if route.kind == "batch_create" and call.reservation is not None:
+        if route.kind == "batch_create" and call.hold is not None:
             created = _json_object(body)
             batch_id = created.get("id")
             if not isinstance(batch_id, str):
@@ -150,7 +150,7 @@ class Batches:
                 )
                 return point_results_at(body, public_url)
             # The hold now covers the batch: it is released by the record of the batch's last result.
-            call.reservation = replace(call.reservation, held=False)
+            call.hold = replace(call.hold, held=False)
         if route.kind == "batch_list":
             body = keep_owned(body, lambda ids: owned_ids(self._engine, key.team_id, ids))
         return point_results_at(body, public_url)

@@ -20,7 +20,7 @@ from proxy.gateway.leases.rate import Ticket
 from proxy.gateway.usage import MessageSummary
 from proxy.ledger.keys import KeyInfo
 from proxy.pricing.table import PriceTable
-from proxy.types import COUNT_TOKENS, Cost, Outcome, Reservation, Usage, UsageRecord
+from proxy.types import COUNT_TOKENS, Cost, Hold, Outcome, Usage, UsageRecord
 
 ZERO = Decimal(0)
 
@@ -98,7 +98,7 @@ class Call:
         "model",
         "priced",
         "fingerprint",
-        "reservation",
+        "hold",
         "response_model",
         "retry_count",
         "sent",
@@ -138,7 +138,7 @@ class Call:
         self.retry_count = 0
         self.max_tokens: int | None = None
         self.max_tokens_sent: int | None = None
-        self.reservation: Reservation | None = None
+        self.hold: Hold | None = None
         self.ticket: Ticket | None = None  # what the call took from its rate limits
         self.priced: Cost | None = None
         self.fingerprint: str | None = None  # of a Messages request, for retry linking
@@ -257,7 +257,7 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
         latency_ms=latency_ms,
         ttfb_ms=ttfb_ms,
         upstream_ms=upstream_ms,
-        reservation=call.reservation,
+        hold=call.hold,
         fingerprint=call.fingerprint,
         retry_window_seconds=key.retry_window_seconds if key else 0,
     )

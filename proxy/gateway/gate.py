@@ -36,13 +36,13 @@ from proxy.gateway.validate import OutputLimits, check_batch_request, check_mess
 from proxy.gateway.waits import bounded
 from proxy.instruments import Metrics
 from proxy.ledger.batch_owners import BatchOwner, find_batch
-from proxy.ledger.budgets import release, reserve
+from proxy.ledger.budgets import release, take_hold
 from proxy.ledger.counters import counters_for
 from proxy.ledger.keys import KeyCache, KeyInfo, key_from_headers
 from proxy.ledger.retries import fingerprint_request
 from proxy.pricing.estimate import estimate_cost, input_token_bound
 from proxy.pricing.table import PriceTable
-from proxy.types import HoldOwner, Reservation, UsageRecord
+from proxy.types import Hold, HoldOwner, UsageRecord
 
 logger = logging.getLogger("spendgate")
 T = TypeVar("T")
@@ -247,7 +247,7 @@ class Gate:
         are large enough, else a hold of its own); counters without a budget just record its spend later."""
         counters = counters_for(key, call.started_at, call.user)
         if all(counter.budget_usd is None for counter in counters):
-            call.reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
+            call.hold = Hold(call_id=call.id, counters=counters, amount=ZERO, held=False)
             return
         amount = estimate()
         if amount is None:
@@ -266,12 +266,10 @@ class Gate:
                 if lease:
                     leased = await self._budgets.admit(key, counters, amount, endpoint=call.endpoint)
                     if leased is not None:
-                        call.reservation = Reservation(
-                            call_id=call.id, counters=counters, amount=amount, held=False, lease=leased
-                        )
+                        call.hold = Hold(call_id=call.id, counters=counters, amount=amount, held=False, lease=leased)
                         self._metrics.leased.inc()
                         return
-                reservation = Reservation(call_id=call.id, counters=counters, amount=amount, held=True)
+                hold = Hold(call_id=call.id, counters=counters, amount=amount, held=True)
                 owner = HoldOwner(
                     instance_id=self._rules.instance,
                     team=key.team,
@@ -281,25 +279,25 @@ class Gate:
                     user=call.user,
                     feature=call.feature,
                 )
-                hold = partial(
-                    reserve,
+                take = partial(
+                    take_hold,
                     self._engine,
-                    reservation,
+                    hold,
                     expires_at=call.started_at + ttl,
                     started_at=call.started_at,
                     owner=owner,
                 )
                 # A hold that lands after the call was refused is taken back at once.
                 late = lambda _: self._background(partial(release, self._engine, [call.id]))  # noqa: E731
-                await bounded(anyio.to_thread.run_sync(hold), self._rules.ledger_wait_seconds, late=late)
+                await bounded(anyio.to_thread.run_sync(take), self._rules.ledger_wait_seconds, late=late)
                 self._metrics.hold_trips.inc()
                 self._metrics.held.inc()
         except LedgerUnavailable:
             if not self._rules.fail_open:
                 raise
             logger.warning("ledger unreachable; forwarding %s without a budget check (fail-open)", call.id)
-            reservation = Reservation(call_id=call.id, counters=counters, amount=ZERO, held=False)
-        call.reservation = reservation
+            hold = Hold(call_id=call.id, counters=counters, amount=ZERO, held=False)
+        call.hold = hold
 
 
 def _estimate_batch(requests: list[dict[str, Any]], prices: PriceTable, call: Call) -> Decimal | None:

@@ -25,7 +25,7 @@ from proxy.ledger.batch_owners import BatchOwner
 from proxy.ledger.counters import counters_for
 from proxy.ledger.keys import KeyInfo
 from proxy.pricing.table import PriceTable
-from proxy.types import BATCHES, Reservation, UsageRecord
+from proxy.types import BATCHES, Hold, UsageRecord
 
 logger = logging.getLogger("spendgate")
 ZERO = Decimal(0)
@@ -80,7 +80,7 @@ class ResultsMeter:
     ) -> None:
         self._batch = batch
         self._key = key
-        self._hold = Reservation(
+        self._hold = Hold(
             call_id=batch.hold_call_id,
             counters=counters_for(key, batch.created_at, batch.user),
             amount=ZERO,
@@ -106,8 +106,8 @@ class ResultsMeter:
         self._buffer = b""
         if self._last is not None:
             last = self._last
-            if complete and last.reservation is not None:
-                last = replace(last, reservation=replace(last.reservation, held=True))
+            if complete and last.hold is not None:
+                last = replace(last, hold=replace(last.hold, held=True))
             self._submit(last)
             self._last = None
 
@@ -147,7 +147,7 @@ class ResultsMeter:
             call.usage = replace(parse_usage(usage), service_tier="batch")
         if kind != "succeeded":
             call.facts.error_type = label(_error_type(result) or str(kind), 100)
-        call.reservation = self._hold
+        call.hold = self._hold
         return make_record(call, self._prices)
 
 

@@ -167,7 +167,7 @@ async def send_guarded(send: Send, message: Message) -> None:
 
 def _start(call: Call, size: int) -> Start:
     """What the crash journal keeps of a call as it goes out."""
-    key, reservation = call.key, call.reservation
+    key, hold = call.key, call.hold
     return Start(
         id=call.id,
         started_at=call.started_at,
@@ -180,7 +180,7 @@ def _start(call: Call, size: int) -> Start:
         streamed=call.streamed,
         max_tokens=call.max_tokens_sent,
         input_bound=size,
-        held=reservation.amount if reservation is not None and (reservation.held or reservation.lease) else None,
+        held=hold.amount if hold is not None and (hold.held or hold.lease) else None,
         metered=call.metered,
     )
 

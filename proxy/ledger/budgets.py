@@ -32,7 +32,7 @@ from proxy.ledger.counters import (
 )
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import BudgetHold, Instance, UsageRow, effective_cost
-from proxy.types import Counter, HoldOwner, Period, Reservation, UsageRecord
+from proxy.types import Counter, Hold, HoldOwner, Period, UsageRecord
 
 # A process's budget leases are holds whose call id starts with this (`proxy/gateway/leases/budget.py`).
 LEASE_PREFIX = "lease-"
@@ -85,17 +85,17 @@ def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: d
         write_counters(connection, writes)
 
 
-def reserve(
+def take_hold(
     engine: Engine,
-    reservation: Reservation,
+    hold: Hold,
     *,
     expires_at: datetime,
     started_at: datetime | None = None,
     owner: HoldOwner | None = None,
 ) -> None:
-    """Hold `reservation.amount` on every budgeted counter, or raise `BudgetExceeded` and hold nothing."""
-    budgeted = [(counter, counter.budget_usd) for counter in reservation.counters if counter.budget_usd is not None]
-    amount = reservation.amount
+    """Hold `hold.amount` on every budgeted counter, or raise `BudgetExceeded` and hold nothing."""
+    budgeted = [(counter, counter.budget_usd) for counter in hold.counters if counter.budget_usd is not None]
+    amount = hold.amount
     with write_transaction(engine) as connection:
         current = lock_counters(connection, [counter for counter, _ in budgeted])
         for counter, budget in budgeted:
@@ -116,7 +116,7 @@ def reserve(
             insert(BudgetHold),
             [
                 {
-                    "call_id": reservation.call_id,
+                    "call_id": hold.call_id,
                     "scope": counter.scope,
                     "period_start": counter.period_start,
                     "amount_usd": amount,
@@ -150,9 +150,9 @@ def settle(
     spent: dict[CounterKey, Decimal] = defaultdict(Decimal)
     counters: dict[CounterKey, Counter] = {}
     for record in records:
-        if record.reservation is None:
+        if record.hold is None:
             continue
-        for counter in record.reservation.counters:
+        for counter in record.hold.counters:
             counters[(counter.scope, counter.period_start)] = counter
             spent[(counter.scope, counter.period_start)] += record.cost_usd or ZERO
     released = _release(connection, sorted(set(release)))
@@ -322,7 +322,7 @@ def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[Cou
     holds. A lease already ended (or reaped) gives nothing back: the cost is then only added to spent."""
     wanted: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for record in records:
-        hold = record.reservation
+        hold = record.hold
         if hold is None or hold.lease is None or not record.cost_usd or record.cost_usd < 0:
             continue
         for counter in hold.counters:

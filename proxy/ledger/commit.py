@@ -79,7 +79,7 @@ def write_records(
         if rows:
             insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
     # Holds are released even when their record was written before (a batch's last result read twice).
-    held = [record for record in records if record.reservation is not None and record.reservation.held]
+    held = [record for record in records if record.hold is not None and record.hold.held]
     finished = sorted({record.batch_id for record in held if record.batch_id is not None})
     if finished:
         connection.execute(update(Batch).where(Batch.id.in_(finished)).values(results_recorded_at=datetime.now(UTC)))
@@ -87,7 +87,7 @@ def write_records(
         connection,
         [records[index] for index in fresh],
         soft_fraction=soft_fraction,
-        release=[record.reservation.call_id for record in held if record.reservation is not None],
+        release=[record.hold.call_id for record in held if record.hold is not None],
     )
     retried = [(row["team"], row["cost_usd"]) for row in rows if row["is_retry"]]
     return Inserted(crossed, retried, [row["id"] for row in rows if row["custom_id"] is not None])

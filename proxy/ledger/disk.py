@@ -26,15 +26,16 @@ from sqlalchemy import Engine
 
 from proxy.ledger.budgets import SoftLimitCrossed
 from proxy.ledger.commit import DEFAULT_SOFT_FRACTION, insert_records, is_refused, record_to_row
-from proxy.types import ROW_COLUMNS, USAGE_COLUMNS, Counter, Reservation, Usage, UsageRecord
+from proxy.types import ROW_COLUMNS, USAGE_COLUMNS, Counter, Hold, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
 
 def record_to_json(record: UsageRecord) -> dict[str, Any]:
-    """A record as a JSON object (money and times as text), reservation included."""
+    """A record as a JSON object (money and times as text), hold included."""
     data = record_to_row(record)
-    data["reservation"] = None if record.reservation is None else asdict(record.reservation)
+    # Under the name earlier versions gave it: their spill files must still replay.
+    data["reservation"] = None if record.hold is None else asdict(record.hold)
     data["retry_window_seconds"] = record.retry_window_seconds
     return data
 
@@ -54,7 +55,7 @@ def record_from_json(data: dict[str, Any]) -> UsageRecord:
     if fields.get("cost_usd") is not None:
         fields["cost_usd"] = Decimal(fields["cost_usd"])
     held = data.get("reservation")
-    reservation = None
+    hold = None
     if held is not None:
         counters = tuple(
             Counter(
@@ -66,7 +67,7 @@ def record_from_json(data: dict[str, Any]) -> UsageRecord:
             )
             for c in held["counters"]
         )
-        reservation = Reservation(
+        hold = Hold(
             call_id=held["call_id"],
             counters=counters,
             amount=Decimal(held["amount"]),
@@ -74,7 +75,7 @@ def record_from_json(data: dict[str, Any]) -> UsageRecord:
             lease=held.get("lease"),
         )
     window = int(data.get("retry_window_seconds") or 0)
-    return UsageRecord(**fields, usage=usage, reservation=reservation, retry_window_seconds=window)
+    return UsageRecord(**fields, usage=usage, hold=hold, retry_window_seconds=window)
 
 
 def write_atomically(path: Path, lines: Iterable[str]) -> None:

@@ -29,7 +29,7 @@ from proxy.ledger.rates import drop_leases
 from proxy.ledger.schema import BudgetHold, Instance
 from proxy.logs import Trouble
 from proxy.pricing.table import PriceTable
-from proxy.types import PERIODS, Counter, Period, Reservation, UsageRecord
+from proxy.types import PERIODS, Counter, Hold, Period, UsageRecord
 
 logger = logging.getLogger("spendgate")
 
@@ -209,8 +209,8 @@ def _interrupted(
         held=amount,
         metered=True,
     )
-    reservation = Reservation(call_id=first.call_id, counters=counters, amount=amount, held=True)
-    return interrupted(start, cost=amount, reservation=reservation, prices=prices)
+    hold = Hold(call_id=first.call_id, counters=counters, amount=amount, held=True)
+    return interrupted(start, cost=amount, hold=hold, prices=prices)
 
 
 def _period(scope: str) -> Period:

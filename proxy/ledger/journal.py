@@ -289,7 +289,7 @@ def _record_values(record: UsageRecord) -> list[Any]:
     values: list[Any] = list(_end_values(record))
     values[_STARTED], values[_FINISHED] = record.started_at.isoformat(), record.finished_at.isoformat()
     values[_COST] = None if record.cost_usd is None else str(record.cost_usd)
-    hold = record.reservation
+    hold = record.hold
     held = None
     if hold is not None:
         counters = [
@@ -314,12 +314,12 @@ def record_from_values(values: list[Any]) -> UsageRecord:
     # A line of an earlier version lacks the columns appended since: they take their defaults (one without a
     # default makes the line unreadable, and its call is recorded at its estimate).
     data = {**_APPENDED_DEFAULTS, **dict(zip(END_FIELDS, columns, strict=False))}
-    reservation = None
+    hold = None
     if held is not None:
         # Lines written before leases existed have no fifth element.
         call_id, amount, is_held, counters, *rest = held
         lease = rest[0] if rest else None
-        reservation = {
+        hold = {
             "call_id": call_id,
             "amount": amount,
             "held": is_held,
@@ -328,7 +328,7 @@ def record_from_values(values: list[Any]) -> UsageRecord:
                 dict(zip(("scope", "label", "period", "period_start", "budget_usd"), c, strict=True)) for c in counters
             ],
         }
-    return record_from_json({**data, "reservation": reservation, "retry_window_seconds": window})
+    return record_from_json({**data, "reservation": hold, "retry_window_seconds": window})
 
 
 _STARTED, _FINISHED, _COST = (END_FIELDS.index(name) for name in ("started_at", "finished_at", "cost_usd"))

@@ -29,7 +29,7 @@ from proxy.ledger.reprice import correct_estimates
 from proxy.ledger.schema import Instance
 from proxy.pricing.estimate import estimate_cost
 from proxy.pricing.table import PriceTable
-from proxy.types import Counter, Reservation, Usage, UsageRecord
+from proxy.types import Counter, Hold, Usage, UsageRecord
 
 logger = logging.getLogger("spendgate")
 ZERO = Decimal(0)
@@ -140,13 +140,11 @@ def _lease_void(values: list[Any], prices: PriceTable) -> UsageRecord:
         held=None,
         metered=True,
     )
-    reservation = Reservation(call_id=lease, counters=counters, amount=ZERO, held=False)
-    return interrupted(start, cost=ZERO, reservation=reservation, prices=prices)
+    hold = Hold(call_id=lease, counters=counters, amount=ZERO, held=False)
+    return interrupted(start, cost=ZERO, hold=hold, prices=prices)
 
 
-def interrupted(
-    start: Start, *, cost: Decimal | None, reservation: Reservation | None, prices: PriceTable
-) -> UsageRecord:
+def interrupted(start: Start, *, cost: Decimal | None, hold: Hold | None, prices: PriceTable) -> UsageRecord:
     """The record of a call that went upstream and never ended: usage unknown, `cost` its worst case, flagged
     `cost_source: estimate`. The one shape for the journal's unfinished calls and the reaper's dead holds."""
     now = datetime.now(UTC)
@@ -175,7 +173,7 @@ def interrupted(
         max_tokens_sent=start.max_tokens,
         latency_ms=round((now - start.started_at).total_seconds() * 1000, 3),
         ttfb_ms=None,
-        reservation=reservation,
+        hold=hold,
     )
 
 
@@ -193,8 +191,8 @@ def _unfinished(engine: Engine, start: Start, prices: PriceTable) -> UsageRecord
             at=start.started_at,
         )
     key = lookup_key_by_id(engine, start.key_id) if start.key_id else None
-    reservation = None
+    hold = None
     if key is not None:
         counters = counters_for(key, start.started_at, start.user)
-        reservation = Reservation(call_id=start.id, counters=counters, amount=start.held or Decimal(0), held=True)
-    return interrupted(start, cost=cost, reservation=reservation, prices=prices)
+        hold = Hold(call_id=start.id, counters=counters, amount=start.held or Decimal(0), held=True)
+    return interrupted(start, cost=cost, hold=hold, prices=prices)

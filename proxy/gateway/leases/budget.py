@@ -125,9 +125,9 @@ class BudgetLeases:
     def finished(self, record: UsageRecord) -> None:
         """A call admitted under a lease ended: its worst case is no longer in flight, its cost is owed."""
         lease = self._lease_of(record)
-        if lease is None or record.reservation is None:
+        if lease is None or record.hold is None:
             return
-        lease.in_flight -= record.reservation.amount
+        lease.in_flight -= record.hold.amount
         lease.unwritten += max(record.cost_usd or ZERO, ZERO)
 
     def committed(self, records: Sequence[UsageRecord]) -> None:
@@ -174,7 +174,7 @@ class BudgetLeases:
         self._slots.clear()
 
     def _lease_of(self, record: UsageRecord) -> BudgetLease | None:
-        hold = record.reservation
+        hold = record.hold
         return self._by_id.get(hold.lease) if hold is not None and hold.lease is not None else None
 
     async def _give_back(self, lease: BudgetLease, amount: Decimal | None) -> None:
