@@ -31,6 +31,7 @@ from tests.replicas import replicas
 from tests.servers import serve_in_thread
 from tests.stack import Stack, running_stack
 from tests.upstream import FakeAnthropic
+from tests.waiting import wait_until
 
 HELLO: list[MessageParam] = [{"role": "user", "content": "Hello"}]
 # A prompt whose byte bound (~3,100 tokens) covers the 406 input tokens the fake upstream reports.
@@ -143,20 +144,22 @@ def test_synchronised_first_calls_of_an_unknown_user_cannot_pass_a_tiny_budget(
 
 
 @pytest.mark.parametrize(
-    "budget, clients, hang",
+    "budget, clients",
     [
         # 9 worst cases: per-call holds.
-        pytest.param(Decimal("0.13"), 50, "0.3", id="per-call-holds"),
+        pytest.param(Decimal("0.13"), 50, id="per-call-holds"),
         # 76 worst cases, more of ann's calls than that in flight at once: leases until fewer than 32 worst cases
         # are left, then per-call holds.
-        pytest.param(Decimal("1.00"), 150, "2", id="leases"),
+        pytest.param(Decimal("1.00"), 150, id="leases"),
     ],
 )
 def test_one_users_concurrent_calls_never_pass_their_budget(
-    engine: Engine, db_url: str, tmp_path: Path, budget: Decimal, clients: int, hang: str
+    engine: Engine, db_url: str, tmp_path: Path, budget: Decimal, clients: int
 ) -> None:
     """Many concurrent SDK calls of one user across replicas: their spend stays within their allowance, refused
-    calls get 402 and are not retried, and another user calling at the same time is unaffected."""
+    calls get 402 and are not retried, and another user calling at the same time is unaffected. The upstream holds
+    every admitted call until all have been admitted or refused, so they are all in flight at once (a fixed hang
+    let a slow machine spread them out until none was refused)."""
     create_team(engine, "research", TeamSettings(user_budget_usd=budget), actor="test")
     set_user_budget(engine, "research", "bob", None, actor="test")
     _, key = create_key(engine, "research", actor="test")
@@ -172,7 +175,7 @@ def test_one_users_concurrent_calls_never_pass_their_budget(
                     model="claude-sonnet-4-6",
                     max_tokens=100,
                     messages=LONG,
-                    extra_headers={"x-fake-hang": hang, "x-spendgate-user": user},
+                    extra_headers={"x-fake-gate": "1", "x-spendgate-user": user},
                 )
                 status = 200
             except anthropic.APIStatusError as exc:
@@ -186,6 +189,13 @@ def test_one_users_concurrent_calls_never_pass_their_budget(
         ]
         for thread in threads:
             thread.start()
+
+        def all_admitted_or_refused() -> bool:
+            with lock:
+                return len(upstream.requests) + sum(map(len, statuses.values())) == clients
+
+        wait_until(all_admitted_or_refused, "every call admitted or refused", timeout=120)
+        upstream.gate.set()
         for thread in threads:
             thread.join(timeout=120)
     assert set(statuses["ann"]) == {200, 402}

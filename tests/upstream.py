@@ -5,6 +5,7 @@ Tests steer it with request headers, which the proxy forwards untouched:
 - `x-fake-status: 429|413|500|529` answers with that error;
 - `x-fake-chunk: N` splits SSE bodies into N-byte chunks; `x-fake-delay: S` sleeps S seconds between chunks;
 - `x-fake-hang: S` waits S seconds before answering at all;
+- `x-fake-gate: 1` waits until the test sets `gate`, so every such call is in flight at once, however slow the machine;
 - `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally.
 
 Message Batches follow their lifecycle: created `in_progress`, `ended` from the first retrieve on, results as
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +76,8 @@ class FakeAnthropic:
     retrieves: dict[str, int] = field(default_factory=dict)
     # Every non-streaming message answered: when, the model it named, and its usage (what Anthropic would bill).
     served: list[tuple[datetime, str, dict[str, Any]]] = field(default_factory=list)
+    # Calls sent with `x-fake-gate` wait for it.
+    gate: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -94,6 +98,8 @@ class FakeAnthropic:
         )
         if "x-fake-hang" in headers:
             await asyncio.sleep(float(headers["x-fake-hang"]))
+        if "x-fake-gate" in headers:
+            await asyncio.to_thread(self.gate.wait)  # set from the test's thread
         if headers.get("x-api-key") != self.key:
             error = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
             await _respond(send, 401, json.dumps(error).encode())
