@@ -14,11 +14,11 @@ The lifecycle, the same for both kinds (`budget.py`, `rate.py`; their common pol
    short, one transaction grows it under the allowance's row locks, only while everything held and used stays
    within the allowance; calls short at the same time wait for that one grant (`waits.Turns`), at most
    `SPENDGATE_LEDGER_WAIT_SECONDS`. A grant is sized from the demand: the worst cases admitted over
-   `HORIZON_SECONDS`, at least what the call needs, at most `SHARE` of what the allowance has (so other replicas
-   can lease too).
+   `HORIZON_SECONDS`, at least what the call needs, at most a `SHARE` of what the allowance has (so other replicas
+   can lease too); rate leases use a shorter horizon and a smaller share (`policy.py` says why).
 2. **Finish**: the call's actual use replaces its worst case: what it did not use is back in the lease.
-3. **Upkeep** (one task, `Leases.upkeep`): each lease is measured against its demand, given back down to the
-   demand of a horizon once it holds more than twice that, and ended when unused for `IDLE_SECONDS`.
+3. **Upkeep** (one task, `Leases.keep`, a lane per kind): each lease is measured against its demand, given back
+   down to the demand of a horizon once it holds more than twice that, and ended when unused for `IDLE_SECONDS`.
 4. **Close** (a clean exit, once every record is written): every lease is given back.
 5. **Death**: a process whose heartbeat stops is reaped by any replica (`proxy/ledger/instances.py`), and what it
    held counts as used, because its calls may have gone out: its budget leases become `interrupted` records at the

@@ -14,6 +14,12 @@ HORIZON_SECONDS = 2
 # A grant takes at most 1/SHARE of the allowance at once (other replicas lease too). Its inverse must be a finite
 # decimal (2, 4, 5, 8, ...): dollars divided by it stay exact.
 SHARE = 4
+# Rate leases look one second ahead and take at most an eighth of a limit at once. An upkeep tops them up with the
+# bucket's newest refill, which a call that arrived before it and waited for its turn may then take: the bucket's
+# bound over a window slips by what refilled while that call waited. Small top-ups keep the slip inside the bound's
+# margin; the 2 s and the quarter above let it out under load (a window 17 tokens over, on a busy machine).
+RATE_HORIZON_SECONDS = 1
+RATE_SHARE = 8
 # A lease nobody used for this long ends (given back whole).
 IDLE_SECONDS = 2.0
 # Before an upkeep has measured the demand (a new lease, a burst), it is what was taken so far over at least this
@@ -23,10 +29,10 @@ MIN_WINDOW_SECONDS = 0.1
 N = TypeVar("N", int, Decimal)
 
 
-def grant_size(floor: N, per_second: N, cap: N) -> N:
-    """How much to ask the ledger for: the demand of a horizon, at most `cap` (1/SHARE of the allowance), never
+def grant_size(floor: N, per_second: N, cap: N, *, horizon: int = HORIZON_SECONDS) -> N:
+    """How much to ask the ledger for: the demand of a horizon, at most `cap` (a share of the allowance), never
     less than `floor` (what the calls asking need now)."""
-    return max(floor, min(per_second * HORIZON_SECONDS, cap))
+    return max(floor, min(per_second * horizon, cap))
 
 
 @dataclass(slots=True)

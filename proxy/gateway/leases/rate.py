@@ -23,7 +23,7 @@ import anyio.to_thread
 from sqlalchemy import Engine
 
 from proxy.errors import RateLimited
-from proxy.gateway.leases.policy import SHARE, Demand, grant_size
+from proxy.gateway.leases.policy import RATE_HORIZON_SECONDS, RATE_SHARE, Demand, grant_size
 from proxy.gateway.waits import Turns
 from proxy.instruments import Metrics
 from proxy.ledger.keys import KeyInfo
@@ -92,7 +92,8 @@ class RateLease:
 
     def size(self, need: int) -> int:
         """How much to take when `need` more is wanted now."""
-        return grant_size(need, self.demand.recent(), self.limit.per_minute // SHARE)
+        cap = self.limit.per_minute // RATE_SHARE
+        return grant_size(need, self.demand.recent(), cap, horizon=RATE_HORIZON_SECONDS)
 
     def wait(self, amount: int, now: float) -> float:
         """Seconds until the bucket, refilling at its rate from its level at the last exchange, has what a call of
