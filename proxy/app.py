@@ -35,6 +35,7 @@ from proxy.gateway.handler import Gateway
 from proxy.gateway.leases.lifecycle import Leases
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
+from proxy.identity.oidc import OidcClient
 from proxy.instruments import MULTIPROCESS_ENV, LabelPolicy, Metrics
 from proxy.ledger.alerts import AlertSender
 from proxy.ledger.budgets import release_expired
@@ -52,6 +53,8 @@ from proxy.reconcile.scheduled import run_once
 from proxy.surfaces.admin.routes import admin_routes
 from proxy.surfaces.dashboard.pages import dashboard_routes
 from proxy.surfaces.metrics import forget_dead_workers, metrics_route, scrape_registry
+from proxy.surfaces.oauth import oauth_routes
+from proxy.surfaces.sessions import Access
 
 logger = logging.getLogger("spendgate")
 
@@ -253,18 +256,20 @@ def create_app(
             await upstream.aclose()
             engine.dispose()
 
+    access, oidc = _sign_in(settings)
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/livez", livez),
             metrics_route([token for token in (settings.metrics_token, settings.admin_token) if token]),
-            *admin_routes(settings.admin_token),
+            *admin_routes(settings.admin_token, access),
             *dashboard_routes(
-                settings.admin_token, spill_dir=settings.spill_dir, clock=clock, public_url=settings.public_url
+                access, oidc, spill_dir=settings.spill_dir, clock=clock, device_interval=settings.device_poll_seconds
             ),
+            *(oauth_routes(settings.public_url, interval=settings.device_poll_seconds) if oidc else ()),
         ],
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, ProxyError: _proxy_error},
     )
     # A redirect would send the client's key to a URL of our making; a wrong path is just not found.
     app.router.redirect_slashes = False
@@ -334,6 +339,23 @@ async def _every(interval: float, work: Callable[[], Awaitable[object]], name: s
             )
         else:
             trouble.succeeded()
+
+
+def _sign_in(settings: Settings) -> tuple[Access | None, OidcClient | None]:
+    """How browsers sign in (None: they cannot, the dashboard and admin API answer 404) and the identity provider
+    people sign in with (None: only the admin token)."""
+    oidc = settings.oidc
+    client = OidcClient(oidc, f"{settings.public_url}/dashboard/oidc/callback") if oidc is not None else None
+    if settings.admin_token is None and oidc is None:
+        return None, None
+    admins = oidc.admin_groups if oidc is not None else frozenset()
+    return Access(settings.admin_token, admins, settings.public_url), client
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ProxyError):  # always: Starlette calls this only for ProxyError
+        return exc.response()
+    raise exc
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

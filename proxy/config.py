@@ -102,6 +102,10 @@ class Settings:
     reconcile_tolerance: Decimal = Decimal("0.01")
     # How often the server reconciles closed days in the background (one replica at a time); 0: never.
     reconcile_every_seconds: float = 0.0
+    # Sign-in with an OpenID Connect provider (None: the admin token is the only way in).
+    oidc: OidcSettings | None = None
+    # How long `spendgate login` waits between polls of a device grant (RFC 8628's interval), in whole seconds.
+    device_poll_seconds: int = 5
 
     @property
     def admin_api_url(self) -> str:
@@ -153,6 +157,8 @@ class Settings:
             anthropic_api_key_id=environ.get("SPENDGATE_ANTHROPIC_API_KEY_ID") or None,
             reconcile_tolerance=_read(environ, "SPENDGATE_RECONCILE_TOLERANCE", Decimal, Decimal("0.01")),
             reconcile_every_seconds=_read(environ, "SPENDGATE_RECONCILE_EVERY_SECONDS", float, 0.0),
+            oidc=OidcSettings.from_environ(environ),
+            device_poll_seconds=_read(environ, "SPENDGATE_DEVICE_POLL_SECONDS", int, 5),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:
@@ -171,7 +177,54 @@ class Settings:
             raise ConfigError(
                 f"SPENDGATE_HEAD_TIMEOUT_SECONDS has value {settings.head_timeout_seconds:g}; it must be above 0."
             )
+        if settings.device_poll_seconds < 1:
+            raise ConfigError(f"SPENDGATE_DEVICE_POLL_SECONDS {settings.device_poll_seconds}: at least 1 second.")
+        if settings.oidc is not None and settings.public_url is None:
+            raise ConfigError(
+                "SPENDGATE_OIDC_ISSUER needs SPENDGATE_PUBLIC_URL: the identity provider sends people back to "
+                "<SPENDGATE_PUBLIC_URL>/dashboard/oidc/callback, registered with it exactly."
+            )
         return settings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OidcSettings:
+    """Where people sign in, and what of their identity counts: the issuer, this client, the claims used."""
+
+    issuer: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    groups_claim: str = "groups"
+    # Email domains allowed to sign in (lowercase); empty: any.
+    allowed_domains: frozenset[str] = frozenset()
+    # Members of any of these groups administer spendgate.
+    admin_groups: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> OidcSettings | None:
+        """The `SPENDGATE_OIDC_*` settings, or None when no issuer is set."""
+        issuer = (environ.get("SPENDGATE_OIDC_ISSUER") or "").rstrip("/")
+        if not issuer:
+            return None
+        client_id = environ.get("SPENDGATE_OIDC_CLIENT_ID") or ""
+        secret = environ.get("SPENDGATE_OIDC_CLIENT_SECRET") or ""
+        if not client_id or not secret:
+            raise ConfigError("SPENDGATE_OIDC_ISSUER needs SPENDGATE_OIDC_CLIENT_ID and SPENDGATE_OIDC_CLIENT_SECRET.")
+        if not issuer.startswith("https://") and not _loopback(issuer):
+            raise ConfigError(f"SPENDGATE_OIDC_ISSUER {issuer!r} must be https:// (plain http only on loopback).")
+        return cls(
+            issuer=issuer,
+            client_id=client_id,
+            client_secret=secret,
+            groups_claim=environ.get("SPENDGATE_OIDC_GROUPS_CLAIM") or "groups",
+            allowed_domains=frozenset(d.lower() for d in _names(environ.get("SPENDGATE_OIDC_ALLOWED_DOMAINS", ""))),
+            admin_groups=_names(environ.get("SPENDGATE_OIDC_ADMIN_GROUPS", "")),
+        )
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "127.0.0.1", "::1")
 
 
 def _check_upstream(url: str) -> None:

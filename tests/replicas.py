@@ -33,11 +33,12 @@ def replica(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    port: int | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `spendgate serve` in a child process (in `cwd`, default this one, with `env` added to the environment,
     `preexec_fn` run in the child before it starts, e.g. to lower its limits) until the block ends; yields its URL
-    and process."""
-    port = free_port()
+    and process. `port`: where it listens (default: a free one)."""
+    port = port or free_port()
     log = workdir / f"serve-{port}.log"
     environ = {
         **os.environ,

@@ -26,17 +26,16 @@ def serve_in_thread(app: ASGIApp, **options: Any) -> Iterator[str]:
     # Idle connections are kept longer than the proxy's pool keeps them (aiohttp: 15 s): with uvicorn's default
     # (5 s) a connection the fake closes just as the proxy reuses it fails that call with a 502, a race between
     # two idle timers rather than anything the tests check.
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        server_header=False,
-        date_header=False,
-        lifespan="on",
-        timeout_keep_alive=60,
-        **options,
-    )
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "warning",
+        "server_header": False,
+        "date_header": False,
+        "lifespan": "on",
+        "timeout_keep_alive": 60,
+    }
+    config = uvicorn.Config(app, **{**settings, **options})
     server = ThreadedServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -54,16 +54,22 @@ def test_without_a_token_the_api_does_not_exist(make_client: Callable[..., TestC
     assert response.json()["error"]["type"] == "not_found_error"
 
 
+SEND_TOKEN = "Send 'Authorization: Bearer <SPENDGATE_ADMIN_TOKEN>'"
+
+
 @pytest.mark.parametrize(
-    "headers",
-    [pytest.param({}, id="missing"), pytest.param({"authorization": "Bearer wrong"}, id="wrong")],
+    ("headers", "message"),
+    [
+        pytest.param({}, f"{SEND_TOKEN}, or sign in to the dashboard as an admin.", id="missing"),
+        pytest.param({"authorization": "Bearer wrong"}, f"{SEND_TOKEN}.", id="wrong"),
+    ],
 )
-def test_wrong_token_is_401(make_client: Callable[..., TestClient], headers: dict[str, str]) -> None:
+def test_wrong_token_is_401(make_client: Callable[..., TestClient], headers: dict[str, str], message: str) -> None:
     response = make_client().get("/admin/teams", headers=headers)
     assert response.status_code == 401
     assert response.json() == {
         "type": "error",
-        "error": {"type": "authentication_error", "message": "Send 'Authorization: Bearer <SPENDGATE_ADMIN_TOKEN>'."},
+        "error": {"type": "authentication_error", "message": message},
     }
 
 

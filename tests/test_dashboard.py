@@ -146,16 +146,19 @@ def test_sign_in_refuses_wrong_tokens_and_every_page_wants_a_session(served: str
     assert visit.page.get_by_test_id("sign-in-error").inner_text() == "That is not the admin token."
     for path in ("/dashboard", "/dashboard/teams/research", "/dashboard/ledger", "/dashboard/teams/ops/usage.csv"):
         answer = visit.page.request.get(f"{served}{path}", max_redirects=0)
-        assert (answer.status, answer.headers["location"]) == (303, "/dashboard/sign-in"), path
+        back = "" if path == "/dashboard" else f"?next={path}"
+        assert (answer.status, answer.headers["location"]) == (303, f"/dashboard/sign-in{back}"), path
     visit.sign_in()
     assert visit.page.url == f"{served}/dashboard"
     cookie = next(c for c in visit.context.cookies() if c["name"] == "spendgate_session")
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["expires"] > 0
+    # Lax, not Strict: the identity provider's redirect back is a cross-site navigation (every change is a POST
+    # with the session's CSRF token, so Lax's top-level GETs change nothing).
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and cookie["expires"] > 0
     assert TOKEN not in cookie["value"] and all(TOKEN not in url for url in visit.requested)
     visit.page.click("text=Sign out")
     assert visit.page.url == f"{served}/dashboard/sign-in"
     visit.page.goto(f"{served}/dashboard/ledger")
-    assert visit.page.url == f"{served}/dashboard/sign-in"
+    assert visit.page.url == f"{served}/dashboard/sign-in?next=/dashboard/ledger"
     visit.close()
 
 

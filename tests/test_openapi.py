@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 
 from proxy.app import create_app
 from proxy.surfaces.admin.routes import admin_routes
+from proxy.surfaces.sessions import Access
 from tests.stack import settings_for
 from tests.upstream import fixture
 from tests.waiting import wait_until
@@ -83,7 +84,7 @@ def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
 def test_every_admin_route_is_documented(document: dict[str, Any]) -> None:
     routes = {
         (route.path, method.lower())
-        for route in admin_routes(TOKEN)
+        for route in admin_routes(TOKEN, Access(TOKEN, frozenset()))
         if isinstance(route, Route)
         for method in route.methods or ()
         if method != "HEAD"
@@ -151,6 +152,15 @@ def test_every_answer_matches_the_document(client: TestClient, document: dict[st
             "/admin/teams/nobody/user-budgets",
             {"params": {"user": "a"}},
         ),  # 404
+        ("PUT", "/admin/teams/{name}/groups", "/admin/teams/research/groups", {"json": {"group": "eng"}}),
+        ("PUT", "/admin/teams/{name}/groups", "/admin/teams/research/groups", {"json": {"group": ""}}),  # 400
+        ("PUT", "/admin/teams/{name}/groups", "/admin/teams/nobody/groups", {"json": {"group": "eng"}}),  # 404
+        ("GET", "/admin/teams/{name}/groups", "/admin/teams/research/groups", {}),
+        ("GET", "/admin/teams/{name}/groups", "/admin/teams/nobody/groups", {}),  # 404
+        ("DELETE", "/admin/teams/{name}/groups", "/admin/teams/research/groups", {"params": {"group": "eng"}}),
+        ("DELETE", "/admin/teams/{name}/groups", "/admin/teams/research/groups", {}),  # 400
+        ("DELETE", "/admin/teams/{name}/groups", "/admin/teams/nobody/groups", {"params": {"group": "eng"}}),  # 404
+        ("POST", "/admin/keys/{key_id}/rotate", "/admin/keys/key_missing/rotate", {}),  # 404
         ("GET", "/admin/usage", "/admin/usage", {"params": {"limit": "1"}}),
         ("GET", "/admin/usage", "/admin/usage", {"params": {"limit": "0"}}),  # 400
         ("GET", "/admin/usage", "/admin/usage", {"params": {"colour": "red"}}),  # 400
@@ -171,6 +181,10 @@ def test_every_answer_matches_the_document(client: TestClient, document: dict[st
     check("/admin/keys/{key_id}", "PATCH", limited)
     assert limited.json()["otpm"] == 1000
     seen.add(("/admin/keys/{key_id}", "patch", limited.status_code))
+    rotated = client.post(f"/admin/keys/{key['id']}/rotate", headers=AUTH)
+    check("/admin/keys/{key_id}/rotate", "POST", rotated)
+    seen.add(("/admin/keys/{key_id}/rotate", "post", rotated.status_code))
+    key = rotated.json()
     revoked = client.delete(f"/admin/keys/{key['id']}", headers=AUTH)
     check("/admin/keys/{key_id}", "DELETE", revoked)
     seen.add(("/admin/keys/{key_id}", "delete", revoked.status_code))

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from proxy.cli.login import run_key_helper, run_login
 from proxy.cli.maintenance import (
     run_audit_export,
     run_audit_verify,
@@ -20,9 +21,11 @@ from proxy.cli.teams import (
     run_keys_create,
     run_keys_list,
     run_keys_revoke,
+    run_keys_rotate,
     run_keys_update,
     run_teams_create,
     run_teams_list,
+    run_teams_map_group,
     run_teams_update,
     run_teams_user_budget,
     run_teams_users,
@@ -101,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     user_budget.add_argument("user", help="the end user ('' for calls that carry no user)")
     user_budget.add_argument("--budget", metavar="USD", help="their spend limit per period; 'none' for no limit")
     user_budget.add_argument("--clear", action="store_true", help="the team's per-user budget applies again")
+    map_group = command(
+        teams, "map-group", run_teams_map_group, "make members of an identity-provider group members of a team"
+    )
+    map_group.add_argument("name", metavar="TEAM")
+    map_group.add_argument("group", metavar="GROUP", help="the group as the provider's groups claim names it")
+    map_group.add_argument("--remove", action="store_true", help="the group's members no longer belong to the team")
     team_list = command(teams, "list", run_teams_list, "list teams with their spend this period")
     team_list.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -110,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     key_create.add_argument("--name", help="a label for the key")
     key_create.add_argument("--budget", metavar="USD", help="the key's own spend limit per period")
     key_create.add_argument("--period", choices=PERIODS, default="month")
+    key_create.add_argument(
+        "--expires", metavar="DAYS|never", default="never", help="days until the key stops working (default: never)"
+    )
     key_create.add_argument("--format", choices=("text", "json"), default="text")
     _rate_options(key_create, "the key's own")
     key_update = command(keys, "update", run_keys_update, "change a key's rate limits (options not given stay)")
@@ -117,9 +129,40 @@ def build_parser() -> argparse.ArgumentParser:
     _rate_options(key_update, "the key's own")
     key_revoke = command(keys, "revoke", run_keys_revoke, "revoke a key")
     key_revoke.add_argument("key_id")
+    key_rotate = command(
+        keys,
+        "rotate",
+        run_keys_rotate,
+        "replace a key with a new one (printed once, on the last line); the old is revoked",
+    )
+    key_rotate.add_argument("key_id")
+    key_rotate.add_argument("--format", choices=("text", "json"), default="text")
     key_list = command(keys, "list", run_keys_list, "list keys (never the keys themselves)")
     key_list.add_argument("--team")
+    key_list.add_argument("--owner", metavar="SUBJECT", help="only this person's keys (oidc:<sub>)")
     key_list.add_argument("--format", choices=("table", "json"), default="table")
+
+    login = command(
+        commands,
+        "login",
+        run_login,
+        "get a personal key by signing in through the browser (device code); stored in SPENDGATE_CREDENTIALS",
+        db=False,
+    )
+    login.add_argument("--url", required=True, help="the spendgate server, as its dashboard is reached")
+    helper = command(
+        commands,
+        "key-helper",
+        run_key_helper,
+        "print the stored personal key, renewed first when about to expire (Claude Code's apiKeyHelper)",
+        db=False,
+    )
+    helper.add_argument(
+        "--renew-before",
+        metavar="SECONDS",
+        type=float,
+        help="renew when less than this is left (default: 7 days, or half the key's lifetime if shorter)",
+    )
 
     usage = command(commands, "usage", run_usage, "print usage records, oldest first")
     usage.add_argument("--team")

@@ -94,12 +94,37 @@ def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
             budget_usd=money(args.budget) if args.budget is not None else None,
             period=args.period,
             rates=RateLimits(**{name: given(getattr(args, name) or "none", positive_int) for name in RATE_OPTIONS}),
+            expires_days=None if args.expires.lower() in ("never", "none") else positive_int(args.expires),
         )
+    return _show_new_key(args, view.to_json(), key, "created")
+
+
+def run_keys_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    """`spendgate keys rotate`: the new key is printed once, alone on the last line."""
+    from proxy.ledger.key_admin import rotate_key
+
+    with open_ledger(settings) as engine:
+        view, key = rotate_key(engine, args.key_id, actor=actor())
+    return _show_new_key(args, view.to_json(), key, f"rotated {args.key_id} (now revoked) into")
+
+
+def _show_new_key(args: argparse.Namespace, view: dict[str, object], key: str, what: str) -> int:
     if args.format == "json":
-        print(json.dumps({**view.to_json(), "key": key}))
+        print(json.dumps({**view, "key": key}))
         return 0
-    print(f"created key {view.id} for team {view.team} (shown once; store it now):")
+    expires = f", expires {view['expires_at']}" if view["expires_at"] else ""
+    print(f"{what} key {view['id']} for team {view['team']}{expires} (shown once; store it now):")
     print(key)
+    return 0
+
+
+def run_teams_map_group(args: argparse.Namespace, settings: Settings) -> int:
+    """`spendgate teams map-group TEAM GROUP [--remove]`."""
+    from proxy.ledger.people import map_group
+
+    with open_ledger(settings) as engine:
+        groups = map_group(engine, args.name, args.group, actor=actor(), remove=args.remove)
+    print(json.dumps({"team": args.name, "groups": groups}))
     return 0
 
 
@@ -129,11 +154,11 @@ def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.ledger.key_admin import list_keys
 
     with open_ledger(settings) as engine:
-        views = [view.to_json() for view in list_keys(engine, team=args.team)]
+        views = [view.to_json() for view in list_keys(engine, team=args.team, owner=args.owner)]
     if args.format == "json":
         print(json.dumps(views, indent=2))
     else:
-        columns = ("id", "team", "name", "prefix", "budget_usd", "period", "created_at", "revoked_at")
+        columns = ("id", "team", "name", "key_owner", "prefix", "budget_usd", "period", "expires_at", "revoked_at")
         print_table(columns, money_shown(views))
     return 0
 

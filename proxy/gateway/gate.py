@@ -93,6 +93,9 @@ class Gate:
         """The caller's key (or `InvalidKey`), from the headers alone."""
         key = await self._keys.authenticate(key_from_headers(headers))
         call.key = key
+        if key.owner is not None:
+            # A personal key's calls are its person's: their allowance applies, whatever the client says.
+            call.user = key.owner
         return key
 
     async def admit_message(self, call: Call, key: KeyInfo, body: bytes, *, tokens: bool) -> bytes:

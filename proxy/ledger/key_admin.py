@@ -1,14 +1,21 @@
-"""Client keys as teams' administrators manage them: created (the key shown once), rate limits changed, revoked,
-listed; every change with an audit entry. Key material and the auth cache are proxy/ledger/keys.py."""
+"""Client keys as teams' administrators and people manage them: created (the key shown once), rotated, rate limits
+changed, revoked, listed; every change with an audit entry. Key material and the auth cache are
+proxy/ledger/keys.py.
+
+A personal key has an owner (`oidc:<sub>`), the person every call made with it is attributed to, and usually an
+expiry. One made by `spendgate login` also has a refresh token, which `renew_key` trades for a fresh key (and a
+fresh refresh token), revoking the old key: what `spendgate key-helper` does before a key runs out.
+"""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Row, insert, select, update
 from sqlalchemy.orm import Session
 
 from proxy.ledger.audit import record_event
@@ -32,6 +39,8 @@ class KeyView:
     rates: RateLimits
     created_at: datetime
     revoked_at: datetime | None
+    key_owner: str | None = None
+    expires_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -47,7 +56,23 @@ class KeyView:
             "otpm": self.rates.otpm,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "key_owner": self.key_owner,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key just made: its view, the key itself (shown once), and its refresh token when it has one."""
+
+    view: KeyView
+    key: str
+    refresh_token: str | None = None
+
+
+# A personal key lives this long unless its maker says otherwise.
+PERSONAL_KEY_DAYS = 90
+MAX_KEY_DAYS = 3650
 
 
 def create_key(
@@ -59,42 +84,164 @@ def create_key(
     budget_usd: Decimal | None = None,
     period: Period = "month",
     rates: RateLimits = NO_RATE_LIMITS,
+    owner: str | None = None,
+    expires_days: int | None = None,
 ) -> tuple[KeyView, str]:
-    """Create a client key for a team; returns its view and the key, which is never shown again."""
+    """Create a client key for a team; returns its view and the key, which is never shown again. `owner` makes it
+    a person's key; `expires_days` (None: never) when it stops working."""
     if budget_usd is not None and budget_usd < 0:
         raise ValueError(f"budget must not be negative, got {budget_usd}")
     check_rates(rates.rpm, rates.itpm, rates.otpm)
     if period not in PERIODS:
         raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
-    key = new_key()
-    key_id = new_key_id()
+    check_days(expires_days)
     with write_transaction(engine) as connection:
         team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
         if team_id is None:
             raise no_team(connection, team, create=True)
-        connection.execute(
-            insert(APIKey).values(
-                id=key_id,
-                team_id=team_id,
-                name=name,
-                key_hash=hash_key(key),
-                prefix=key[:10],
-                budget_usd=budget_usd,
-                period=period,
-                created_at=datetime.now(UTC),
-                **asdict(rates),
-            )
+        made = _insert_key(
+            connection,
+            team,
+            team_id,
+            actor=actor,
+            name=name,
+            owner=owner,
+            expires_days=expires_days,
+            refreshable=False,
+            extra={"budget_usd": budget_usd, "period": period, **asdict(rates)},
         )
-        after = {
-            "team": team,
-            "name": name,
-            "prefix": key[:10],
-            "budget_usd": usd(budget_usd),
-            "period": period,
-            **asdict(rates),
-        }
-        record_event(connection, actor=actor, action="key.create", target=key_id, after=after)
-    return get_key(engine, key_id), key
+    return get_key(engine, made.view.id), made.key
+
+
+def issue_personal_key(
+    connection: Connection, team: str, team_id: int, *, owner: str, name: str | None, expires_days: int | None
+) -> NewKey:
+    """A person's key with a refresh token, in the caller's transaction (the device grant's last step)."""
+    check_days(expires_days)
+    return _insert_key(
+        connection,
+        team,
+        team_id,
+        actor=owner,
+        name=name,
+        owner=owner,
+        expires_days=expires_days,
+        refreshable=True,
+        extra={},
+    )
+
+
+def rotate_key(engine: Engine, key_id: str, *, actor: str, owner: str | None = None) -> tuple[KeyView, str]:
+    """A new key in place of `key_id` (same team, name, owner, limits and lifetime), which is revoked in the same
+    transaction. With `owner`, only that person's key may be rotated (`NotFound` otherwise)."""
+    with write_transaction(engine) as connection:
+        made = _replace_key(connection, _live_key(connection, APIKey.id == key_id, owner=owner), actor=actor)
+    if made is None:
+        raise NotFound(f"no live key with id {key_id!r}")
+    return get_key(engine, made.view.id), made.key
+
+
+def renew_key(engine: Engine, refresh_token: str) -> NewKey | None:
+    """Trade a refresh token for a new key and refresh token, revoking the key it belonged to; None when the token
+    is unknown, used, or its key revoked or expired (sign in again: `spendgate login`)."""
+    with write_transaction(engine) as connection:
+        old = _live_key(connection, APIKey.refresh_hash == hash_key(refresh_token), owner=None)
+        return _replace_key(connection, old, actor=old.owner if old is not None and old.owner else "key-refresh")
+
+
+def _live_key(connection: Connection, condition: ColumnElement[bool], *, owner: str | None) -> Row[Any] | None:
+    query = select(APIKey.__table__).where(condition, APIKey.revoked_at.is_(None))
+    if owner is not None:
+        query = query.where(APIKey.owner == owner)
+    key = connection.execute(query.with_for_update()).first()
+    if key is None or (key.expires_at is not None and key.expires_at <= datetime.now(UTC)):
+        return None
+    return key
+
+
+def _replace_key(connection: Connection, old: Row[Any] | None, *, actor: str) -> NewKey | None:
+    if old is None:
+        return None
+    now = datetime.now(UTC)
+    connection.execute(update(APIKey).where(APIKey.id == old.id).values(revoked_at=now, refresh_hash=None))
+    record_event(connection, actor=actor, action="key.revoke", target=old.id, after={"revoked_at": now.isoformat()})
+    team = connection.execute(select(Team.name).where(Team.id == old.team_id)).scalar_one()
+    lifetime = (old.expires_at - old.created_at).days if old.expires_at is not None else None
+    return _insert_key(
+        connection,
+        team,
+        old.team_id,
+        actor=actor,
+        name=old.name,
+        owner=old.owner,
+        expires_days=max(1, lifetime) if lifetime is not None else None,
+        refreshable=old.refresh_hash is not None,
+        extra={"budget_usd": old.budget_usd, "period": old.period, "rpm": old.rpm, "itpm": old.itpm, "otpm": old.otpm},
+        replaces=old.id,
+    )
+
+
+def _insert_key(
+    connection: Connection,
+    team: str,
+    team_id: int,
+    *,
+    actor: str,
+    name: str | None,
+    owner: str | None,
+    expires_days: int | None,
+    refreshable: bool,
+    extra: dict[str, Any],
+    replaces: str | None = None,
+) -> NewKey:
+    key, key_id = new_key(), new_key_id()
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(days=expires_days) if expires_days is not None else None
+    refresh_token = "sg-refresh-" + secrets.token_urlsafe(32) if refreshable else None
+    connection.execute(
+        insert(APIKey).values(
+            id=key_id,
+            team_id=team_id,
+            name=name,
+            key_hash=hash_key(key),
+            prefix=key[:10],
+            created_at=now,
+            owner=owner,
+            expires_at=expires_at,
+            refresh_hash=hash_key(refresh_token) if refresh_token else None,
+            **extra,
+        )
+    )
+    after = {
+        "team": team,
+        "name": name,
+        "prefix": key[:10],
+        **{column: usd(value) if column == "budget_usd" else value for column, value in extra.items()},
+    }
+    for field_name, value in (("key_owner", owner), ("expires_at", expires_at), ("replaces", replaces)):
+        if value is not None:
+            after[field_name] = value.isoformat() if isinstance(value, datetime) else value
+    record_event(connection, actor=actor, action="key.create", target=key_id, after=after)
+    view = KeyView(
+        id=key_id,
+        team=team,
+        name=name,
+        prefix=key[:10],
+        budget_usd=extra.get("budget_usd"),
+        period=extra.get("period", "month"),
+        rates=RateLimits(rpm=extra.get("rpm"), itpm=extra.get("itpm"), otpm=extra.get("otpm")),
+        created_at=now,
+        revoked_at=None,
+        key_owner=owner,
+        expires_at=expires_at,
+    )
+    return NewKey(view=view, key=key, refresh_token=refresh_token)
+
+
+def check_days(days: int | None) -> None:
+    """A key's lifetime is 1 to `MAX_KEY_DAYS` days (None: no expiry)."""
+    if days is not None and not 1 <= days <= MAX_KEY_DAYS:
+        raise ValueError(f"a key expires after 1 to {MAX_KEY_DAYS} days (or never), got {days}")
 
 
 def update_key(
@@ -124,18 +271,22 @@ def update_key(
     return get_key(engine, key_id)
 
 
-def revoke_key(engine: Engine, key_id: str, *, actor: str) -> KeyView:
-    """Revoke a key; every replica refuses it within its key-cache lifetime (5 s by default)."""
+def revoke_key(engine: Engine, key_id: str, *, actor: str, owner: str | None = None) -> KeyView:
+    """Revoke a key; every replica refuses it within its key-cache lifetime (5 s by default). With `owner`, only
+    that person's key may be revoked (`NotFound` otherwise)."""
     now = datetime.now(UTC)
+    mine = (APIKey.owner == owner,) if owner is not None else ()
     with write_transaction(engine) as connection:
         result = connection.execute(
-            update(APIKey).where(APIKey.id == key_id, APIKey.revoked_at.is_(None)).values(revoked_at=now)
+            update(APIKey)
+            .where(APIKey.id == key_id, APIKey.revoked_at.is_(None), *mine)
+            .values(revoked_at=now, refresh_hash=None)
         )
         if result.rowcount == 1:
             after = {"revoked_at": now.isoformat()}
             record_event(connection, actor=actor, action="key.revoke", target=key_id, after=after)
     view = get_key(engine, key_id)
-    if result.rowcount == 0 and view.revoked_at is None:
+    if (result.rowcount == 0 and view.revoked_at is None) or (owner is not None and view.key_owner != owner):
         raise NotFound(f"no key with id {key_id!r}")
     return view
 
@@ -148,8 +299,10 @@ def get_key(engine: Engine, key_id: str) -> KeyView:
     return keys[0]
 
 
-def list_keys(engine: Engine, *, team: str | None = None, key_id: str | None = None) -> list[KeyView]:
-    """Keys, oldest first, optionally of one team (`NotFound` if there is no such team)."""
+def list_keys(
+    engine: Engine, *, team: str | None = None, key_id: str | None = None, owner: str | None = None
+) -> list[KeyView]:
+    """Keys, oldest first, optionally of one team (`NotFound` if there is no such team) or one person."""
     if team is not None:
         get_team(engine, team)
     query = select(APIKey, Team.name).join(Team, Team.id == APIKey.team_id).order_by(APIKey.created_at, APIKey.id)
@@ -157,6 +310,8 @@ def list_keys(engine: Engine, *, team: str | None = None, key_id: str | None = N
         query = query.where(Team.name == team)
     if key_id is not None:
         query = query.where(APIKey.id == key_id)
+    if owner is not None:
+        query = query.where(APIKey.owner == owner)
     with Session(engine) as session:
         rows = session.execute(query).all()
     return [
@@ -170,6 +325,8 @@ def list_keys(engine: Engine, *, team: str | None = None, key_id: str | None = N
             rates=RateLimits(rpm=key.rpm, itpm=key.itpm, otpm=key.otpm),
             created_at=key.created_at,
             revoked_at=key.revoked_at,
+            key_owner=key.owner,
+            expires_at=key.expires_at,
         )
         for key, team_name in rows
     ]

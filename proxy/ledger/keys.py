@@ -44,6 +44,10 @@ class KeyInfo:
     # Each end user's budget per team period (None: no end-user budgets), and the users with their own.
     user_budget_usd: Decimal | None = None
     user_budgets: dict[str, Decimal | None] = field(default_factory=dict, hash=False, compare=False)
+    # A personal key's person (`oidc:<sub>`): the user of every call made with it.
+    owner: str | None = None
+    # Unix time after which the key is refused; None: never.
+    expires_at: float | None = None
 
 
 def new_key() -> str:
@@ -103,6 +107,8 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
             APIKey.rpm,
             APIKey.itpm,
             APIKey.otpm,
+            APIKey.owner,
+            APIKey.expires_at,
         )
         .join(Team, Team.id == APIKey.team_id)
         .where(*conditions)
@@ -130,6 +136,8 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
             key_rpm,
             key_itpm,
             key_otpm,
+            owner,
+            expires_at,
         ) = row
         overrides = connection.execute(
             select(UserBudget.user, UserBudget.budget_usd).where(UserBudget.team_id == team_id)
@@ -151,6 +159,8 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
         key_rates=RateLimits(rpm=key_rpm, itpm=key_itpm, otpm=key_otpm),
         user_budget_usd=user_budget,
         user_budgets=user_budgets,
+        owner=owner,
+        expires_at=expires_at.timestamp() if expires_at is not None else None,
     )
 
 
@@ -162,10 +172,18 @@ class KeyCache:
     load, one lookup refreshes it and the calls arriving meanwhile wait for that one.
     """
 
-    def __init__(self, engine: Engine, *, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._engine = engine
         self._ttl = ttl
         self._clock = clock
+        self._wall_clock = wall_clock
         self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
         self._lookups: dict[str, asyncio.Future[KeyInfo | None]] = {}
 
@@ -185,6 +203,12 @@ class KeyCache:
             info = await self._lookup(key_hash, now)
         if info is None:
             raise InvalidKey("This spendgate key is unknown or revoked. Ask your spendgate admin for a valid key.")
+        # Checked on every call, cached or not: an expiry is known in advance, unlike a revocation.
+        if info.expires_at is not None and info.expires_at <= self._wall_clock():
+            raise InvalidKey(
+                "This spendgate key has expired. Get a new one: `spendgate login` (or `spendgate key-helper`) for "
+                "a personal key, else ask your spendgate admin."
+            )
         return info
 
     async def _lookup(self, key_hash: str, now: float) -> KeyInfo | None:

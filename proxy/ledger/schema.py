@@ -108,6 +108,84 @@ class APIKey(Base):
     rpm: Mapped[int | None] = mapped_column(Integer)
     itpm: Mapped[int | None] = mapped_column(Integer)
     otpm: Mapped[int | None] = mapped_column(Integer)
+    # The person a personal key belongs to (`oidc:<sub>`): its calls are theirs, whatever the client says.
+    owner: Mapped[str | None] = mapped_column(String(300), index=True)
+    # After this instant the key is refused like a revoked one; NULL: never.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # SHA-256 of the refresh token `spendgate login` keeps to renew this key without a browser; NULL: none.
+    refresh_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+
+
+class Person(Base):
+    """Someone who signed in with the identity provider, as of their last sign-in."""
+
+    __tablename__ = "people"
+
+    # `oidc:<sub>`: the subject the identity provider vouches for, never an email (emails are reassigned).
+    subject: Mapped[str] = mapped_column(String(300), primary_key=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    name: Mapped[str | None] = mapped_column(String(200))
+    # JSON list of the provider's groups at the last sign-in: what their teams and role are derived from.
+    groups: Mapped[str] = mapped_column(Text)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class GroupTeam(Base):
+    """An identity-provider group whose members belong to a team."""
+
+    __tablename__ = "group_teams"
+
+    group: Mapped[str] = mapped_column(String(256), primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), primary_key=True, index=True)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie holds a random id, this table its hash, so a stolen database opens no
+    session and signing out on one replica signs out on all."""
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # `oidc:<sub>` for a person, `admin-token` for the break-glass token.
+    actor: Mapped[str] = mapped_column(String(300))
+    # The token every form and cookie-authenticated admin API change must carry (CSRF).
+    csrf: Mapped[str] = mapped_column(String(64))
+    # For `admin-token` sessions: an HMAC of the id under the admin token, so rotating the token signs them out.
+    token_proof: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class SignInState(Base):
+    """An OIDC sign-in under way: what the callback must find (state) and check (nonce, PKCE verifier)."""
+
+    __tablename__ = "sign_in_states"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64))
+    verifier: Mapped[str] = mapped_column(String(128))
+    # A path on this dashboard (never another host): where the person goes once signed in.
+    return_to: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class DeviceGrant(Base):
+    """An RFC 8628 device authorization: a CLI waiting for a person to approve it in a browser."""
+
+    __tablename__ = "device_grants"
+
+    device_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_code: Mapped[str] = mapped_column(String(16), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # pending -> approved | denied; approved -> issued (the key was handed out: the code is spent).
+    status: Mapped[str] = mapped_column(String(10))
+    subject: Mapped[str | None] = mapped_column(String(300))
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id"))
+    key_name: Mapped[str | None] = mapped_column(String(200))
+    key_days: Mapped[int | None] = mapped_column(Integer)
 
 
 class UserBudget(Base):

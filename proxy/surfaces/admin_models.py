@@ -75,6 +75,7 @@ class KeyCreate(_Strict):
     rpm: PerMinute = Field(None, description="The key's own requests per minute; null: no limit.")
     itpm: PerMinute = Field(None, description="The key's own input tokens per minute; null: no limit.")
     otpm: PerMinute = Field(None, description="The key's own output tokens per minute; null: no limit.")
+    expires_days: int | None = Field(None, ge=1, le=3650, description="Days until the key stops working; null: never.")
 
 
 class KeyUpdate(_Strict):
@@ -100,6 +101,29 @@ class UserQuery(_Strict):
     """`DELETE /admin/teams/{name}/user-budgets` query parameters."""
 
     user: str = Field(max_length=256, description='The end user whose own budget ends ("" for calls without one).')
+
+
+class GroupMap(_Strict):
+    """`PUT /admin/teams/{name}/groups`: members of an identity-provider group belong to the team."""
+
+    group: StrictStr = Field(
+        min_length=1, max_length=256, description="The group as the provider's groups claim names it."
+    )
+
+
+class GroupQuery(_Strict):
+    """`DELETE /admin/teams/{name}/groups` query parameters."""
+
+    group: str = Field(
+        min_length=1, max_length=256, description="The group whose members no longer belong to the team."
+    )
+
+
+class Groups(_Strict):
+    """The identity-provider groups whose members belong to a team."""
+
+    team: str
+    groups: list[str]
 
 
 class UsageQuery(_Strict):
@@ -183,6 +207,10 @@ class Key(_Strict):
     otpm: int | None
     created_at: str
     revoked_at: str | None
+    key_owner: str | None = Field(
+        description="The person a personal key belongs to (`oidc:<sub>`): its calls are theirs."
+    )
+    expires_at: str | None = Field(description="When the key stops working (null: never).")
 
 
 class KeyCreated(Key):

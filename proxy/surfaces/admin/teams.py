@@ -1,4 +1,5 @@
-"""The admin routes for teams, their keys and their end users' budgets."""
+"""The admin routes for teams, their keys, their end users' budgets and the identity-provider groups that are
+their members."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.ledger.end_users import list_users, set_user_budget
-from proxy.ledger.key_admin import create_key, list_keys, revoke_key, update_key
+from proxy.ledger.key_admin import create_key, list_keys, revoke_key, rotate_key, update_key
 from proxy.ledger.keys import KeyCache
+from proxy.ledger.people import groups_of, map_group
 from proxy.ledger.teams import UNSET, TeamSettings, create_team, get_team, list_teams, update_team
 from proxy.surfaces.admin.requests import Operation, actor, json_body, on_ledger
 from proxy.surfaces.admin_models import (
+    GroupMap,
+    GroupQuery,
+    Groups,
     Key as KeyOut,
     KeyCreate,
     KeyCreated,
@@ -68,9 +73,38 @@ async def _create_key(request: Request) -> Response:
             budget_usd=body.budget_usd,
             period=body.period,
             rates=RateLimits(rpm=body.rpm, itpm=body.itpm, otpm=body.otpm),
+            expires_days=body.expires_days,
         ),
     )
     return JSONResponse({**view.to_json(), "key": key}, status_code=201)
+
+
+async def _rotate_key(request: Request) -> Response:
+    key_id = request.path_params["key_id"]
+    view, key = await on_ledger(request, lambda engine: rotate_key(engine, key_id, actor=actor(request)))
+    keys: KeyCache = request.state.keys
+    keys.forget(key_id)
+    return JSONResponse({**view.to_json(), "key": key}, status_code=201)
+
+
+async def _list_groups(request: Request) -> Response:
+    team = request.path_params["name"]
+    groups = await on_ledger(request, lambda engine: groups_of(engine, team))
+    return JSONResponse({"team": team, "groups": groups})
+
+
+async def _map_group(request: Request) -> Response:
+    team = request.path_params["name"]
+    group = GroupMap.model_validate(await json_body(request)).group
+    groups = await on_ledger(request, lambda engine: map_group(engine, team, group, actor=actor(request)))
+    return JSONResponse({"team": team, "groups": groups})
+
+
+async def _unmap_group(request: Request) -> Response:
+    team = request.path_params["name"]
+    group = GroupQuery.model_validate(dict(request.query_params)).group
+    groups = await on_ledger(request, lambda engine: map_group(engine, team, group, actor=actor(request), remove=True))
+    return JSONResponse({"team": team, "groups": groups})
 
 
 async def _list_keys(request: Request) -> Response:
@@ -178,6 +212,41 @@ TEAM_OPERATIONS = (
         summary="Revoke a key",
         answer=KeyOut,
         errors=(404,),
+    ),
+    Operation(
+        method="POST",
+        path="/admin/keys/{key_id}/rotate",
+        handler=_rotate_key,
+        summary="Replace a key with a new one (same team, owner, limits, lifetime); the old one is revoked",
+        answer=KeyCreated,
+        status=201,
+        errors=(404,),
+    ),
+    Operation(
+        method="GET",
+        path="/admin/teams/{name}/groups",
+        handler=_list_groups,
+        summary="The identity-provider groups whose members belong to the team",
+        answer=Groups,
+        errors=(404,),
+    ),
+    Operation(
+        method="PUT",
+        path="/admin/teams/{name}/groups",
+        handler=_map_group,
+        summary="Make an identity-provider group's members members of the team",
+        body=GroupMap,
+        answer=Groups,
+        errors=(400, 404),
+    ),
+    Operation(
+        method="DELETE",
+        path="/admin/teams/{name}/groups",
+        handler=_unmap_group,
+        summary="A group's members no longer belong to the team",
+        query=GroupQuery,
+        answer=Groups,
+        errors=(400, 404),
     ),
     Operation(
         method="PATCH",

@@ -1,19 +1,21 @@
-"""The dashboard's routes: sign-in, the overview, a team's page, its usage as CSV, and the ledger's health.
+"""The dashboard's routes: the overview, a team's page, its usage as CSV, the ledger's health, "My spend", the
+device page; sign-in is proxy/surfaces/dashboard/signin.py.
 
-Every page but the sign-in form wants a valid session cookie (`proxy/surfaces/dashboard/session.py`); without the admin
-token configured, the dashboard does not exist (404), like the admin API. Pages are rendered on the server
-from Jinja2 templates and load nothing from anywhere else (a Content-Security-Policy says so to the browser).
+Every page but sign-in wants a session (proxy/surfaces/sessions.py) and shows only what its principal may see
+(proxy/identity/roles.py): a person sees their teams and their own spend, an admin everything. With neither the
+admin token nor an identity provider configured, the dashboard does not exist (404), like the admin API. Pages are
+rendered on the server from Jinja2 templates and load nothing from anywhere else (a Content-Security-Policy says so
+to the browser). Every change is a POST carrying the session's CSRF token.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import quote
 
 import anyio.to_thread
 import jinja2
@@ -24,17 +26,23 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from proxy.errors import error_response, ledger_errors
+from proxy.identity.oidc import OidcClient
+from proxy.identity.roles import Principal
 from proxy.ledger.audit import Verdict, verify
 from proxy.ledger.export import csv_chunks, iter_usage
 from proxy.ledger.teams import NotFound, get_team
 from proxy.pricing.table import PriceTable
 from proxy.surfaces.dashboard.charts import money
-from proxy.surfaces.dashboard.session import COOKIE, SESSION_SECONDS, Sessions, SignInLimiter
+from proxy.surfaces.dashboard.device import device_routes
+from proxy.surfaces.dashboard.me import me_routes
+from proxy.surfaces.dashboard.signin import sign_in_routes
 from proxy.surfaces.dashboard.views import ledger_page, outlooks, team_page
+from proxy.surfaces.sessions import Access, csrf_matches, read_form
 from proxy.types import parse_instant
 
 Clock = Callable[[], datetime]
-Page = Callable[[Request], Awaitable[Response]]
+Page = Callable[[Request, Principal], Awaitable[Response]]
+Guard = Callable[..., Callable[[Request], Awaitable[Response]]]
 SECURITY_HEADERS = {
     "content-security-policy": (
         "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
@@ -44,7 +52,6 @@ SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-store",
 }
-MAX_FORM_BYTES = 4096
 _templates = jinja2.Environment(
     loader=jinja2.PackageLoader("proxy.surfaces.dashboard", "templates"),
     autoescape=True,
@@ -62,78 +69,68 @@ class LastVerify:
 
 
 def dashboard_routes(
-    admin_token: str | None, *, spill_dir: Path, clock: Clock, public_url: str | None = None
+    access: Access | None, oidc: OidcClient | None, *, spill_dir: Path, clock: Clock, device_interval: int
 ) -> list[BaseRoute]:
-    """The `/dashboard` routes (all 404 without an admin token)."""
-    if admin_token is None:
+    """The `/dashboard` routes and the device page (all 404 with no way to sign in)."""
+    if access is None:
 
         async def absent(request: Request) -> Response:
-            return error_response(404, "not_found_error", "Not found. The dashboard is off: set SPENDGATE_ADMIN_TOKEN.")
+            return error_response(
+                404,
+                "not_found_error",
+                "Not found. The dashboard is off: set SPENDGATE_ADMIN_TOKEN or SPENDGATE_OIDC_ISSUER.",
+            )
 
-        return [Route("/dashboard", absent), Route("/dashboard/{rest:path}", absent, methods=["GET", "POST"])]
-    sessions = Sessions(admin_token)
-    limiter = SignInLimiter()
+        return [
+            Route(path, absent, methods=["GET", "POST"]) for path in ("/dashboard", "/dashboard/{rest:path}", "/device")
+        ]
     last = LastVerify()
 
-    def signed_in(page: Page) -> Page:
+    def signed_in(page: Page, *, admin: bool = False) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
-            if not sessions.valid(request.cookies.get(COOKIE), time.time()):
-                return _secure(RedirectResponse("/dashboard/sign-in", status_code=303))
             try:
                 with ledger_errors():
-                    return _secure(await page(request))
+                    principal = await access.principal(request)
+                    if principal is None:
+                        return _secure(RedirectResponse(_sign_in_for(request), status_code=303))
+                    if admin and not principal.is_admin:
+                        raise NotFound("Not found.")
+                    if request.method == "POST":
+                        request.state.form = await read_form(request)
+                        if not csrf_matches(principal, request.state.form.get("csrf")):
+                            message = "This form is stale or came from another site. Reload the page and try again."
+                            return _secure(
+                                HTMLResponse(render("problem.html", title="Forbidden", message=message), 403)
+                            )
+                    return _secure(await page(request, principal))
             except NotFound as error:
                 return _secure(HTMLResponse(render("problem.html", title="Not found", message=str(error)), 404))
 
         return guarded
 
-    async def sign_in_form(request: Request) -> Response:
-        return _secure(HTMLResponse(render("sign_in.html", error=None)))
-
-    async def sign_in(request: Request) -> Response:
-        client = request.client.host if request.client else "unknown"
-        wait = limiter.attempt(client, time.monotonic())
-        if wait:
-            page = render("sign_in.html", error=f"Too many attempts. Try again in {wait:.0f} seconds.")
-            return _secure(HTMLResponse(page, status_code=429, headers={"retry-after": str(int(wait) + 1)}))
-        body = await _bounded_body(request)
-        token = (parse_qs(body.decode("utf-8", "replace")).get("token") or [""])[0]
-        if not sessions.token_matches(token):
-            return _secure(HTMLResponse(render("sign_in.html", error="That is not the admin token."), status_code=401))
-        answer = RedirectResponse("/dashboard", status_code=303)
-        answer.set_cookie(
-            COOKIE,
-            sessions.issue(time.time()),
-            max_age=SESSION_SECONDS,
-            path="/dashboard",
-            # Behind a TLS-terminating proxy the request itself is http: SPENDGATE_PUBLIC_URL says https.
-            secure=request.url.scheme == "https" or (public_url or "").startswith("https://"),
-            httponly=True,
-            samesite="strict",
-        )
-        return _secure(answer)
-
-    async def sign_out(request: Request) -> Response:
-        answer = RedirectResponse("/dashboard/sign-in", status_code=303)
-        answer.delete_cookie(COOKIE, path="/dashboard", httponly=True, samesite="strict")
-        return _secure(answer)
-
-    async def overview(request: Request) -> Response:
+    async def overview(request: Request, principal: Principal) -> Response:
         now = clock()
         teams = await _ledger(request, lambda engine, prices: outlooks(engine, prices, now))
-        return HTMLResponse(render("overview.html", teams=teams, now=now))
+        teams = [outlook for outlook in teams if principal.may_see(outlook.team.name)]
+        return HTMLResponse(render("overview.html", teams=teams, now=now, me=principal))
 
-    async def team(request: Request) -> Response:
-        name, now = request.path_params["name"], clock()
+    def visible(principal: Principal, name: str) -> str:
+        # Another team's page does not exist for a person: the same 404 as a team that does not exist.
+        if not principal.may_see(name):
+            raise NotFound(f"no team named {name!r}")
+        return name
+
+    async def team(request: Request, principal: Principal) -> Response:
+        name, now = visible(principal, request.path_params["name"]), clock()
         page = await _ledger(request, lambda engine, prices: team_page(engine, prices, name, now))
-        return HTMLResponse(render("team.html", page=page, outlook=page.outlook, now=now))
+        return HTMLResponse(render("team.html", page=page, outlook=page.outlook, now=now, me=principal))
 
-    async def usage_csv(request: Request) -> Response:
-        name = request.path_params["name"]
+    async def usage_csv(request: Request, principal: Principal) -> Response:
+        name = visible(principal, request.path_params["name"])
         try:
             since, until = (_instant(request.query_params.get(bound)) for bound in ("since", "until"))
         except ValueError as error:
-            return HTMLResponse(render("problem.html", title="Bad request", message=str(error)), 400)
+            return HTMLResponse(render("problem.html", title="Bad request", message=str(error), me=principal), 400)
         engine: Engine = request.state.engine
         await _ledger(request, lambda engine, prices: get_team(engine, name))  # NotFound: a 404, before any byte
         records = (record for _, record in iter_usage(engine, team=name, since=since, until=until))
@@ -145,25 +142,25 @@ def dashboard_routes(
             headers={"content-disposition": f'attachment; filename="{filename}"'},
         )
 
-    async def ledger(request: Request) -> Response:
+    async def ledger(request: Request, principal: Principal) -> Response:
         page = await _ledger(request, lambda engine, prices: ledger_page(engine, spill_dir))
         pending = request.state.writer.pending
-        return HTMLResponse(render("ledger.html", page=page, pending=pending, last=last, now=clock()))
+        return HTMLResponse(render("ledger.html", page=page, pending=pending, last=last, now=clock(), me=principal))
 
-    async def run_verify(request: Request) -> Response:
+    async def run_verify(request: Request, principal: Principal) -> Response:
         last.verdict = await _ledger(request, lambda engine, prices: verify(engine))
         last.at = clock()
         return RedirectResponse("/dashboard/ledger", status_code=303)
 
     return [
-        Route("/dashboard/sign-in", sign_in_form, methods=["GET"]),
-        Route("/dashboard/sign-in", sign_in, methods=["POST"]),
-        Route("/dashboard/sign-out", signed_in(sign_out), methods=["POST"]),
+        *(_headed(route) for route in sign_in_routes(access, oidc, render)),
         Route("/dashboard", signed_in(overview), methods=["GET"]),
         Route("/dashboard/teams/{name}", signed_in(team), methods=["GET"]),
         Route("/dashboard/teams/{name}/usage.csv", signed_in(usage_csv), methods=["GET"]),
-        Route("/dashboard/ledger", signed_in(ledger), methods=["GET"]),
-        Route("/dashboard/ledger/verify", signed_in(run_verify), methods=["POST"]),
+        Route("/dashboard/ledger", signed_in(ledger, admin=True), methods=["GET"]),
+        Route("/dashboard/ledger/verify", signed_in(run_verify, admin=True), methods=["POST"]),
+        *me_routes(signed_in, render, clock),
+        *device_routes(signed_in, render),
         Mount("/dashboard/static", StaticFiles(packages=[("proxy.surfaces.dashboard", "static")])),
     ]
 
@@ -173,6 +170,22 @@ def render(template: str, **context: Any) -> str:
     return _templates.get_template(template).render(**context)
 
 
+def _sign_in_for(request: Request) -> str:
+    """The sign-in page, which sends the browser back here afterwards."""
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return "/dashboard/sign-in" if here == "/dashboard" else f"/dashboard/sign-in?next={quote(here)}"
+
+
+def _headed(route: Route) -> Route:
+    """`route` with the security headers on its answers."""
+    endpoint = route.endpoint
+
+    async def headed(request: Request) -> Response:
+        return _secure(await endpoint(request))
+
+    return Route(route.path, headed, methods=list(route.methods or ()))
+
+
 def _secure(response: Response) -> Response:
     response.headers.update(SECURITY_HEADERS)
     return response
@@ -180,15 +193,6 @@ def _secure(response: Response) -> Response:
 
 async def _ledger(request: Request, work: Callable[[Engine, PriceTable], Any]) -> Any:
     return await anyio.to_thread.run_sync(work, request.state.engine, request.state.prices)
-
-
-async def _bounded_body(request: Request) -> bytes:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            break
-    return body[:MAX_FORM_BYTES]
 
 
 def _instant(raw: str | None) -> datetime | None:

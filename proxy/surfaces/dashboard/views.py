@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from proxy.ledger.counters import TOTAL_PERIOD_START, period_end
 from proxy.ledger.end_users import UserView, list_users
 from proxy.ledger.export import iter_usage
 from proxy.ledger.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
-from proxy.ledger.schema import AuditHead, UsageRow
+from proxy.ledger.schema import AuditHead, UsageRow, effective_cost
 from proxy.ledger.teams import TeamView, get_team, list_teams
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.scheduled import DayResult, recent
@@ -196,3 +196,37 @@ def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
         set_aside=set_aside,
         reconciled=recent(engine),
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MySpend:
+    """One person's spend in one of their teams: this period against their allowance, and today."""
+
+    team: TeamView
+    calls: int
+    today_usd: Decimal
+    allowance: UserView | None  # None: no calls and no allowance of theirs this period
+
+
+def my_spend(engine: Engine, subject: str, teams: tuple[str, ...], now: datetime) -> list[MySpend]:
+    """The person `subject`'s calls and spend in each of `teams` (the teams they belong to or have keys on)."""
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    sqlite = engine.dialect.name == "sqlite"
+    money = func.decimal_sum if sqlite else func.sum
+    found = []
+    for name in teams:
+        team = get_team(engine, name, now=now)
+        since = team.period_start or TOTAL_PERIOD_START
+        mine = (UsageRow.team == name, UsageRow.user == subject)
+        with engine.connect() as connection:
+            calls = connection.execute(
+                select(func.count()).select_from(UsageRow).where(*mine, UsageRow.started_at >= since)
+            ).scalar_one()
+            spent_today = connection.execute(
+                select(money(effective_cost())).where(*mine, UsageRow.started_at >= today)
+            ).scalar()
+        views = list_users(engine, name, now=now, only=[subject])
+        found.append(
+            MySpend(team=team, calls=calls, today_usd=Decimal(spent_today or 0), allowance=views[0] if views else None)
+        )
+    return found
