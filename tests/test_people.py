@@ -45,7 +45,11 @@ ACCOUNTS = {
     "carol": IdpAccount(email="carol@example.com", name="Carol", groups=["spendgate-admins"]),
     "eve": IdpAccount(email="eve@elsewhere.test", name="Eve", groups=["eng"]),
 }
-MESSAGE: dict[str, Any] = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+MESSAGE: dict[str, Any] = {
+    "model": "claude-sonnet-4-6",
+    "max_tokens": 10,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
 @dataclass
@@ -121,7 +125,9 @@ def create_key(page: Page, people: People, team: str) -> tuple[str, str]:
 
 
 def refused(key: str, base: str) -> bool:
-    answer = httpx.post(f"{base}/v1/messages", headers={"x-api-key": key, "anthropic-version": "2023-06-01"}, json=MESSAGE)
+    answer = httpx.post(
+        f"{base}/v1/messages", headers={"x-api-key": key, "anthropic-version": "2023-06-01"}, json=MESSAGE
+    )
     return answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
 
 
@@ -151,7 +157,9 @@ def test_two_people_see_only_their_team_and_spend_as_themselves(browser: Browser
     assert (alice_call["team"], alice_call["user"]) == ("eng", "oidc:alice")
     assert (bob_call["team"], bob_call["user"]) == ("research", "oidc:bob")
     alice.goto(f"{people.url}/dashboard/me")
-    assert alice.locator("[data-testid=my-spend] tr[data-team=eng] [data-field=calls]").get_attribute("data-value") == "1"
+    assert (
+        alice.locator("[data-testid=my-spend] tr[data-team=eng] [data-field=calls]").get_attribute("data-value") == "1"
+    )
     # Nobody reaches another person's key: revoking Bob's key with Alice's session (and her CSRF token) is a 404.
     csrf = alice.locator("input[name=csrf]").first.get_attribute("value")
     stolen = alice.request.post(f"{people.url}/dashboard/me/keys/{bob_key_id}/revoke", form={"csrf": str(csrf)})

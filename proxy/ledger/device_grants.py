@@ -130,12 +130,13 @@ def poll(engine: Engine, device_code: str, *, interval: int) -> NewKey | Waiting
             return "expired_token"
         if grant.status == "denied":
             return "access_denied"
-        too_soon = grant.polled_at is not None and grant.polled_at > now - timedelta(seconds=interval - 1)
+        # A poll within the interval of the last one answered is told to slow down, and not counted: the interval
+        # runs from the last poll that was answered.
+        if grant.polled_at is not None and grant.polled_at > now - timedelta(seconds=interval * 0.9):
+            return "slow_down"
         connection.execute(
             update(DeviceGrant).where(DeviceGrant.device_hash == grant.device_hash).values(polled_at=now)
         )
-        if too_soon:
-            return "slow_down"
         if grant.status != "approved" or grant.subject is None or grant.team_id is None:
             return "authorization_pending"
         team = connection.execute(select(Team.name).where(Team.id == grant.team_id)).scalar_one()

@@ -71,13 +71,14 @@ class SignInLimiter:
 
 def safe_return(raw: str | None) -> str:
     """`raw` if it is a path on this dashboard (or the device page), else the dashboard: never another host, nor
-    a path a browser would read as one (`//host`, `/\\host`)."""
+    a path a browser would read as one (`//host`, `/\\host`), nor one that dot segments take elsewhere."""
     if not raw or len(raw) > 2000 or any(ch in raw for ch in "\\\r\n\t\x00") or raw.startswith("//"):
         return "/dashboard"
     parts = urlsplit(raw)
     if (
         parts.scheme
         or parts.netloc
+        or {".", ".."} & set(parts.path.split("/"))
         or not any(parts.path == prefix or parts.path.startswith(prefix + "/") for prefix in RETURN_PREFIXES)
     ):
         return "/dashboard"
