@@ -348,3 +348,34 @@ def test_no_output_lets_a_control_character_reach_the_terminal(
     assert code == 0 and not FORBIDDEN & set(out) and json.loads(out)["user"] == stored
     code, out, _ = run(capsys, "teams", "users", team, "--format", "json", "--db", db_url)
     assert code == 0 and not FORBIDDEN & set(out) and json.loads(out)[0]["user"] == stored
+
+
+def test_groups_expiring_keys_and_rotation_from_the_command_line(
+    capsys: pytest.CaptureFixture[str], db_url: str, engine: Engine
+) -> None:
+    assert run(capsys, "teams", "create", "eng", "--db", db_url)[0] == 0
+    for _ in range(2):  # mapping twice is one mapping
+        code, out, _ = run(capsys, "teams", "map-group", "eng", "eng-staff", "--db", db_url)
+        assert (code, json.loads(out)) == (0, {"team": "eng", "groups": ["eng-staff"]})
+    code, out, _ = run(capsys, "teams", "map-group", "eng", "eng-staff", "--remove", "--db", db_url)
+    assert (code, json.loads(out)["groups"]) == (0, [])
+    code, _, err = run(capsys, "teams", "map-group", "eng", "eng-staff", "--remove", "--db", db_url)
+    assert code == 1 and "not mapped" in err
+    assert run(capsys, "teams", "map-group", "nope", "g", "--db", db_url)[0] == 1
+    for bad in ("0", "-3", "soon", "3651"):
+        code, _, err = run(capsys, "keys", "create", "--team", "eng", "--expires", bad, "--db", db_url)
+        assert code != 0 and err.startswith("spendgate:"), bad
+    code, out, _ = run(capsys, "keys", "create", "--team", "eng", "--expires", "30", "--format", "json", "--db", db_url)
+    made = json.loads(out)
+    expires = datetime.fromisoformat(made["expires_at"])
+    assert code == 0 and timedelta(days=29) < expires - datetime.now(UTC) <= timedelta(days=30)
+    code, out, _ = run(capsys, "keys", "rotate", made["id"], "--db", db_url)
+    new_key = out.splitlines()[-1]
+    assert code == 0 and new_key.startswith("sk-sg-") and new_key != made["key"]
+    listed = {key["id"]: key for key in json.loads(run(capsys, "keys", "list", "--format", "json", "--db", db_url)[1])}
+    assert listed[made["id"]]["revoked_at"] is not None
+    [fresh] = [key for key in listed.values() if key["revoked_at"] is None]
+    assert fresh["expires_at"] is not None and fresh["key_owner"] is None
+    assert run(capsys, "keys", "rotate", made["id"], "--db", db_url)[0] == 1  # a revoked key is not rotated
+    code, out, _ = run(capsys, "keys", "list", "--owner", "oidc:nobody", "--format", "json", "--db", db_url)
+    assert (code, json.loads(out)) == (0, [])

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -28,10 +29,11 @@ from starlette.routing import Route
 from proxy.app import create_app
 from proxy.config import OidcSettings
 from proxy.ledger.device_grants import USER_CODE_ALPHABET, normalize_user_code
+from proxy.ledger.export import iter_usage
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.people import map_group
 from proxy.ledger.schema import APIKey
-from proxy.ledger.teams import TeamSettings, create_team
+from proxy.ledger.teams import TeamSettings, create_team, update_team
 from proxy.surfaces.dashboard.signin import safe_return
 from tests.replicas import free_port
 from tests.rogue_idp import HS256, RS256, NoSignature, RogueIdp, running_rogue_idp
@@ -318,3 +320,28 @@ def test_a_key_is_refused_from_its_expiry_on_even_while_cached(site: Site) -> No
     error = wait_until(refused, "the key's expiry")
     assert error is not None and error["type"] == "error" and error["error"]["type"] == "authentication_error"
     assert "expired" in error["error"]["message"]
+
+
+def test_a_persons_allowance_follows_their_key_not_the_header(site: Site) -> None:
+    """A team's `--user-budget` is each person's: the header a client sends cannot move their spend elsewhere."""
+    update_team(site.engine, "eng", TeamSettings(user_budget_usd=Decimal("0.0001")), actor="test")
+    _, key = create_key(site.engine, "eng", actor="test", owner="oidc:mallory")
+    _, shared = create_key(site.engine, "eng", actor="test")
+    message = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    for user in ("someone-with-room", "", "oidc:somebody-else"):
+        headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "x-spendgate-user": user}
+        answer = httpx.post(f"{site.url}/v1/messages", headers=headers, json={**message, "metadata": {"user_id": user}})
+        assert (answer.status_code, answer.json()["error"]["type"]) == (402, "billing_error"), user
+    refusals = wait_until(lambda: [r for _, r in iter_usage(site.engine) if r["status"] == 402], "the refusals")
+    assert {record["user"] for record in refusals} == {"oidc:mallory"}
+    # Nor can a shared key's client speak for a person: `oidc:` users come from personal keys only.
+    base = {"x-api-key": shared, "anthropic-version": "2023-06-01"}
+    for headers, body in (
+        ({**base, "x-spendgate-user": "oidc:mallory"}, message),
+        (base, {**message, "metadata": {"user_id": "oidc:mallory"}}),
+    ):
+        answer = httpx.post(f"{site.url}/v1/messages", headers=headers, json=body)
+        assert (answer.status_code, answer.json()["error"]["type"]) == (400, "invalid_request_error")
+    # Any other user is theirs to name (here: also past the tiny allowance, so refused for budget, not as spoofing).
+    ann = httpx.post(f"{site.url}/v1/messages", headers={**base, "x-spendgate-user": "ann"}, json=message)
+    assert (ann.status_code, ann.json()["error"]["type"]) == (402, "billing_error")

@@ -39,6 +39,7 @@ from proxy.ledger.batch_owners import BatchOwner, find_batch
 from proxy.ledger.budgets import release, take_hold
 from proxy.ledger.counters import counters_for
 from proxy.ledger.keys import KeyCache, KeyInfo, key_from_headers
+from proxy.ledger.people import PERSON_PREFIX
 from proxy.ledger.retries import fingerprint_request
 from proxy.pricing.estimate import estimate_cost, input_token_bound
 from proxy.pricing.table import PriceTable
@@ -96,6 +97,7 @@ class Gate:
         if key.owner is not None:
             # A personal key's calls are its person's: their allowance applies, whatever the client says.
             call.user = key.owner
+        _check_claimed_user(call.user, key)
         return key
 
     async def admit_message(self, call: Call, key: KeyInfo, body: bytes, *, tokens: bool) -> bytes:
@@ -110,6 +112,7 @@ class Gate:
             user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
             if isinstance(user_id, str):
                 call.user = label(user_id, 256)
+                _check_claimed_user(call.user, key)
         if not tokens:
             return body
         call.max_tokens = call.max_tokens_sent = request["max_tokens"]
@@ -328,3 +331,13 @@ def _size(params: dict[str, Any]) -> int:
         return len(json.dumps(params))
     except RecursionError:
         raise BadRequest("A batch request is nested too deeply to be read.") from None
+
+
+def _check_claimed_user(user: str | None, key: KeyInfo) -> None:
+    """`oidc:` names a person the identity provider vouched for: only their personal key may speak for them, so a
+    client of a shared key cannot spend a person's allowance or put their name on its calls."""
+    if key.owner is None and user is not None and user.startswith(PERSON_PREFIX):
+        raise BadRequest(
+            f"The user {user[:80]!r} names a signed-in person: 'oidc:' users are set by personal keys only. "
+            "Send another x-spendgate-user (or metadata.user_id), or call with that person's own key."
+        )

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from proxy.ledger.audit import record_event
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import GroupTeam, Person, Team
 from proxy.ledger.teams import NotFound, no_team
 
+# The `user` of a person's calls and the actor of their acts: `oidc:<sub>`.
+PERSON_PREFIX = "oidc:"
 # Provider groups are free text; past these bounds a claim is not a list of group names.
 MAX_GROUPS = 500
 MAX_GROUP_LENGTH = 256
@@ -36,21 +39,28 @@ class PersonView:
 
 def subject_of(sub: str) -> str:
     """The ledger's name for the provider's subject `sub`: the `user` of their calls and the actor of their acts."""
-    return f"oidc:{sub}"
+    return PERSON_PREFIX + sub
 
 
 def record_sign_in(engine: Engine, person: PersonView) -> None:
     """Remember who signed in and their groups now (blocking)."""
     now = datetime.now(UTC)
     columns = {"email": person.email, "name": person.name, "groups": json.dumps(list(person.groups))}
-    with write_transaction(engine) as connection:
-        known = connection.execute(
-            update(Person).where(Person.subject == person.subject).values(**columns, last_seen_at=now)
-        )
-        if known.rowcount == 0:
-            connection.execute(
-                insert(Person).values(subject=person.subject, **columns, first_seen_at=now, last_seen_at=now)
-            )
+    for attempt in range(2):
+        try:
+            with write_transaction(engine) as connection:
+                known = connection.execute(
+                    update(Person).where(Person.subject == person.subject).values(**columns, last_seen_at=now)
+                )
+                if known.rowcount == 0:
+                    connection.execute(
+                        insert(Person).values(subject=person.subject, **columns, first_seen_at=now, last_seen_at=now)
+                    )
+            return
+        except IntegrityError:
+            # Their first sign-in, twice at once (two tabs, two replicas): the other one made the row; update it.
+            if attempt:
+                raise
 
 
 def get_person(engine: Engine, subject: str) -> PersonView | None:

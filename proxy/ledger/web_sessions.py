@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, func, insert, select
 
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import SignInState, WebSession
@@ -22,6 +22,8 @@ from proxy.ledger.schema import SignInState, WebSession
 SESSION_SECONDS = 8 * 3600
 # A person has this long between leaving for the provider and coming back.
 SIGN_IN_SECONDS = 600
+# Sign-ins under way at once, at most (each a row anyone can make by starting one).
+MAX_SIGN_INS = 10_000
 ADMIN_TOKEN_ACTOR = "admin-token"  # noqa: S105 (a name, not a secret)
 
 
@@ -95,11 +97,18 @@ def end_session(engine: Engine, cookie: str) -> None:
         connection.execute(delete(WebSession).where(WebSession.id_hash == digest(cookie)))
 
 
+class TooManySignIns(Exception):
+    """Too many sign-ins are under way at once; try again in a few minutes."""
+
+
 def begin_sign_in(engine: Engine, state: str, pending: PendingSignIn) -> None:
-    """Remember a sign-in leaving for the provider under its `state`; forgets sign-ins never completed."""
+    """Remember a sign-in leaving for the provider under its `state`; forgets sign-ins never completed. Anyone may
+    start one without being anybody yet, so at most `MAX_SIGN_INS` are kept (`TooManySignIns` past it)."""
     now = datetime.now(UTC)
     with write_transaction(engine) as connection:
         connection.execute(delete(SignInState).where(SignInState.created_at < now - timedelta(seconds=SIGN_IN_SECONDS)))
+        if connection.execute(select(func.count()).select_from(SignInState)).scalar_one() >= MAX_SIGN_INS:
+            raise TooManySignIns("Too many sign-ins are under way. Try again in a few minutes.")
         connection.execute(
             insert(SignInState).values(
                 state_hash=digest(state),

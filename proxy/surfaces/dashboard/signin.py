@@ -28,6 +28,7 @@ from proxy.ledger.web_sessions import (
     ADMIN_TOKEN_ACTOR,
     SIGN_IN_SECONDS,
     PendingSignIn,
+    TooManySignIns,
     begin_sign_in,
     end_session,
     start_session,
@@ -134,7 +135,10 @@ def sign_in_routes(access: Access, oidc: OidcClient | None, render: Render) -> l
         except SignInFailed as error:
             return page(request, error=str(error), status=502)
         engine: Engine = request.state.engine
-        await anyio.to_thread.run_sync(begin_sign_in, engine, state, pending)
+        try:
+            await anyio.to_thread.run_sync(begin_sign_in, engine, state, pending)
+        except TooManySignIns as error:
+            return page(request, error=str(error), status=429)
         answer = RedirectResponse(target, status_code=303)
         answer.set_cookie(
             STATE_COOKIE,
