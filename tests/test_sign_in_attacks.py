@@ -278,7 +278,12 @@ def test_device_codes_are_polled_slowly_used_once_and_not_guessed(site: Site) ->
         assert statuses[-1] == 429
         # A refresh token works once.
         refresh = {"grant_type": "refresh_token", "refresh_token": issued["refresh_token"]}
-        assert terminal.post(f"{site.url}/oauth/token", data=refresh).status_code == 200
+        renewed = terminal.post(f"{site.url}/oauth/token", data=refresh)
+        assert renewed.status_code == 200
+        assert terminal.post(f"{site.url}/oauth/token", data=refresh).json()["error"] == "invalid_grant"
+        # Once their groups no longer make them a member of the key's team, the key is not renewed.
+        map_group(site.engine, "eng", "eng", actor="test", remove=True)
+        refresh = {"grant_type": "refresh_token", "refresh_token": renewed.json()["refresh_token"]}
         assert terminal.post(f"{site.url}/oauth/token", data=refresh).json()["error"] == "invalid_grant"
         assert terminal.post(f"{site.url}/oauth/token", data={"grant_type": "password"}).json()["error"] == (
             "unsupported_grant_type"

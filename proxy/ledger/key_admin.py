@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from proxy.ledger.audit import record_event
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import hash_key, new_key, new_key_id
+from proxy.ledger.people import is_member
 from proxy.ledger.schema import APIKey, Team
 from proxy.ledger.teams import UNSET, NotFound, Unset, check_rates, get_team, no_team
 from proxy.types import NO_RATE_LIMITS, PERIODS, Period, RateLimits, usd
@@ -133,9 +134,13 @@ def issue_personal_key(
 
 def rotate_key(engine: Engine, key_id: str, *, actor: str, owner: str | None = None) -> tuple[KeyView, str]:
     """A new key in place of `key_id` (same team, name, owner, limits and lifetime), which is revoked in the same
-    transaction. With `owner`, only that person's key may be rotated (`NotFound` otherwise)."""
+    transaction. With `owner`, only that person's key may be rotated, while they still belong to its team
+    (`NotFound` otherwise)."""
     with write_transaction(engine) as connection:
-        made = _replace_key(connection, _live_key(connection, APIKey.id == key_id, owner=owner), actor=actor)
+        old = _live_key(connection, APIKey.id == key_id, owner=owner)
+        if old is not None and owner is not None and not is_member(connection, owner, old.team_id):
+            old = None
+        made = _replace_key(connection, old, actor=actor)
     if made is None:
         raise NotFound(f"no live key with id {key_id!r}")
     return get_key(engine, made.view.id), made.key
@@ -143,10 +148,13 @@ def rotate_key(engine: Engine, key_id: str, *, actor: str, owner: str | None = N
 
 def renew_key(engine: Engine, refresh_token: str) -> NewKey | None:
     """Trade a refresh token for a new key and refresh token, revoking the key it belonged to; None when the token
-    is unknown, used, or its key revoked or expired (sign in again: `spendgate login`)."""
+    is unknown or used, its key revoked or expired, or its person no longer in the key's team (as of their last
+    sign-in and today's group mappings): sign in again, `spendgate login`."""
     with write_transaction(engine) as connection:
         old = _live_key(connection, APIKey.refresh_hash == hash_key(refresh_token), owner=None)
-        return _replace_key(connection, old, actor=old.owner if old is not None and old.owner else "key-refresh")
+        if old is None or old.owner is None or not is_member(connection, old.owner, old.team_id):
+            return None
+        return _replace_key(connection, old, actor=old.owner)
 
 
 def _live_key(connection: Connection, condition: ColumnElement[bool], *, owner: str | None) -> Row[Any] | None:

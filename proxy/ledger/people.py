@@ -88,6 +88,15 @@ def teams_of_groups(connection: Connection, groups: tuple[str, ...]) -> list[str
     return list(connection.execute(query).scalars())
 
 
+def is_member(connection: Connection, subject: str, team_id: int) -> bool:
+    """Whether the person `subject` belongs to the team, as of their last sign-in's groups and today's mappings."""
+    groups = connection.execute(select(Person.groups).where(Person.subject == subject)).scalar()
+    if groups is None:
+        return False
+    query = select(GroupTeam.group).where(GroupTeam.team_id == team_id, GroupTeam.group.in_(json.loads(groups)))
+    return connection.execute(query.limit(1)).first() is not None
+
+
 def map_group(engine: Engine, team: str, group: str, *, actor: str, remove: bool = False) -> list[str]:
     """Make members of provider group `group` members of `team` (or no longer, with `remove`); returns the team's
     groups after the change."""
