@@ -263,9 +263,7 @@ def create_app(
             Route("/livez", livez),
             metrics_route([token for token in (settings.metrics_token, settings.admin_token) if token]),
             *admin_routes(settings.admin_token, access),
-            *dashboard_routes(
-                access, oidc, spill_dir=settings.spill_dir, clock=clock, device_interval=settings.device_poll_seconds
-            ),
+            *dashboard_routes(access, oidc, spill_dir=settings.spill_dir, clock=clock),
             *(oauth_routes(settings.public_url, interval=settings.device_poll_seconds) if oidc else ()),
         ],
         lifespan=lifespan,

@@ -45,6 +45,13 @@ ACCOUNTS = {
     "carol": IdpAccount(email="carol@example.com", name="Carol", groups=["spendgate-admins"]),
     "eve": IdpAccount(email="eve@elsewhere.test", name="Eve", groups=["eng"]),
 }
+CLIENTS = Path(__file__).resolve().parent / "clients"
+# Claude Code calls nothing but the API it is pointed at (no telemetry, no update checks: the sandbox is offline).
+CLAUDE_CODE_QUIET = {
+    "DISABLE_TELEMETRY": "1",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    "DISABLE_AUTOUPDATER": "1",
+}
 MESSAGE: dict[str, Any] = {
     "model": "claude-sonnet-4-6",
     "max_tokens": 10,
@@ -245,6 +252,33 @@ def test_device_login_gives_a_key_helper_for_claude_code(browser: Browser, peopl
     renewed = helper("--renew-before", str(400 * 86400))
     assert renewed != key and renewed.startswith("sk-sg-")
     assert refused(key, people.url)
-    with people.sdk(renewed) as sdk:
-        sdk.messages.create(**MESSAGE)
+    renewed_id = json.loads(credentials.read_text())["key_id"]
+    # The real Claude Code, pointed at spendgate, with `spendgate key-helper` as its apiKeyHelper: its call is Alice's.
+    settings = {"apiKeyHelper": f"{sys.executable} -m proxy.cli key-helper"}
+    claude_env = {
+        **env,
+        **CLAUDE_CODE_QUIET,
+        "HOME": str(people.tmp_path / "claude-home"),
+        "ANTHROPIC_BASE_URL": people.url,
+    }
+    claude_env.pop("ANTHROPIC_API_KEY", None)
+    (people.tmp_path / "claude-home").mkdir()
+    done = subprocess.run(
+        [str(claude_code()), "-p", "say hi", "--settings", json.dumps(settings)],
+        env=claude_env,
+        cwd=people.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = wait_until(lambda: records_of(people.engine, renewed_id), "Claude Code's calls")
+    assert {(call["user"], call["status"]) for call in calls} == {("oidc:alice", 200)}
     context.close()
+
+
+def claude_code() -> Path:
+    """The Claude Code CLI the tests pin (tests/clients/package.json)."""
+    found = CLIENTS / "node_modules" / ".bin" / "claude"
+    assert found.exists(), "Claude Code is not installed: run `npm ci --prefix tests/clients` (.ci/run does it)"
+    return found

@@ -31,6 +31,7 @@ ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES
 SKEW_SECONDS = 60
 DISCOVERY_SECONDS = 3600
 KEYS_REFETCH_SECONDS = 60
+MAX_SUBJECT = 250
 HTTP_TIMEOUT = httpx.Timeout(10.0)
 
 
@@ -136,8 +137,9 @@ class OidcClient:
         audience = claims["aud"]
         if isinstance(audience, list) and len(audience) > 1 and claims.get("azp") != self.settings.client_id:
             raise SignInFailed("The identity token was issued to another client (azp).")
-        if not isinstance(claims["sub"], str) or not 0 < len(claims["sub"]) <= 255:
-            raise SignInFailed("The identity token's subject is not a string of 1 to 255 characters.")
+        # `oidc:<sub>` becomes the `user` of records (at most 256 characters).
+        if not isinstance(claims["sub"], str) or not 0 < len(claims["sub"]) <= MAX_SUBJECT:
+            raise SignInFailed(f"The identity token's subject is not a string of 1 to {MAX_SUBJECT} characters.")
         return claims
 
     def _person(self, claims: dict[str, Any]) -> PersonView:

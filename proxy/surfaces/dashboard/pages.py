@@ -42,7 +42,6 @@ from proxy.types import parse_instant
 
 Clock = Callable[[], datetime]
 Page = Callable[[Request, Principal], Awaitable[Response]]
-Guard = Callable[..., Callable[[Request], Awaitable[Response]]]
 SECURITY_HEADERS = {
     "content-security-policy": (
         "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
@@ -69,7 +68,7 @@ class LastVerify:
 
 
 def dashboard_routes(
-    access: Access | None, oidc: OidcClient | None, *, spill_dir: Path, clock: Clock, device_interval: int
+    access: Access | None, oidc: OidcClient | None, *, spill_dir: Path, clock: Clock
 ) -> list[BaseRoute]:
     """The `/dashboard` routes and the device page (all 404 with no way to sign in)."""
     if access is None:
