@@ -95,7 +95,13 @@ def parse_instant(text: str) -> datetime:
         raise ValueError(
             f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)"
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not value.tzinfo:
+        return value.replace(tzinfo=UTC)
+    try:
+        # An instant at the edge of the calendar with an offset has no UTC time (9999-12-31T23:59-01:00).
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

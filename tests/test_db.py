@@ -13,6 +13,8 @@ from alembic.config import Config
 from sqlalchemy import column, inspect, select, table as table_, text
 
 from proxy.ledger.db import make_engine, normalize_url, upgrade
+from proxy.ledger.key_admin import create_key
+from proxy.ledger.teams import TeamSettings, create_team
 from tests.conftest import empty_database
 
 
@@ -104,3 +106,20 @@ def test_the_holds_table_renamed_both_ways_keeps_every_hold(fresh_url: str) -> N
     )
     migrate(fresh_url, "head")
     assert state("budget_holds") == (["sgr_new"], new_indexes)
+
+
+def test_going_back_before_expiring_keys_revokes_the_keys_that_expire(fresh_url: str) -> None:
+    """The release before 0014 cannot read an expiry: a downgrade revokes the keys that have one."""
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    create_team(engine, "eng", TeamSettings(), actor="test")
+    expiring, _ = create_key(engine, "eng", actor="test", expires_days=5)
+    lasting, _ = create_key(engine, "eng", actor="test")
+    engine.dispose()
+    migrate(fresh_url, "0013")
+    engine = make_engine(fresh_url)
+    with engine.connect() as connection:
+        revoked: dict[str, object] = dict(connection.execute(text("SELECT id, revoked_at FROM api_keys")).all())
+    engine.dispose()
+    assert revoked[expiring.id] is not None and revoked[lasting.id] is None
+    migrate(fresh_url, "head")

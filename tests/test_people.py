@@ -26,7 +26,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from sqlalchemy import Engine, select
 
 from proxy.ledger.export import iter_usage
-from proxy.ledger.people import map_group
+from proxy.ledger.groups import map_group
 from proxy.ledger.schema import AdminEvent
 from proxy.ledger.teams import TeamSettings, create_team
 from tests.idp import IdpAccount, IdpClient, running_idp, sign_in_at_idp
@@ -194,6 +194,9 @@ def test_two_people_see_only_their_team_and_spend_as_themselves(browser: Browser
     assert alice.locator(f"tr[data-key-id='{alice_key_id}'] [data-field=state]").inner_text() == "revoked"
     assert refused(alice_key, people.url)
     wait_until(lambda: refused(alice_key, people.second), "the other replica to refuse the revoked key")
+    # Bob's group no longer maps to research: his key stops working on every replica within the same bound.
+    map_group(people.engine, "research", "research-staff", actor="test", remove=True)
+    wait_until(lambda: all(refused(bob_key, base) for base in (people.url, people.second)), "a former member refused")
     for context in (alice_browser, bob_browser, carol_browser):
         context.close()
 

@@ -30,8 +30,9 @@ from proxy.app import create_app
 from proxy.config import OidcSettings
 from proxy.ledger.device_grants import USER_CODE_ALPHABET, normalize_user_code
 from proxy.ledger.export import iter_usage
+from proxy.ledger.groups import map_group
 from proxy.ledger.key_admin import create_key
-from proxy.ledger.people import map_group
+from proxy.ledger.people import PersonView, get_person, record_sign_in
 from proxy.ledger.schema import APIKey
 from proxy.ledger.teams import TeamSettings, create_team, update_team
 from proxy.surfaces.dashboard.signin import safe_return
@@ -47,6 +48,8 @@ CLIENT_ID = "spendgate-dashboard"
 CLIENT_SECRET = "the-dashboards-client-secret-0123456789"
 TOKEN = "break-glass-token"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# The rogue provider's account, as the ledger knows her once she signed in.
+MALLORY = PersonView(subject="oidc:mallory", email="mallory@example.com", name="Mallory", groups=("eng",))
 
 
 @dataclass
@@ -122,7 +125,7 @@ def test_forged_or_misdirected_id_tokens_sign_nobody_in(site: Site) -> None:
         # The HS/RS confusion: the issuer's public key, used as an HMAC secret.
         return str(site.rogue.key.as_pem(private=False).decode())
 
-    cases = {**FORGERIES}
+    cases = {**FORGERIES, "HS256 with the issuer's public key": ({}, HS256(confusion_secret()))}
     for case, (overrides, signing) in cases.items():
         site.rogue.answer_with(lambda authorize, o=overrides: site.rogue.claims_for(authorize, **o), signing=signing)
         with httpx.Client() as client:
@@ -134,6 +137,18 @@ def test_forged_or_misdirected_id_tokens_sign_nobody_in(site: Site) -> None:
     site.rogue.answer_with()
     with httpx.Client() as client:
         assert signed_in(sign_in(client, site))
+
+
+def test_odd_characters_in_claims_are_kept_out_of_the_ledger(site: Site) -> None:
+    odd = {"name": "Mal\x00lory", "groups": ["eng", "a\x00b"]}
+    site.rogue.answer_with(lambda authorize: site.rogue.claims_for(authorize, **odd))
+    with httpx.Client() as client:
+        assert signed_in(sign_in(client, site))
+    assert get_person(site.engine, "oidc:mallory") == MALLORY
+    for sub in ("mal\x00lory", "mal\nlory", "x" * 251):
+        site.rogue.answer_with(lambda authorize, sub=sub: site.rogue.claims_for(authorize, sub=sub))
+        with httpx.Client() as client:
+            assert sign_in(client, site).status_code == 400, sub
 
 
 def test_a_state_is_used_once_and_only_by_the_browser_that_started_it(site: Site) -> None:
@@ -194,6 +209,7 @@ def test_a_session_id_is_never_adopted_and_a_tampered_one_is_nobody(site: Site) 
 
 
 def test_every_change_needs_the_sessions_csrf_token(site: Site) -> None:
+    record_sign_in(site.engine, MALLORY)
     view, _ = create_key(site.engine, "eng", actor="test", owner="oidc:mallory")
     with httpx.Client() as client:
         assert signed_in(sign_in(client, site))
@@ -213,9 +229,11 @@ def test_every_change_needs_the_sessions_csrf_token(site: Site) -> None:
             keys = connection.execute(select(func.count()).select_from(APIKey).where(APIKey.revoked_at.is_(None)))
             assert keys.scalar_one() == 1  # nothing made, rotated or revoked
         assert client.get(f"{site.url}/dashboard/me").status_code == 200  # still signed in
-        # With the token, the same form works.
-        made = client.post(f"{site.url}/dashboard/me/keys", data={"team": "eng", "csrf": token})
+        # With the token, the same form works (a lifetime that is no number of days gets the default).
+        made = client.post(f"{site.url}/dashboard/me/keys", data={"team": "eng", "csrf": token, "days": "²"})
         assert made.status_code == 201 and "sk-sg-" in made.text
+        edge = {"since": "9999-12-31T23:59:59-01:00"}
+        assert client.get(f"{site.url}/dashboard/teams/eng/usage.csv", params=edge).status_code == 400
 
 
 def test_a_form_on_another_site_changes_nothing(site: Site) -> None:
@@ -260,7 +278,7 @@ def test_device_codes_are_polled_slowly_used_once_and_not_guessed(site: Site) ->
 
         assert poll()["error"] == "authorization_pending"
         assert poll()["error"] == "slow_down"  # at once again: faster than the interval
-        assert poll("a-guessed-device-code")["error"] == "expired_token"
+        assert poll("a-guessed-device-code")["error"] == "invalid_grant"
         # Approving for a team that is not yours is refused; so is a code nobody is waiting with.
         other_team = {"user_code": started["user_code"], "team": "research", "decision": "approve", "csrf": token}
         assert person.post(f"{site.url}/device", data=other_team).status_code == 400
@@ -309,6 +327,7 @@ def test_a_typed_code_is_canonical_or_nothing(typed: str) -> None:
 
 
 def test_a_key_is_refused_from_its_expiry_on_even_while_cached(site: Site) -> None:
+    record_sign_in(site.engine, MALLORY)
     view, key = create_key(site.engine, "eng", actor="test", owner="oidc:mallory", expires_days=1)
     message = {"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
@@ -330,6 +349,7 @@ def test_a_key_is_refused_from_its_expiry_on_even_while_cached(site: Site) -> No
 def test_a_persons_allowance_follows_their_key_not_the_header(site: Site) -> None:
     """A team's `--user-budget` is each person's: the header a client sends cannot move their spend elsewhere."""
     update_team(site.engine, "eng", TeamSettings(user_budget_usd=Decimal("0.0001")), actor="test")
+    record_sign_in(site.engine, MALLORY)
     _, key = create_key(site.engine, "eng", actor="test", owner="oidc:mallory")
     _, shared = create_key(site.engine, "eng", actor="test")
     message = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}

@@ -7,6 +7,8 @@ Revises: 0013
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -64,6 +66,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("expires_at", sa.DateTime(), nullable=False),
         sa.Column("polled_at", sa.DateTime(), nullable=True),
+        sa.Column("client_address", sa.String(64), nullable=True),
         sa.Column("status", sa.String(10), nullable=False),
         sa.Column("subject", sa.String(300), nullable=True),
         sa.Column("team_id", sa.Integer(), sa.ForeignKey("teams.id"), nullable=True),
@@ -74,6 +77,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # The release before cannot read an expiry: a key that has one is revoked rather than left to work forever.
+    revoke = "UPDATE api_keys SET revoked_at = :now WHERE expires_at IS NOT NULL AND revoked_at IS NULL"
+    op.execute(sa.text(revoke).bindparams(now=datetime.now(UTC).replace(tzinfo=None)))
     for table in ("device_grants", "sign_in_states", "web_sessions", "group_teams", "people"):
         op.drop_table(table)
     with op.batch_alter_table("api_keys") as keys:

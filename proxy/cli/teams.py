@@ -120,7 +120,7 @@ def _show_new_key(args: argparse.Namespace, view: dict[str, object], key: str, w
 
 def run_teams_map_group(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate teams map-group TEAM GROUP [--remove]`."""
-    from proxy.ledger.people import map_group
+    from proxy.ledger.groups import map_group
 
     with open_ledger(settings) as engine:
         groups = map_group(engine, args.name, args.group, actor=actor(), remove=args.remove)

@@ -135,25 +135,27 @@ class OidcClient:
         except JoseError as error:
             raise SignInFailed(f"The identity token is not for this sign-in ({error.error}: {error}).") from None
         audience = claims["aud"]
-        if isinstance(audience, list) and len(audience) > 1 and claims.get("azp") != self.settings.client_id:
+        several = isinstance(audience, list) and len(audience) > 1
+        if (several or "azp" in claims) and claims.get("azp") != self.settings.client_id:
             raise SignInFailed("The identity token was issued to another client (azp).")
-        # `oidc:<sub>` becomes the `user` of records (at most 256 characters).
-        if not isinstance(claims["sub"], str) or not 0 < len(claims["sub"]) <= MAX_SUBJECT:
-            raise SignInFailed(f"The identity token's subject is not a string of 1 to {MAX_SUBJECT} characters.")
+        # `oidc:<sub>` becomes the `user` of records (at most 256 characters, printable: it is shown and exported).
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not 0 < len(sub) <= MAX_SUBJECT or not sub.isprintable():
+            raise SignInFailed(f"The identity token's subject is not 1 to {MAX_SUBJECT} printable characters.")
         return claims
 
     def _person(self, claims: dict[str, Any]) -> PersonView:
-        email = claims.get("email") if isinstance(claims.get("email"), str) else None
+        email, name = _text(claims.get("email"), 320), _text(claims.get("name"), 200)
         allowed = self.settings.allowed_domains
-        if allowed:
-            domain = (email or "").rpartition("@")[2].lower()
-            if not email or claims.get("email_verified") is False or domain not in allowed:
-                raise SignInFailed("Your account's email is not in a domain allowed to sign in here.")
-        name = claims.get("name") if isinstance(claims.get("name"), str) else None
+        # Only an address the provider verified says which organisation someone belongs to.
+        if allowed and (
+            not email or claims.get("email_verified") is not True or email.rpartition("@")[2].lower() not in allowed
+        ):
+            raise SignInFailed("Your account's email is not a verified address in a domain allowed to sign in here.")
         return PersonView(
             subject=subject_of(claims["sub"]),
-            email=email[:320] if email else None,
-            name=name[:200] if name else None,
+            email=email,
+            name=name,
             groups=clean_groups(claims.get(self.settings.groups_claim)),
         )
 
@@ -197,6 +199,13 @@ class OidcClient:
             raise SignInFailed(f"The identity provider's keys could not be read ({error}).") from None
         self._keys = (now, keys)
         return keys
+
+
+def _text(claim: object, limit: int) -> str | None:
+    """A claim as text for the ledger: a string, without NUL (PostgreSQL refuses it), at most `limit` long."""
+    if not isinstance(claim, str):
+        return None
+    return claim.replace("\x00", "")[:limit] or None
 
 
 async def _get_json(url: str) -> dict[str, Any]:

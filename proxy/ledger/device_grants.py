@@ -13,24 +13,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from proxy.ledger.db import write_transaction
 from proxy.ledger.key_admin import NewKey, check_days, issue_personal_key
+from proxy.ledger.people import is_member
 from proxy.ledger.schema import DeviceGrant, Team
-from proxy.ledger.web_sessions import digest
+from proxy.ledger.web_sessions import digest, evict_oldest
 
 # RFC 8628 section 6.1: twenty consonants (no vowels, so no words), eight of them: 34 bits, typed with ease.
 USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 USER_CODE_LENGTH = 8
 GRANT_SECONDS = 600
-# Grants waiting at once, at most: each is a row anyone may ask for without signing in.
-MAX_PENDING = 10_000
-Waiting = Literal["authorization_pending", "slow_down", "access_denied", "expired_token"]
-
-
-class TooManyGrants(Exception):
-    """Too many device grants are waiting; try again in a few minutes."""
+# Grants kept at once, at most: each is a row anyone may ask for without signing in. Past it the oldest go, so a
+# flood shortens how long a code lives rather than refusing new ones.
+MAX_GRANTS = 10_000
+Waiting = Literal["authorization_pending", "slow_down", "access_denied", "expired_token", "invalid_grant"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +40,22 @@ class StartedGrant:
     expires_in: int
 
 
-def start_grant(engine: Engine) -> StartedGrant:
-    """A new pending grant (blocking)."""
+@dataclass(frozen=True, slots=True)
+class PendingGrant:
+    """What the person approving is shown: where and when the request came from."""
+
+    user_code: str
+    client_address: str
+    created_at: datetime
+
+
+def start_grant(engine: Engine, client_address: str) -> StartedGrant:
+    """A new pending grant, asked for from `client_address` (blocking)."""
     device_code = secrets.token_urlsafe(32)
     now = datetime.now(UTC)
     with write_transaction(engine) as connection:
         connection.execute(delete(DeviceGrant).where(DeviceGrant.expires_at < now))
-        waiting = connection.execute(select(func.count()).select_from(DeviceGrant)).scalar_one()
-        if waiting >= MAX_PENDING:
-            raise TooManyGrants("Too many device sign-ins are waiting. Try again in a few minutes.")
+        evict_oldest(connection, DeviceGrant.device_hash, DeviceGrant.created_at, keep=MAX_GRANTS - 1)
         user_code = _new_user_code()
         while connection.execute(select(DeviceGrant.user_code).where(DeviceGrant.user_code == user_code)).first():
             user_code = _new_user_code()
@@ -61,6 +66,7 @@ def start_grant(engine: Engine) -> StartedGrant:
                 created_at=now,
                 expires_at=now + timedelta(seconds=GRANT_SECONDS),
                 status="pending",
+                client_address=client_address[:64],
             )
         )
     return StartedGrant(device_code=device_code, user_code=user_code, expires_in=GRANT_SECONDS)
@@ -75,15 +81,17 @@ def normalize_user_code(raw: str) -> str | None:
     return f"{letters[:4]}-{letters[4:]}"
 
 
-def is_pending(engine: Engine, user_code: str) -> bool:
-    """Whether a grant with this code waits for a decision."""
+def pending(engine: Engine, user_code: str) -> PendingGrant | None:
+    """The grant with this code, if it waits for a decision."""
     with engine.connect() as connection:
-        status = connection.execute(
-            select(DeviceGrant.status).where(
-                DeviceGrant.user_code == user_code, DeviceGrant.expires_at > datetime.now(UTC)
+        row = connection.execute(
+            select(DeviceGrant.client_address, DeviceGrant.created_at).where(
+                DeviceGrant.user_code == user_code,
+                DeviceGrant.status == "pending",
+                DeviceGrant.expires_at > datetime.now(UTC),
             )
-        ).scalar()
-    return status == "pending"
+        ).first()
+    return None if row is None else PendingGrant(user_code, row.client_address or "unknown", row.created_at)
 
 
 def decide(
@@ -126,7 +134,9 @@ def poll(engine: Engine, device_code: str, *, interval: int) -> NewKey | Waiting
         grant = connection.execute(
             select(DeviceGrant.__table__).where(DeviceGrant.device_hash == digest(device_code)).with_for_update()
         ).first()
-        if grant is None or grant.expires_at <= now or grant.status == "issued":
+        if grant is None:
+            return "invalid_grant"
+        if grant.expires_at <= now or grant.status == "issued":
             return "expired_token"
         if grant.status == "denied":
             return "access_denied"
@@ -143,6 +153,8 @@ def poll(engine: Engine, device_code: str, *, interval: int) -> NewKey | Waiting
         connection.execute(
             update(DeviceGrant).where(DeviceGrant.device_hash == grant.device_hash).values(status="issued")
         )
+        if not is_member(connection, grant.subject, grant.team_id):
+            return "access_denied"
         return issue_personal_key(
             connection,
             team,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from proxy.ledger.audit import record_event
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import hash_key, new_key, new_key_id
-from proxy.ledger.people import is_member
+from proxy.ledger.people import is_member, signed_in_since
 from proxy.ledger.schema import APIKey, Team
 from proxy.ledger.teams import UNSET, NotFound, Unset, check_rates, get_team, no_team
 from proxy.types import NO_RATE_LIMITS, PERIODS, Period, RateLimits, usd
@@ -69,10 +69,15 @@ class NewKey:
     view: KeyView
     key: str
     refresh_token: str | None = None
+    # The key this one replaced (revoked in the same transaction), for rotations and renewals.
+    replaces: str | None = None
 
 
 # A personal key lives this long unless its maker says otherwise.
 PERSONAL_KEY_DAYS = 90
+# A key is renewed only for a person who signed in this recently: someone the provider no longer lets in stops
+# getting new keys this long after their last sign-in at the latest.
+RENEW_WITHIN_DAYS = 30
 MAX_KEY_DAYS = 3650
 
 
@@ -140,7 +145,8 @@ def rotate_key(engine: Engine, key_id: str, *, actor: str, owner: str | None = N
         old = _live_key(connection, APIKey.id == key_id, owner=owner)
         if old is not None and owner is not None and not is_member(connection, owner, old.team_id):
             old = None
-        made = _replace_key(connection, old, actor=actor)
+        # No refresh token: it would be shown to nobody (the tool that holds the old one signs in again).
+        made = _replace_key(connection, old, actor=actor, refreshable=False)
     if made is None:
         raise NotFound(f"no live key with id {key_id!r}")
     return get_key(engine, made.view.id), made.key
@@ -149,12 +155,15 @@ def rotate_key(engine: Engine, key_id: str, *, actor: str, owner: str | None = N
 def renew_key(engine: Engine, refresh_token: str) -> NewKey | None:
     """Trade a refresh token for a new key and refresh token, revoking the key it belonged to; None when the token
     is unknown or used, its key revoked or expired, or its person no longer in the key's team (as of their last
-    sign-in and today's group mappings): sign in again, `spendgate login`."""
+    sign-in and today's group mappings) or not signed in for `RENEW_WITHIN_DAYS`: sign in again, `spendgate
+    login`."""
     with write_transaction(engine) as connection:
         old = _live_key(connection, APIKey.refresh_hash == hash_key(refresh_token), owner=None)
         if old is None or old.owner is None or not is_member(connection, old.owner, old.team_id):
             return None
-        return _replace_key(connection, old, actor=old.owner)
+        if not signed_in_since(connection, old.owner, datetime.now(UTC) - timedelta(days=RENEW_WITHIN_DAYS)):
+            return None
+        return _replace_key(connection, old, actor=old.owner, refreshable=True)
 
 
 def _live_key(connection: Connection, condition: ColumnElement[bool], *, owner: str | None) -> Row[Any] | None:
@@ -167,7 +176,7 @@ def _live_key(connection: Connection, condition: ColumnElement[bool], *, owner: 
     return key
 
 
-def _replace_key(connection: Connection, old: Row[Any] | None, *, actor: str) -> NewKey | None:
+def _replace_key(connection: Connection, old: Row[Any] | None, *, actor: str, refreshable: bool) -> NewKey | None:
     if old is None:
         return None
     now = datetime.now(UTC)
@@ -183,7 +192,7 @@ def _replace_key(connection: Connection, old: Row[Any] | None, *, actor: str) ->
         name=old.name,
         owner=old.owner,
         expires_days=max(1, lifetime) if lifetime is not None else None,
-        refreshable=old.refresh_hash is not None,
+        refreshable=refreshable,
         extra={"budget_usd": old.budget_usd, "period": old.period, "rpm": old.rpm, "itpm": old.itpm, "otpm": old.otpm},
         replaces=old.id,
     )
@@ -243,7 +252,7 @@ def _insert_key(
         key_owner=owner,
         expires_at=expires_at,
     )
-    return NewKey(view=view, key=key, refresh_token=refresh_token)
+    return NewKey(view=view, key=key, refresh_token=refresh_token, replaces=replaces)
 
 
 def check_days(days: int | None) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.errors import InvalidKey, LedgerUnavailable
+from proxy.ledger.people import is_member
 from proxy.ledger.schema import APIKey, Team, UserBudget
 from proxy.types import NO_RATE_LIMITS, CapPolicy, Period, RateLimits
 
@@ -77,8 +78,14 @@ def key_from_headers(headers: dict[bytes, bytes]) -> str | None:
 
 
 def lookup_key(engine: Engine, key_hash: str) -> KeyInfo | None:
-    """Find an unrevoked key by its hash (blocking: call it from a worker thread)."""
-    return _find_key(engine, APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
+    """Find an unrevoked key by its hash (blocking: call it from a worker thread). A personal key whose person no
+    longer belongs to its team (their groups no longer map to it) is no key."""
+    info = _find_key(engine, APIKey.key_hash == key_hash, APIKey.revoked_at.is_(None))
+    if info is not None and info.owner is not None:
+        with engine.connect() as connection:
+            if not is_member(connection, info.owner, info.team_id):
+                return None
+    return info
 
 
 def lookup_key_by_id(engine: Engine, key_id: str) -> KeyInfo | None:

@@ -1,9 +1,9 @@
-"""People and the teams their identity-provider groups map to.
+"""People: who signed in, with which provider groups, and the teams those groups make them members of.
 
 A person is known by the subject their provider vouches for (`oidc:<sub>`), recorded at each sign-in with the
-groups the provider named then. Which teams they belong to is read from those groups and `group_teams` at every
-request, so mapping a group (`spendgate teams map-group`) takes effect at once; a change of groups in the provider
-takes effect at the person's next sign-in.
+groups the provider named then. Which teams they belong to is read from those groups and `group_teams`
+(proxy/ledger/groups.py) whenever it matters, so mapping a group takes effect at once; a change of groups in the
+provider takes effect at the person's next sign-in.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from proxy.ledger.audit import record_event
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import GroupTeam, Person, Team
-from proxy.ledger.teams import NotFound, no_team
 
 # The `user` of a person's calls and the actor of their acts: `oidc:<sub>`.
 PERSON_PREFIX = "oidc:"
@@ -97,43 +95,10 @@ def is_member(connection: Connection, subject: str, team_id: int) -> bool:
     return connection.execute(query.limit(1)).first() is not None
 
 
-def map_group(engine: Engine, team: str, group: str, *, actor: str, remove: bool = False) -> list[str]:
-    """Make members of provider group `group` members of `team` (or no longer, with `remove`); returns the team's
-    groups after the change."""
-    group = group.strip()
-    if not group or len(group) > MAX_GROUP_LENGTH:
-        raise ValueError(f"a group name is 1 to {MAX_GROUP_LENGTH} characters, got {len(group)}")
-    with write_transaction(engine) as connection:
-        team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
-        if team_id is None:
-            raise no_team(connection, team)
-        mapped = connection.execute(
-            select(GroupTeam.group).where(GroupTeam.team_id == team_id, GroupTeam.group == group)
-        ).first()
-        if remove and mapped is not None:
-            connection.execute(delete(GroupTeam).where(GroupTeam.team_id == team_id, GroupTeam.group == group))
-            record_event(connection, actor=actor, action="team.unmap_group", target=team, before={"group": group})
-        elif remove:
-            raise NotFound(f"group {group!r} is not mapped to team {team!r}")
-        elif mapped is None:
-            connection.execute(insert(GroupTeam).values(group=group, team_id=team_id))
-            record_event(connection, actor=actor, action="team.map_group", target=team, after={"group": group})
-        return groups_of_team(connection, team_id)
-
-
-def groups_of(engine: Engine, team: str) -> list[str]:
-    """The provider groups mapped to the team named `team` (`NotFound` if there is none)."""
-    with engine.connect() as connection:
-        team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
-        if team_id is None:
-            raise no_team(connection, team)
-        return groups_of_team(connection, team_id)
-
-
-def groups_of_team(connection: Connection, team_id: int) -> list[str]:
-    """The provider groups mapped to a team, sorted."""
-    query = select(GroupTeam.group).where(GroupTeam.team_id == team_id).order_by(GroupTeam.group)
-    return list(connection.execute(query).scalars())
+def signed_in_since(connection: Connection, subject: str, since: datetime) -> bool:
+    """Whether the person `subject` signed in at `since` or later."""
+    seen = connection.execute(select(Person.last_seen_at).where(Person.subject == subject)).scalar()
+    return seen is not None and seen >= since
 
 
 def clean_groups(claim: object) -> tuple[str, ...]:
@@ -142,4 +107,6 @@ def clean_groups(claim: object) -> tuple[str, ...]:
         claim = [claim]
     if not isinstance(claim, list) or len(claim) > MAX_GROUPS:
         return ()
-    return tuple(sorted({g for g in claim if isinstance(g, str) and 0 < len(g) <= MAX_GROUP_LENGTH}))
+    return tuple(
+        sorted({g for g in claim if isinstance(g, str) and 0 < len(g) <= MAX_GROUP_LENGTH and "\x00" not in g})
+    )

@@ -180,6 +180,8 @@ class DeviceGrant(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Where the request came from, shown to the person asked to approve it (RFC 8628 section 5.4).
+    client_address: Mapped[str | None] = mapped_column(String(64))
     # pending -> approved | denied; approved -> issued (the key was handed out: the code is spent).
     status: Mapped[str] = mapped_column(String(10))
     subject: Mapped[str | None] = mapped_column(String(300))

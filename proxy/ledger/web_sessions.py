@@ -14,7 +14,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy import Connection, Engine, delete, func, insert, select
+from sqlalchemy.orm import InstrumentedAttribute
 
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import SignInState, WebSession
@@ -97,18 +98,14 @@ def end_session(engine: Engine, cookie: str) -> None:
         connection.execute(delete(WebSession).where(WebSession.id_hash == digest(cookie)))
 
 
-class TooManySignIns(Exception):
-    """Too many sign-ins are under way at once; try again in a few minutes."""
-
-
 def begin_sign_in(engine: Engine, state: str, pending: PendingSignIn) -> None:
     """Remember a sign-in leaving for the provider under its `state`; forgets sign-ins never completed. Anyone may
-    start one without being anybody yet, so at most `MAX_SIGN_INS` are kept (`TooManySignIns` past it)."""
+    start one without being anybody yet, so at most `MAX_SIGN_INS` are kept: past it the oldest are forgotten (a
+    flood makes sign-ins that take longer than it lasts start again, and blocks none)."""
     now = datetime.now(UTC)
     with write_transaction(engine) as connection:
         connection.execute(delete(SignInState).where(SignInState.created_at < now - timedelta(seconds=SIGN_IN_SECONDS)))
-        if connection.execute(select(func.count()).select_from(SignInState)).scalar_one() >= MAX_SIGN_INS:
-            raise TooManySignIns("Too many sign-ins are under way. Try again in a few minutes.")
+        evict_oldest(connection, SignInState.state_hash, SignInState.created_at, keep=MAX_SIGN_INS - 1)
         connection.execute(
             insert(SignInState).values(
                 state_hash=digest(state),
@@ -132,6 +129,17 @@ def take_sign_in(engine: Engine, state: str) -> PendingSignIn | None:
     if row is None or row.created_at < oldest:
         return None
     return PendingSignIn(nonce=row.nonce, verifier=row.verifier, return_to=row.return_to)
+
+
+def evict_oldest(
+    connection: Connection, key: InstrumentedAttribute[str], age: InstrumentedAttribute[datetime], *, keep: int
+) -> None:
+    """Delete the oldest rows of `key`'s table past the newest `keep` (by `age`)."""
+    table = key.class_.__table__
+    count = connection.execute(select(func.count()).select_from(table)).scalar_one()
+    if count > keep:
+        oldest = select(key).order_by(age).limit(count - keep).scalar_subquery()
+        connection.execute(delete(table).where(key.in_(oldest)))
 
 
 def _proof(admin_token: str, session_id: str) -> str:

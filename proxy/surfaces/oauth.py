@@ -21,8 +21,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.errors import ledger_errors
-from proxy.ledger.device_grants import TooManyGrants, poll, start_grant
+from proxy.ledger.device_grants import poll, start_grant
 from proxy.ledger.key_admin import NewKey, renew_key
+from proxy.ledger.keys import KeyCache
 from proxy.surfaces.sessions import read_form
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -32,7 +33,12 @@ DESCRIPTIONS = {
     "slow_down": "Polling too fast: wait longer between requests.",
     "access_denied": "The person denied this sign-in.",
     "expired_token": "This device code expired or was already used: start again with `spendgate login`.",
+    "invalid_grant": "No such device code: start again with `spendgate login`.",
 }
+RENEWAL_REFUSED = (
+    "This refresh token is unknown or used, its key revoked or expired, or its person no longer in the key's team "
+    "or not signed in lately: sign in again with `spendgate login`."
+)
 
 
 def oauth_routes(public_url: str | None, *, interval: int) -> list[Route]:
@@ -40,11 +46,9 @@ def oauth_routes(public_url: str | None, *, interval: int) -> list[Route]:
 
     async def device_authorization(request: Request) -> Response:
         engine: Engine = request.state.engine
-        try:
-            with ledger_errors():
-                grant = await anyio.to_thread.run_sync(start_grant, engine)
-        except TooManyGrants as error:
-            return _error("slow_down", str(error), status=429)
+        address = request.client.host if request.client else "unknown"
+        with ledger_errors():
+            grant = await anyio.to_thread.run_sync(start_grant, engine, address)
         page = (public_url or str(request.base_url).rstrip("/")) + "/device"
         body = {
             "device_code": grant.device_code,
@@ -71,7 +75,9 @@ def oauth_routes(public_url: str | None, *, interval: int) -> list[Route]:
                 refresh = form["refresh_token"]
                 renewed = await anyio.to_thread.run_sync(renew_key, engine, refresh)
                 if renewed is None:
-                    return _error("invalid_grant", "This refresh token is unknown, used or its key revoked or expired.")
+                    return _error("invalid_grant", RENEWAL_REFUSED)
+                keys: KeyCache = request.state.keys
+                keys.forget(renewed.replaces or "")
                 return _issued(renewed)
         if grant_type not in (DEVICE_GRANT, "refresh_token"):
             return _error("unsupported_grant_type", f"grant_type must be {DEVICE_GRANT} or refresh_token.")

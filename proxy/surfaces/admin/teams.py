@@ -7,9 +7,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.ledger.end_users import list_users, set_user_budget
+from proxy.ledger.groups import groups_of, map_group
 from proxy.ledger.key_admin import create_key, list_keys, revoke_key, rotate_key, update_key
 from proxy.ledger.keys import KeyCache
-from proxy.ledger.people import groups_of, map_group
 from proxy.ledger.teams import UNSET, TeamSettings, create_team, get_team, list_teams, update_team
 from proxy.surfaces.admin.requests import Operation, actor, json_body, on_ledger
 from proxy.surfaces.admin_models import (

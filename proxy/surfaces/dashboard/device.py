@@ -16,7 +16,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from proxy.identity.roles import Principal
-from proxy.ledger.device_grants import decide, normalize_user_code
+from proxy.ledger.device_grants import PendingGrant, decide, normalize_user_code, pending
 from proxy.ledger.key_admin import PERSONAL_KEY_DAYS
 from proxy.ledger.teams import NotFound
 from proxy.surfaces.dashboard.me import key_days
@@ -30,7 +30,14 @@ def device_routes(signed_in: Callable[..., Any], render: Render) -> list[Route]:
     # Every decision takes a try, right code or wrong: a person needs one or two, a sweep of the codes millions.
     attempts = SignInLimiter()
 
-    def form(principal: Principal, code: str, *, error: str | None = None, status: int = 200) -> Response:
+    def form(
+        principal: Principal,
+        code: str,
+        *,
+        error: str | None = None,
+        status: int = 200,
+        asked: PendingGrant | None = None,
+    ) -> Response:
         if not principal.is_person:
             raise NotFound("The admin token is nobody: sign in as yourself to approve a device.")
         html = render(
@@ -41,11 +48,16 @@ def device_routes(signed_in: Callable[..., Any], render: Render) -> list[Route]:
             done=None,
             days=PERSONAL_KEY_DAYS,
             teams=principal.teams,
+            asked=asked,
         )
         return HTMLResponse(html, status_code=status)
 
     async def show(request: Request, principal: Principal) -> Response:
-        return form(principal, normalize_user_code(request.query_params.get("user_code", "")) or "")
+        code = normalize_user_code(request.query_params.get("user_code", "")) or ""
+        engine: Engine = request.state.engine
+        # Who asked, shown beside the code: a link someone else sent is a request from their terminal, not yours.
+        asked = await anyio.to_thread.run_sync(pending, engine, code) if code else None
+        return form(principal, code, asked=asked)
 
     async def answer(request: Request, principal: Principal) -> Response:
         fields = request.state.form

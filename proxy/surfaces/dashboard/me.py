@@ -97,4 +97,5 @@ def _forget(request: Request, key_id: str) -> None:
 
 def key_days(raw: str) -> int:
     """A key's lifetime from the form: 1 to `MAX_PERSONAL_DAYS` days (anything else: the default)."""
-    return int(raw) if raw.isdigit() and 1 <= int(raw) <= MAX_PERSONAL_DAYS else PERSONAL_KEY_DAYS
+    # isascii: "²" is a digit to str.isdigit, not to int().
+    return int(raw) if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_PERSONAL_DAYS else PERSONAL_KEY_DAYS

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio.to_thread
 from sqlalchemy import Engine
@@ -22,13 +22,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from proxy.errors import ledger_errors
 from proxy.identity.oidc import OidcClient, SignInFailed, new_verifier
 from proxy.ledger.people import record_sign_in
 from proxy.ledger.web_sessions import (
     ADMIN_TOKEN_ACTOR,
     SIGN_IN_SECONDS,
     PendingSignIn,
-    TooManySignIns,
     begin_sign_in,
     end_session,
     start_session,
@@ -79,7 +79,7 @@ def safe_return(raw: str | None) -> str:
     if (
         parts.scheme
         or parts.netloc
-        or {".", ".."} & set(parts.path.split("/"))
+        or {".", ".."} & set(unquote(parts.path).split("/"))
         or not any(parts.path == prefix or parts.path.startswith(prefix + "/") for prefix in RETURN_PREFIXES)
     ):
         return "/dashboard"
@@ -135,10 +135,8 @@ def sign_in_routes(access: Access, oidc: OidcClient | None, render: Render) -> l
         except SignInFailed as error:
             return page(request, error=str(error), status=502)
         engine: Engine = request.state.engine
-        try:
+        with ledger_errors():
             await anyio.to_thread.run_sync(begin_sign_in, engine, state, pending)
-        except TooManySignIns as error:
-            return page(request, error=str(error), status=429)
         answer = RedirectResponse(target, status_code=303)
         answer.set_cookie(
             STATE_COOKIE,
@@ -174,7 +172,8 @@ def sign_in_routes(access: Access, oidc: OidcClient | None, render: Render) -> l
             record_sign_in(engine, person)
             return start_session(engine, person.subject, replaces=previous)
 
-        session = await anyio.to_thread.run_sync(remember)
+        with ledger_errors():
+            session = await anyio.to_thread.run_sync(remember)
         answer = RedirectResponse(pending.return_to, status_code=303)
         answer.delete_cookie(STATE_COOKIE, path=STATE_PATH)
         access.set_cookie(request, answer, session)
