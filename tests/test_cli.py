@@ -12,6 +12,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -379,3 +380,22 @@ def test_groups_expiring_keys_and_rotation_from_the_command_line(
     assert run(capsys, "keys", "rotate", made["id"], "--db", db_url)[0] == 1  # a revoked key is not rotated
     code, out, _ = run(capsys, "keys", "list", "--owner", "oidc:nobody", "--format", "json", "--db", db_url)
     assert (code, json.loads(out)) == (0, [])
+
+
+@pytest.mark.parametrize(
+    "url", ["http://spendgate.example.com", "ftp://127.0.0.1", "spendgate.example.com", "https://"]
+)
+def test_login_sends_keys_over_https_only(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    code, out, err = run(capsys, "login", "--url", url)
+    assert (code, out) == (1, "") and "over https" in err
+
+
+def test_key_helper_without_a_login_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPENDGATE_CREDENTIALS", str(tmp_path / "none.json"))
+    code, out, err = run(capsys, "key-helper")
+    assert (code, out) == (1, "") and "spendgate login" in err
+    (tmp_path / "none.json").write_text("{not json")
+    code, out, err = run(capsys, "key-helper")
+    assert (code, out) == (1, "") and "cannot read" in err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -47,8 +49,13 @@ def credentials_path() -> Path:
 def run_login(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate login --url URL`."""
     url = args.url.rstrip("/")
-    if not url.startswith(("https://", "http://")):
-        raise UsageError(f"--url {args.url!r} is not a spendgate address (https://spendgate.example.com)")
+    parts = urlsplit(url)
+    # The key and its refresh token come back in the answer: over plain http only on this machine.
+    if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname))):
+        raise UsageError(
+            f"--url {args.url!r} is not a spendgate address over https (https://spendgate.example.com; "
+            "http only on this machine)"
+        )
     with httpx.Client(timeout=HTTP_TIMEOUT) as http:
         started = _oauth(http, f"{url}/oauth/device_authorization", {"client_id": CLIENT_ID})
         print(f"To sign in, open {started['verification_uri']} and enter the code {started['user_code']}", flush=True)
@@ -107,6 +114,13 @@ def run_key_helper(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"spendgate: could not renew the key yet ({error}); it still works", file=sys.stderr)
     print(stored["key"])
     return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _oauth(http: httpx.Client, url: str, form: dict[str, str]) -> dict[str, Any]:
