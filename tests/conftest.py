@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser
 from sqlalchemy import Engine, text, update
 
 from proxy.ledger.audit import GENESIS
 from proxy.ledger.db import make_engine, normalize_url, upgrade
 from proxy.ledger.schema import AuditHead, Base
+from tests.browsers import launched_chromium
 from tests.stack import Stack, running_stack
 
 POSTGRES_URL = os.environ.get("SPENDGATE_TEST_DB_URL")
@@ -41,6 +43,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if others:
         config.hook.pytest_deselected(items=others)
     items[:] = ledger
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, one per test module."""
+    with launched_chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

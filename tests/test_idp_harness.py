@@ -16,16 +16,15 @@ import pytest
 from joserfc import jwt
 from joserfc.errors import BadSignatureError
 from joserfc.jwk import KeySet, OctKey
-from playwright.sync_api import sync_playwright
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from tests.browsers import launched_chromium
 from tests.idp import IdpAccount, IdpClient, running_idp, sign_in_at_idp
 from tests.rogue_idp import HS256, RS256, NoSignature, RogueIdp, running_rogue_idp, token_header
 from tests.servers import serve_in_thread
-from tests.test_dashboard import CHROMIUM_ARGS, chromium
 
 CLIENT_ID = "spendgate-dashboard"
 CLIENT_SECRET = "harness-client-secret-0123456789"
@@ -80,19 +79,15 @@ def test_a_browser_signs_in_at_the_idp_and_the_id_token_carries_email_and_groups
             authorize = f"{discovery['authorization_endpoint']}?" + urlencode(
                 {**params, "code_challenge": challenge, "code_challenge_method": "S256"}
             )
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-                try:
-                    page = browser.new_page()
-                    page.goto(authorize)
-                    # A login name that is no account: back to the sign-in page, nobody signed in, no code.
-                    with pytest.raises(AssertionError, match="has no account 'mallory'"):
-                        sign_in_at_idp(page, "mallory")
-                    assert callbacks == []
-                    sign_in_at_idp(page, "alice")
-                    assert page.url.startswith(f"{redirect_uri}?")
-                finally:
-                    browser.close()
+            with launched_chromium() as browser:
+                page = browser.new_page()
+                page.goto(authorize)
+                # A login name that is no account: back to the sign-in page, nobody signed in, no code.
+                with pytest.raises(AssertionError, match="has no account 'mallory'"):
+                    sign_in_at_idp(page, "mallory")
+                assert callbacks == []
+                sign_in_at_idp(page, "alice")
+                assert page.url.startswith(f"{redirect_uri}?")
 
             [answer] = callbacks
             assert answer["state"] == state

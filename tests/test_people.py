@@ -22,7 +22,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page
 from sqlalchemy import Engine, select
 
 from proxy.ledger.export import iter_usage
@@ -32,7 +32,6 @@ from proxy.ledger.teams import TeamSettings, create_team
 from tests.idp import IdpAccount, IdpClient, running_idp, sign_in_at_idp
 from tests.replicas import free_port, replica
 from tests.servers import serve_in_thread
-from tests.test_dashboard import CHROMIUM_ARGS, chromium
 from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
@@ -72,14 +71,6 @@ class People:
         # The client says it is someone else: a personal key's calls are its owner's all the same.
         headers = {"x-spendgate-user": "mallory"}
         return anthropic.Anthropic(base_url=base or self.url, api_key=key, max_retries=0, default_headers=headers)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture

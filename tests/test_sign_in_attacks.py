@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 import pytest
 from hypothesis import given, strategies as st
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Browser
 from sqlalchemy import Engine, func, select, update
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
@@ -40,7 +40,6 @@ from tests.replicas import free_port
 from tests.rogue_idp import HS256, RS256, NoSignature, RogueIdp, running_rogue_idp
 from tests.servers import serve_in_thread
 from tests.stack import settings_for
-from tests.test_dashboard import CHROMIUM_ARGS, chromium
 from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
@@ -236,7 +235,7 @@ def test_every_change_needs_the_sessions_csrf_token(site: Site) -> None:
         assert client.get(f"{site.url}/dashboard/teams/eng/usage.csv", params=edge).status_code == 400
 
 
-def test_a_form_on_another_site_changes_nothing(site: Site) -> None:
+def test_a_form_on_another_site_changes_nothing(site: Site, browser: Browser) -> None:
     """A real browser, signed in, visits another site whose page posts a form to spendgate: the session cookie
     (SameSite=Lax) does not ride along, so the post is a stranger's and is sent to sign in."""
 
@@ -246,11 +245,7 @@ def test_a_form_on_another_site_changes_nothing(site: Site) -> None:
             '<input name="team" value="eng"></form><script>document.getElementById("f").submit()</script>'
         )
 
-    with (
-        serve_in_thread(Starlette(routes=[Route("/", evil)]), host="127.0.0.2") as elsewhere,
-        sync_playwright() as playwright,
-    ):
-        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+    with serve_in_thread(Starlette(routes=[Route("/", evil)]), host="127.0.0.2") as elsewhere:
         context = browser.new_context()
         page = context.new_page()
         page.goto(f"{site.url}/dashboard/login/oidc")
@@ -258,7 +253,7 @@ def test_a_form_on_another_site_changes_nothing(site: Site) -> None:
         with page.expect_navigation(url=re.compile(re.escape(site.url))):
             page.goto(elsewhere.replace("127.0.0.1", "127.0.0.2"))
         assert "/dashboard/sign-in" in page.url
-        browser.close()
+        context.close()
     with site.engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(APIKey)).scalar_one() == 0
 
