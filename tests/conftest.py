@@ -2,7 +2,8 @@
 
 With `SPENDGATE_TEST_DB_URL` set, only the tests that use a ledger (a fixture that reads that URL) run: the others
 (pricing, stream parsing, routing, the command line's words, the test IdP itself) never see it, so the SQLite pass
-already ran them exactly as they would run again. The coverage floor is held on that full pass.
+already ran them exactly as they would run again. The coverage floor is held on that full pass, which alone
+measures child processes too.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ LEDGER_FIXTURES = frozenset({"_migrated_template", "fresh_url"})
 
 def pytest_configure(config: pytest.Config) -> None:
     if POSTGRES_URL is not None:
-        # A pass of part of the suite measures part of the code: the floor is for the full (SQLite) pass.
+        # A pass of part of the suite measures part of the code: the floor is for the full (SQLite) pass. Nor are
+        # the child processes (replicas, the command line) measured: tracing them costs more than the pass itself.
         config.known_args_namespace.cov_fail_under = 0
+        os.environ.pop("COVERAGE_PROCESS_CONFIG", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
