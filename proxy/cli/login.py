@@ -22,19 +22,20 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from proxy.cli.errors import UsageError
 from proxy.config import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENT_ID = "spendgate-cli"
 # A key is renewed when less than this is left of it (or less than half its lifetime, for short-lived keys).
 RENEW_BEFORE = timedelta(days=7)
-HTTP_TIMEOUT = httpx.Timeout(30.0)
+HTTP_TIMEOUT_SECONDS = 30.0
 
 
 def credentials_path() -> Path:
@@ -56,7 +57,9 @@ def run_login(args: argparse.Namespace, settings: Settings) -> int:
             f"--url {args.url!r} is not a spendgate address over https (https://spendgate.example.com; "
             "http only on this machine)"
         )
-    with httpx.Client(timeout=HTTP_TIMEOUT) as http:
+    import httpx  # here, not above: every other command starts without it
+
+    with httpx.Client(timeout=HTTP_TIMEOUT_SECONDS) as http:
         started = _oauth(http, f"{url}/oauth/device_authorization", {"client_id": CLIENT_ID})
         print(f"To sign in, open {started['verification_uri']} and enter the code {started['user_code']}", flush=True)
         print(f"(or open {started['verification_uri_complete']})", flush=True)
@@ -88,12 +91,14 @@ def run_login(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_key_helper(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate key-helper`: print a valid personal key, renewing it first when it is about to expire."""
+    import httpx  # here, not above: every other command starts without it
+
     path = credentials_path()
     with _locked(path):
         stored = _load(path)
         if _due(stored, args.renew_before):
             try:
-                with httpx.Client(timeout=HTTP_TIMEOUT) as http:
+                with httpx.Client(timeout=HTTP_TIMEOUT_SECONDS) as http:
                     renewed = _oauth(
                         http,
                         f"{stored['url']}/oauth/token",

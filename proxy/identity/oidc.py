@@ -15,16 +15,16 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import httpx
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
 
 from proxy.config import OidcSettings
 from proxy.ledger.people import PersonView, clean_groups, subject_of
+
+if TYPE_CHECKING:
+    from joserfc.jwk import KeySet
 
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 # Clocks of the provider and of this host may differ by this much.
@@ -111,6 +111,10 @@ class OidcClient:
 
     async def verify(self, id_token: str, *, nonce: str, provider: Provider) -> dict[str, Any]:
         """The id_token's claims once every check passed; `SignInFailed` otherwise."""
+        # Imported when someone signs in, not when a replica starts: the JOSE stack brings cryptography with it.
+        from joserfc import jwt
+        from joserfc.errors import JoseError
+
         algorithms = provider.algorithms
         try:
             token = jwt.decode(id_token, await self._key_set(provider, refresh=False), algorithms=algorithms)
@@ -187,6 +191,9 @@ class OidcClient:
         return provider
 
     async def _key_set(self, provider: Provider, *, refresh: bool) -> KeySet:
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+
         now = time.monotonic()
         if self._keys is not None:
             fetched, keys = self._keys
