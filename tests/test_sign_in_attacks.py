@@ -28,12 +28,13 @@ from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.config import OidcSettings
+from proxy.ledger import device_grants, web_sessions
 from proxy.ledger.device_grants import USER_CODE_ALPHABET, normalize_user_code
 from proxy.ledger.export import iter_usage
 from proxy.ledger.groups import map_group
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.people import PersonView, get_person, record_sign_in
-from proxy.ledger.schema import APIKey
+from proxy.ledger.schema import APIKey, DeviceGrant, SignInState
 from proxy.ledger.teams import TeamSettings, create_team, update_team
 from proxy.surfaces.dashboard.signin import safe_return
 from tests.replicas import free_port
@@ -365,3 +366,21 @@ def test_a_persons_allowance_follows_their_key_not_the_header(site: Site) -> Non
     # Any other user is theirs to name (here: also past the tiny allowance, so refused for budget, not as spoofing).
     ann = httpx.post(f"{site.url}/v1/messages", headers={**base, "x-spendgate-user": "ann"}, json=message)
     assert (ann.status_code, ann.json()["error"]["type"]) == (402, "billing_error")
+
+
+def test_a_flood_of_sign_ins_and_device_codes_blocks_nobody(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone may start a sign-in or ask for a device code without being anybody: past their bound the oldest are
+    forgotten, so a flood cannot fill the ledger, nor turn the next person away."""
+    monkeypatch.setattr(web_sessions, "MAX_SIGN_INS", 3)
+    monkeypatch.setattr(device_grants, "MAX_GRANTS", 3)
+    with httpx.Client() as flooder:
+        for _ in range(10):
+            assert flooder.get(f"{site.url}/dashboard/login/oidc").status_code == 303
+            assert flooder.post(f"{site.url}/oauth/device_authorization").status_code == 200
+    with site.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(SignInState)).scalar_one() == 3
+        assert connection.execute(select(func.count()).select_from(DeviceGrant)).scalar_one() == 3
+    with httpx.Client() as person:
+        assert signed_in(sign_in(person, site))
+        started = person.post(f"{site.url}/oauth/device_authorization").json()
+        assert "device-asked" in person.get(f"{site.url}/device", params={"user_code": started["user_code"]}).text
