@@ -33,6 +33,7 @@ from proxy.gateway.batches import Batches, ResultsFetcher
 from proxy.gateway.gate import Gate, GateRules
 from proxy.gateway.handler import Gateway
 from proxy.gateway.leases.lifecycle import Leases
+from proxy.gateway.models import Models
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
 from proxy.identity.oidc import OidcClient
@@ -171,7 +172,8 @@ def create_app(
             results=fetcher,
             public_url=settings.public_url,
         )
-        gateway = Gateway(gate=gate, relay=relay, batches=batches, prices=prices, ledger=writer)
+        models = Models(relay, prices, wait_seconds=settings.models_wait_seconds)
+        gateway = Gateway(gate=gate, relay=relay, batches=batches, models=models, prices=prices, ledger=writer)
         if settings.anthropic_api_key is None:
             logger.warning("ANTHROPIC_API_KEY is not set: calls are forwarded without an upstream key")
         forget_dead_workers()
@@ -276,7 +278,8 @@ def create_app(
 
 class Dispatch:
     """Everything under /v1, however it is spelled, goes to the gateway (which refuses what is not canonical);
-    the rest, and the lifespan, to the admin API and health checks."""
+    Claude Code's start-up probe is answered here; the rest, and the lifespan, go to the admin API and health
+    checks."""
 
     def __init__(self, app: Starlette) -> None:
         self._app = app
@@ -288,7 +291,18 @@ class Dispatch:
                 gateway: Gateway = scope["state"]["gateway"]
                 await gateway(scope, receive, send)
                 return
+            if scope["method"] == "HEAD" and scope["path"] == "/":
+                await _probe(send)
+                return
         await self._app(scope, receive, send)
+
+
+async def _probe(send: Send) -> None:
+    """`HEAD /`: Claude Code checks that its `ANTHROPIC_BASE_URL` answers before it starts. Nothing is asked of the
+    ledger or the upstream, so the answer means only that spendgate is up (`/healthz` says whether it can serve);
+    `GET /` stays a 404, as every path spendgate does not serve."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _heartbeat(heart: Heartbeat, writer: Writer, leases: Leases, alerts: AlertSender) -> None:

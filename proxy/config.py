@@ -51,6 +51,9 @@ class Settings:
     # Anthropic may pause a stream for a long time (extended thinking); 10 minutes matches the SDKs' own timeout.
     upstream_read_timeout: float = 600.0
     upstream_max_connections: int = 512
+    # How long `GET /v1/models` waits for the upstream before spendgate lists the models itself: Claude Code gives
+    # the list 3 s in all.
+    models_wait_seconds: float = 2.0
     record_flush_seconds: float = 0.05
     record_batch_size: int = 500
     # Where the ledger writer's transactions run: a child process per serving process, a thread of it, or (auto)

@@ -3,6 +3,7 @@
 ProxyError
 ├── InvalidKey            401 authentication_error  invalid_key
 ├── ModelNotAllowed       403 permission_error      model_not_allowed
+├── ModelNotFound         404 not_found_error       model_not_allowed
 ├── OutputCapExceeded     400 invalid_request_error output_cap
 ├── BudgetExceeded        402 billing_error         budget_exceeded
 ├── RateLimited           429 rate_limit_error      rate_limited
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import ClassVar
 
 from sqlalchemy.exc import DataError, SQLAlchemyError
@@ -89,6 +91,15 @@ class ModelNotAllowed(ProxyError):
     should_retry = False
 
 
+class ModelNotFound(ProxyError):
+    """`GET /v1/models/{model_id}` for a model the team may not use: as absent as it is from the team's list."""
+
+    status = 404
+    error_type = "not_found_error"
+    reason = "model_not_allowed"
+    should_retry = False
+
+
 class OutputCapExceeded(ProxyError):
     """`max_tokens` is above the team's cap and the cap policy is `reject`."""
 
@@ -99,12 +110,19 @@ class OutputCapExceeded(ProxyError):
 
 
 class BudgetExceeded(ProxyError):
-    """The call could exceed the team's or key's remaining budget."""
+    """The call could exceed the team's or key's remaining budget. `left` is what the tightest window had left
+    (None when unknown): what a team clamping at the budget edge may still spend on it."""
 
     status = 402
     error_type = "billing_error"
     reason = "budget_exceeded"
     should_retry = False
+
+    def __init__(
+        self, message: str, *, headers: tuple[tuple[bytes, bytes], ...] = (), left: Decimal | None = None
+    ) -> None:
+        super().__init__(message, headers=headers)
+        self.left = left
 
 
 class RateLimited(ProxyError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 Outcome = Literal["ok", "upstream_error", "rejected", "client_disconnected", "upstream_unreachable", "interrupted"]
 RetryReason = Literal["sdk", "repeat"]
@@ -20,13 +20,29 @@ PriceSource = Literal["table", "family", "unpriced", "unmetered"]
 CostSource = Literal["estimate"]
 
 # What reports can be grouped by.
-GROUPS = ("team", "model", "feature", "user", "key", "day")
+GROUPS = ("team", "model", "feature", "user", "session", "agent", "key", "day")
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
 # The endpoints spendgate meters, as a record's `endpoint` names them (a batch's own paths start with BATCHES).
 MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
 BATCHES = "/v1/messages/batches"
 CAP_POLICIES: tuple[CapPolicy, ...] = ("clamp", "reject")
+# What a team does with a call whose worst case is more than a budget window has left: refuse it, or lower its
+# `max_tokens` to what the tightest window can pay.
+BudgetEdge = Literal["refuse", "clamp"]
+BUDGET_EDGES: tuple[BudgetEdge, ...] = ("refuse", "clamp")
+# A budget's allowance per window (only the windows that have one), in `PERIODS` order.
+Windows = dict[Period, Decimal]
+
+
+class Unset:
+    """The type of `UNSET`: an option that was not given, as opposed to one given as None ("no limit")."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset()
 
 # Field metadata of `Usage` and `UsageRecord` saying where a field goes beyond the process. A field without any is
 # a ledger column that exports and the admin API show.
@@ -148,6 +164,9 @@ class HoldOwner:
     model: str | None
     user: str | None = None
     feature: str | None = None
+    session: str | None = None
+    agent: str | None = None
+    parent_agent: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +198,11 @@ class UsageRecord:
     key_id: str | None
     feature: str | None
     user: str | None
+    # The agent session the call is part of, the agent (a Claude Code subagent) that made it and the agent that
+    # started that one: Claude Code's `x-claude-code-*` ids, or `x-spendgate-session` (`proxy/gateway/call.py`).
+    session: str | None = None
+    agent: str | None = None
+    parent_agent: str | None = None
     endpoint: str
     model: str | None
     response_model: str | None

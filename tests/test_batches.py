@@ -114,12 +114,20 @@ def test_batch_too_big_for_the_budget_is_refused_whole(engine: Engine, db_url: s
 
 def test_result_records_carry_the_create_calls_tags(engine: Engine, db_url: str, tmp_path: Path) -> None:
     with running_stack(engine, db_url, tmp_path) as stack, client(stack) as sdk:
-        tags = {"x-spendgate-feature": "nightly-eval", "x-spendgate-user": "ann"}
+        tags = {
+            "x-spendgate-feature": "nightly-eval",
+            "x-spendgate-user": "ann",
+            "x-spendgate-session": "eval-run-3",
+            "x-claude-code-agent-id": "agent-2",
+            "x-claude-code-parent-agent-id": "agent-1",
+        }
         created = sdk.messages.batches.create(requests=REQUESTS[:2], extra_headers=tags)
         sdk.messages.batches.retrieve(created.id)
         list(sdk.messages.batches.results(created.id))
         records = batch_records(stack, 2)
-    assert {(r["feature"], r["user"]) for r in records} == {("nightly-eval", "ann")}
+    assert {(r["feature"], r["user"], r["session"], r["agent"], r["parent_agent"]) for r in records} == {
+        ("nightly-eval", "ann", "eval-run-3", "agent-2", "agent-1")
+    }
 
 
 def test_reconciler_records_a_batch_nobody_downloaded(engine: Engine, db_url: str, tmp_path: Path) -> None:

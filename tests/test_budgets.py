@@ -12,8 +12,9 @@ from sqlalchemy import Engine, func, select
 from proxy.errors import BudgetExceeded
 from proxy.ledger.budgets import release_expired, take_hold
 from proxy.ledger.commit import insert_records
-from proxy.ledger.counters import TOTAL_PERIOD_START, current_spend, key_counter, period_start, team_counter
+from proxy.ledger.counters import TOTAL_PERIOD_START, current_spend, key_counter, team_counter
 from proxy.ledger.schema import BudgetHold
+from proxy.ledger.windows import period_start
 from proxy.types import Counter, Hold
 from tests.test_writer import make_record
 
@@ -82,10 +83,16 @@ def test_over_budget_is_refused_and_holds_nothing(engine: Engine) -> None:
         take_hold(engine, hold("sgr_2", "4.5", team("10"), key("1")), expires_at=LATER)
     message = refused.value.message
     assert "up to $4.5" in message
-    assert "key key_1 has left this day (UTC): budget $1, spent $0, reserved by calls in flight $0" in message
+    assert (
+        "key key_1 has left today (daily; resets 2026-11-26T00:00:00Z): budget $1, spent $0, reserved by calls"
+        in message
+    )
     # The team had room, but nothing was held on it either.
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(4))
-    with pytest.raises(BudgetExceeded, match=r"team research has left this month \(UTC\): budget \$10, spent \$0, "):
+    with pytest.raises(
+        BudgetExceeded,
+        match=r"team research has left this month \(monthly; resets 2026-12-01T00:00:00Z\): budget \$10, spent \$0, ",
+    ):
         take_hold(engine, hold("sgr_3", "6.01", team("10")), expires_at=LATER)
     take_hold(engine, hold("sgr_4", "6", team("10")), expires_at=LATER)
     assert current_spend(engine, [team("10")])["team:1:month"] == (Decimal(0), Decimal(10))

@@ -232,6 +232,7 @@ def test_tables_show_money_exactly_without_padding(
         "spent_usd": "0",
         "held_usd": "0",
         "remaining_usd": "250.5",
+        "windows": "monthly:0/250.5",
         "max_output_tokens": "-",
     }
     _, out, _ = run(capsys, "teams", "users", "research", "--db", db_url)

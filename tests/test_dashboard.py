@@ -27,8 +27,11 @@ from proxy.app import create_app
 from proxy.ledger.commit import insert_records
 from proxy.ledger.export import iter_usage
 from proxy.ledger.key_admin import create_key
+from proxy.ledger.reports import report
 from proxy.ledger.teams import TeamSettings, create_team
+from proxy.pricing.table import PriceTable
 from proxy.surfaces.dashboard.forecast import forecast
+from proxy.types import Period
 from tests.replicas import replica
 from tests.servers import serve_in_thread
 from tests.stack import settings_for
@@ -267,3 +270,78 @@ def test_odd_cookies_and_parameters_are_refused_not_errors(engine: Engine, db_ur
         assert client.post("/dashboard/sign-in", data={"token": TOKEN}, follow_redirects=False).status_code == 303
         create_team(engine, "research", TeamSettings(), actor="test")
         assert client.get("/dashboard/teams/research/usage.csv", params={"since": "garbage"}).status_code == 400
+
+
+def test_a_teams_top_sessions(engine: Engine, db_url: str, tmp_path: Path, browser: Browser) -> None:
+    """The ten dearest sessions of the period, each as `spendgate report --by session` sums it, names shown as
+    text: a session id is whatever a client sent."""
+    create_team(engine, "research", TeamSettings(), actor="test")
+    create_team(engine, "ops", TeamSettings(), actor="test")
+    hostile = '<script>document.title="owned"</script>'
+    records = [
+        make_record(
+            id=f"sgr_{n}_{call}",
+            session=hostile if n == 11 else f"session-{n:02d}",
+            user="ann" if call == 0 or n != 10 else "bob",
+            started_at=NOW - timedelta(hours=n, minutes=call),
+            cost_usd=Decimal(n) / 100,
+        )
+        for n in range(12)
+        for call in range(2)
+    ]
+    records += [
+        make_record(id="sgr_none", session=None, started_at=NOW, cost_usd=Decimal(50)),
+        make_record(id="sgr_ops", team="ops", session="ops-session", started_at=NOW, cost_usd=Decimal(50)),
+        make_record(
+            id="sgr_old", session="october", started_at=datetime(2026, 10, 31, tzinfo=UTC), cost_usd=Decimal(50)
+        ),
+    ]
+    insert_records(engine, records)
+    app = create_app(settings_for(db_url, "https://upstream.test", tmp_path, admin_token=TOKEN), clock=lambda: NOW)
+    since = datetime(2026, 11, 1, tzinfo=UTC)
+    sums = {
+        row.group["session"]: row
+        for row in report(engine, PriceTable.load(), by=["session"], since=since, team="research")
+    }
+    with serve_in_thread(app) as url:
+        for size in SIZES:
+            visit = Visit(browser, url, size)
+            visit.sign_in()
+            visit.page.goto(f"{url}/dashboard/teams/research")
+            rows = visit.page.get_by_test_id("top-sessions").locator("tbody tr")
+            shown = [[rows.nth(i).locator("td").nth(n).inner_text() for n in range(3)] for i in range(rows.count())]
+            assert [session for session, _, _ in shown] == [hostile, *(f"session-{n:02d}" for n in range(10, 1, -1))]
+            assert shown[0][1:] == ["ann", "2"] and shown[1][1:] == ["2 users", "2"]
+            for i, (session, _, _) in enumerate(shown):
+                cost = rows.nth(i).locator("[data-label=Cost]").get_attribute("data-usd")
+                assert Decimal(cost or "") == sums[session].cost_usd
+            assert rows.nth(0).locator("[data-label='Last seen']").inner_text() == "2026-11-20 01:00:00"
+            assert visit.page.title() != "owned" and visit.page.locator("main script").count() == 0
+            visit.page.get_by_test_id("top-sessions").scroll_into_view_if_needed()
+            visit.shoot("team-sessions", size)
+            visit.close()
+
+
+def test_a_teams_budget_windows(engine: Engine, db_url: str, tmp_path: Path, browser: Browser) -> None:
+    """Every window of a team with several: its allowance, spend, what is left, and when it resets."""
+    windows: dict[Period, Decimal | None] = {"day": Decimal(20), "week": Decimal(90)}
+    create_team(engine, "research", TeamSettings(budget_usd=Decimal(300), windows=windows), actor="test")
+    app = create_app(settings_for(db_url, "https://upstream.test", tmp_path, admin_token=TOKEN), clock=lambda: NOW)
+    with serve_in_thread(app) as url:
+        visit = Visit(browser, url)
+        visit.sign_in()
+        visit.page.goto(f"{url}/dashboard/teams/research")
+        rows = visit.page.get_by_test_id("windows").locator("tbody tr")
+        shown = {
+            str(rows.nth(i).get_attribute("data-window")): (
+                rows.nth(i).locator("[data-field=allowance]").get_attribute("data-usd"),
+                rows.nth(i).locator("[data-field=resets]").inner_text(),
+            )
+            for i in range(rows.count())
+        }
+        visit.close()
+    assert shown == {
+        "daily": ("20", "2026-11-21 00:00 UTC"),
+        "weekly": ("90", "2026-11-23 00:00 UTC"),
+        "monthly": ("300", "2026-12-01 00:00 UTC"),
+    }

@@ -9,13 +9,19 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from sqlalchemy import column, inspect, select, table as table_, text
 
+from proxy.ledger.commit import insert_records
 from proxy.ledger.db import make_engine, normalize_url, upgrade
+from proxy.ledger.export import iter_usage
 from proxy.ledger.key_admin import create_key
+from proxy.ledger.schema import Base
 from proxy.ledger.teams import TeamSettings, create_team
 from tests.conftest import empty_database
+from tests.test_writer import make_record
 
 
 @pytest.fixture
@@ -123,3 +129,48 @@ def test_going_back_before_expiring_keys_revokes_the_keys_that_expire(fresh_url:
     engine.dispose()
     assert revoked[expiring.id] is not None and revoked[lasting.id] is None
     migrate(fresh_url, "head")
+
+
+def test_the_migrations_make_the_schema_the_models_describe(fresh_url: str) -> None:
+    """Every table, column and index of `proxy/ledger/schema.py` is made by a migration, and nothing else is."""
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []
+
+
+SESSION_COLUMNS = {"session", "agent", "parent_agent"}
+SESSION_TABLES = ("usage_records", "budget_holds", "batches")
+
+
+def test_sessions_go_back_and_forth_and_every_record_stays(fresh_url: str) -> None:
+    """0015 adds a call's session and agents to records, holds and batches, and the team-and-session index; going
+    back removes them (the release before knows none) and keeps every record."""
+    upgrade(fresh_url)
+    engine = make_engine(fresh_url)
+    insert_records(engine, [make_record(id="sgr_s", session="s-1", agent="a", parent_agent="p")])
+    engine.dispose()
+
+    def shape() -> tuple[dict[str, set[str]], bool, list[str]]:
+        engine = make_engine(fresh_url)
+        inspector = inspect(engine)
+        columns = {
+            table: {c["name"] for c in inspector.get_columns(table)} & SESSION_COLUMNS for table in SESSION_TABLES
+        }
+        indexed = "ix_usage_session" in {index["name"] for index in inspector.get_indexes("usage_records")}
+        with engine.connect() as connection:
+            ids = list(connection.execute(text("SELECT id FROM usage_records")).scalars())
+        engine.dispose()
+        return columns, indexed, ids
+
+    assert shape() == (dict.fromkeys(SESSION_TABLES, SESSION_COLUMNS), True, ["sgr_s"])
+    migrate(fresh_url, "0014")
+    assert shape() == (dict.fromkeys(SESSION_TABLES, set()), False, ["sgr_s"])
+    migrate(fresh_url, "head")
+    assert shape() == (dict.fromkeys(SESSION_TABLES, SESSION_COLUMNS), True, ["sgr_s"])
+    engine = make_engine(fresh_url)
+    [record] = [record for _, record in iter_usage(engine)]
+    engine.dispose()
+    assert (record["id"], record["session"]) == ("sgr_s", None)

@@ -241,6 +241,8 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
                 "x-fake-chunk": "200",
                 "x-fake-delay": "0.3",
                 "x-spendgate-feature": "triage",
+                "x-claude-code-session-id": "fleet-session",
+                "x-claude-code-agent-id": "agent-2",
             }
 
             def call(url: str) -> None:
@@ -265,9 +267,9 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
                 wait_until(lambda: count(engine) == calls, "a record for every call")
             interrupted = [r for r in records(engine) if r["outcome"] == "interrupted"]
             assert interrupted and {r["cost_source"] for r in interrupted} == {"estimate"}
-            # A call's own hold keeps what its record needs, its feature tag included (a lease covers many calls).
-            calls_held = {r["feature"] for r in interrupted if not is_lease(r)}
-            assert calls_held == (set() if budget == 100 else {"triage"})
+            # A call's own hold keeps what its record needs, its tags included (a lease covers many calls).
+            calls_held = {(r["feature"], r["session"], r["agent"]) for r in interrupted if not is_lease(r)}
+            assert calls_held == (set() if budget == 100 else {("triage", "fleet-session", "agent-2")})
             assert get_team(engine, "research").reserved_usd == 0
             assert get_team(engine, "research").spent_usd <= budget
         # A restart on the same spill folder replays the dead replica's journal: nothing new, nothing twice, and
@@ -280,6 +282,9 @@ def test_a_killed_replica_loses_nothing_and_leaves_no_hold(
     assert (budget == 100) == bool(leases)
     calls_written = [r for r in written if not is_lease(r)]
     assert len(calls_written) == len({r["id"] for r in calls_written}) == len(upstream.requests) == calls
+    # Whoever wrote its record (the replica, the reaper from its hold, the replay from its journal), a call keeps
+    # its session and agent.
+    assert {(r["session"], r["agent"]) for r in calls_written} == {("fleet-session", "agent-2")}
     spent = sum((Decimal(r["cost_usd"]) for r in calls_written), Decimal(0))
     assert get_team(engine, "research").spent_usd == spent
     assert count(engine, Instance) == 0

@@ -22,6 +22,7 @@ from proxy.errors import (
     LedgerUnavailable,
     MethodNotAllowed,
     ModelNotAllowed,
+    ModelNotFound,
     NonCanonicalPath,
     OutputCapExceeded,
     Overloaded,
@@ -190,6 +191,7 @@ def test_stream_is_relayed_chunk_for_chunk(make_client: Callable[..., TestClient
 ERROR_TABLE = [
     pytest.param(InvalidKey, 401, "authentication_error", "invalid_key", True, id="invalid-key"),
     pytest.param(ModelNotAllowed, 403, "permission_error", "model_not_allowed", True, id="model-not-allowed"),
+    pytest.param(ModelNotFound, 404, "not_found_error", "model_not_allowed", True, id="model-not-found"),
     pytest.param(OutputCapExceeded, 400, "invalid_request_error", "output_cap", True, id="output-cap"),
     pytest.param(BudgetExceeded, 402, "billing_error", "budget_exceeded", True, id="budget-exceeded"),
     pytest.param(BadRequest, 400, "invalid_request_error", "bad_request", True, id="bad-request"),

@@ -23,7 +23,7 @@ from proxy.types import Counter, Hold, HoldOwner
 from tests.test_writer import make_record
 
 NOW = datetime.now(UTC)
-KEY = KeyInfo(key_id="key_1", team_id=1, team="research", team_budget_usd=Decimal(10))
+KEY = KeyInfo(key_id="key_1", team_id=1, team="research", team_windows={"month": Decimal(10)})
 OWNER = HoldOwner(instance_id="test-1", team="research", key_id="key_1", endpoint="/v1/messages", model=None)
 WORST = Decimal("0.01")
 ZERO = Decimal(0)
@@ -76,7 +76,7 @@ def test_a_lease_is_a_hold_within_the_budget(engine: Engine) -> None:
 
 
 def test_recorded_costs_move_from_the_lease_to_spent(engine: Engine) -> None:
-    both = replace(KEY, key_budget_usd=Decimal(5), key_period="day")
+    both = replace(KEY, key_windows={"day": Decimal(5)}, key_period="day")
     grant(engine, "lease-a", "2", both)
     hold = Hold(call_id="sgr_1", counters=counters(both), amount=WORST, held=False, lease="lease-a")
     records = [
@@ -124,7 +124,7 @@ async def test_a_cold_lease_under_a_burst_grows_with_the_demand(engine: Engine) 
     # a burst of calls at once takes a handful of grants, not one per LEASE_CALLS calls.
     metrics = Metrics()
     leases = BudgetLeases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=metrics)
-    large = replace(KEY, team_budget_usd=Decimal(1_000_000))
+    large = replace(KEY, team_windows={"month": Decimal(1_000_000)})
     burst = 5_000
     admitted = [await leases.admit(large, counters(large), WORST, endpoint="/v1/messages") for _ in range(burst)]
     [lease] = set(admitted)
@@ -144,7 +144,7 @@ async def test_a_cold_lease_under_a_burst_grows_with_the_demand(engine: Engine) 
 @pytest.mark.anyio
 async def test_a_small_budget_gets_per_call_holds(engine: Engine) -> None:
     leases = BudgetLeases(engine, instance="test-1", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
-    small = replace(KEY, team_budget_usd=WORST * (SMALL_BUDGET - 1))
+    small = replace(KEY, team_windows={"month": WORST * (SMALL_BUDGET - 1)})
     assert await leases.admit(small, counters(small), WORST, endpoint="/v1/messages") is None
     assert leased(engine) == {}
 
@@ -162,7 +162,7 @@ async def test_what_is_admitted_never_passes_the_budget(engine: Engine, worst: l
         connection.execute(delete(BudgetHold))
         connection.execute(delete(BudgetCounter))
     budget = Decimal(100)
-    key = replace(KEY, team_budget_usd=budget)
+    key = replace(KEY, team_windows={"month": budget})
     processes = [
         BudgetLeases(engine, instance=f"test-{n}", ttl=timedelta(hours=1), note=lambda *_: None, metrics=Metrics())
         for n in (1, 2)

@@ -77,6 +77,13 @@ def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
         "rpm",
         "itpm",
         "otpm",
+        "daily_budget_usd",
+        "weekly_budget_usd",
+        "monthly_budget_usd",
+        "user_daily_budget_usd",
+        "user_weekly_budget_usd",
+        "user_monthly_budget_usd",
+        "budget_edge",
     }
     assert team["required"] == ["name"] and team["additionalProperties"] is False
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ from sqlalchemy import Engine, select
 from proxy.ledger.export import iter_usage
 from proxy.ledger.groups import map_group
 from proxy.ledger.schema import AdminEvent
-from proxy.ledger.teams import TeamSettings, create_team
+from proxy.ledger.teams import TeamSettings, create_team, update_team
+
+# Re-exported: tests/test_sessions.py takes Claude Code's launcher from here (its home is tests/claude_code.py).
+from tests.claude_code import CLAUDE_CODE_QUIET as CLAUDE_CODE_QUIET, claude_code as claude_code
 from tests.idp import IdpAccount, IdpClient, running_idp, sign_in_at_idp
 from tests.replicas import free_port, replica
 from tests.servers import serve_in_thread
@@ -43,13 +47,6 @@ ACCOUNTS = {
     "bob": IdpAccount(email="bob@example.com", name="Bob", groups=["research-staff"]),
     "carol": IdpAccount(email="carol@example.com", name="Carol", groups=["spendgate-admins"]),
     "eve": IdpAccount(email="eve@elsewhere.test", name="Eve", groups=["eng"]),
-}
-CLIENTS = Path(__file__).resolve().parent / "clients"
-# Claude Code calls nothing but the API it is pointed at (no telemetry, no update checks: the sandbox is offline).
-CLAUDE_CODE_QUIET = {
-    "DISABLE_TELEMETRY": "1",
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-    "DISABLE_AUTOUPDATER": "1",
 }
 MESSAGE: dict[str, Any] = {
     "model": "claude-sonnet-4-6",
@@ -158,6 +155,14 @@ def test_two_people_see_only_their_team_and_spend_as_themselves(browser: Browser
     assert (
         alice.locator("[data-testid=my-spend] tr[data-team=eng] [data-field=calls]").get_attribute("data-value") == "1"
     )
+    # With a day and a month per person, "My spend" shows each window: her call counted in both at once.
+    update_team(people.engine, "eng", TeamSettings(user_windows={"day": Decimal(5), "month": Decimal(50)}), actor="t")
+    alice.reload()
+    mine = alice.get_by_test_id("my-windows")
+    for window, allowance in (("daily", "5"), ("monthly", "50")):
+        row = mine.locator(f"tr[data-team=eng][data-window={window}]")
+        assert row.locator("[data-field=allowance]").get_attribute("data-usd") == allowance
+        assert row.locator("[data-field=spent]").get_attribute("data-usd") == alice_call["cost_usd"]
     # Nobody reaches another person's key: revoking Bob's key with Alice's session (and her CSRF token) is a 404.
     csrf = alice.locator("input[name=csrf]").first.get_attribute("value")
     stolen = alice.request.post(f"{people.url}/dashboard/me/keys/{bob_key_id}/revoke", form={"csrf": str(csrf)})
@@ -269,10 +274,3 @@ def test_device_login_gives_a_key_helper_for_claude_code(browser: Browser, peopl
     calls = wait_until(lambda: records_of(people.engine, renewed_id), "Claude Code's calls")
     assert {(call["user"], call["status"]) for call in calls} == {("oidc:alice", 200)}
     context.close()
-
-
-def claude_code() -> Path:
-    """The Claude Code CLI the tests pin (tests/clients/package.json)."""
-    found = CLIENTS / "node_modules" / ".bin" / "claude"
-    assert found.exists(), "Claude Code is not installed: run `npm ci --prefix tests/clients` (.ci/run does it)"
-    return found

@@ -19,8 +19,10 @@ from proxy.gateway.routes import allowed_methods, classify
         ("DELETE", "/v1/messages/batches/msgbatch_01", "batch_delete", "msgbatch_01"),
         ("POST", "/v1/messages/batches/msgbatch_01/cancel", "batch_cancel", "msgbatch_01"),
         ("GET", "/v1/messages/batches/msgbatch_01/results", "batch_results", "msgbatch_01"),
-        ("GET", "/v1/models", "other", None),
-        ("GET", "/v1/models/claude-sonnet-4-5", "other", None),
+        ("GET", "/v1/models", "models_list", None),
+        ("GET", "/v1/models/claude-sonnet-4-5", "model_retrieve", None),
+        ("HEAD", "/v1/models", "other", None),
+        ("GET", "/v1/models/claude-sonnet-4-5/more", "other", None),
         ("DELETE", "/v1/files/file_011", "other", None),
     ],
 )
@@ -92,3 +94,8 @@ def test_preflights_learn_the_route_methods() -> None:
     assert allowed_methods(b"/v1/messages/batches", b"") == ("POST", "GET")
     with pytest.raises(NonCanonicalPath):
         allowed_methods(b"/v1/./messages", b"")
+
+
+def test_a_model_route_names_its_model() -> None:
+    assert classify("GET", b"/v1/models/claude-sonnet-4-6", b"").model_id == "claude-sonnet-4-6"
+    assert classify("GET", b"/v1/models", b"limit=1000").model_id is None

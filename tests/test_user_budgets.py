@@ -25,7 +25,8 @@ from proxy.ledger.counters import NO_USER
 from proxy.ledger.end_users import list_users, set_user_budget
 from proxy.ledger.key_admin import create_key
 from proxy.ledger.schema import UsageRow
-from proxy.ledger.teams import UNSET, Conflict, TeamSettings, create_team, update_team
+from proxy.ledger.teams import Conflict, TeamSettings, create_team, update_team
+from proxy.ledger.windows import WindowChange
 from tests.conftest import POSTGRES_URL
 from tests.replicas import replicas
 from tests.servers import serve_in_thread
@@ -105,13 +106,13 @@ def test_overrides_give_one_user_more_less_or_no_limit(engine: Engine, db_url: s
     with running_stack(
         engine, db_url, tmp_path, team=TeamSettings(user_budget_usd=Decimal("0.004")), key_cache_seconds=0
     ) as stack:
-        set_user_budget(engine, "research", "ann", Decimal("0.0001"), actor="test")
-        set_user_budget(engine, "research", "vip", None, actor="test")
+        set_user_budget(engine, "research", "ann", WindowChange(budget=Decimal("0.0001")), actor="test")
+        set_user_budget(engine, "research", "vip", WindowChange(budget=None), actor="test")
         assert ask(stack, "ann") == 402
         assert [ask(stack, "vip") for _ in range(4)] == [200] * 4
         assert [ask(stack, "bob") for _ in range(3)] == [200, 200, 402]
         # Back to the team's per-user budget.
-        view = set_user_budget(engine, "research", "ann", UNSET, actor="test")
+        view = set_user_budget(engine, "research", "ann", None, actor="test")
         assert (view.own_budget, view.budget_usd) == (False, Decimal("0.004"))
         assert ask(stack, "ann") == 200
 
@@ -161,7 +162,7 @@ def test_one_users_concurrent_calls_never_pass_their_budget(
     every admitted call until all have been admitted or refused, so they are all in flight at once (a fixed hang
     let a slow machine spread them out until none was refused)."""
     create_team(engine, "research", TeamSettings(user_budget_usd=budget), actor="test")
-    set_user_budget(engine, "research", "bob", None, actor="test")
+    set_user_budget(engine, "research", "bob", WindowChange(budget=None), actor="test")
     _, key = create_key(engine, "research", actor="test")
     upstream = FakeAnthropic()
     statuses: dict[str, list[int]] = {"ann": [], "bob": []}
@@ -282,7 +283,7 @@ def test_any_user_id_is_stored_exactly_or_refused(engine: Engine, user: str) -> 
     with contextlib.suppress(Conflict):
         create_team(engine, "research", TeamSettings(user_budget_usd=Decimal(1)), actor="test")
     try:
-        view = set_user_budget(engine, "research", user, Decimal(2), actor="test")
+        view = set_user_budget(engine, "research", user, WindowChange(budget=Decimal(2)), actor="test")
     except ValueError as refused:
         assert "valid Unicode" in str(refused)
         assert label(user, 256) != user

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from proxy.ledger.teams import TeamSettings, get_team
 from tests.stack import Stack, running_stack
-from tests.upstream import UPSTREAM_KEY, fixture
+from tests.upstream import MODELS, UPSTREAM_KEY, fixture
 
 MESSAGES: list[MessageParam] = [{"role": "user", "content": "Hello"}]
 
@@ -244,7 +244,7 @@ def test_count_tokens_is_recorded_free(stack: Stack) -> None:
 
 def test_other_paths_are_forwarded_and_recorded_unmetered(stack: Stack) -> None:
     models = client(stack).models.list()
-    assert [m.id for m in models.data] == ["claude-sonnet-4-6"]
+    assert [m.id for m in models.data] == [model["id"] for model in MODELS]
     client(stack).messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MESSAGES)
     listed, created = stack.records(2)
     assert (listed["endpoint"], listed["cost_usd"], listed["price_source"]) == ("/v1/models", None, "unmetered")

@@ -8,6 +8,8 @@ Tests steer it with request headers, which the proxy forwards untouched:
 - `x-fake-gate: 1` waits until the test sets `gate`, so every such call is in flight at once, however slow the machine;
 - `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally.
 
+`GET /v1/models` lists `MODELS` in pages (`limit`, `after_id`), `GET /v1/models/{id}` one of them.
+
 Message Batches follow their lifecycle: created `in_progress`, `ended` from the first retrieve on, results as
 JSONL (custom ids containing "bad" error, "late" expire, the rest succeed with the usage in `BATCH_USAGE`, without
 its `service_tier` when the id contains "untiered").
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
 
@@ -122,8 +125,8 @@ class FakeAnthropic:
         if scope["path"] == "/v1/messages/count_tokens":
             await _respond(send, 200, fixture("count-tokens.json"))
             return
-        if scope["path"] == "/v1/models":
-            await _respond(send, 200, b'{"data":[{"id":"claude-sonnet-4-6","type":"model"}],"has_more":false}')
+        if scope["path"].startswith("/v1/models"):
+            await _models(scope["path"], scope["query_string"].decode(), send)
             return
         if scope["path"] != "/v1/messages" or scope["method"] != "POST":
             await _respond(send, 404, _error_body(404))
@@ -204,6 +207,52 @@ def _batch_result(request: dict[str, Any]) -> dict[str, Any]:
     usage = {k: v for k, v in BATCH_USAGE.items() if k != "service_tier" or "untiered" not in custom_id}
     message.update(model=request["params"]["model"], usage=usage)
     return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
+
+
+# The models list, newest first, as Anthropic's `GET /v1/models` has it.
+MODELS = [
+    {"type": "model", "id": "claude-opus-4-8", "display_name": "Claude Opus 4.8", "created_at": "2026-10-20T00:00:00Z"},
+    {
+        "type": "model",
+        "id": "claude-sonnet-4-6",
+        "display_name": "Claude Sonnet 4.6",
+        "created_at": "2026-02-17T00:00:00Z",
+    },
+    {
+        "type": "model",
+        "id": "claude-haiku-4-5-20251001",
+        "display_name": "Claude Haiku 4.5",
+        "created_at": "2025-10-15T00:00:00Z",
+    },
+    {
+        "type": "model",
+        "id": "claude-sonnet-4-5-20250929",
+        "display_name": "Claude Sonnet 4.5",
+        "created_at": "2025-09-29T00:00:00Z",
+    },
+]
+
+
+async def _models(path: str, query: str, send: Send) -> None:
+    """`GET /v1/models` (pages of `limit` after `after_id`) and `GET /v1/models/{id}`."""
+    found = {model["id"]: model for model in MODELS}
+    if path != "/v1/models":
+        model = found.get(path.removeprefix("/v1/models/"))
+        if model is None:
+            await _respond(send, 404, _error_body(404))
+        else:
+            await _respond(send, 200, json.dumps(model).encode())
+        return
+    params = dict(parse_qsl(query))
+    start = MODELS.index(found[params["after_id"]]) + 1 if "after_id" in params else 0
+    data = MODELS[start : start + int(params.get("limit", "20"))]
+    page = {
+        "data": data,
+        "has_more": start + len(data) < len(MODELS),
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+    await _respond(send, 200, json.dumps(page).encode())
 
 
 def _resolved(model: str) -> str:

@@ -27,6 +27,12 @@ def progress(what: str, unit: str) -> Iterator[Callable[[int, int | None], None]
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def windows_shown(windows: list[dict[str, Any]]) -> str | None:
+    """Budget windows in a table cell, spent of budget per window (`daily:2.5/10,monthly:40/100`); None: none."""
+    shown = (f"{w['window']}:{_trimmed(w['spent_usd'])}/{_trimmed(w['budget_usd'])}" for w in windows)
+    return ",".join(shown) or None
+
+
 def money_shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Money as tables show it. Amounts (`*_usd`) keep every significant digit and drop trailing zeros (`12.340000`
     is `12.34`; `250` stays `250`): cents would hide what calls cost, a fixed scale would still round some, and

@@ -33,7 +33,8 @@ from proxy.cli.teams import (
 from proxy.cli.usage import run_report, run_usage
 from proxy.cli.values import RATE_OPTIONS
 from proxy.config import Settings
-from proxy.types import CAP_POLICIES, GROUPS, PERIODS
+from proxy.ledger.windows import WINDOW_NAMES, WINDOW_PERIODS
+from proxy.types import BUDGET_EDGES, CAP_POLICIES, GROUPS, PERIODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="USD",
             help="each end user's spend limit per period (x-spendgate-user, else metadata.user_id); 'none' for off",
         )
+        _window_options(sub, "the team's")
+        _window_options(sub, "each end user's", prefix="user-")
+        sub.add_argument(
+            "--budget-edge",
+            choices=BUDGET_EDGES,
+            help="a call worth more than a window has left: refuse it (default), or clamp its max_tokens to fit",
+        )
         _rate_options(sub, "the team's")
     team_users = command(teams, "users", run_teams_users, "a team's end users this period, against their allowance")
     team_users.add_argument("name")
@@ -102,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     user_budget = command(teams, "user-budget", run_teams_user_budget, "give one end user their own budget")
     user_budget.add_argument("name")
     user_budget.add_argument("user", help="the end user ('' for calls that carry no user)")
-    user_budget.add_argument("--budget", metavar="USD", help="their spend limit per period; 'none' for no limit")
-    user_budget.add_argument("--clear", action="store_true", help="the team's per-user budget applies again")
+    user_budget.add_argument("--budget", metavar="USD", help="their spend limit per team period; 'none' for no limit")
+    _window_options(user_budget, "their")
+    user_budget.add_argument("--clear", action="store_true", help="the team's per-user budgets apply again")
     map_group = command(
         teams, "map-group", run_teams_map_group, "make members of an identity-provider group members of a team"
     )
@@ -119,13 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     key_create.add_argument("--name", help="a label for the key")
     key_create.add_argument("--budget", metavar="USD", help="the key's own spend limit per period")
     key_create.add_argument("--period", choices=PERIODS, default="month")
+    _window_options(key_create, "the key's own")
     key_create.add_argument(
         "--expires", metavar="DAYS|never", default="never", help="days until the key stops working (default: never)"
     )
     key_create.add_argument("--format", choices=("text", "json"), default="text")
     _rate_options(key_create, "the key's own")
-    key_update = command(keys, "update", run_keys_update, "change a key's rate limits (options not given stay)")
+    key_update = command(
+        keys, "update", run_keys_update, "change a key's budgets and rate limits (options not given stay)"
+    )
     key_update.add_argument("key_id")
+    key_update.add_argument("--budget", metavar="USD", help="the key's own spend limit per period; 'none' for none")
+    key_update.add_argument("--period", choices=PERIODS, help="the period of --budget (moves it when given alone)")
+    _window_options(key_update, "the key's own")
     _rate_options(key_update, "the key's own")
     key_revoke = command(keys, "revoke", run_keys_revoke, "revoke a key")
     key_revoke.add_argument("key_id")
@@ -261,3 +276,13 @@ class _Version(argparse.Action):
 
         print(f"spendgate {version('spendgate')}")
         parser.exit()
+
+
+def _window_options(sub: argparse.ArgumentParser, whose: str, *, prefix: str = "") -> None:
+    """`--daily-budget`, `--weekly-budget`, `--monthly-budget` (after `prefix`): budget windows held at once."""
+    for period in WINDOW_PERIODS:
+        sub.add_argument(
+            f"--{prefix}{WINDOW_NAMES[period]}-budget",
+            metavar="USD",
+            help=f"{whose} spend limit per calendar {period} (UTC), besides the others; 'none' to remove it",
+        )

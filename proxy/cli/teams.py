@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from proxy.cli.database import actor, open_ledger
 from proxy.cli.errors import UsageError
-from proxy.cli.output import money_shown, print_table
-from proxy.cli.values import RATE_OPTIONS, given, money, positive_int
+from proxy.cli.output import money_shown, print_table, windows_shown
+from proxy.cli.values import RATE_OPTIONS, given, money, positive_int, windows_given
 from proxy.config import Settings
 from proxy.types import RateLimits
 
@@ -49,8 +49,8 @@ def run_teams_list(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps(views, indent=2))
         return 0
-    columns = ("name", "budget_usd", "period", "spent_usd", "held_usd", "remaining_usd", "max_output_tokens")
-    print_table(columns, money_shown(views))
+    columns = ("name", "budget_usd", "period", "spent_usd", "held_usd", "remaining_usd", "windows", "max_output_tokens")
+    print_table(columns, [{**view, "windows": windows_shown(view["windows"])} for view in money_shown(views)])
     return 0
 
 
@@ -63,20 +63,22 @@ def run_teams_users(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps(views, indent=2))
         return 0
-    print_table(("user", "budget_usd", "own_budget", "spent_usd", "held_usd", "remaining_usd"), money_shown(views))
+    columns = ("user", "budget_usd", "own_budget", "spent_usd", "held_usd", "remaining_usd", "windows")
+    print_table(columns, [{**view, "windows": windows_shown(view["windows"])} for view in money_shown(views)])
     return 0
 
 
 def run_teams_user_budget(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate teams user-budget`."""
     from proxy.ledger.end_users import set_user_budget
-    from proxy.ledger.teams import UNSET
+    from proxy.ledger.windows import WindowChange
 
-    if (args.budget is None) == (not args.clear):
-        raise UsageError("give either --budget USD (or 'none') or --clear")
-    budget = UNSET if args.clear else given(args.budget, money)
+    windows = windows_given(args)
+    if (args.budget is None and windows is None) == (not args.clear):
+        raise UsageError("give --budget USD (or 'none'), window budgets (--daily-budget USD, ...), or --clear")
+    change = None if args.clear else WindowChange(budget=given(args.budget, money), windows=windows)
     with open_ledger(settings) as engine:
-        view = set_user_budget(engine, args.name, args.user, budget, actor=actor())
+        view = set_user_budget(engine, args.name, args.user, change, actor=actor())
     print(json.dumps(view.to_json()))
     return 0
 
@@ -93,6 +95,7 @@ def run_keys_create(args: argparse.Namespace, settings: Settings) -> int:
             name=args.name,
             budget_usd=money(args.budget) if args.budget is not None else None,
             period=args.period,
+            windows=windows_given(args),
             rates=RateLimits(**{name: given(getattr(args, name) or "none", positive_int) for name in RATE_OPTIONS}),
             expires_days=None if args.expires.lower() in ("never", "none") else positive_int(args.expires),
         )
@@ -131,10 +134,17 @@ def run_teams_map_group(args: argparse.Namespace, settings: Settings) -> int:
 def run_keys_update(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate keys update`."""
     from proxy.ledger.key_admin import update_key
+    from proxy.ledger.windows import WindowChange
+    from proxy.types import UNSET
 
     changes = {name: given(getattr(args, name), positive_int) for name in RATE_OPTIONS}
+    budget = WindowChange(
+        budget=given(args.budget, money),
+        period=args.period if args.period is not None else UNSET,
+        windows=windows_given(args),
+    )
     with open_ledger(settings) as engine:
-        view = update_key(engine, args.key_id, actor=actor(), **changes)
+        view = update_key(engine, args.key_id, actor=actor(), budget=None if budget.empty else budget, **changes)
     print(json.dumps(view.to_json()))
     return 0
 
@@ -164,7 +174,8 @@ def run_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _team_settings(args: argparse.Namespace) -> TeamSettings:
-    from proxy.ledger.teams import UNSET, TeamSettings
+    from proxy.ledger.teams import TeamSettings
+    from proxy.types import UNSET
 
     return TeamSettings(
         budget_usd=given(args.budget, money),
@@ -174,6 +185,9 @@ def _team_settings(args: argparse.Namespace) -> TeamSettings:
         models=given(args.models, _models),
         retry_window_seconds=_seconds(args.retry_window) if args.retry_window is not None else UNSET,
         user_budget_usd=given(args.user_budget, money),
+        windows=windows_given(args),
+        user_windows=windows_given(args, "user_"),
+        budget_edge=args.budget_edge if args.budget_edge is not None else UNSET,
         **{name: given(getattr(args, name), positive_int) for name in RATE_OPTIONS},
     )
 

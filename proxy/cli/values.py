@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from proxy.cli.errors import UsageError
-from proxy.types import parse_instant
+from proxy.types import Period, Unset, parse_instant
 
 # Accepted by `teams update` to remove a limit rather than leave it unchanged.
 CLEAR_WORDS = ("none", "unlimited", "all")
@@ -17,13 +17,26 @@ RATE_OPTIONS = ("rpm", "itpm", "otpm")
 
 def given(value: str | None, parse: Callable[[str], Any]) -> Any:
     """An option that may clear a limit: not given (`UNSET`), 'none' (no limit), or `parse`d."""
-    from proxy.ledger.teams import UNSET
+    from proxy.types import UNSET
 
     if value is None:
         return UNSET
     if value.lower() in CLEAR_WORDS:
         return None
     return parse(value)
+
+
+def windows_given(args: Any, prefix: str = "") -> dict[Period, Decimal | None] | None:
+    """The budget windows `--daily-budget` & co. (after `prefix`) set: amounts, None to remove one; None if none
+    was given."""
+    from proxy.ledger.windows import WINDOW_NAMES, WINDOW_PERIODS
+
+    found = {}
+    for period in WINDOW_PERIODS:
+        value = given(getattr(args, f"{prefix}{WINDOW_NAMES[period]}_budget"), money)
+        if not isinstance(value, Unset):
+            found[period] = value
+    return found or None
 
 
 def money(text: str) -> Decimal:

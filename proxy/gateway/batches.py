@@ -141,6 +141,9 @@ class Batches:
                     created_at=call.started_at,
                     feature=call.feature,
                     user=call.user,
+                    session=call.session,
+                    agent=call.agent,
+                    parent_agent=call.parent_agent,
                 )
             except SQLAlchemyError:
                 # The batch exists upstream: hand it to the client all the same (a 5xx would make the SDK create

@@ -44,6 +44,8 @@ class _CallIds:
 new_call_id = _CallIds()
 # The largest count an INTEGER column holds; larger client-sent numbers are not stored as counts.
 MAX_COUNT = 2**31 - 1
+# The longest session or agent id kept (the columns' size).
+ID_LIMIT = 200
 
 
 @dataclass(slots=True, kw_only=True)
@@ -84,6 +86,7 @@ class Call:
     """What one request has told us so far; becomes a `UsageRecord` when it ends."""
 
     __slots__ = (
+        "agent",
         "batch_id",
         "custom_id",
         "endpoint",
@@ -96,12 +99,14 @@ class Call:
         "max_tokens",
         "max_tokens_sent",
         "model",
+        "parent_agent",
         "priced",
         "fingerprint",
         "hold",
         "response_model",
         "retry_count",
         "sent",
+        "session",
         "started",
         "ticket",
         "started_at",
@@ -129,6 +134,9 @@ class Call:
         self.key: KeyInfo | None = None
         self.feature: str | None = None
         self.user: str | None = None
+        self.session: str | None = None
+        self.agent: str | None = None
+        self.parent_agent: str | None = None
         self.model: str | None = None
         self.response_model: str | None = None
         self.upstream_request_id: str | None = None
@@ -234,6 +242,9 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
         key_id=key.key_id if key else None,
         feature=call.feature,
         user=call.user,
+        session=call.session,
+        agent=call.agent,
+        parent_agent=call.parent_agent,
         endpoint=call.endpoint,
         model=call.model,
         response_model=call.response_model,
@@ -264,15 +275,26 @@ def make_record(call: Call, prices: PriceTable) -> UsageRecord:
 
 
 def describe(call: Call, headers: dict[bytes, bytes]) -> None:
-    """Take what the request's headers say about the call: feature, user, SDK retry count."""
-    feature = headers.get(b"x-spendgate-feature")
-    call.feature = label(feature.decode("utf-8", "replace"), 200) if feature else None
-    user = headers.get(b"x-spendgate-user")
-    call.user = label(user.decode("utf-8", "replace"), 256) if user else None
+    """Take what the request's headers say about the call: feature, user, session and agents, SDK retry count.
+
+    A client's own `x-spendgate-session` names the session over Claude Code's id (a wrapper may group several
+    Claude Code sessions as one); spendgate's headers are not forwarded, Claude Code's are."""
+    call.feature = _header_label(headers.get(b"x-spendgate-feature"), 200)
+    call.user = _header_label(headers.get(b"x-spendgate-user"), 256)
+    call.session = _header_label(
+        headers.get(b"x-spendgate-session") or headers.get(b"x-claude-code-session-id"), ID_LIMIT
+    )
+    call.agent = _header_label(headers.get(b"x-claude-code-agent-id"), ID_LIMIT)
+    call.parent_agent = _header_label(headers.get(b"x-claude-code-parent-agent-id"), ID_LIMIT)
     retry_count = headers.get(b"x-stainless-retry-count", b"0")
     # Thousands of digits would cost a quadratic int() (and raise past 4,300): past ten digits it is just "many".
     if retry_count.isdigit():
         call.retry_count = min(int(retry_count[:10]), MAX_COUNT)
+
+
+def _header_label(value: bytes | None, limit: int) -> str | None:
+    """A header's value as a label; None when absent or empty."""
+    return label(value.decode("utf-8", "replace"), limit) if value else None
 
 
 def label(value: str, limit: int) -> str:

@@ -23,15 +23,18 @@ from sqlalchemy import Engine
 from proxy.errors import (
     BadRequest,
     BatchNotFound,
+    BudgetExceeded,
     LedgerUnavailable,
+    OutputCapExceeded,
     UnpricedModel,
     ledger_errors,
 )
 from proxy.gateway.bodies import Bodies
-from proxy.gateway.call import Call, label
+from proxy.gateway.call import ID_LIMIT, Call, label
+from proxy.gateway.claude_code import parse_user_id
 from proxy.gateway.leases.lifecycle import Leases
 from proxy.gateway.leases.rate import Ticket
-from proxy.gateway.limits import cap_output, check_model
+from proxy.gateway.limits import CappedRequest, cap_output, check_model, most_tokens_within
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
 from proxy.gateway.waits import bounded
 from proxy.instruments import Metrics
@@ -107,12 +110,8 @@ class Gate:
         check_message_request(request, self._limits, tokens=tokens)
         call.model = request["model"]
         call.streamed = request.get("stream") is True
-        if call.user is None:
-            metadata = request.get("metadata")
-            user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-            if isinstance(user_id, str):
-                call.user = label(user_id, 256)
-                _check_claimed_user(call.user, key)
+        if call.user is None or call.session is None:
+            _take_metadata(call, key, request.get("metadata"))
         if not tokens:
             return body
         call.max_tokens = call.max_tokens_sent = request["max_tokens"]
@@ -135,15 +134,51 @@ class Gate:
             )
         )
         try:
-            await self._hold_worst_case(
-                call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}", lease=True
-            )
+            try:
+                await self._hold_worst_case(
+                    call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}", lease=True
+                )
+            except BudgetExceeded as refused:
+                capped = await self._clamp_at_edge(call, key, request, input_tokens, refused)
         except BaseException:
             if ticket is not None:
                 self._rates.cancel(ticket)
             raise
         call.ticket = ticket
         return capped.body
+
+    async def _clamp_at_edge(
+        self, call: Call, key: KeyInfo, request: dict[str, Any], input_tokens: int, refused: BudgetExceeded
+    ) -> CappedRequest:
+        """For a team that clamps at the budget edge, the request with the largest `max_tokens` (at least
+        `MIN_EDGE_TOKENS`) whose worst case the tightest window can still pay, held; else `refused` stands."""
+        if key.budget_edge != "clamp" or refused.left is None or call.max_tokens_sent is None:
+            raise refused
+
+        def worst(max_tokens: int) -> Decimal | None:
+            return estimate_cost(
+                request,
+                model=call.model or "",
+                input_tokens=input_tokens,
+                max_tokens=max_tokens,
+                prices=self._prices,
+                at=call.started_at,
+            )
+
+        fits = most_tokens_within(worst, refused.left, below=call.max_tokens_sent)
+        if fits is None:
+            raise refused
+        try:
+            clamped = cap_output(request, b"", cap=fits, policy="clamp", team=key.team)
+        except OutputCapExceeded:
+            raise refused from None  # extended thinking needs more room than the budget leaves
+        call.max_tokens_sent = fits
+        call.estimate = estimate = cache(partial(worst, fits))
+        # Its own hold, exact under the counters' locks: another call may have taken what was left meanwhile.
+        await self._hold_worst_case(
+            call, key, estimate, ttl=self._rules.reservation_ttl, what=f"Model {call.model!r}", lease=False
+        )
+        return clamped
 
     async def admit_batch(self, call: Call, key: KeyInfo, body: bytes) -> bytes:
         """Validate a batch create, apply the allow-list and cap to every request, and hold the batch's worst case
@@ -284,6 +319,9 @@ class Gate:
                     model=call.model,
                     user=call.user,
                     feature=call.feature,
+                    session=call.session,
+                    agent=call.agent,
+                    parent_agent=call.parent_agent,
                 )
                 take = partial(
                     take_hold,
@@ -331,6 +369,25 @@ def _size(params: dict[str, Any]) -> int:
         return len(json.dumps(params))
     except RecursionError:
         raise BadRequest("A batch request is nested too deeply to be read.") from None
+
+
+def _take_metadata(call: Call, key: KeyInfo, metadata: Any) -> None:
+    """The user (unless a header or a personal key named one) and the session (unless a header named one) that
+    the body's `metadata.user_id` gives: Claude Code's says both, any other string is the user as it is."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str):
+        return
+    claude_code = parse_user_id(user_id)
+    if claude_code is None:
+        if call.user is None:
+            call.user = label(user_id, 256)
+            _check_claimed_user(call.user, key)
+        return
+    if call.user is None and claude_code.user is not None:
+        call.user = label(claude_code.user, 256)
+        _check_claimed_user(call.user, key)
+    if call.session is None and claude_code.session is not None:
+        call.session = label(claude_code.session, ID_LIMIT)
 
 
 def _check_claimed_user(user: str | None, key: KeyInfo) -> None:

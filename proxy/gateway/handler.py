@@ -18,6 +18,7 @@ from proxy.gateway.bodies import ClientGone
 from proxy.gateway.call import Call, describe, label, make_record
 from proxy.gateway.gate import Gate
 from proxy.gateway.meters import respond_messages, respond_plain
+from proxy.gateway.models import Models
 from proxy.gateway.relay import OVERHEAD_HEADER, Relay
 from proxy.gateway.routes import Route, allowed_methods, classify
 from proxy.ledger.keys import KeyInfo
@@ -33,10 +34,13 @@ PREFLIGHT_MAX_AGE = b"86400"
 class Gateway:
     """The request path for every `/v1/*` target."""
 
-    def __init__(self, *, gate: Gate, relay: Relay, batches: Batches, prices: PriceTable, ledger: Writer) -> None:
+    def __init__(
+        self, *, gate: Gate, relay: Relay, batches: Batches, models: Models, prices: PriceTable, ledger: Writer
+    ) -> None:
         self._gate = gate
         self._relay = relay
         self._batches = batches
+        self._models = models
         self._prices = prices
         self._ledger = ledger
 
@@ -81,8 +85,14 @@ class Gateway:
                 self._record(call, method)
 
     async def _call(self, call: Call, route: Route, key: KeyInfo, scope: Scope, receive: Receive, send: Send) -> None:
-        """Messages, token counting, and every other route spendgate does not meter."""
+        """Messages, token counting, the model list, and every other route spendgate does not meter."""
         body = await self._gate.bodies.read(receive)
+        if route.kind == "models_list":
+            await self._models.list(call, route, key, scope, receive, send, body)
+            return
+        if route.kind == "model_retrieve":
+            await self._models.retrieve(call, route, key, scope, receive, send, body)
+            return
         if route.kind == "messages":
             call.metered = True
             body = await self._gate.admit_message(call, key, body, tokens=True)

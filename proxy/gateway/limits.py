@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from proxy.errors import ModelNotAllowed, OutputCapExceeded
@@ -12,6 +14,9 @@ from proxy.types import CapPolicy
 
 # Extended thinking requires budget_tokens >= 1024 and < max_tokens.
 MIN_THINKING_BUDGET = 1_024
+# A call clamped at the budget edge keeps at least this much room to answer; with less it is refused instead (an
+# answer cut off after a few tokens costs money and helps nobody).
+MIN_EDGE_TOKENS = 1_024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,3 +60,22 @@ def cap_output(request: dict[str, Any], body: bytes, *, cap: int | None, policy:
         # Keep half the capped output for the answer itself, as the thinking docs advise.
         clamped["thinking"] = dict(thinking, budget_tokens=max(MIN_THINKING_BUDGET, cap // 2))
     return CappedRequest(body=json.dumps(clamped, separators=(",", ":")).encode(), max_tokens=cap)
+
+
+def most_tokens_within(worst: Callable[[int], Decimal | None], left: Decimal, *, below: int) -> int | None:
+    """The largest `max_tokens` under `below`, and at least `MIN_EDGE_TOKENS`, whose worst case (`worst`, which
+    grows with `max_tokens`) is within `left`; None when even the floor costs more."""
+    low, high = MIN_EDGE_TOKENS, below - 1
+    if high < low or not _within(worst(low), left):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _within(worst(middle), left):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _within(cost: Decimal | None, left: Decimal) -> bool:
+    return cost is not None and cost <= left

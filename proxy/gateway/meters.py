@@ -134,9 +134,11 @@ class ResultsMeter:
         message = message if isinstance(message, dict) else {}
         usage = message.get("usage")
         model = message.get("model")
-        call = Call(BATCHES, call_id=result_record_id(self._batch.id, custom_id), started_at=self._batch.created_at)
-        call.key, call.batch_id, call.custom_id = self._key, self._batch.id, label(custom_id, 200)
-        call.feature, call.user = self._batch.feature, self._batch.user
+        batch = self._batch
+        call = Call(BATCHES, call_id=result_record_id(batch.id, custom_id), started_at=batch.created_at)
+        call.key, call.batch_id, call.custom_id = self._key, batch.id, label(custom_id, 200)
+        call.feature, call.user, call.session = batch.feature, batch.user, batch.session
+        call.agent, call.parent_agent = batch.agent, batch.parent_agent
         call.metered = call.forwarded = True
         call.status = call.facts.status = 200
         if isinstance(model, str):

@@ -41,6 +41,7 @@ REQUEST_HEADERS_DROPPED = HOP_BY_HOP_HEADERS | {b"host", b"content-length", b"x-
 SPENDGATE_HEADER_PREFIX = b"x-spendgate-"
 # Milliseconds spendgate added before the answer started: arrival to first byte, minus the upstream's part.
 OVERHEAD_HEADER = b"x-spendgate-overhead-ms"
+CLAMPED_HEADER = b"x-spendgate-clamped-max-tokens"
 Headers = list[tuple[bytes, bytes]]
 # Relays one upstream answer to the client: given the answer and the response headers to send.
 Responder = Callable[[UpstreamResponse, Headers], Awaitable[None]]
@@ -56,9 +57,18 @@ class Relay:
         self._upstream_key = (upstream_key or "").encode("latin-1")
 
     async def exchange(
-        self, call: Call, route: Route, scope: Scope, receive: Receive, body: bytes, respond: Responder
+        self,
+        call: Call,
+        route: Route,
+        scope: Scope,
+        receive: Receive,
+        body: bytes,
+        respond: Responder,
+        *,
+        identity: bool | None = None,
     ) -> None:
-        """Send the call and let `respond` relay the answer, while watching for the client leaving."""
+        """Send the call and let `respond` relay the answer, while watching for the client leaving. `identity`: ask
+        for the answer uncompressed (by default, on every route spendgate knows)."""
         url = self._upstream_url + route.path
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("ascii")
@@ -69,7 +79,7 @@ class Relay:
         try:
             self._ledger.began(_start(call, len(body)))
             call.forwarded = True
-            headers = self._headers(scope, identity=route.kind != "other")
+            headers = self._headers(scope, identity=route.kind != "other" if identity is None else identity)
             call.sent = time.perf_counter()
             response = await self._upstream.send(scope["method"], url, headers, body)
             call.upstream_done = time.perf_counter()
@@ -110,6 +120,9 @@ class Relay:
                 call.upstream_request_id = label(value.decode("latin-1"), 200)
         # The id of this call's usage record: every call through spendgate has one.
         headers.append((b"x-spendgate-request-id", call.id.encode()))
+        if call.max_tokens_sent is not None and call.max_tokens_sent != call.max_tokens:
+            # The output cap or the budget edge lowered it: the client learns what its answer had room for.
+            headers.append((CLAMPED_HEADER, str(call.max_tokens_sent).encode()))
         if call.ticket is not None:
             headers.extend(call.ticket.headers)
         return headers
@@ -182,6 +195,9 @@ def _start(call: Call, size: int) -> Start:
         input_bound=size,
         held=hold.amount if hold is not None and (hold.held or hold.lease) else None,
         metered=call.metered,
+        session=call.session,
+        agent=call.agent,
+        parent_agent=call.parent_agent,
     )
 
 

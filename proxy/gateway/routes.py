@@ -23,6 +23,8 @@ RouteKind = Literal[
     "batch_cancel",
     "batch_delete",
     "batch_results",
+    "models_list",
+    "model_retrieve",
     "other",
 ]
 # A segment is what Anthropic's ids and route names are made of; it never starts with a dot, so `.`/`..` and
@@ -56,6 +58,11 @@ class Route:
     @property
     def is_batch(self) -> bool:
         return self.kind.startswith("batch_")
+
+    @property
+    def model_id(self) -> str | None:
+        """The model a `GET /v1/models/{model_id}` names."""
+        return self.path.rsplit("/", 1)[1] if self.kind == "model_retrieve" else None
 
 
 def classify(method: str, target: bytes, query: bytes) -> Route:
@@ -100,6 +107,12 @@ def _methods(path: str) -> tuple[dict[str, RouteKind], str | None]:
             f"No route {path}: the path has /v1 twice. Drop /v1 from the SDK's base_url "
             "(base_url='http://spendgate:8080', not 'http://spendgate:8080/v1')."
         )
+    if segments[0] == "models" and len(segments) <= 2:
+        # Only reading the list and one model is spendgate's business (the allow-list); the rest goes as it came.
+        return {
+            **dict.fromkeys(OTHER_METHODS, "other"),
+            "GET": "models_list" if len(segments) == 1 else "model_retrieve",
+        }, None
     if segments[0] != "messages":
         return dict.fromkeys(OTHER_METHODS, "other"), None
     if len(segments) == 1:

@@ -73,8 +73,15 @@ USAGE_HASHED = (
     "ttfb_ms",
 )
 # Columns added since, hashed after the others only when set, so entries written before them keep their hash.
-USAGE_HASHED_WHEN_SET = ("cost_source",)
+# `cost_source` as its bare value; those added after it as `[name, value]` pairs, so that a value cannot move from
+# one of them to another unnoticed (bare, a session moved into `agent` would hash the same).
+USAGE_HASHED_BARE = ("cost_source",)
+# A call's session and agents are covered like its user and feature: they say whose spend it was (reports, the
+# dashboard's top sessions), so an edit to them must fail `spendgate audit verify` as an edit to the user does.
+USAGE_HASHED_NAMED = ("session", "agent", "parent_agent")
+USAGE_HASHED_WHEN_SET = USAGE_HASHED_BARE + USAGE_HASHED_NAMED
 USAGE_HASHED_ALL = USAGE_HASHED + USAGE_HASHED_WHEN_SET
+_FIXED = len(USAGE_HASHED)
 EVENT_HASHED = ("at", "actor", "action", "target", "details")
 REPRICE_ACTION = "usage.reprice"
 Change = tuple[str, Decimal, str]  # record id, corrected cost, price version
@@ -98,8 +105,12 @@ class Verdict:
 
 def usage_hashed_values(values: Sequence[Any]) -> Sequence[Any]:
     """A usage record's hashed values (in `USAGE_HASHED_ALL` order) with the later columns left out when unset."""
-    fixed = len(USAGE_HASHED)
-    return [*values[:fixed], *(value for value in values[fixed:] if value is not None)]
+    named = _FIXED + len(USAGE_HASHED_BARE)
+    return [
+        *values[:_FIXED],
+        *(value for value in values[_FIXED:named] if value is not None),
+        *([name, value] for name, value in zip(USAGE_HASHED_NAMED, values[named:], strict=True) if value is not None),
+    ]
 
 
 def content_hash(values: Sequence[Any]) -> str:

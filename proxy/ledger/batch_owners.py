@@ -32,6 +32,9 @@ class BatchOwner:
     # The create call's tags, carried by every result's record.
     feature: str | None = None
     user: str | None = None
+    session: str | None = None
+    agent: str | None = None
+    parent_agent: str | None = None
 
 
 def save_batch(
@@ -43,6 +46,9 @@ def save_batch(
     created_at: datetime,
     feature: str | None,
     user: str | None,
+    session: str | None,
+    agent: str | None,
+    parent_agent: str | None,
 ) -> None:
     """Remember that this team created this batch, and the create call's tags (blocking)."""
     with engine.begin() as connection:
@@ -55,6 +61,9 @@ def save_batch(
                 created_at=created_at,
                 feature=feature,
                 user=user,
+                session=session,
+                agent=agent,
+                parent_agent=parent_agent,
             )
         )
 
@@ -112,6 +121,9 @@ def _owner(row: Any) -> BatchOwner:
         results_recorded=row.results_recorded_at is not None,
         feature=row.feature,
         user=row.user,
+        session=row.session,
+        agent=row.agent,
+        parent_agent=row.parent_agent,
     )
 
 

@@ -25,13 +25,13 @@ from proxy.ledger.counters import (
     CounterKey,
     lock_counters,
     mark_alerted,
-    period_start,
     stub_counter,
     user_counter,
     write_counters,
 )
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import BudgetHold, Instance, UsageRow, effective_cost
+from proxy.ledger.windows import WINDOW_NAMES, period_end, period_start, reset_words, utc_instant
 from proxy.types import Counter, Hold, HoldOwner, Period, UsageRecord
 
 # A process's budget leases are holds whose call id starts with this (`proxy/gateway/leases/budget.py`).
@@ -98,15 +98,14 @@ def take_hold(
     amount = hold.amount
     with write_transaction(engine) as connection:
         current = lock_counters(connection, [counter for counter, _ in budgeted])
-        for counter, budget in budgeted:
-            spent, reserved = current[(counter.scope, counter.period_start)]
-            if spent + reserved + amount > budget:
-                raise BudgetExceeded(
-                    f"This call could cost up to ${_plain(amount)}, more than the {counter.label} has left "
-                    f"{_period_words(counter.period)}: budget ${_plain(budget)}, spent ${_plain(spent)}, "
-                    f"reserved by calls in flight ${_plain(reserved)}. Lower max_tokens, wait for the next period, "
-                    f"or ask your spendgate admin to raise the budget."
-                )
+        short = [
+            (budget - spent - reserved, counter, budget, spent, reserved)
+            for counter, budget in budgeted
+            for spent, reserved in (current[(counter.scope, counter.period_start)],)
+            if spent + reserved + amount > budget
+        ]
+        if short:
+            raise _refusal(amount, *min(short, key=lambda item: item[0]))
         writes = []
         for counter, _ in budgeted:
             spent, reserved = current[(counter.scope, counter.period_start)]
@@ -350,9 +349,28 @@ def _consume(connection: Connection, records: Sequence[UsageRecord]) -> dict[Cou
     return freed
 
 
+def _refusal(
+    amount: Decimal, left: Decimal, counter: Counter, budget: Decimal, spent: Decimal, reserved: Decimal
+) -> BudgetExceeded:
+    """The refusal of a call that does not fit the window with the least left: which window, and when it resets."""
+    end = period_end(counter.period, counter.period_start)
+    window = reset_words(counter.period, end)
+    headers = [(b"x-spendgate-budget-window", WINDOW_NAMES[counter.period].encode())]
+    if end is not None:
+        headers.append((b"x-spendgate-budget-resets-at", utc_instant(end).encode()))
+    words = _period_words(counter.period)
+    return BudgetExceeded(
+        f"This call could cost up to ${_plain(amount)}, more than the {counter.label} has left {words} ({window}): "
+        f"budget ${_plain(budget)}, spent ${_plain(spent)}, reserved by calls in flight ${_plain(reserved)}. "
+        "Lower max_tokens, wait for the window to reset, or ask your spendgate admin to raise the budget.",
+        headers=tuple(headers),
+        left=max(left, ZERO),
+    )
+
+
 def _plain(amount: Decimal) -> str:
     return format(amount, "f")
 
 
 def _period_words(period: Period) -> str:
-    return "in total" if period == "total" else f"this {period} (UTC)"
+    return "in total" if period == "total" else "today" if period == "day" else f"this {period}"

@@ -1,11 +1,12 @@
-"""Budget counters: what a budget counts (a team's, a key's or an end user's spend in a calendar period) and the
-one row per counter and period that holds it, locked in one order by everyone who changes it (`budgets.py`)."""
+"""Budget counters: what a budget counts (a team's, a key's or an end user's spend in one window, a calendar
+period) and the one row per counter and period that holds it, locked in one order by everyone who changes it
+(`budgets.py`)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy import Connection, Engine, bindparam, select, tuple_, update
@@ -13,7 +14,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from proxy.ledger.keys import KeyInfo
 from proxy.ledger.schema import BudgetCounter
-from proxy.types import Counter, Period
+from proxy.ledger.windows import counted, period_start
+from proxy.types import Counter, Period, Windows
 
 # `total` budgets never reset: one counter, dated at the epoch.
 TOTAL_PERIOD_START = datetime(1970, 1, 1, tzinfo=UTC)
@@ -26,45 +28,40 @@ CHUNK = 500
 CounterWrite = tuple[str, datetime, Decimal, Decimal]  # scope, period start, spent, reserved
 
 
-def period_start(period: str, now: datetime) -> datetime | None:
-    """Start of the current calendar period in UTC (weeks start Monday); None for `total`."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    return None
-
-
-def period_end(period: str, start: datetime) -> datetime | None:
-    """The end of the calendar period that starts at `start` (None for `total`)."""
-    if period == "day":
-        return start + timedelta(days=1)
-    if period == "week":
-        return start + timedelta(days=7)
-    if period == "month":
-        return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
-    return None
-
-
 def counters_for(key: KeyInfo, at: datetime, user: str | None = None) -> tuple[Counter, ...]:
     """The budgets a call with this key counts against: its team's, its own, and its end user's in the team (calls
-    without a user share the counter of `NO_USER`). Every counter counts spend, with a budget or not, so a budget
-    set later starts from what was already spent."""
+    without a user share the counter of `NO_USER`), one counter per window each (`windows.py`)."""
     name = user or NO_USER
-    user_budget = key.user_budgets[name] if name in key.user_budgets else key.user_budget_usd
+    user_windows = key.user_budgets[name] if name in key.user_budgets else key.user_windows
     return (
-        team_counter(key.team_id, key.team, key.team_period, key.team_budget_usd, at),
-        key_counter(key.key_id, key.key_period, key.key_budget_usd, at),
-        user_counter(key.team_id, key.team, name, key.team_period, user_budget, at),
+        *team_counters(key.team_id, key.team, key.team_period, key.team_windows, at),
+        *key_counters(key.key_id, key.key_period, key.key_windows, at),
+        *user_counters(key.team_id, key.team, name, key.team_period, user_windows, at),
+    )
+
+
+def team_counters(team_id: int, name: str, period: Period, windows: Windows, at: datetime) -> tuple[Counter, ...]:
+    """The counters of a team's budget windows for the periods containing `at`."""
+    return tuple(team_counter(team_id, name, window, windows.get(window), at) for window in counted(windows, period))
+
+
+def key_counters(key_id: str, period: Period, windows: Windows, at: datetime) -> tuple[Counter, ...]:
+    """The counters of a key's own budget windows for the periods containing `at`."""
+    return tuple(key_counter(key_id, window, windows.get(window), at) for window in counted(windows, period))
+
+
+def user_counters(
+    team_id: int, team: str, user: str, period: Period, windows: Windows, at: datetime
+) -> tuple[Counter, ...]:
+    """The counters of one end user's budget windows in a team (the team's period is their shorthand's)."""
+    return tuple(
+        user_counter(team_id, team, user, window, windows.get(window), at) for window in counted(windows, period)
     )
 
 
 def user_counter(team_id: int, team: str, user: str, period: Period, budget: Decimal | None, at: datetime) -> Counter:
-    """The counter of one end user's budget in a team (in the team's period). Users are any string up to 256
-    characters, so the scope names them by digest."""
+    """The counter of one end user's budget in a team in one window. Users are any string up to 256 characters, so
+    the scope names them by digest."""
     digest = hashlib.sha256(user.encode()).hexdigest()[:32]
     label = f"user {user!r} of team {team}" if user else f"calls without a user of team {team}"
     return _counter(f"user:{team_id}:{digest}", label, period, budget, at)

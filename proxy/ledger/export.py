@@ -26,6 +26,7 @@ def iter_usage(
     engine: Engine,
     *,
     team: str | None = None,
+    session: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     after: Cursor | None = None,
@@ -40,6 +41,8 @@ def iter_usage(
     query = select(*UsageRow.__table__.columns).order_by(*order)
     if team is not None:
         query = query.where(UsageRow.team == team)
+    if session is not None:
+        query = query.where(UsageRow.session == session)
     if since is not None:
         query = query.where(UsageRow.started_at >= since)
     if until is not None:

@@ -208,6 +208,9 @@ def _interrupted(
         input_bound=0,
         held=amount,
         metered=True,
+        session=first.session,
+        agent=first.agent,
+        parent_agent=first.parent_agent,
     )
     hold = Hold(call_id=first.call_id, counters=counters, amount=amount, held=True)
     return interrupted(start, cost=amount, hold=hold, prices=prices)

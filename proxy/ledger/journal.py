@@ -50,6 +50,10 @@ class Start(NamedTuple):
     input_bound: int  # bytes of the request body: no token is shorter than a byte
     held: Decimal | None  # the budget hold taken for it, if any
     metered: bool
+    # Appended since, with defaults: a start line of an earlier version lacks them.
+    session: str | None = None
+    agent: str | None = None
+    parent_agent: str | None = None
 
 
 @dataclass(slots=True)
@@ -256,6 +260,9 @@ END_FIELDS = (
     "service_tier",
     "speed",
     "inference_geo",
+    "session",
+    "agent",
+    "parent_agent",
 )
 # Every line is encoded on a call's path: one encoder made once (json.dumps with options makes one per call),
 # ASCII-only, so lone surrogates from client data are escaped rather than unencodable.
@@ -267,6 +274,8 @@ _APPENDED_DEFAULTS = {
     if item.name in END_FIELDS and item.default is not MISSING
 }
 _START_AT, _HELD = Start._fields.index("started_at"), Start._fields.index("held")
+# A start line has at least the fields without a default (those of the first version).
+_START_REQUIRED = len(Start._fields) - len(Start._field_defaults)
 
 
 def _start_values(start: Start) -> list[Any]:
@@ -278,8 +287,8 @@ def _start_values(start: Start) -> list[Any]:
 
 def start_from_values(values: list[Any]) -> Start:
     """A start line's fields (after its kind) as the `Start` they were written from."""
-    if len(values) != len(Start._fields):
-        raise ValueError(f"a start line has {len(values)} fields, not {len(Start._fields)}")
+    if not _START_REQUIRED <= len(values) <= len(Start._fields):
+        raise ValueError(f"a start line has {len(values)} fields, not {_START_REQUIRED} to {len(Start._fields)}")
     values[_START_AT] = datetime.fromisoformat(values[_START_AT])
     values[_HELD] = None if values[_HELD] is None else Decimal(values[_HELD])
     return Start(*values)

@@ -10,7 +10,8 @@ fresh refresh token), revoking the old key: what `spendgate key-helper` does bef
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -19,12 +20,23 @@ from sqlalchemy import ColumnElement, Connection, Engine, Row, insert, select, u
 from sqlalchemy.orm import Session
 
 from proxy.ledger.audit import record_event
+from proxy.ledger.budgets import recount
+from proxy.ledger.counters import key_counter
 from proxy.ledger.db import write_transaction
-from proxy.ledger.keys import hash_key, new_key, new_key_id
+from proxy.ledger.keys import budget_columns, hash_key, new_key, new_key_id
 from proxy.ledger.people import is_member, signed_in_since
-from proxy.ledger.schema import APIKey, Team
-from proxy.ledger.teams import UNSET, NotFound, Unset, check_rates, get_team, no_team
-from proxy.types import NO_RATE_LIMITS, PERIODS, Period, RateLimits, usd
+from proxy.ledger.schema import APIKey, Team, UsageRow
+from proxy.ledger.teams import NotFound, check_rates, get_team, no_team
+from proxy.ledger.windows import (
+    WINDOW_COLUMNS,
+    WindowChange,
+    change_windows,
+    counted,
+    named,
+    window_columns,
+    windows_of,
+)
+from proxy.types import NO_RATE_LIMITS, UNSET, Period, RateLimits, Unset, Windows, usd
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +54,7 @@ class KeyView:
     revoked_at: datetime | None
     key_owner: str | None = None
     expires_at: datetime | None = None
+    windows: Windows = field(default_factory=dict)  # every budgeted window, the shorthand's among them
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -59,6 +72,7 @@ class KeyView:
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "key_owner": self.key_owner,
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "windows": named(self.windows),
         }
 
 
@@ -71,6 +85,14 @@ class NewKey:
     refresh_token: str | None = None
     # The key this one replaced (revoked in the same transaction), for rotations and renewals.
     replaces: str | None = None
+
+
+# A key's budget-window columns: the shorthand `budget_usd` in `period`, then the daily, weekly and monthly ones.
+_WINDOW_COLUMNS = ("budget_usd", *WINDOW_COLUMNS.values())
+
+
+def _window_columns(windows: Windows, period: Period) -> dict[str, Decimal | None]:
+    return dict(zip(_WINDOW_COLUMNS, window_columns(windows, period), strict=True))
 
 
 # A personal key lives this long unless its maker says otherwise.
@@ -89,17 +111,16 @@ def create_key(
     name: str | None = None,
     budget_usd: Decimal | None = None,
     period: Period = "month",
+    windows: Mapping[Period, Decimal | None] | None = None,
     rates: RateLimits = NO_RATE_LIMITS,
     owner: str | None = None,
     expires_days: int | None = None,
 ) -> tuple[KeyView, str]:
-    """Create a client key for a team; returns its view and the key, which is never shown again. `owner` makes it
-    a person's key; `expires_days` (None: never) when it stops working."""
-    if budget_usd is not None and budget_usd < 0:
-        raise ValueError(f"budget must not be negative, got {budget_usd}")
+    """Create a client key for a team; returns its view and the key, which is never shown again. Its own budget is
+    `budget_usd` per `period` and `windows` (daily, weekly, monthly); `owner` makes it a person's key;
+    `expires_days` (None: never) when it stops working."""
+    budgets, _ = change_windows({}, period, WindowChange(budget=budget_usd, period=period, windows=windows))
     check_rates(rates.rpm, rates.itpm, rates.otpm)
-    if period not in PERIODS:
-        raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
     check_days(expires_days)
     with write_transaction(engine) as connection:
         team_id = connection.execute(select(Team.id).where(Team.name == team)).scalar()
@@ -114,7 +135,7 @@ def create_key(
             owner=owner,
             expires_days=expires_days,
             refreshable=False,
-            extra={"budget_usd": budget_usd, "period": period, **asdict(rates)},
+            extra={"period": period, **_window_columns(budgets, period), **asdict(rates)},
         )
     return get_key(engine, made.view.id), made.key
 
@@ -193,7 +214,13 @@ def _replace_key(connection: Connection, old: Row[Any] | None, *, actor: str, re
         owner=old.owner,
         expires_days=max(1, lifetime) if lifetime is not None else None,
         refreshable=refreshable,
-        extra={"budget_usd": old.budget_usd, "period": old.period, "rpm": old.rpm, "itpm": old.itpm, "otpm": old.otpm},
+        extra={
+            "period": old.period,
+            **{column: getattr(old, column) for column in _WINDOW_COLUMNS},
+            "rpm": old.rpm,
+            "itpm": old.itpm,
+            "otpm": old.otpm,
+        },
         replaces=old.id,
     )
 
@@ -233,7 +260,7 @@ def _insert_key(
         "team": team,
         "name": name,
         "prefix": key[:10],
-        **{column: usd(value) if column == "budget_usd" else value for column, value in extra.items()},
+        **{column: usd(value) if column in _WINDOW_COLUMNS else value for column, value in extra.items()},
     }
     for field_name, value in (("key_owner", owner), ("expires_at", expires_at), ("replaces", replaces)):
         if value is not None:
@@ -246,6 +273,7 @@ def _insert_key(
         prefix=key[:10],
         budget_usd=extra.get("budget_usd"),
         period=extra.get("period", "month"),
+        windows=windows_of(extra.get("period", "month"), *(extra.get(column) for column in _WINDOW_COLUMNS)),
         rates=RateLimits(rpm=extra.get("rpm"), itpm=extra.get("itpm"), otpm=extra.get("otpm")),
         created_at=now,
         revoked_at=None,
@@ -269,22 +297,39 @@ def update_key(
     rpm: int | None | Unset = UNSET,
     itpm: int | None | Unset = UNSET,
     otpm: int | None | Unset = UNSET,
+    budget: WindowChange | None = None,
 ) -> KeyView:
-    """Change a key's rate limits (None: no limit; `UNSET`: as it is). Every replica applies them within its
-    key-cache lifetime."""
+    """Change a key's rate limits (None: no limit; `UNSET`: as it is) and its own budget windows (`budget`). Every
+    replica applies them within its key-cache lifetime."""
     check_rates(rpm, itpm, otpm)
-    changes = {
+    changes: dict[str, Any] = {
         name: value for name, value in (("rpm", rpm), ("itpm", itpm), ("otpm", otpm)) if not isinstance(value, Unset)
     }
+    columns = (APIKey.rpm, APIKey.itpm, APIKey.otpm, APIKey.period, *budget_columns(APIKey))
     with write_transaction(engine) as connection:
-        row = connection.execute(select(APIKey.rpm, APIKey.itpm, APIKey.otpm).where(APIKey.id == key_id)).first()
+        row = connection.execute(select(*columns).where(APIKey.id == key_id)).first()
         if row is None:
             raise NotFound(f"no key with id {key_id!r}")
-        before = dict(row._mapping)
-        after = {**before, **changes}
+        before = {**dict(row._mapping), **{column: usd(row._mapping[column]) for column in _WINDOW_COLUMNS}}
+        old = windows_of(
+            row.period, row.budget_usd, row.daily_budget_usd, row.weekly_budget_usd, row.monthly_budget_usd
+        )
+        windows, period = old, row.period
+        if budget is not None:
+            windows, period = change_windows(old, row.period, budget)
+            changes |= {"period": period, **_window_columns(windows, period)}
+        after = {
+            **before,
+            **{column: usd(value) if column in _WINDOW_COLUMNS else value for column, value in changes.items()},
+        }
         if after != before:
             connection.execute(update(APIKey).where(APIKey.id == key_id).values(**changes))
             record_event(connection, actor=actor, action="key.update", target=key_id, before=before, after=after)
+    now = datetime.now(UTC)
+    for window in counted(windows, period):
+        if window not in counted(old, row.period):
+            # A window never counted before starts from the ledger.
+            recount(engine, key_counter(key_id, window, None, now), UsageRow.key_id == key_id)
     return get_key(engine, key_id)
 
 
@@ -339,6 +384,7 @@ def list_keys(
             prefix=key.prefix,
             budget_usd=key.budget_usd,
             period=key.period,
+            windows=windows_of(key.period, *(getattr(key, column) for column in _WINDOW_COLUMNS)),
             rates=RateLimits(rpm=key.rpm, itpm=key.itpm, otpm=key.otpm),
             created_at=key.created_at,
             revoked_at=key.revoked_at,

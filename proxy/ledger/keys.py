@@ -13,11 +13,13 @@ from decimal import Decimal
 import anyio.to_thread
 from sqlalchemy import ColumnElement, Engine, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import InstrumentedAttribute
 
 from proxy.errors import InvalidKey, LedgerUnavailable
 from proxy.ledger.people import is_member
 from proxy.ledger.schema import APIKey, Team, UserBudget
-from proxy.types import NO_RATE_LIMITS, CapPolicy, Period, RateLimits
+from proxy.ledger.windows import WINDOW_COLUMNS, windows_of
+from proxy.types import NO_RATE_LIMITS, BudgetEdge, CapPolicy, Period, RateLimits, Windows
 
 KEY_PREFIX = "sk-sg-"
 # 32 random bytes: 256 bits, well above the 128 a guessable key would need to resist brute force.
@@ -32,19 +34,21 @@ class KeyInfo:
     key_id: str
     team_id: int
     team: str
-    team_budget_usd: Decimal | None = None
+    # Each budget's windows (`proxy/ledger/windows.py`) and its shorthand period, counted with a budget or not.
+    team_windows: Windows = field(default_factory=dict, hash=False, compare=False)
     team_period: Period = "month"
-    key_budget_usd: Decimal | None = None
+    key_windows: Windows = field(default_factory=dict, hash=False, compare=False)
     key_period: Period = "month"
+    budget_edge: BudgetEdge = "refuse"
     max_output_tokens: int | None = None
     cap_policy: CapPolicy = "clamp"
     models: tuple[str, ...] | None = None
     retry_window_seconds: int = 600
     team_rates: RateLimits = NO_RATE_LIMITS
     key_rates: RateLimits = NO_RATE_LIMITS
-    # Each end user's budget per team period (None: no end-user budgets), and the users with their own.
-    user_budget_usd: Decimal | None = None
-    user_budgets: dict[str, Decimal | None] = field(default_factory=dict, hash=False, compare=False)
+    # Each end user's budget windows (none: no end-user budgets), and the windows of the users with their own.
+    user_windows: Windows = field(default_factory=dict, hash=False, compare=False)
+    user_budgets: dict[str, Windows] = field(default_factory=dict, hash=False, compare=False)
     # A personal key's person (`oidc:<sub>`): the user of every call made with it.
     owner: str | None = None
     # Unix time after which the key is refused; None: never.
@@ -97,17 +101,15 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
     query = (
         select(
             APIKey.id,
-            APIKey.budget_usd,
             APIKey.period,
             Team.id,
             Team.name,
-            Team.budget_usd,
             Team.period,
             Team.max_output_tokens,
             Team.cap_policy,
             Team.models,
             Team.retry_window_seconds,
-            Team.user_budget_usd,
+            Team.budget_edge,
             Team.rpm,
             Team.itpm,
             Team.otpm,
@@ -116,6 +118,9 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
             APIKey.otpm,
             APIKey.owner,
             APIKey.expires_at,
+            *budget_columns(APIKey),
+            *budget_columns(Team),
+            *budget_columns(Team, "user_"),
         )
         .join(Team, Team.id == APIKey.team_id)
         .where(*conditions)
@@ -126,17 +131,15 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
             return None
         (
             key_id,
-            key_budget,
             key_period,
             team_id,
             team,
-            team_budget,
             team_period,
             cap,
             policy,
             models,
             window,
-            user_budget,
+            edge,
             team_rpm,
             team_itpm,
             team_otpm,
@@ -145,30 +148,43 @@ def _find_key(engine: Engine, *conditions: ColumnElement[bool]) -> KeyInfo | Non
             key_otpm,
             owner,
             expires_at,
+            *amounts,
         ) = row
-        overrides = connection.execute(
-            select(UserBudget.user, UserBudget.budget_usd).where(UserBudget.team_id == team_id)
+        key_windows, team_windows, user_windows = (
+            windows_of(period, *amounts[first : first + 4])
+            for first, period in ((0, key_period), (4, team_period), (8, team_period))
         )
-        user_budgets = {user: budget for user, budget in overrides}
+        overrides = connection.execute(
+            select(UserBudget.user, *budget_columns(UserBudget)).where(UserBudget.team_id == team_id)
+        )
+        user_budgets = {user: windows_of(team_period, *own) for user, *own in overrides}
     return KeyInfo(
         key_id=key_id,
         team_id=team_id,
         team=team,
-        team_budget_usd=team_budget,
+        team_windows=team_windows,
         team_period=team_period,
-        key_budget_usd=key_budget,
+        key_windows=key_windows,
         key_period=key_period,
+        budget_edge=edge,
         max_output_tokens=cap,
         cap_policy=policy,
         models=tuple(models.split(",")) if models is not None else None,
         retry_window_seconds=window,
         team_rates=RateLimits(rpm=team_rpm, itpm=team_itpm, otpm=team_otpm),
         key_rates=RateLimits(rpm=key_rpm, itpm=key_itpm, otpm=key_otpm),
-        user_budget_usd=user_budget,
+        user_windows=user_windows,
         user_budgets=user_budgets,
         owner=owner,
         expires_at=expires_at.timestamp() if expires_at is not None else None,
     )
+
+
+def budget_columns(
+    table: type[APIKey | Team | UserBudget], prefix: str = ""
+) -> tuple[InstrumentedAttribute[Decimal | None], ...]:
+    """A table's budget-window columns: the shorthand budget, then the daily, weekly and monthly ones."""
+    return tuple(getattr(table, f"{prefix}{column}") for column in ("budget_usd", *WINDOW_COLUMNS.values()))
 
 
 class KeyCache:

@@ -1,4 +1,4 @@
-"""Spend reports: usage records aggregated in SQL, grouped by team, model, feature, user, key and day.
+"""Spend reports: usage records aggregated in SQL, grouped by team, model, feature, user, session, agent, key and day.
 
 Money is summed exactly: NUMERIC `sum()` on PostgreSQL, and on SQLite (whose money column holds decimal
 text) a `decimal_sum` aggregate that `proxy.ledger.db` registers on every connection. Cache and batch savings are
@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, case, func, select
+from sqlalchemy import ColumnElement, Engine, Float, case, cast, func, select
 
 from proxy.ledger.schema import UsageRow, effective_cost
 from proxy.pricing.cost import WEB_SEARCH_USD
@@ -143,6 +143,52 @@ def daily_spend(engine: Engine, *, since: datetime, team: str | None = None) -> 
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SessionSpend:
+    """One agent session of a team over a period."""
+
+    session: str
+    user: str | None  # whose session it was; None when its calls named no user, or several
+    users: int  # how many distinct users its calls named
+    calls: int
+    cost_usd: Decimal
+    last_seen: datetime
+
+
+def top_sessions(engine: Engine, *, team: str, since: datetime, limit: int) -> list[SessionSpend]:
+    """A team's `limit` most expensive sessions since `since`, dearest first (calls without a session left out)."""
+    sqlite = engine.dialect.name == "sqlite"
+    cost = effective_cost()
+    # SQLite's money is decimal text, which sorts as text: ranked by its float value (the sum shown stays exact).
+    rank = func.sum(cast(cost, Float)) if sqlite else func.sum(cost)
+    query = (
+        select(
+            UsageRow.session,
+            func.min(UsageRow.user),
+            func.count(UsageRow.user.distinct()),
+            func.count(),
+            (func.decimal_sum if sqlite else func.sum)(cost),
+            func.max(UsageRow.started_at),
+        )
+        .where(UsageRow.team == team, UsageRow.session.is_not(None), UsageRow.started_at >= since)
+        .group_by(UsageRow.session)
+        .order_by(rank.desc().nulls_last(), UsageRow.session)
+        .limit(limit)
+    )
+    with engine.connect() as connection:
+        return [
+            SessionSpend(
+                session=session,
+                user=user if users == 1 else None,
+                users=users,
+                calls=calls,
+                cost_usd=_decimal(spent),
+                last_seen=last,
+            )
+            for session, user, users, calls, spent, last in connection.execute(query)
+        ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PriceFallback:
     """A model the price table could not price exactly, and its calls over a period."""
 
@@ -189,7 +235,14 @@ def _group_column(name: str, sqlite: bool) -> ColumnElement[Any]:
     if name == "day":
         day = func.date(UsageRow.started_at) if sqlite else func.to_char(UsageRow.started_at, "YYYY-MM-DD")
         return day.label("day")
-    columns = {"team": UsageRow.team, "model": UsageRow.model, "feature": UsageRow.feature, "user": UsageRow.user}
+    columns = {
+        "team": UsageRow.team,
+        "model": UsageRow.model,
+        "feature": UsageRow.feature,
+        "user": UsageRow.user,
+        "session": UsageRow.session,
+        "agent": UsageRow.agent,
+    }
     return columns.get(name, UsageRow.key_id).label(name)
 
 

@@ -17,9 +17,12 @@ from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from proxy.ledger.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
 from proxy.ledger.budgets import recount, recount_users, settle
-from proxy.ledger.counters import key_counter, team_counter
+from proxy.ledger.counters import key_counters, team_counters
 from proxy.ledger.db import write_transaction
+from proxy.ledger.keys import budget_columns
 from proxy.ledger.schema import APIKey, RepriceEntry, Team, UsageRow
+from proxy.ledger.teams import team_windows, user_windows
+from proxy.ledger.windows import counted, windows_of
 from proxy.pricing.table import PriceTable
 from proxy.types import USAGE_COLUMNS, Usage, UsageRecord
 
@@ -133,12 +136,15 @@ def _write(connection: Connection, changes: list[Change], pos: int) -> None:
 
 
 def recount_current(engine: Engine, now: datetime) -> None:
-    """Bring every team's, key's and end user's current-period spend in line with corrected costs."""
+    """Bring every team's, key's and end user's spend in its current windows in line with corrected costs."""
     with engine.connect() as connection:
-        teams = connection.execute(select(Team.id, Team.name, Team.period, Team.budget_usd)).all()
-        keys = connection.execute(select(APIKey.id, APIKey.period, APIKey.budget_usd)).all()
-    for team_id, name, period, budget in teams:
-        recount(engine, team_counter(team_id, name, period, budget, now), UsageRow.team == name)
-        recount_users(engine, team_id, name, period, now)
-    for key_id, period, budget in keys:
-        recount(engine, key_counter(key_id, period, budget, now), UsageRow.key_id == key_id)
+        teams = connection.execute(select(Team)).all()
+        keys = connection.execute(select(APIKey.id, APIKey.period, *budget_columns(APIKey))).all()
+    for team in teams:
+        for counter in team_counters(team.id, team.name, team.period, team_windows(team), now):
+            recount(engine, counter, UsageRow.team == team.name)
+        for period in counted(user_windows(team), team.period):
+            recount_users(engine, team.id, team.name, period, now)
+    for key_id, period, *amounts in keys:
+        for counter in key_counters(key_id, period, windows_of(period, *amounts), now):
+            recount(engine, counter, UsageRow.key_id == key_id)

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from proxy.types import CapPolicy, Period
+from proxy.types import BudgetEdge, CapPolicy, Period
 
 
 class Money(TypeDecorator[Decimal]):
@@ -86,6 +86,15 @@ class Team(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Each end user's budget per period (overrides in `user_budgets`); NULL: no end-user budgets.
     user_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    # Budget windows besides the shorthand `budget_usd` in `period` (`proxy/ledger/windows.py`): the team's, and
+    # each end user's (besides `user_budget_usd`). The column of the shorthand's own period is always NULL.
+    daily_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    weekly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    user_daily_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    user_weekly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    user_monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    budget_edge: Mapped[BudgetEdge] = mapped_column(String(10), default="refuse", server_default="refuse")
     # Requests, input tokens and output tokens per minute; NULL: no limit.
     rpm: Mapped[int | None] = mapped_column(Integer)
     itpm: Mapped[int | None] = mapped_column(Integer)
@@ -103,6 +112,10 @@ class APIKey(Base):
     prefix: Mapped[str] = mapped_column(String(20))
     budget_usd: Mapped[Decimal | None] = mapped_column(Money)
     period: Mapped[Period] = mapped_column(String(10), default="month")
+    # The key's other budget windows (`proxy/ledger/windows.py`).
+    daily_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    weekly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     rpm: Mapped[int | None] = mapped_column(Integer)
@@ -197,7 +210,12 @@ class UserBudget(Base):
 
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), primary_key=True)
     user: Mapped[str] = mapped_column(String(256), primary_key=True)
+    # In the team's period; their other windows below (`proxy/ledger/windows.py`). A user with a row has these
+    # windows instead of the team's per-user ones.
     budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    daily_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    weekly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Money)
 
 
 class UsageRow(Base):
@@ -212,6 +230,9 @@ class UsageRow(Base):
     key_id: Mapped[str | None] = mapped_column(String(40))
     feature: Mapped[str | None] = mapped_column(String(200))
     user: Mapped[str | None] = mapped_column(String(256))
+    session: Mapped[str | None] = mapped_column(String(200))
+    agent: Mapped[str | None] = mapped_column(String(200))
+    parent_agent: Mapped[str | None] = mapped_column(String(200))
     endpoint: Mapped[str] = mapped_column(String(200))
     model: Mapped[str | None] = mapped_column(String(200))
     response_model: Mapped[str | None] = mapped_column(String(200))
@@ -264,6 +285,8 @@ class UsageRow(Base):
         Index("ix_usage_key_started", "key_id", "started_at"),
         Index("ix_usage_started", "started_at"),
         Index("ix_usage_key_fingerprint", "key_id", "fingerprint", "started_at"),
+        # One session's records, in order, whatever its team (migration 0015).
+        Index("ix_usage_session", "session", "started_at"),
     )
 
 
@@ -300,6 +323,9 @@ class BudgetHold(Base):
     model: Mapped[str | None] = mapped_column(String(200))
     user: Mapped[str | None] = mapped_column(String(256))
     feature: Mapped[str | None] = mapped_column(String(200))
+    session: Mapped[str | None] = mapped_column(String(200))
+    agent: Mapped[str | None] = mapped_column(String(200))
+    parent_agent: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (Index("ix_budget_holds_instance", "instance_id"),)
 
@@ -385,9 +411,12 @@ class Batch(Base):
     results_recorded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The reconciler working on it, so replicas do not all fetch the same results.
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # The create call's feature and user tags, recorded on every result.
+    # The create call's feature, user and session tags, recorded on every result.
     feature: Mapped[str | None] = mapped_column(String(200))
     user: Mapped[str | None] = mapped_column(String(256))
+    session: Mapped[str | None] = mapped_column(String(200))
+    agent: Mapped[str | None] = mapped_column(String(200))
+    parent_agent: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (
         Index("ix_batches_team", "team_id", "created_at"),

@@ -6,35 +6,48 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from proxy.ledger.audit import record_event
 from proxy.ledger.budgets import recount, recount_users
-from proxy.ledger.counters import current_spend, team_counter
+from proxy.ledger.counters import current_spend, team_counter, team_counters
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import Team, UsageRow
-from proxy.types import CAP_POLICIES, PERIODS, CapPolicy, Period, RateLimits, usd
+from proxy.ledger.windows import (
+    WINDOW_COLUMNS,
+    WindowChange,
+    WindowView,
+    change_windows,
+    counted,
+    named,
+    window_columns,
+    window_views,
+    windows_of,
+)
+from proxy.types import (
+    BUDGET_EDGES,
+    CAP_POLICIES,
+    UNSET,
+    BudgetEdge,
+    CapPolicy,
+    Period,
+    RateLimits,
+    Unset,
+    Windows,
+    usd,
+)
 
 # Rate limits are INTEGER columns.
 MAX_RATE = 2**31 - 1
 # Team names travel in admin API paths and in every record: no spaces, slashes or look-alikes.
 TEAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-
-
-class Unset:
-    """The type of `UNSET`: an option that was not given, as opposed to one given as None ("no limit")."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Final = Unset()
 
 
 class NotFound(LookupError):
@@ -59,14 +72,18 @@ class TeamSettings:
     rpm: int | None | Unset = UNSET
     itpm: int | None | Unset = UNSET
     otpm: int | None | Unset = UNSET
+    # The team's other budget windows, and each end user's (None in a window: no limit there).
+    windows: Mapping[Period, Decimal | None] | None = None
+    user_windows: Mapping[Period, Decimal | None] | None = None
+    budget_edge: BudgetEdge | Unset = UNSET
 
     def __post_init__(self) -> None:
-        for amount in (self.budget_usd, self.user_budget_usd):
-            if isinstance(amount, Decimal) and amount < 0:
-                raise ValueError(f"budget must not be negative, got {amount}")
+        # Checks the amounts, the period and the windows.
+        self.team_change()
+        self.user_change()
         check_rates(self.rpm, self.itpm, self.otpm)
-        if not isinstance(self.period, Unset) and self.period not in PERIODS:
-            raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {self.period!r}")
+        if not isinstance(self.budget_edge, Unset) and self.budget_edge not in BUDGET_EDGES:
+            raise ValueError(f"budget edge must be one of {', '.join(BUDGET_EDGES)}, got {self.budget_edge!r}")
         if not isinstance(self.cap_policy, Unset) and self.cap_policy not in CAP_POLICIES:
             raise ValueError(f"cap policy must be one of {', '.join(CAP_POLICIES)}, got {self.cap_policy!r}")
         window = self.retry_window_seconds
@@ -75,6 +92,14 @@ class TeamSettings:
         tokens = self.max_output_tokens
         if not isinstance(tokens, Unset) and tokens is not None and tokens < 1:
             raise ValueError(f"max output tokens must be at least 1, got {tokens}")
+
+    def team_change(self) -> WindowChange:
+        """What this says about the team's own budget windows."""
+        return WindowChange(budget=self.budget_usd, period=self.period, windows=self.windows)
+
+    def user_change(self) -> WindowChange:
+        """What this says about each end user's budget windows (their shorthand follows the team's period)."""
+        return WindowChange(budget=self.user_budget_usd, period=self.period, windows=self.user_windows)
 
 
 def no_team(connection: Connection, name: str, *, create: bool = False) -> NotFound:
@@ -114,6 +139,9 @@ class TeamView:
     reserved_usd: Decimal
     remaining_usd: Decimal | None
     period_start: datetime | None
+    windows: tuple[WindowView, ...]  # every budgeted window, the shorthand's among them
+    user_windows: Windows  # each end user's allowance per window (users with their own aside)
+    budget_edge: BudgetEdge
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; money as exact decimal strings."""
@@ -133,6 +161,9 @@ class TeamView:
             "reserved_usd": usd(self.reserved_usd),
             "remaining_usd": usd(self.remaining_usd),
             "period_start": self.period_start.isoformat() if self.period_start else None,
+            "windows": [window.to_json() for window in self.windows],
+            "user_windows": named(self.user_windows),
+            "budget_edge": self.budget_edge,
         }
 
 
@@ -147,7 +178,15 @@ def create_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
             "digit (it appears in URLs of the admin API and in every record)"
         )
     now = datetime.now(UTC)
-    team = Team(name=name, period="month", cap_policy="clamp", retry_window_seconds=600, created_at=now, updated_at=now)
+    team = Team(
+        name=name,
+        period="month",
+        cap_policy="clamp",
+        retry_window_seconds=600,
+        budget_edge="refuse",
+        created_at=now,
+        updated_at=now,
+    )
     _apply(team, settings)
     try:
         with write_transaction(engine) as connection:
@@ -170,15 +209,24 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
         team.updated_at = datetime.now(UTC)
         connection.execute(update(Team).where(Team.id == row.id).values(**_columns(team)))
         record_event(connection, actor=actor, action="team.update", target=name, before=before, after=_rules(team))
-    if team.period != row.period:
-        # A new period kind starts a counter that has never been settled into: count it from the ledger.
-        counter = team_counter(team.id, team.name, team.period, team.budget_usd, team.updated_at)
-        recount(engine, counter, UsageRow.team == team.name)
-    if team.period != row.period or (row.user_budget_usd is None and team.user_budget_usd is not None):
-        # A new period kind starts counters never settled into; and spend from before end users had counters
-        # (an older spendgate) is only in the records: count them from the ledger.
-        recount_users(engine, team.id, team.name, team.period, team.updated_at)
+    _recount_new_windows(engine, row, team)
     return get_team(engine, name)
+
+
+def _recount_new_windows(engine: Engine, before: Row[Any], team: Team) -> None:
+    """Count a window's spend from the ledger when the change starts counting it: its counter has never been
+    settled into. End users' counters likewise, and all of them when end-user budgets are turned on (spend from
+    before end users had counters, in an older spendgate, is only in the records)."""
+    old = counted(team_windows(before), before.period)
+    for period in counted(team_windows(team), team.period):
+        if period not in old:
+            counter = team_counter(team.id, team.name, period, None, team.updated_at)
+            recount(engine, counter, UsageRow.team == team.name)
+    old_users, new_users = user_windows(before), user_windows(team)
+    old = counted(old_users, before.period) if old_users else ()
+    for period in counted(new_users, team.period) if new_users else ():
+        if period not in old:
+            recount_users(engine, team.id, team.name, period, team.updated_at)
 
 
 def get_team(engine: Engine, name: str, *, now: datetime | None = None) -> TeamView:
@@ -198,10 +246,11 @@ def list_teams(engine: Engine, *, name: str | None = None, now: datetime | None 
         query = query.where(Team.name == name)
     with engine.connect() as connection:
         teams = connection.execute(query).all()
-    counters = [team_counter(team.id, team.name, team.period, team.budget_usd, now) for team in teams]
-    spend = current_spend(engine, counters)
+    counters = [team_counters(team.id, team.name, team.period, team_windows(team), now) for team in teams]
+    spend = current_spend(engine, [counter for counted in counters for counter in counted])
     views = []
-    for team, counter in zip(teams, counters, strict=True):
+    for team, windows in zip(teams, counters, strict=True):
+        (counter,) = (counter for counter in windows if counter.period == team.period)
         spent, reserved = spend[counter.scope]
         budget = team.budget_usd
         views.append(
@@ -219,9 +268,30 @@ def list_teams(engine: Engine, *, name: str | None = None, now: datetime | None 
                 reserved_usd=reserved,
                 remaining_usd=None if budget is None else budget - spent - reserved,
                 period_start=counter.period_start if team.period != "total" else None,
+                windows=window_views(windows, spend),
+                user_windows=user_windows(team),
+                budget_edge=team.budget_edge,
             )
         )
     return views
+
+
+def team_windows(team: Team | Row[Any]) -> Windows:
+    """A team's own budget windows."""
+    return windows_of(
+        team.period, team.budget_usd, team.daily_budget_usd, team.weekly_budget_usd, team.monthly_budget_usd
+    )
+
+
+def user_windows(team: Team | Row[Any]) -> Windows:
+    """Each end user's budget windows in a team (for users without their own)."""
+    return windows_of(
+        team.period,
+        team.user_budget_usd,
+        team.user_daily_budget_usd,
+        team.user_weekly_budget_usd,
+        team.user_monthly_budget_usd,
+    )
 
 
 _COLUMNS = (
@@ -237,6 +307,9 @@ _COLUMNS = (
     "rpm",
     "itpm",
     "otpm",
+    *WINDOW_COLUMNS.values(),
+    *(f"user_{column}" for column in WINDOW_COLUMNS.values()),
+    "budget_edge",
     "created_at",
     "updated_at",
 )
@@ -255,23 +328,28 @@ def _rules(team: Team) -> dict[str, Any]:
         "rpm": team.rpm,
         "itpm": team.itpm,
         "otpm": team.otpm,
+        "windows": named(team_windows(team)),
+        "user_windows": named(user_windows(team)),
+        "budget_edge": team.budget_edge,
     }
 
 
-_SETTINGS = (
-    "budget_usd",
-    "period",
-    "max_output_tokens",
-    "cap_policy",
-    "retry_window_seconds",
-    "user_budget_usd",
-    "rpm",
-    "itpm",
-    "otpm",
-)
+_SETTINGS = ("max_output_tokens", "cap_policy", "retry_window_seconds", "rpm", "itpm", "otpm", "budget_edge")
 
 
 def _apply(team: Team, settings: TeamSettings) -> None:
+    windows, period = change_windows(team_windows(team), team.period, settings.team_change())
+    users, _ = change_windows(user_windows(team), team.period, settings.user_change())
+    team.period = period
+    team.budget_usd, team.daily_budget_usd, team.weekly_budget_usd, team.monthly_budget_usd = window_columns(
+        windows, period
+    )
+    (
+        team.user_budget_usd,
+        team.user_daily_budget_usd,
+        team.user_weekly_budget_usd,
+        team.user_monthly_budget_usd,
+    ) = window_columns(users, period)
     for field in _SETTINGS:
         value = getattr(settings, field)
         if not isinstance(value, Unset):

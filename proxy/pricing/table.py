@@ -85,6 +85,10 @@ class PriceTable:
         variant counts: any client can invent those)."""
         return model in self._listed
 
+    def models(self, at: datetime) -> list[str]:
+        """The ids of the models the version in force at `at` prices (aliases left out), sorted."""
+        return sorted(self._version(at).models)
+
     def lookup(self, model: str, at: datetime) -> tuple[ModelPrice, PriceSource] | None:
         """The price of `model` at `at` and where it came from: its id or alias (`"table"`), else the newest
         model of the family its name contains (`"family"`), else `None`."""

@@ -10,9 +10,21 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from proxy.types import CAP_POLICIES, GROUPS, PERIODS, CapPolicy, Outcome, Period, PriceSource, RetryReason
+from proxy.ledger.windows import WINDOW_COLUMNS, WindowChange
+from proxy.types import (
+    CAP_POLICIES,
+    GROUPS,
+    PERIODS,
+    UNSET,
+    BudgetEdge,
+    CapPolicy,
+    Outcome,
+    Period,
+    PriceSource,
+    RetryReason,
+)
 
 MAX_PAGE = 1000
 # A money amount in a request: a finite decimal given as a string ("250.00") or a JSON number, never negative.
@@ -49,13 +61,26 @@ class TeamFields(_Strict):
     rpm: PerMinute = Field(None, description="Requests per minute; null: no limit.")
     itpm: PerMinute = Field(None, description="Input tokens (uncached and cache writes) per minute; null: no limit.")
     otpm: PerMinute = Field(None, description="Output tokens per minute; null: no limit.")
+    daily_budget_usd: Money | None = Field(None, description="Spend limit per UTC day, besides the others; null: none.")
+    weekly_budget_usd: Money | None = Field(None, description="Spend limit per week (from Monday); null: none.")
+    monthly_budget_usd: Money | None = Field(None, description="Spend limit per calendar month; null: none.")
+    user_daily_budget_usd: Money | None = Field(None, description="Each end user's spend limit per day; null: none.")
+    user_weekly_budget_usd: Money | None = Field(None, description="Each end user's spend limit per week; null: none.")
+    user_monthly_budget_usd: Money | None = Field(
+        None, description="Each end user's spend limit per month; null: none."
+    )
+    budget_edge: BudgetEdge = Field(
+        "refuse",
+        description="A call worth more than a window has left: refuse it, or clamp its max_tokens to what fits.",
+    )
 
     def given(self) -> dict[str, Any]:
         """Only the fields the client sent, as `TeamSettings` keyword arguments."""
         fields = {name: getattr(self, name) for name in self.model_fields_set}
         if fields.get("models") is not None:
             fields["models"] = tuple(fields["models"])
-        return fields
+        windows, user_windows = _windows(fields), _windows(fields, "user_")
+        return {**fields, "windows": windows or None, "user_windows": user_windows or None}
 
 
 class TeamCreate(TeamFields):
@@ -66,7 +91,19 @@ class TeamCreate(TeamFields):
     )
 
 
-class KeyCreate(_Strict):
+class _Windows(_Strict):
+    """Budget windows held besides the shorthand budget (a field absent is not set)."""
+
+    daily_budget_usd: Money | None = Field(None, description="Spend limit per UTC day; null: none.")
+    weekly_budget_usd: Money | None = Field(None, description="Spend limit per week, from Monday; null: none.")
+    monthly_budget_usd: Money | None = Field(None, description="Spend limit per calendar month; null: none.")
+
+    def windows(self) -> dict[Period, Decimal | None]:
+        """The windows the client sent."""
+        return _windows({name: getattr(self, name) for name in self.model_fields_set})
+
+
+class KeyCreate(_Windows):
     """`POST /admin/teams/{name}/keys`."""
 
     name: StrictStr | None = Field(None, max_length=200, description="A label for people; not secret.")
@@ -78,23 +115,49 @@ class KeyCreate(_Strict):
     expires_days: int | None = Field(None, ge=1, le=3650, description="Days until the key stops working; null: never.")
 
 
-class KeyUpdate(_Strict):
+class KeyUpdate(_Windows):
     """`PATCH /admin/keys/{key_id}`: a field present is set (null clears the limit), a field absent is kept."""
 
     rpm: PerMinute = Field(None, description="Requests per minute.")
     itpm: PerMinute = Field(None, description="Input tokens per minute.")
     otpm: PerMinute = Field(None, description="Output tokens per minute.")
+    budget_usd: Money | None = Field(None, description="The key's own spend limit per period in USD; null: none.")
+    period: Period = Field("month", description="The period of budget_usd (given alone, moves the budget there).")
 
-    def given(self) -> dict[str, Any]:
-        """Only the fields the client sent."""
-        return {name: getattr(self, name) for name in self.model_fields_set}
+    def rates(self) -> dict[str, Any]:
+        """Only the rate limits the client sent."""
+        return {name: getattr(self, name) for name in self.model_fields_set & {"rpm", "itpm", "otpm"}}
+
+    def budget(self) -> WindowChange | None:
+        """The budget windows the client sent, if any."""
+        change = WindowChange(
+            budget=self.budget_usd if "budget_usd" in self.model_fields_set else UNSET,
+            period=self.period if "period" in self.model_fields_set else UNSET,
+            windows=self.windows(),
+        )
+        return None if change.empty else change
 
 
-class UserBudgetSet(_Strict):
+class UserBudgetSet(_Windows):
     """`PUT /admin/teams/{name}/user-budgets`: one end user's own budget."""
 
     user: StrictStr = Field(max_length=256, description='The end user; "" names the calls without a user.')
-    budget_usd: Money | None = Field(description="Their spend limit per team period in USD; null: no limit for them.")
+    budget_usd: Money | None = Field(None, description="Their spend limit per team period in USD; null: no limit.")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> UserBudgetSet:
+        if not self.model_fields_set - {"user"}:
+            raise ValueError("give budget_usd or a window (daily_budget_usd, weekly_budget_usd, monthly_budget_usd)")
+        return self
+
+
+def _windows(fields: dict[str, Any], prefix: str = "") -> dict[Period, Decimal | None]:
+    """The budget windows among fields sent (`daily_budget_usd` & co. after `prefix`), taken out of `fields`."""
+    found: dict[Period, Decimal | None] = {}
+    for period, column in WINDOW_COLUMNS.items():
+        if f"{prefix}{column}" in fields:
+            found[period] = fields.pop(f"{prefix}{column}")
+    return found
 
 
 class UserQuery(_Strict):
@@ -130,6 +193,7 @@ class UsageQuery(_Strict):
     """`GET /admin/usage` query parameters."""
 
     team: str | None = Field(None, description="Only this team's records.")
+    session: str | None = Field(None, description="Only this agent session's records.")
     since: str | None = Field(None, description="ISO 8601 date or time (UTC without a zone), inclusive.")
     until: str | None = Field(None, description="ISO 8601 date or time, exclusive.")
     limit: int = Field(100, ge=1, le=MAX_PAGE, description="Records per page (digits only).")
@@ -187,6 +251,22 @@ class Team(_Strict):
     reserved_usd: MoneyText = Field(description="Held by calls in flight and by replicas' budget leases.")
     remaining_usd: MoneyText | None
     period_start: str | None = Field(description="Start of the current period (null for `total`).")
+    windows: list[Window] = Field(description="Every budgeted window, the shorthand's (budget_usd, period) among them.")
+    user_windows: dict[str, MoneyText] = Field(description="Each end user's allowance per window (daily, ...).")
+    budget_edge: BudgetEdge
+
+
+class Window(_Strict):
+    """One budget window: its allowance, spend and holds in it now, and when it resets."""
+
+    window: Literal["daily", "weekly", "monthly", "total"]
+    period: Period
+    budget_usd: MoneyText
+    spent_usd: MoneyText
+    reserved_usd: MoneyText
+    remaining_usd: MoneyText
+    period_start: str
+    resets_at: str | None = Field(description="When the window starts afresh (null for `total`).")
 
 
 class Teams(_Strict):
@@ -211,6 +291,7 @@ class Key(_Strict):
         description="The person a personal key belongs to (`oidc:<sub>`): its calls are theirs."
     )
     expires_at: str | None = Field(description="When the key stops working (null: never).")
+    windows: dict[str, MoneyText] = Field(description="The key's own allowance per window (daily, ...).")
 
 
 class KeyCreated(Key):
@@ -230,6 +311,7 @@ class User(_Strict):
     spent_usd: MoneyText
     reserved_usd: MoneyText
     remaining_usd: MoneyText | None
+    windows: list[Window] = Field(description="Their budgeted windows, with spend and holds in each.")
 
 
 class Users(_Strict):
@@ -246,6 +328,9 @@ class UsageRecord(_Strict):
     key_id: str | None
     feature: str | None
     user: str | None
+    session: str | None
+    agent: str | None
+    parent_agent: str | None
     endpoint: str
     model: str | None
     response_model: str | None

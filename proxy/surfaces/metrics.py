@@ -15,7 +15,7 @@ import anyio.to_thread
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,10 +23,12 @@ from starlette.routing import Route
 
 from proxy.errors import error_response
 from proxy.instruments import MULTIPROCESS_ENV, Metrics
-from proxy.ledger.counters import current_spend, key_counter, period_end, period_start
+from proxy.ledger.counters import current_spend, key_counters
 from proxy.ledger.end_users import list_users
+from proxy.ledger.keys import budget_columns
 from proxy.ledger.schema import APIKey, Team, UserBudget
 from proxy.ledger.teams import list_teams
+from proxy.ledger.windows import WindowView, period_end, period_start, window_views, windows_of
 from proxy.reconcile.scheduled import recent
 from proxy.types import Period
 
@@ -51,31 +53,39 @@ class BudgetCollector(Collector):
         elapsed = GaugeMetricFamily(
             "spendgate_budget_period_elapsed_ratio", "Fraction of the budget period elapsed.", labels=labels
         )
+        windows: list[tuple[list[str], WindowView]] = []
         for team in list_teams(self._engine, now=now):
-            values = [team.name, "", team.period]
-            spent.add_metric(values, float(team.spent_usd))
-            held.add_metric(values, float(team.reserved_usd))
-            if team.budget_usd is not None:
-                limit.add_metric(values, float(team.budget_usd))
-                remaining.add_metric(values, float(team.remaining_usd or 0))
-                _add_elapsed(elapsed, values, team.period, now)  # type: ignore[arg-type]
+            # A team's spend in its shorthand period shows with a budget or not; its other windows' below.
+            spent.add_metric([team.name, "", team.period], float(team.spent_usd))
+            held.add_metric([team.name, "", team.period], float(team.reserved_usd))
+            for window in team.windows:
+                values = [team.name, "", window.period]
+                if window.period != team.period:
+                    spent.add_metric(values, float(window.spent_usd))
+                    held.add_metric(values, float(window.reserved_usd))
+                windows.append((values, window))
         query = (
-            select(APIKey.id, Team.name, APIKey.budget_usd, APIKey.period)
+            select(APIKey.id, Team.name, APIKey.period, *budget_columns(APIKey))
             .join(Team, Team.id == APIKey.team_id)
             .where(APIKey.revoked_at.is_(None))
         )
         with self._engine.connect() as connection:
-            keys = [(key, team, budget, period) for key, team, budget, period in connection.execute(query) if budget]
-        counters = [key_counter(key_id, period, budget, now) for key_id, _, budget, period in keys]
-        spend = current_spend(self._engine, counters)
-        for (key_id, team_name, budget, period), counter in zip(keys, counters, strict=True):
-            values = [team_name, key_id, period]
-            key_spent, key_held = spend[counter.scope]
-            limit.add_metric(values, float(budget))
-            spent.add_metric(values, float(key_spent))
-            held.add_metric(values, float(key_held))
-            remaining.add_metric(values, float(budget - key_spent - key_held))
-            _add_elapsed(elapsed, values, period, now)
+            keys = [
+                (key_id, team, key_counters(key_id, period, budgets, now))
+                for key_id, team, period, *amounts in connection.execute(query)
+                if (budgets := windows_of(period, *amounts))
+            ]
+        spend = current_spend(self._engine, [counter for _, _, counters in keys for counter in counters])
+        for key_id, team_name, counters in keys:
+            for window in window_views(counters, spend):
+                values = [team_name, key_id, window.period]
+                spent.add_metric(values, float(window.spent_usd))
+                held.add_metric(values, float(window.reserved_usd))
+                windows.append((values, window))
+        for values, window in windows:
+            limit.add_metric(values, float(window.budget_usd))
+            remaining.add_metric(values, float(window.remaining_usd))
+            _add_elapsed(elapsed, values, window.period, now)
         yield from (limit, spent, held, remaining, elapsed)
 
 
@@ -101,7 +111,8 @@ class UserBudgetCollector(Collector):
                 own = set(
                     connection.execute(select(Team.name).join(UserBudget, UserBudget.team_id == Team.id)).scalars()
                 )
-                budgeted = set(connection.execute(select(Team.name).where(Team.user_budget_usd.is_not(None))).scalars())
+                windowed = or_(*(column.is_not(None) for column in budget_columns(Team, "user_")))
+                budgeted = set(connection.execute(select(Team.name).where(windowed)).scalars())
             for team in sorted(own | budgeted):
                 for view in list_users(self._engine, team, only=self._users):
                     values = [team, view.user]

@@ -10,7 +10,8 @@ from proxy.ledger.end_users import list_users, set_user_budget
 from proxy.ledger.groups import groups_of, map_group
 from proxy.ledger.key_admin import create_key, list_keys, revoke_key, rotate_key, update_key
 from proxy.ledger.keys import KeyCache
-from proxy.ledger.teams import UNSET, TeamSettings, create_team, get_team, list_teams, update_team
+from proxy.ledger.teams import TeamSettings, create_team, get_team, list_teams, update_team
+from proxy.ledger.windows import WindowChange
 from proxy.surfaces.admin.requests import Operation, actor, json_body, on_ledger
 from proxy.surfaces.admin_models import (
     GroupMap,
@@ -30,7 +31,7 @@ from proxy.surfaces.admin_models import (
     UserQuery,
     Users,
 )
-from proxy.types import RateLimits
+from proxy.types import UNSET, RateLimits
 
 
 async def _create_team(request: Request) -> Response:
@@ -72,6 +73,7 @@ async def _create_key(request: Request) -> Response:
             name=body.name,
             budget_usd=body.budget_usd,
             period=body.period,
+            windows=body.windows(),
             rates=RateLimits(rpm=body.rpm, itpm=body.itpm, otpm=body.otpm),
             expires_days=body.expires_days,
         ),
@@ -125,8 +127,10 @@ async def _revoke_key(request: Request) -> Response:
 
 async def _update_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
-    changes = KeyUpdate.model_validate(await json_body(request)).given()
-    view = await on_ledger(request, lambda engine: update_key(engine, key_id, actor=actor(request), **changes))
+    body = KeyUpdate.model_validate(await json_body(request))
+    view = await on_ledger(
+        request, lambda engine: update_key(engine, key_id, actor=actor(request), budget=body.budget(), **body.rates())
+    )
     keys: KeyCache = request.state.keys
     keys.forget(key_id)
     return JSONResponse(view.to_json())
@@ -141,8 +145,10 @@ async def _list_users(request: Request) -> Response:
 async def _set_user_budget(request: Request) -> Response:
     team = request.path_params["name"]
     body = UserBudgetSet.model_validate(await json_body(request))
+    budget = body.budget_usd if "budget_usd" in body.model_fields_set else UNSET
+    change = WindowChange(budget=budget, windows=body.windows())
     view = await on_ledger(
-        request, lambda engine: set_user_budget(engine, team, body.user, body.budget_usd, actor=actor(request))
+        request, lambda engine: set_user_budget(engine, team, body.user, change, actor=actor(request))
     )
     return JSONResponse(view.to_json())
 
@@ -151,7 +157,7 @@ async def _clear_user_budget(request: Request) -> Response:
     team = request.path_params["name"]
     query = UserQuery.model_validate(dict(request.query_params))
     view = await on_ledger(
-        request, lambda engine: set_user_budget(engine, team, query.user, UNSET, actor=actor(request))
+        request, lambda engine: set_user_budget(engine, team, query.user, None, actor=actor(request))
     )
     return JSONResponse(view.to_json())
 

@@ -19,12 +19,14 @@ from proxy.surfaces.admin_models import Report, ReportQuery, UsagePage, UsageQue
 
 async def _usage(request: Request) -> Response:
     query = UsageQuery.model_validate(dict(request.query_params))
-    limit, team = query.limit, query.team
+    limit, team, session = query.limit, query.team, query.session
     after = _decode_cursor(query.cursor) if query.cursor is not None else None
     since, until = instant(query.since, "since"), instant(query.until, "until")
 
     def page(engine: Engine) -> list[tuple[Cursor, dict[str, Any]]]:
-        return list(iter_usage(engine, team=team, since=since, until=until, after=after, limit=limit + 1))
+        return list(
+            iter_usage(engine, team=team, session=session, since=since, until=until, after=after, limit=limit + 1)
+        )
 
     rows = await on_ledger(request, page)
     has_more = len(rows) > limit

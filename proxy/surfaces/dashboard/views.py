@@ -16,12 +16,22 @@ from typing import Any
 from markupsafe import Markup
 from sqlalchemy import Engine, func, select
 
-from proxy.ledger.counters import TOTAL_PERIOD_START, period_end
+from proxy.ledger.counters import TOTAL_PERIOD_START
 from proxy.ledger.end_users import UserView, list_users
 from proxy.ledger.export import iter_usage
-from proxy.ledger.reports import TOKEN_KINDS, PriceFallback, ReportRow, daily_spend, price_fallbacks, report
+from proxy.ledger.reports import (
+    TOKEN_KINDS,
+    PriceFallback,
+    ReportRow,
+    SessionSpend,
+    daily_spend,
+    price_fallbacks,
+    report,
+    top_sessions,
+)
 from proxy.ledger.schema import AuditHead, UsageRow, effective_cost
 from proxy.ledger.teams import TeamView, get_team, list_teams
+from proxy.ledger.windows import period_end
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.scheduled import DayResult, recent
 from proxy.surfaces.dashboard import charts
@@ -99,6 +109,7 @@ class TeamPage:
     to_date_chart: Markup
     models: list[tuple[str, str]]  # legend: (model, colour)
     top: dict[str, list[ReportRow]]  # by feature, user and key: the most expensive first
+    sessions: list[SessionSpend]  # the most expensive agent sessions first
     users: list[UserView]  # with end-user budgets: the users nearest their allowance first
     latest: list[dict[str, Any]]
 
@@ -151,6 +162,7 @@ def team_page(engine: Engine, prices: PriceTable, name: str, now: datetime) -> T
         ),
         models=[(model, charts.colour(i)) for i, model in enumerate(models)],
         top=top,
+        sessions=top_sessions(engine, team=name, since=since, limit=TOP),
         users=sorted(users, key=_nearest_allowance)[:TOP],
         latest=latest,
     )
