@@ -29,6 +29,7 @@ from proxy.ledger.teams import TeamSettings, create_team, get_team, update_team
 from proxy.ledger.windows import WindowChange, period_end, period_start
 from proxy.types import Counter, Hold, Period, UsageRecord
 from tests.stack import Stack, running_stack
+from tests.test_writer import make_record
 from tests.waiting import wait_until
 
 HELLO: list[MessageParam] = [{"role": "user", "content": "Hello"}]
@@ -267,30 +268,7 @@ def _counter_rows(engine: Engine) -> dict[tuple[str, datetime], tuple[Decimal, D
 
 
 def _record(hold: Hold, cost: Decimal) -> UsageRecord:
-    at = datetime.now(UTC)
-    return UsageRecord(
-        id=hold.call_id,
-        started_at=at,
-        finished_at=at,
-        team="research",
-        key_id=None,
-        feature=None,
-        user="ann",
-        endpoint="/v1/messages",
-        model="claude-sonnet-4-6",
-        response_model=None,
-        upstream_request_id=None,
-        status=200,
-        outcome="ok",
-        error_type=None,
-        streamed=False,
-        cost_usd=cost,
-        price_version="test",
-        price_source="table",
-        latency_ms=1.0,
-        ttfb_ms=1.0,
-        hold=hold,
-    )
+    return make_record(id=hold.call_id, user="ann", cost_usd=cost, hold=hold)
 
 
 def test_window_bounds_follow_the_calendar() -> None:

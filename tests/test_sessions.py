@@ -356,6 +356,10 @@ def test_exports_and_the_admin_api_carry_the_fields(
     rows = list(csv.DictReader(io.StringIO(text)))
     expected = [(r[0], r[2] or "", r[3] or "", r[4] or "") for r in LEDGER]
     assert [(r["id"], r["session"], r["agent"], r["parent_agent"]) for r in rows] == expected
+    # One session's calls alone.
+    assert main(["usage", "--session", "s-1", "--db", db_url]) == 0
+    session = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in session] == [r[0] for r in LEDGER if r[2] == "s-1"] != []
     assert main(["usage", "--format", "jsonl", "--db", db_url]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["id"], r["session"], r["agent"], r["parent_agent"]) for r in lines] == [r[:1] + r[2:5] for r in LEDGER]

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage = command(commands, "usage", run_usage, "print usage records, oldest first")
     usage.add_argument("--team")
+    usage.add_argument(
+        "--session", help="only the calls of this session (x-claude-code-session-id, x-spendgate-session)"
+    )
     usage.add_argument("--since", metavar="ISO8601")
     usage.add_argument("--until", metavar="ISO8601")
     usage.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")

@@ -25,7 +25,7 @@ def run_usage(args: argparse.Namespace, settings: Settings) -> int:
         if args.team is not None:
             # A filter naming no team would print nothing and succeed: a typo would pass for a team without calls.
             get_team(engine, args.team)
-        records = iter_usage(engine, team=args.team, since=since, until=until)
+        records = iter_usage(engine, team=args.team, session=args.session, since=since, until=until)
         writer((_counted(record, n, advance) for n, (_, record) in enumerate(records, 1)), sys.stdout)
     return 0
 
