@@ -4,6 +4,7 @@ the budget edge (`--budget-edge clamp`): every window is held and settled like a
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +19,9 @@ from sqlalchemy import Engine, delete, select
 
 from proxy.cli.main import main
 from proxy.errors import BudgetExceeded
+from proxy.gateway.limits import MIN_EDGE_TOKENS, most_tokens_within
 from proxy.ledger.budgets import settle, take_hold
+from proxy.ledger.commit import insert_records
 from proxy.ledger.counters import counters_for
 from proxy.ledger.db import write_transaction
 from proxy.ledger.end_users import list_users, set_user_budget
@@ -176,11 +179,11 @@ def test_window_options_on_the_command_line(engine: Engine, db_url: str, capsys:
         main(["teams", "update", "fleet", "--budget", "5", "--period", "day", "--daily-budget", "6", "--db", db_url])
         != 0
     )
-    assert "name the same window" in capsys.readouterr().err
+    assert "is given twice" in capsys.readouterr().err
     # So is the shorthand's own window named as a window, its period not given but known.
     run("teams", "update", "fleet", "--period", "day", "--budget", "5")
     assert main(["teams", "update", "fleet", "--budget", "7", "--daily-budget", "6", "--db", db_url]) != 0
-    assert "name the same window" in capsys.readouterr().err
+    assert "is given twice" in capsys.readouterr().err
 
 
 # --- Property: any interleaving of calls and window ends overruns no window, and counters equal records. ---
@@ -296,7 +299,7 @@ def test_windows_through_the_admin_api(engine: Engine, db_url: str, tmp_path: Pa
             assert [(w["window"], w["budget_usd"]) for w in team["windows"]] == [("daily", "2"), ("monthly", "40")]
             assert (team["user_windows"], team["budget_edge"]) == ({"weekly": "5"}, "clamp")
             same = admin.patch("/admin/teams/research", json={"budget_usd": 1, "period": "day", "daily_budget_usd": 2})
-            assert same.status_code == 400 and "same window" in same.json()["error"]["message"]
+            assert same.status_code == 400 and "given twice" in same.json()["error"]["message"]
             assert admin.patch("/admin/teams/research", json={"daily_budget_usd": "-1"}).status_code == 400
             created = admin.post("/admin/teams/research/keys", json={"weekly_budget_usd": "3", "budget_usd": 9}).json()
             assert created["windows"] == {"weekly": "3", "monthly": "9"}
@@ -309,3 +312,127 @@ def test_windows_through_the_admin_api(engine: Engine, db_url: str, tmp_path: Pa
             assert admin.put("/admin/teams/research/user-budgets", json={"user": "ann"}).status_code == 400
             openapi = admin.get("/admin/openapi.json").json()
             assert "daily_budget_usd" in json.dumps(openapi)
+
+
+def test_moving_the_shorthand_never_replaces_a_window(engine: Engine) -> None:
+    """`--period` alone moves the shorthand budget, as it always did, but never onto a window that has a budget:
+    that would raise a cap (or drop one) without anyone asking. End users' own budgets move with the team."""
+    create_team(engine, "research", TeamSettings(budget_usd=Decimal(100), windows={"day": Decimal(10)}), actor="t")
+    with pytest.raises(ValueError, match="cannot move to period day: there is a daily budget already"):
+        update_team(engine, "research", TeamSettings(period="day"), actor="t")
+    with pytest.raises(ValueError, match="cannot move to period day"):
+        update_team(engine, "research", TeamSettings(period="day", windows={"day": Decimal(20)}), actor="t")
+    own = WindowChange(budget=Decimal(20), windows={"day": Decimal(5)})
+    set_user_budget(engine, "research", "ann", own, actor="t")
+    moved = update_team(engine, "research", TeamSettings(period="week"), actor="t")
+    assert {w.period: w.budget_usd for w in moved.windows} == {"day": Decimal(10), "week": Decimal(100)}
+    [ann] = [view for view in list_users(engine, "research") if view.user == "ann"]
+    assert {w.period: w.budget_usd for w in ann.windows} == {"day": Decimal(5), "week": Decimal(20)}
+    # An end user's own budget that would be replaced stops the whole change.
+    with pytest.raises(ValueError, match="end user 'ann': the budget per week cannot move to period day"):
+        update_team(engine, "research", TeamSettings(period="day", windows={"day": None}), actor="t")
+    assert get_team(engine, "research").period == "week"
+    with pytest.raises(ValueError, match="not negative"):
+        TeamSettings(windows={"day": Decimal("-0")})
+
+
+def test_a_window_set_while_calls_are_in_flight_counts_them(engine: Engine) -> None:
+    """Every calendar window is counted with a budget or not: a call admitted before its team had a daily budget
+    still counts in the day when it ends, and the day's budget holds from what was really spent."""
+    create_team(engine, "research", TeamSettings(), actor="t")
+    view, _ = create_key(engine, "research", actor="t")
+    before = lookup_key_by_id(engine, view.id)
+    assert before is not None
+    now = datetime.now(UTC)
+    hold = Hold(call_id="early", counters=counters_for(before, now, "ann"), amount=Decimal(0), held=False)
+    update_team(engine, "research", TeamSettings(windows={"day": Decimal(1)}), actor="t")
+    with write_transaction(engine) as connection:
+        settle(
+            connection,
+            [make_record(id="early", user="ann", cost_usd=Decimal("0.75"), hold=hold)],
+            soft_fraction=Decimal(1),
+        )
+    [day] = get_team(engine, "research").windows
+    assert (day.period, day.spent_usd, day.remaining_usd) == ("day", Decimal("0.75"), Decimal("0.25"))
+    after = lookup_key_by_id(engine, view.id)
+    assert after is not None
+    with pytest.raises(BudgetExceeded, match="daily"):
+        take_hold(
+            engine,
+            Hold(call_id="late", counters=counters_for(after, now, "ann"), amount=Decimal("0.5"), held=True),
+            expires_at=now + timedelta(hours=1),
+        )
+
+
+def test_changing_the_period_recounts_end_users_with_budgets_of_their_own(engine: Engine) -> None:
+    create_team(engine, "research", TeamSettings(), actor="t")
+    set_user_budget(engine, "research", "ann", WindowChange(budget=Decimal("0.003")), actor="t")
+    insert_records(
+        engine,
+        [
+            make_record(id=f"sgr_{n}", user="ann", started_at=datetime.now(UTC), cost_usd=Decimal("0.002"))
+            for n in range(2)
+        ],
+    )
+    update_team(engine, "research", TeamSettings(period="week"), actor="t")
+    [ann] = list_users(engine, "research")
+    assert {w.period: w.spent_usd for w in ann.windows} == {"week": Decimal("0.004")}
+    assert ann.remaining_usd == Decimal("-0.001")
+
+
+@given(
+    base=st.integers(0, 10_000),
+    rate=st.integers(0, 50),
+    jumps=st.lists(st.integers(MIN_EDGE_TOKENS, 4_000), max_size=3),
+    left=st.integers(0, 300_000),
+    below=st.integers(1, 4_001),
+)
+def test_the_clamp_finds_the_most_tokens_a_window_pays(
+    base: int, rate: int, jumps: list[int], left: int, below: int
+) -> None:
+    """Whatever the worst case's shape (a price per token, or steps too): the answer is the largest max_tokens
+    that fits, as trying each would find, in a few estimates when the worst case grows by a price per token."""
+    calls: list[int] = []
+
+    def worst(tokens: int) -> Decimal:
+        calls.append(tokens)
+        return Decimal(base + rate * tokens + 1_000 * sum(tokens >= jump for jump in jumps)) / 1_000_000
+
+    budget = Decimal(left) / 1_000_000
+    fitting = [n for n in range(MIN_EDGE_TOKENS, below) if worst(n) <= budget]
+    calls.clear()
+    assert most_tokens_within(worst, budget, below=below) == (max(fitting) if fitting else None)
+    if not jumps and rate:
+        assert len(calls) <= 4
+
+
+def test_a_clamped_call_takes_only_its_clamped_output_from_the_rate_limit(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    team = TeamSettings(otpm=70_000, user_windows={"day": Decimal("0.05")}, budget_edge="clamp")
+    with running_stack(engine, db_url, tmp_path, team=team) as stack:
+        set_user_budget(engine, "research", "bob", WindowChange(windows={"day": Decimal(1)}), actor="test")
+        answers: list[httpx.Response] = []
+        headers = {"x-api-key": stack.key, "anthropic-version": "2023-06-01", "x-fake-gate": "1"}
+        body = {"model": "claude-sonnet-4-6", "max_tokens": 64_000, "messages": HELLO}
+        alice = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    f"{stack.url}/v1/messages",
+                    headers={**headers, "x-spendgate-user": "alice"},
+                    json=body,
+                    timeout=60,
+                )
+            )
+        )
+        alice.start()
+        try:
+            wait_until(lambda: len(stack.upstream.requests) == 1, "alice's clamped call in flight")
+            clamped = json.loads(stack.upstream.requests[0].body)["max_tokens"]
+            assert clamped < 64_000
+            # 64,000 + 8,000 is over the 70,000 a minute; what alice can use, plus bob's, is not.
+            assert ask(stack, max_tokens=8_000, user="bob").status_code == 200
+        finally:
+            stack.upstream.gate.set()
+            alice.join(timeout=60)
+        assert answers[0].headers["x-spendgate-clamped-max-tokens"] == str(clamped)

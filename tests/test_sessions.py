@@ -346,6 +346,18 @@ def test_a_teams_top_sessions(ledger: Engine) -> None:
     assert top_sessions(ledger, team="a", since=START + timedelta(days=1), limit=10) == []
 
 
+def test_a_session_with_calls_of_nobody_is_not_one_persons(engine: Engine) -> None:
+    later = START + timedelta(days=3)
+    records = [
+        make_record(id="sgr_ann", team="t", session="mixed", user="ann", started_at=later),
+        make_record(id="sgr_nobody", team="t", session="mixed", user=None, started_at=later),
+        make_record(id="sgr_anon", team="t", session="anonymous", user=None, started_at=later),
+    ]
+    insert_records(engine, records)
+    top = {s.session: (s.user, s.users) for s in top_sessions(engine, team="t", since=later, limit=10)}
+    assert top == {"mixed": (None, 2), "anonymous": (None, 1)}
+
+
 def test_exports_and_the_admin_api_carry_the_fields(
     ledger: Engine, db_url: str, served: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:

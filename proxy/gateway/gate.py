@@ -140,6 +140,11 @@ class Gate:
                 )
             except BudgetExceeded as refused:
                 capped = await self._clamp_at_edge(call, key, request, input_tokens, refused)
+                if ticket is not None:
+                    # The call can use no more output than it is now sent with: the rest goes back to the limit.
+                    self._rates.cancel(ticket)
+                    ticket = None
+                    ticket = await self._rate_limit(call, key, input_tokens, capped.max_tokens or 0)
         except BaseException:
             if ticket is not None:
                 self._rates.cancel(ticket)

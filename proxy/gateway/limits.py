@@ -64,10 +64,20 @@ def cap_output(request: dict[str, Any], body: bytes, *, cap: int | None, policy:
 
 def most_tokens_within(worst: Callable[[int], Decimal | None], left: Decimal, *, below: int) -> int | None:
     """The largest `max_tokens` under `below`, and at least `MIN_EDGE_TOKENS`, whose worst case (`worst`, which
-    grows with `max_tokens`) is within `left`; None when even the floor costs more."""
+    grows with `max_tokens`) is within `left`; None when even the floor costs more.
+
+    The worst case grows by the output price per token, so one step from the floor says where the answer is: a
+    few estimates, not a search's dozens (each walks the whole request, on the event loop). The answer is
+    checked, and searched for only if the worst case did not grow in steps."""
     low, high = MIN_EDGE_TOKENS, below - 1
-    if high < low or not _within(worst(low), left):
+    floor = worst(low)
+    if high < low or floor is None or floor > left:
         return None
+    step = worst(low + 1)
+    if step is not None and step > floor:
+        guess = min(high, low + int((left - floor) / (step - floor)))
+        if _within(worst(guess), left) and (guess == high or not _within(worst(guess + 1), left)):
+            return guess
     while low < high:
         middle = (low + high + 1) // 2
         if _within(worst(middle), left):

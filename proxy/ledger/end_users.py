@@ -23,9 +23,9 @@ from proxy.ledger.windows import (
     WindowChange,
     WindowView,
     change_windows,
-    counted,
     named,
     period_start,
+    to_recount,
     window_columns,
     window_views,
     windows_of,
@@ -91,11 +91,8 @@ def set_user_budget(engine: Engine, team: str, user: str, change: WindowChange |
                 columns = dict(zip(_COLUMNS, window_columns(windows, row.period), strict=True))
                 connection.execute(insert(UserBudget).values(team_id=row.id, user=user, **columns))
             record_event(connection, actor=actor, action="team.user_budget", target=team, before=before, after=after)
-    old = counted(before_windows, row.period)
-    for period in counted(windows, row.period):
-        if period not in old:
-            # A window never counted for them before starts from the ledger.
-            recount_users(engine, row.id, team, period, datetime.now(UTC))
+    for period in to_recount(before_windows, row.period, windows, row.period):
+        recount_users(engine, row.id, team, period, datetime.now(UTC))
     found = [view for view in list_users(engine, team) if view.user == user]
     if found:
         return found[0]

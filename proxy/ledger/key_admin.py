@@ -31,8 +31,8 @@ from proxy.ledger.windows import (
     WINDOW_COLUMNS,
     WindowChange,
     change_windows,
-    counted,
     named,
+    to_recount,
     window_columns,
     windows_of,
 )
@@ -326,10 +326,8 @@ def update_key(
             connection.execute(update(APIKey).where(APIKey.id == key_id).values(**changes))
             record_event(connection, actor=actor, action="key.update", target=key_id, before=before, after=after)
     now = datetime.now(UTC)
-    for window in counted(windows, period):
-        if window not in counted(old, row.period):
-            # A window never counted before starts from the ledger.
-            recount(engine, key_counter(key_id, window, None, now), UsageRow.key_id == key_id)
+    for window in to_recount(old, row.period, windows, period):
+        recount(engine, key_counter(key_id, window, None, now), UsageRow.key_id == key_id)
     return get_key(engine, key_id)
 
 

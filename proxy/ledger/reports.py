@@ -164,7 +164,8 @@ def top_sessions(engine: Engine, *, team: str, since: datetime, limit: int) -> l
         select(
             UsageRow.session,
             func.min(UsageRow.user),
-            func.count(UsageRow.user.distinct()),
+            # Calls without a user are one more "user": a session of ann's and anonymous calls is not all ann's.
+            func.count(func.coalesce(UsageRow.user, "").distinct()),
             func.count(),
             (func.decimal_sum if sqlite else func.sum)(cost),
             func.max(UsageRow.started_at),

@@ -19,14 +19,15 @@ from proxy.ledger.audit import record_event
 from proxy.ledger.budgets import recount, recount_users
 from proxy.ledger.counters import current_spend, team_counter, team_counters
 from proxy.ledger.db import write_transaction
-from proxy.ledger.schema import Team, UsageRow
+from proxy.ledger.keys import budget_columns
+from proxy.ledger.schema import Team, UsageRow, UserBudget
 from proxy.ledger.windows import (
     WINDOW_COLUMNS,
     WindowChange,
     WindowView,
     change_windows,
-    counted,
     named,
+    to_recount,
     window_columns,
     window_views,
     windows_of,
@@ -209,24 +210,35 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
         team.updated_at = datetime.now(UTC)
         connection.execute(update(Team).where(Team.id == row.id).values(**_columns(team)))
         record_event(connection, actor=actor, action="team.update", target=name, before=before, after=_rules(team))
-    _recount_new_windows(engine, row, team)
+        users = [(user_windows(row), row.period, user_windows(team), team.period)]
+        if team.period != row.period:
+            users += _move_user_budgets(connection, row.id, row.period, team.period)
+    # Windows counted or budgeted only from now on start from the ledger's records.
+    for period in to_recount(team_windows(row), row.period, team_windows(team), team.period):
+        recount(engine, team_counter(team.id, team.name, period, None, team.updated_at), UsageRow.team == team.name)
+    for period in sorted({period for change in users for period in to_recount(*change)}):
+        recount_users(engine, team.id, team.name, period, team.updated_at)
     return get_team(engine, name)
 
 
-def _recount_new_windows(engine: Engine, before: Row[Any], team: Team) -> None:
-    """Count a window's spend from the ledger when the change starts counting it: its counter has never been
-    settled into. End users' counters likewise, and all of them when end-user budgets are turned on (spend from
-    before end users had counters, in an older spendgate, is only in the records)."""
-    old = counted(team_windows(before), before.period)
-    for period in counted(team_windows(team), team.period):
-        if period not in old:
-            counter = team_counter(team.id, team.name, period, None, team.updated_at)
-            recount(engine, counter, UsageRow.team == team.name)
-    old_users, new_users = user_windows(before), user_windows(team)
-    old = counted(old_users, before.period) if old_users else ()
-    for period in counted(new_users, team.period) if new_users else ():
-        if period not in old:
-            recount_users(engine, team.id, team.name, period, team.updated_at)
+def _move_user_budgets(
+    connection: Connection, team_id: int, before: Period, after: Period
+) -> list[tuple[Windows, Period, Windows, Period]]:
+    """Move the shorthand budget of every end user with budgets of their own to the team's new period (it is in
+    the team's period); returns each one's windows before and after."""
+    columns = budget_columns(UserBudget)
+    moved = []
+    for user, *amounts in connection.execute(select(UserBudget.user, *columns).where(UserBudget.team_id == team_id)):
+        old = windows_of(before, *amounts)
+        try:
+            new, _ = change_windows(old, before, WindowChange(period=after))
+        except ValueError as clash:
+            raise ValueError(f"end user {user!r}: {clash}") from None
+        values = dict(zip(("budget_usd", *WINDOW_COLUMNS.values()), window_columns(new, after), strict=True))
+        where = UserBudget.team_id == team_id, UserBudget.user == user
+        connection.execute(update(UserBudget).where(*where).values(**values))
+        moved.append((old, before, new, after))
+    return moved
 
 
 def get_team(engine: Engine, name: str, *, now: datetime | None = None) -> TeamView:

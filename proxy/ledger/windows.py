@@ -40,7 +40,7 @@ class WindowChange:
 
     def __post_init__(self) -> None:
         for amount in (self.budget, *(self.windows or {}).values()):
-            if isinstance(amount, Decimal) and (amount < 0 or not amount.is_finite()):
+            if isinstance(amount, Decimal) and (amount.is_signed() or not amount.is_finite()):
                 raise ValueError(f"budget must be a finite amount, not negative, got {amount}")
         if not isinstance(self.period, Unset) and self.period not in PERIODS:
             raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {self.period!r}")
@@ -69,17 +69,17 @@ def window_columns(windows: Windows, period: Period) -> WindowColumns:
 
 
 def change_windows(windows: Windows, period: Period, change: WindowChange) -> tuple[Windows, Period]:
-    """A budget's windows and shorthand period after `change`. `--period` alone moves the shorthand budget to the
-    new period (what it always did); `--budget` sets the shorthand's window; the window options set theirs."""
+    """A budget's windows and shorthand period after `change`. `--budget` sets the shorthand's window and the window
+    options set theirs; `--period` alone moves the shorthand budget to the new period (what it always did), unless
+    a budget there already would be silently replaced."""
     new_period = period if isinstance(change.period, Unset) else change.period
     result = dict(windows)
-    if new_period != period and isinstance(change.budget, Unset) and period in result:
-        result[new_period] = result.pop(period)
     updates: dict[Period, Decimal | None] = dict(change.windows or {})
     if not isinstance(change.budget, Unset):
         if new_period in updates:
             raise ValueError(
-                f"--budget (per {new_period}) and --{WINDOW_NAMES[new_period]}-budget name the same window: give one"
+                f"the budget per {new_period} is given twice (as the budget of period {new_period} and as the "
+                f"{WINDOW_NAMES[new_period]} budget): give one"
             )
         updates[new_period] = change.budget
     for window, amount in updates.items():
@@ -87,13 +87,34 @@ def change_windows(windows: Windows, period: Period, change: WindowChange) -> tu
             result.pop(window, None)
         else:
             result[window] = amount
+    if new_period != period and isinstance(change.budget, Unset) and period in result:
+        # Moved after the windows changed: a window removed in the same change frees its period.
+        if new_period in result:
+            raise ValueError(
+                f"the budget per {period} cannot move to period {new_period}: there is a {WINDOW_NAMES[new_period]} "
+                f"budget already. Give the budget with the period, or remove the {WINDOW_NAMES[new_period]} one first"
+            )
+        result[new_period] = result.pop(period)
     return {window: result[window] for window in PERIODS if window in result}, new_period
 
 
 def counted(windows: Windows, period: Period) -> tuple[Period, ...]:
-    """The windows whose spend is counted: every budgeted one, and the shorthand's period with a budget or not (so
-    a budget set there later starts from what was already spent)."""
-    return tuple(window for window in PERIODS if window in windows or window == period)
+    """The windows whose spend is counted: every calendar window, with a budget or not, so a budget set later (or a
+    call that was in flight when it was set) is counted from what was already spent; `total` when it is the
+    shorthand's period or has a budget."""
+    total: tuple[Period, ...] = ("total",) if period == "total" or "total" in windows else ()
+    return (*WINDOW_PERIODS, *total)
+
+
+def to_recount(before: Windows, before_period: Period, after: Windows, after_period: Period) -> tuple[Period, ...]:
+    """The windows a change must count from the ledger's records: one counted only from now on, and one given a
+    budget now (its counter may have started mid-period, in a release that did not count it)."""
+    counted_before = counted(before, before_period)
+    return tuple(
+        period
+        for period in counted(after, after_period)
+        if period not in counted_before or (period in after and period not in before)
+    )
 
 
 def period_start(period: str, now: datetime) -> datetime | None:
