@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from sqlalchemy import Connection, Engine, bindparam, select, tuple_, update
@@ -30,14 +30,31 @@ CounterWrite = tuple[str, datetime, Decimal, Decimal]  # scope, period start, sp
 
 def counters_for(key: KeyInfo, at: datetime, user: str | None = None) -> tuple[Counter, ...]:
     """The budgets a call with this key counts against: its team's, its own, and its end user's in the team (calls
-    without a user share the counter of `NO_USER`), one counter per window each (`windows.py`)."""
+    without a user share the counter of `NO_USER`), one counter per window each (`windows.py`).
+
+    Asked on every budgeted call, and the same for every call of a key and user in a UTC day (every window starts
+    at midnight): made once per key (as the key cache has it), user and day."""
     name = user or NO_USER
+    day = at.astimezone(UTC).date()
+    cached = _MADE.get((id(key), name, day))
+    if cached is not None and cached[0] is key:
+        return cached[1]
     user_windows = key.user_budgets[name] if name in key.user_budgets else key.user_windows
-    return (
+    counters = (
         *team_counters(key.team_id, key.team, key.team_period, key.team_windows, at),
         *key_counters(key.key_id, key.key_period, key.key_windows, at),
         *user_counters(key.team_id, key.team, name, key.team_period, user_windows, at),
     )
+    if len(_MADE) >= MAX_MADE:
+        _MADE.clear()
+    # The key itself is kept with them, so its id cannot name another key while the entry lives.
+    _MADE[(id(key), name, day)] = (key, counters)
+    return counters
+
+
+# Counters made lately, by the key's identity, user and UTC day; cleared whole when full.
+MAX_MADE = 10_000
+_MADE: dict[tuple[int, str, date], tuple[KeyInfo, tuple[Counter, ...]]] = {}
 
 
 def team_counters(team_id: int, name: str, period: Period, windows: Windows, at: datetime) -> tuple[Counter, ...]:
