@@ -143,7 +143,7 @@ class Gate:
                 if ticket is not None:
                     # The call can use no more output than it is now sent with: the rest goes back to the limit.
                     self._rates.cancel(ticket)
-                    ticket = None
+                    ticket = None  # cancelled once: a refusal of the new one below must not cancel it again
                     ticket = await self._rate_limit(call, key, input_tokens, capped.max_tokens or 0)
         except BaseException:
             if ticket is not None:
