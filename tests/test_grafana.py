@@ -87,6 +87,8 @@ def test_every_exposed_family_is_on_the_dashboard_or_documented_why_not(
         "spendgate_user_budget_limit_usd",
         "spendgate_user_budget_spent_usd",
         "spendgate_user_budget_held_usd",
+        "spendgate_user_budget_window_limit_usd",
+        "spendgate_user_budget_window_remaining_usd",
     }
     missing = {name for name in families if name not in opt_in and not series_names({name: families[name]}) & queried}
     assert missing == set()

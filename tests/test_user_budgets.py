@@ -257,21 +257,26 @@ def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> Non
 
 
 def test_metrics_show_allow_listed_users_against_their_allowance(engine: Engine, db_url: str, tmp_path: Path) -> None:
-    team = TeamSettings(user_budget_usd=Decimal("0.004"))
+    team = TeamSettings(user_budget_usd=Decimal("0.004"), user_windows={"day": Decimal("0.003")})
     with running_stack(engine, db_url, tmp_path, team=team, metrics_token="t", metrics_users=("ann",)) as stack:
         assert [ask(stack, "ann"), ask(stack, "bob")] == [200, 200]
         stack.idle()
         exposition = httpx.get(f"{stack.url}/metrics", headers={"authorization": "Bearer t"}).text
     samples = {
-        (sample.name, sample.labels.get("user")): sample.value
+        (sample.name, sample.labels.get("user"), sample.labels.get("period")): sample.value
         for family in text_string_to_metric_families(exposition)
         if family.name.startswith("spendgate_user_budget")
         for sample in family.samples
     }
     assert samples == {
-        ("spendgate_user_budget_limit_usd", "ann"): 0.004,
-        ("spendgate_user_budget_spent_usd", "ann"): float(COST),
-        ("spendgate_user_budget_held_usd", "ann"): 0.0,
+        ("spendgate_user_budget_limit_usd", "ann", None): 0.004,
+        ("spendgate_user_budget_spent_usd", "ann", None): float(COST),
+        ("spendgate_user_budget_held_usd", "ann", None): 0.0,
+        # Each window of hers: the day's allowance is the tighter.
+        ("spendgate_user_budget_window_limit_usd", "ann", "day"): 0.003,
+        ("spendgate_user_budget_window_remaining_usd", "ann", "day"): float(Decimal("0.003") - COST),
+        ("spendgate_user_budget_window_limit_usd", "ann", "month"): 0.004,
+        ("spendgate_user_budget_window_remaining_usd", "ann", "month"): float(Decimal("0.004") - COST),
     }
 
 

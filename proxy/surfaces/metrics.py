@@ -106,6 +106,15 @@ class UserBudgetCollector(Collector):
         held = GaugeMetricFamily(
             "spendgate_user_budget_held_usd", "Held by an end user's calls in flight.", labels=labels
         )
+        windowed_labels = [*labels, "period"]
+        window_limit = GaugeMetricFamily(
+            "spendgate_user_budget_window_limit_usd", "An end user's allowance in each window.", labels=windowed_labels
+        )
+        window_left = GaugeMetricFamily(
+            "spendgate_user_budget_window_remaining_usd",
+            "An end user's allowance in each window minus spent and held.",
+            labels=windowed_labels,
+        )
         if self._users:
             with self._engine.connect() as connection:
                 own = set(
@@ -120,7 +129,10 @@ class UserBudgetCollector(Collector):
                     held.add_metric(values, float(view.reserved_usd))
                     if view.budget_usd is not None:
                         limit.add_metric(values, float(view.budget_usd))
-        yield from (limit, spent, held)
+                    for window in view.windows:
+                        window_limit.add_metric([*values, window.period], float(window.budget_usd))
+                        window_left.add_metric([*values, window.period], float(window.remaining_usd))
+        yield from (limit, spent, held, window_limit, window_left)
 
 
 class ReconcileCollector(Collector):
