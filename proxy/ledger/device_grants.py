@@ -17,9 +17,10 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from proxy.ledger.db import write_transaction
 from proxy.ledger.key_admin import NewKey, check_days, issue_personal_key
+from proxy.ledger.keys import hash_key
 from proxy.ledger.people import is_member
 from proxy.ledger.schema import DeviceGrant, Team
-from proxy.ledger.web_sessions import digest, evict_oldest
+from proxy.ledger.web_sessions import evict_oldest
 
 # RFC 8628 section 6.1: twenty consonants (no vowels, so no words), eight of them: 34 bits, typed with ease.
 USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
@@ -61,7 +62,7 @@ def start_grant(engine: Engine, client_address: str) -> StartedGrant:
             user_code = _new_user_code()
         connection.execute(
             insert(DeviceGrant).values(
-                device_hash=digest(device_code),
+                device_hash=hash_key(device_code),
                 user_code=user_code,
                 created_at=now,
                 expires_at=now + timedelta(seconds=GRANT_SECONDS),
@@ -132,7 +133,7 @@ def poll(engine: Engine, device_code: str, *, interval: int) -> NewKey | Waiting
     now = datetime.now(UTC)
     with write_transaction(engine) as connection:
         grant = connection.execute(
-            select(DeviceGrant.__table__).where(DeviceGrant.device_hash == digest(device_code)).with_for_update()
+            select(DeviceGrant.__table__).where(DeviceGrant.device_hash == hash_key(device_code)).with_for_update()
         ).first()
         if grant is None:
             return "invalid_grant"

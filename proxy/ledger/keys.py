@@ -65,9 +65,11 @@ def new_key_id() -> str:
     return "key_" + secrets.token_hex(8)
 
 
-def hash_key(key: str) -> str:
-    """What the ledger stores instead of the key. Keys are 256 random bits, so a plain SHA-256 is enough."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def hash_key(secret: str) -> str:
+    """What the ledger stores instead of a secret it handed out (a key, a refresh token, a browser session, a device
+    code): each is 256 random bits, so a plain SHA-256 is enough, with no salt or stretching. Any text a client
+    sends hashes (lone surrogates replaced), so a guess that cannot be one of ours is only not found."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
 
 
 def key_from_headers(headers: dict[bytes, bytes]) -> str | None:

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from proxy.ledger.db import write_transaction
+from proxy.ledger.keys import hash_key
 from proxy.ledger.schema import SignInState, WebSession
 
 SESSION_SECONDS = 8 * 3600
@@ -45,11 +46,6 @@ class PendingSignIn:
     return_to: str
 
 
-def digest(secret: str) -> str:
-    """The SHA-256 the ledger keeps of a browser's secret (random, 256 bits: no salt or stretching needed)."""
-    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
-
-
 def start_session(engine: Engine, actor: str, *, admin_token: str | None = None, replaces: str | None = None) -> str:
     """A new session for `actor`; returns the cookie value. Ends the session `replaces` (the cookie the browser
     had), and sessions past their time."""
@@ -59,10 +55,10 @@ def start_session(engine: Engine, actor: str, *, admin_token: str | None = None,
     with write_transaction(engine) as connection:
         connection.execute(delete(WebSession).where(WebSession.expires_at < now))
         if replaces:
-            connection.execute(delete(WebSession).where(WebSession.id_hash == digest(replaces)))
+            connection.execute(delete(WebSession).where(WebSession.id_hash == hash_key(replaces)))
         connection.execute(
             insert(WebSession).values(
-                id_hash=digest(session_id),
+                id_hash=hash_key(session_id),
                 actor=actor,
                 csrf=secrets.token_urlsafe(32),
                 token_proof=proof,
@@ -80,7 +76,7 @@ def find_session(engine: Engine, cookie: str | None, *, admin_token: str | None)
     with engine.connect() as connection:
         row = connection.execute(
             select(WebSession.actor, WebSession.csrf, WebSession.token_proof, WebSession.expires_at).where(
-                WebSession.id_hash == digest(cookie)
+                WebSession.id_hash == hash_key(cookie)
             )
         ).first()
     if row is None or row.expires_at <= datetime.now(UTC):
@@ -95,7 +91,7 @@ def find_session(engine: Engine, cookie: str | None, *, admin_token: str | None)
 def end_session(engine: Engine, cookie: str) -> None:
     """Sign out: the session is gone on every replica."""
     with write_transaction(engine) as connection:
-        connection.execute(delete(WebSession).where(WebSession.id_hash == digest(cookie)))
+        connection.execute(delete(WebSession).where(WebSession.id_hash == hash_key(cookie)))
 
 
 def begin_sign_in(engine: Engine, state: str, pending: PendingSignIn) -> None:
@@ -108,7 +104,7 @@ def begin_sign_in(engine: Engine, state: str, pending: PendingSignIn) -> None:
         evict_oldest(connection, SignInState.state_hash, SignInState.created_at, keep=MAX_SIGN_INS - 1)
         connection.execute(
             insert(SignInState).values(
-                state_hash=digest(state),
+                state_hash=hash_key(state),
                 nonce=pending.nonce,
                 verifier=pending.verifier,
                 return_to=pending.return_to,
@@ -123,7 +119,7 @@ def take_sign_in(engine: Engine, state: str) -> PendingSignIn | None:
     with write_transaction(engine) as connection:
         row = connection.execute(
             delete(SignInState)
-            .where(SignInState.state_hash == digest(state))
+            .where(SignInState.state_hash == hash_key(state))
             .returning(SignInState.nonce, SignInState.verifier, SignInState.return_to, SignInState.created_at)
         ).first()
     if row is None or row.created_at < oldest:
