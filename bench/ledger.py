@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Ledger benchmark: fill a database with realistic usage records, then time reports, export and audit verify.
+"""Ledger benchmark: fill a database with usage records through the real writer, then time every report, the
+dashboard's pages, export, rollups rebuild, audit verify and prune.
 
     bench/ledger.py [--db URL] [--records N]
 
 With no --db, a fresh SQLite file in a temporary folder is used; pass a PostgreSQL URL (an empty database) to
-measure PostgreSQL. Records go in through the real ledger writer (`insert_records`: hashing, chaining), spread
-over 60 days, 20 teams, 200 keys and 8 models. Prints one line per measurement: filling, reports, export, the
-dashboard's pages (data and HTML), and audit verify.
+measure PostgreSQL. Records go in through `insert_records` (hashing, chaining, rollups), in time order over 60
+days: a fleet of 1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents) and
+an application per team (its key, features, 2,000 customers). Prints one line per measurement. Exit 3 when a
+report changed across the prune.
 """
 
 from __future__ import annotations
@@ -22,38 +24,62 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from sqlalchemy import func, select
+
+from proxy.identity.roles import Principal
 from proxy.ledger.audit import verify
 from proxy.ledger.commit import insert_records
 from proxy.ledger.db import make_engine, upgrade
+from proxy.ledger.end_users import list_users
 from proxy.ledger.export import iter_usage, write_jsonl
 from proxy.ledger.reports import report
+from proxy.ledger.retention import prune
+from proxy.ledger.rollups import ROLLUPS, rebuild
 from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.surfaces.dashboard.pages import LastVerify, render
-from proxy.surfaces.dashboard.views import ledger_page, outlooks, team_page
-from proxy.types import Usage, UsageRecord
+from proxy.surfaces.dashboard.views import ledger_page, my_spend, outlooks, team_page
+from proxy.types import GROUPS, Usage, UsageRecord
 
-MODELS = (
-    "claude-sonnet-4-6",
-    "claude-opus-4-8",
-    "claude-haiku-4-5",
-    "claude-sonnet-5",
-    "claude-opus-5",
-    "claude-sonnet-4-5-20250929",
-    "claude-haiku-4-5-20251001",
-    "claude-opus-4-7",
-)
-FEATURES = ("search", "chat", "summarise", "agent", None)
+# A Claude Code fleet: each developer's main model, and the small model of its background calls.
+MAIN_MODELS = ("claude-sonnet-4-5-20250929",) * 6 + ("claude-opus-4-7", "claude-opus-4-7", "claude-sonnet-4-6")
+SMALL_MODEL = "claude-haiku-4-5-20251001"
+# An application per team: each feature on its model.
+FEATURES = {
+    "search": "claude-haiku-4-5",
+    "chat": "claude-sonnet-4-6",
+    "summarise": "claude-sonnet-5",
+    "agent": "claude-opus-4-8",
+    None: "claude-opus-5",
+}
+TEAMS = 20
+DEVELOPERS = 1000
+CUSTOMERS = 2000
+SESSIONS_A_DAY = 5
 END = datetime(2026, 11, 25, tzinfo=UTC)
 DAYS = 60
+START = END - timedelta(days=DAYS)
 BATCH = 5000
+ADMIN = Principal(actor="admin-token", csrf="bench", is_admin=True)
 
 
-def make_records(first: int, count: int, prices: PriceTable, rng: random.Random) -> list[UsageRecord]:
+def make_records(first: int, count: int, total: int, prices: PriceTable, rng: random.Random) -> list[UsageRecord]:
+    """Records `first` to `first + count` of `total` spread evenly over the `DAYS`, in time order as a live proxy
+    writes them: 70% a developer's Claude Code call (personal key, its main model or a small one, sessions,
+    subagents), 30% an application's (its team's key, a feature and its model, one of its customers)."""
     records = []
     for n in range(first, first + count):
-        started = END - timedelta(seconds=rng.uniform(0, DAYS * 86400))
-        model = rng.choice(MODELS)
+        started = START + timedelta(seconds=(n + rng.random()) * DAYS * 86400 / total)
+        if rng.random() < 0.7:
+            developer = rng.randrange(DEVELOPERS)
+            team, key, user, feature = developer % TEAMS, f"key_dev{developer:04}", f"oidc:dev-{developer:04}", None
+            session = f"{developer:04}-{started.date().isoformat()}-{rng.randrange(SESSIONS_A_DAY)}"
+            agent = None if rng.random() < 0.7 else f"{session}-sub{rng.randrange(3)}"
+            model = SMALL_MODEL if rng.random() < 0.2 else MAIN_MODELS[developer % len(MAIN_MODELS)]
+        else:
+            team = rng.randrange(TEAMS)
+            key, user, feature = f"key_app{team:02}", f"customer-{rng.randrange(CUSTOMERS)}", rng.choice(list(FEATURES))
+            session, agent, model = None, None, FEATURES[feature]
         usage = Usage(
             input_tokens=rng.randint(50, 20_000),
             output_tokens=rng.randint(1, 4_000),
@@ -62,7 +88,6 @@ def make_records(first: int, count: int, prices: PriceTable, rng: random.Random)
             service_tier=rng.choice(("standard",) * 9 + ("batch",)),
         )
         cost = prices.price(model=model, usage=usage, at=started)
-        team = rng.randrange(20)
         retry = rng.random() < 0.05
         records.append(
             UsageRecord(
@@ -70,9 +95,11 @@ def make_records(first: int, count: int, prices: PriceTable, rng: random.Random)
                 started_at=started,
                 finished_at=started + timedelta(seconds=rng.uniform(0.2, 30)),
                 team=f"team-{team:02}",
-                key_id=f"key_{team:02}{rng.randrange(10)}",
-                feature=rng.choice(FEATURES),
-                user=f"user-{rng.randrange(500)}",
+                key_id=key,
+                feature=feature,
+                user=user,
+                session=session,
+                agent=agent,
                 endpoint="/v1/messages",
                 model=model,
                 response_model=model,
@@ -98,7 +125,7 @@ def make_records(first: int, count: int, prices: PriceTable, rng: random.Random)
 
 
 def _page(template: str, **context: object) -> str:
-    return f"{len(render(template, **context)):,} bytes of HTML"
+    return f"{len(render(template, me=ADMIN, **context)):,} bytes of HTML"
 
 
 def timed(label: str, work: Callable[[], str]) -> float:
@@ -124,31 +151,38 @@ def main() -> int:
 
         def fill() -> str:
             for start in range(0, args.records, BATCH):
-                records = make_records(start, min(BATCH, args.records - start), prices, rng)
-                # Rows arrive roughly in time order, as they do from a live proxy.
-                insert_records(engine, sorted(records, key=lambda r: r.started_at))
+                insert_records(engine, make_records(start, min(BATCH, args.records - start), args.records, prices, rng))
             return f"{args.records / max(time.perf_counter() - began, 1e-9):,.0f} records/s"
 
         began = time.perf_counter()
-        timed("fill (ledger writer: hash, chain, insert)", fill)
-        since = END - timedelta(days=30)
+        timed("fill (ledger writer: hash, chain, roll up)", fill)
+        with engine.connect() as connection:
+            for table in ROLLUPS:
+                rows = connection.execute(select(func.count()).select_from(table)).scalar_one()
+                print(f"{'  rows in ' + table.name:<42} {rows:>11,}")
+        month = END - timedelta(days=30)
 
-        def grouped(by: list[str], since: datetime | None) -> str:
-            return f"{len(report(engine, prices, by=by, since=since, until=END))} rows"
+        def grouped(by: list[str], since: datetime | None, until: datetime = END) -> Callable[[], str]:
+            return lambda: f"{len(report(engine, prices, by=by, since=since, until=until)):,} rows"
 
-        timed("report --by team,day (last 30 days)", lambda: grouped(["team", "day"], since))
-        timed("report --by model (all 60 days)", lambda: grouped(["model"], None))
-        timed("report --by team,feature,user (30 days)", lambda: grouped(["team", "feature", "user"], since))
+        before_prune = report(engine, prices, by=["team", "day"], since=None, until=END)
+        for group in GROUPS:
+            timed(f"report --by {group} (30 days)", grouped([group], month))
+        timed("report --by team,day (30 days)", grouped(["team", "day"], month))
+        timed("report --by team,feature,user (30 days)", grouped(["team", "feature", "user"], month))
+        timed("report --by model (all 60 days)", grouped(["model"], None))
+        timed("report --by team (30 days from 13:00)", grouped(["team"], month + timedelta(hours=13)))
 
         def export() -> str:
-            count = write_jsonl((record for _, record in iter_usage(engine, since=since)), io.StringIO())
+            day = END - timedelta(days=1)
+            count = write_jsonl((record for _, record in iter_usage(engine, since=day, until=END)), io.StringIO())
             return f"{count:,} records"
 
-        timed("usage export, jsonl (last 30 days)", export)
+        timed("usage export, jsonl (the last day)", export)
 
         # The dashboard's pages, at a time inside the data: the same queries and templates a browser gets.
-        for team in range(20):
-            create_team(engine, f"team-{team:02}", TeamSettings(budget_usd=Decimal(50_000)), actor="bench")
+        for team in range(TEAMS):
+            create_team(engine, f"team-{team:02}", TeamSettings(budget_usd=Decimal(500_000)), actor="bench")
         now = END - timedelta(hours=1)
         timed(
             "dashboard overview (20 teams, forecasts)",
@@ -164,15 +198,32 @@ def main() -> int:
             "dashboard ledger page",
             lambda: _page("ledger.html", page=ledger_page(engine, Path(folder)), pending=0, last=LastVerify(), now=now),
         )
+        timed(
+            "dashboard my spend (one developer)",
+            lambda: f"{len(my_spend(engine, 'oidc:dev-0007', ('team-07',), now))} teams",
+        )
+        timed("teams users (one team, this month)", lambda: f"{len(list_users(engine, 'team-07', now=now))} users")
+        timed("rollups rebuild", lambda: f"{rebuild(engine):,} rows")
 
         def audit() -> str:
             verdict = verify(engine)
             return f"{verdict.entries:,} entries, problem={verdict.problem}"
 
-        seconds = timed("audit verify (whole chain)", audit)
+        seconds = timed("audit verify (chain and rollups)", audit)
         print(f"{'audit verify rate':<42} {args.records / seconds:,.0f} records/s")
+
+        def prune_month() -> str:
+            result = prune(engine, before=month, export=Path(folder) / "pruned.jsonl.gz", fmt="jsonl", actor="bench")
+            size = (Path(folder) / "pruned.jsonl.gz").stat().st_size
+            return f"{result.records:,} records, {size / 1e6:,.0f} MB gzipped, {result.kept_older} kept"
+
+        timed("prune --before (30 days: export, delete)", prune_month)
+        timed("audit verify after the prune", audit)
+        after_prune = report(engine, prices, by=["team", "day"], since=None, until=END)
+        same = [row.to_json() for row in before_prune] == [row.to_json() for row in after_prune]
+        print(f"{'report --by team,day unchanged by prune':<42} {same}")
         engine.dispose()
-    return 0
+    return 0 if same else 3
 
 
 if __name__ == "__main__":

@@ -109,6 +109,8 @@ class Settings:
     oidc: OidcSettings | None = None
     # How long `spendgate login` waits between polls of a device grant (RFC 8628's interval), in whole seconds.
     device_poll_seconds: int = 5
+    # `spendgate prune` without --before: keep this many whole UTC days of raw records; None: --before is needed.
+    retention_days: int | None = None
 
     @property
     def admin_api_url(self) -> str:
@@ -162,6 +164,7 @@ class Settings:
             reconcile_every_seconds=_read(environ, "SPENDGATE_RECONCILE_EVERY_SECONDS", float, 0.0),
             oidc=OidcSettings.from_environ(environ),
             device_poll_seconds=_read(environ, "SPENDGATE_DEVICE_POLL_SECONDS", int, 5),
+            retention_days=_read(environ, "SPENDGATE_RETENTION_DAYS", int, None),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         if "upstream_url" in given:

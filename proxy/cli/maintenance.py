@@ -1,11 +1,12 @@
-"""Ledger maintenance: `spendgate db upgrade`, `audit verify` and `audit export`, `reprice` and `journal replay`."""
+"""Ledger maintenance: `spendgate db upgrade`, `audit verify` and `audit export`, `reprice`, `journal replay`,
+`rollups rebuild` and `prune`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from proxy.ledger.disk import Replayed
+    from proxy.ledger.retention import Format
     from proxy.pricing.table import PriceTable
 
 
@@ -34,15 +36,21 @@ def run_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    """`spendgate audit verify`: exit 3 where the hash chain breaks."""
+    """`spendgate audit verify`: exit 3 where the hash chain breaks or the rollups disagree with the records."""
     from proxy.ledger.audit import verify
 
     with open_ledger(settings) as engine, progress("verifying the audit chain", "entries") as advance:
         verdict = verify(engine, progress=advance)
     if verdict.problem is not None:
-        print(f"spendgate: audit chain broken after {verdict.entries} good entries: {verdict.problem}", file=sys.stderr)
+        print(
+            f"spendgate: ledger check failed after {verdict.entries} good entries: {verdict.problem}", file=sys.stderr
+        )
         return 3
-    print(f"audit chain intact: {verdict.entries} entries, head {verdict.head_pos} {verdict.head_hash}")
+    since = f" from the prune checkpoint at entry {verdict.checkpoint}" if verdict.checkpoint else ""
+    print(
+        f"audit chain intact: {verdict.entries} entries{since}, head {verdict.head_pos} {verdict.head_hash}; "
+        "rollups agree with the records"
+    )
     return 0
 
 
@@ -104,3 +112,47 @@ def _recover(engine: Engine, directory: Path, prices: PriceTable, soft_fraction:
     for step in (replay_spilled, replay_refused):
         total += step(engine, directory, name="replay", soft_fraction=soft_fraction)
     return total
+
+
+def run_rollups_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    """`spendgate rollups rebuild`: every rollup recomputed from the records (pruned days keep their totals)."""
+    from proxy.ledger.rollups import rebuild
+
+    with open_ledger(settings) as engine:
+        rows = rebuild(engine)
+    print(f"rollups rebuilt from the records: {rows} rows")
+    return 0
+
+
+def run_prune(args: argparse.Namespace, settings: Settings) -> int:
+    """`spendgate prune`: records older than the horizon exported to a file, then deleted (rollups and the audit
+    chain's checkpoint stay)."""
+    from proxy.ledger.retention import PruneRefused, prune
+
+    before = instant(args.before)
+    if before is None:
+        if settings.retention_days is None:
+            raise UsageError("give --before DATE, or set SPENDGATE_RETENTION_DAYS")
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        before = today - timedelta(days=settings.retention_days)
+    fmt: Format = args.format or ("csv" if Path(args.export).name.removesuffix(".gz").endswith(".csv") else "jsonl")
+    with open_ledger(settings) as engine, progress("exporting records", "records") as advance:
+        try:
+            result = prune(engine, before=before, export=Path(args.export), fmt=fmt, actor=actor(), progress=advance)
+        except PruneRefused as exc:
+            raise UsageError(str(exc)) from None
+    print(
+        json.dumps(
+            {
+                "before": before.date().isoformat(),
+                "pruned": result.records,
+                "export": args.export if result.records else None,
+                "export_sha256": result.export_sha256,
+                "cut_pos": result.cut_pos,
+                "cut_hash": result.cut_hash,
+                "audit_entry": result.event_pos,
+                "kept_older": result.kept_older,
+            }
+        )
+    )
+    return 0

@@ -12,7 +12,9 @@ from proxy.cli.maintenance import (
     run_audit_verify,
     run_db_upgrade,
     run_journal_replay,
+    run_prune,
     run_reprice,
+    run_rollups_rebuild,
 )
 from proxy.cli.prices import run_prices, run_prices_check
 from proxy.cli.reconcile import run_reconcile
@@ -204,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reprice_command.add_argument("--since", metavar="ISO8601", required=True)
     reprice_command.add_argument("--until", metavar="ISO8601")
+
+    rollups = group("rollups", "usage totals by day and group, which reports and the dashboard read")
+    command(rollups, "rebuild", run_rollups_rebuild, "recompute the rollups from the records (pruned days are kept)")
+
+    prune_command = command(
+        commands,
+        "prune",
+        run_prune,
+        "export usage records older than a horizon to a file, then delete them (rollups and the audit chain's "
+        "checkpoint are kept)",
+    )
+    prune_command.add_argument(
+        "--before", metavar="DATE", help="the horizon, a UTC date (default: today - SPENDGATE_RETENTION_DAYS)"
+    )
+    prune_command.add_argument(
+        "--export", metavar="PATH", required=True, help="a new file for the records (.gz: gzipped); never overwritten"
+    )
+    prune_command.add_argument("--format", choices=("jsonl", "csv"), help="default: from PATH (.csv), else jsonl")
 
     journal = group("journal", "crash journals and spilled records")
     journal_replay = command(

@@ -6,12 +6,14 @@ on PostgreSQL, `BEGIN IMMEDIATE` on SQLite) and released at commit: with any num
 chain is the commit order and never forks. An edited entry no longer matches its content hash; a deleted,
 inserted or reordered one breaks the chain or leaves a gap; a truncated tail no longer reaches the head.
 Anyone able to rewrite the whole chain and the head could hide it, so keep the head hash that
-`spendgate audit verify` prints somewhere else too.
+`spendgate audit verify` prints somewhere else too. After `spendgate prune`, the walk starts from the cut's
+checkpoint (`proxy/ledger/checkpoints.py`), vouched for by the prune's own event further down the chain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import heapq
 import json
@@ -23,6 +25,8 @@ from typing import Any
 
 from sqlalchemy import Connection, DateTime, Engine, exists, insert, select, type_coerce, update
 
+from proxy.ledger import checkpoints
+from proxy.ledger.rollups import disagreement
 from proxy.ledger.schema import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
 
 GENESIS = "0" * 64
@@ -101,6 +105,8 @@ class Verdict:
     head_pos: int
     head_hash: str
     problem: str | None
+    # Where the walk started: the latest prune's cut (the records up to it are exported and gone), else 0.
+    checkpoint: int = 0
 
 
 def usage_hashed_values(values: Sequence[Any]) -> Sequence[Any]:
@@ -168,7 +174,8 @@ def record_event(
 
 
 def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None) -> Verdict:
-    """Walk the whole chain in order, streaming, and report the first entry that does not hold.
+    """Walk the chain in order, streaming, from its start (or the latest prune's checkpoint), report the first entry
+    that does not hold, then check the corrections and that the rollups agree with the records.
 
     `progress(done, total)` is called every few thousand entries."""
     with engine.connect() as connection:
@@ -176,23 +183,32 @@ def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None
         unchained = connection.execute(
             select(UsageRow.id).where(UsageRow.chain_pos.is_(None)).order_by(UsageRow.seq).limit(1)
         ).scalar()
+        cut = checkpoints.latest(connection)
+    start = (0, GENESIS) if cut is None else (cut.pos, cut.hash)
+    verdict = functools.partial(Verdict, head_pos=head_pos, head_hash=head_hash, checkpoint=start[0])
     if unchained is not None:
-        outside = f"usage record {unchained} is outside the chain (inserted behind spendgate's back)"
-        return Verdict(entries=0, head_pos=head_pos, head_hash=head_hash, problem=outside)
+        return verdict(
+            entries=0, problem=f"usage record {unchained} is outside the chain (inserted behind spendgate's back)"
+        )
     # Only up to the head read above: records committed while we walk belong to the next verification.
-    with contextlib.closing(_entries(engine, head_pos)) as entries:
-        good, last, problem = _walk(entries, lambda done: progress(done, head_pos) if progress else None)
+    with contextlib.closing(_entries(engine, start[0], head_pos)) as entries:
+        good, last, problem = _walk(entries, start, lambda done: progress(done, head_pos) if progress else None)
     if problem is None and (good != head_pos or last != head_hash):
         problem = f"the chain ends at entry {good} but the head says {head_pos}: entries were removed"
     if problem is None:
         with engine.connect() as connection:
             problem = check_repricing(connection, reprice_events(connection))
-    return Verdict(entries=good, head_pos=head_pos, head_hash=head_hash, problem=problem)
+    if problem is None:
+        problem = disagreement(engine)
+    return verdict(entries=good - start[0], problem=problem)
 
 
-def _walk(entries: Iterator[Entry], progress: Callable[[int], None]) -> tuple[int, str, str | None]:
-    """How many entries hold from the start, the chain hash of the last one, and the first problem."""
-    previous, good = GENESIS, 0
+def _walk(
+    entries: Iterator[Entry], start: tuple[int, str], progress: Callable[[int], None]
+) -> tuple[int, str, str | None]:
+    """Up to which position the entries hold from `start` (a position and its chain hash), the chain hash there,
+    and the first problem."""
+    good, previous = start
     for pos, kind, ident, stored_content, stored_chain, values in entries:
         if pos % STREAM_BATCH == 0:
             progress(pos)
@@ -264,19 +280,19 @@ def iter_events(engine: Engine, *, since: datetime | None = None) -> Iterator[di
             }
 
 
-def _entries(engine: Engine, last: int) -> Generator[Entry]:
-    """Usage records and admin events merged by chain position."""
+def _entries(engine: Engine, first: int, last: int) -> Generator[Entry]:
+    """Usage records and admin events after position `first` up to `last`, merged by chain position."""
     usage_columns = [_raw_time(UsageRow.__table__.c[name]) for name in USAGE_HASHED_ALL]
     event_columns = [_raw_time(AdminEvent.__table__.c[name]) for name in EVENT_HASHED]
     with engine.connect() as usage_connection, engine.connect() as event_connection:
         usage = usage_connection.execution_options(yield_per=STREAM_BATCH).execute(
             select(UsageRow.chain_pos, UsageRow.id, UsageRow.content_hash, UsageRow.chain_hash, *usage_columns)
-            .where(UsageRow.chain_pos.is_not(None), UsageRow.chain_pos <= last)
+            .where(UsageRow.chain_pos > first, UsageRow.chain_pos <= last)
             .order_by(UsageRow.chain_pos)
         )
         events = event_connection.execution_options(yield_per=STREAM_BATCH).execute(
             select(AdminEvent.chain_pos, AdminEvent.seq, AdminEvent.content_hash, AdminEvent.chain_hash, *event_columns)
-            .where(AdminEvent.chain_pos <= last)
+            .where(AdminEvent.chain_pos > first, AdminEvent.chain_pos <= last)
             .order_by(AdminEvent.chain_pos)
         )
         streams = (

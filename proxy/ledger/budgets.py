@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, Connection, Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, update
 
 from proxy.errors import BudgetExceeded
 from proxy.ledger.counters import (
@@ -30,7 +30,8 @@ from proxy.ledger.counters import (
     write_counters,
 )
 from proxy.ledger.db import write_transaction
-from proxy.ledger.schema import BudgetHold, Instance, UsageRow, effective_cost
+from proxy.ledger.rollups import read
+from proxy.ledger.schema import BudgetHold, Instance
 from proxy.ledger.windows import WINDOW_NAMES, period_end, period_start, reset_words, utc_instant
 from proxy.types import Counter, Hold, HoldOwner, Period, UsageRecord
 
@@ -50,38 +51,34 @@ class SoftLimitCrossed:
     fraction: Decimal
 
 
-def recount(engine: Engine, counter: Counter, condition: ColumnElement[bool]) -> None:
-    """Set a counter's spend from the usage records it covers (after a period change or a reprice), keeping
-    its holds."""
-    cost = effective_cost()
-    query = select(cost).where(condition, UsageRow.started_at >= counter.period_start, cost.is_not(None))
+def recount(engine: Engine, counter: Counter, where: dict[str, str]) -> None:
+    """Set a counter's spend from the usage totals it covers (`where`: the team or key, as `rollups.read` takes
+    it), after a period change or a reprice, keeping its holds."""
     with write_transaction(engine) as connection:
         # Lock first: a settlement committing between the sum and the write would otherwise be lost.
         current = lock_counters(connection, [counter])
-        spent = sum((value for (value,) in connection.execute(query) if value is not None), ZERO)
+        found = read(connection, groups=[], measures=["cost_usd"], since=counter.period_start, until=None, where=where)
+        spent = next(iter(found.values()), {}).get("cost_usd") or ZERO
         _, reserved = current[(counter.scope, counter.period_start)]
         write_counters(connection, [(counter.scope, counter.period_start, spent, reserved)])
 
 
 def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: datetime) -> None:
-    """Set every end user's counter of a team from the usage records of the current period (when end-user budgets
+    """Set every end user's counter of a team from the usage totals of the current period (when end-user budgets
     are turned on or changed mid-period, or costs were corrected), keeping their holds."""
     start = period_start(period, at) or TOTAL_PERIOD_START
-    cost = effective_cost()
-    name = func.coalesce(UsageRow.user, NO_USER)
-    where = UsageRow.team == team, UsageRow.started_at >= start
     with write_transaction(engine) as connection:
-        users = sorted(connection.execute(select(name).where(*where).distinct()).scalars())
-        counters = {user: user_counter(team_id, team, user, period, None, at) for user in users}
-        # Lock first: a settlement committing between the sum and the write would otherwise be lost.
+        found = read(connection, groups=["user"], measures=["cost_usd"], since=start, until=None, where={"team": team})
+        spent = {NO_USER if user is None else user: totals["cost_usd"] or ZERO for (user,), totals in found.items()}
+        counters = {user: user_counter(team_id, team, user, period, None, at) for user in sorted(spent)}
+        # Lock first, then read again: a settlement committing between the sum and the write would otherwise be lost.
         current = lock_counters(connection, counters.values())
-        spent: dict[str, Decimal] = defaultdict(Decimal)
-        for user, value in connection.execute(select(name, cost).where(*where, cost.is_not(None))):
-            spent[user] += value
+        found = read(connection, groups=["user"], measures=["cost_usd"], since=start, until=None, where={"team": team})
+        spent = {NO_USER if user is None else user: totals["cost_usd"] or ZERO for (user,), totals in found.items()}
         writes = []
         for user, counter in counters.items():
             _, reserved = current[(counter.scope, counter.period_start)]
-            writes.append((counter.scope, counter.period_start, spent[user], reserved))
+            writes.append((counter.scope, counter.period_start, spent.get(user, ZERO), reserved))
         write_counters(connection, writes)
 
 

@@ -1,4 +1,5 @@
-"""The one transaction that takes usage records into the ledger: insert, chain, link retries, settle holds."""
+"""The one transaction that takes usage records into the ledger: insert, chain, link retries, roll up, settle
+holds."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from proxy.ledger.audit import extend, lock_head, write_head
 from proxy.ledger.budgets import SoftLimitCrossed, settle
 from proxy.ledger.db import insert_rows, write_transaction
 from proxy.ledger.retries import link_retries
+from proxy.ledger.rollups import add, contribution
 from proxy.ledger.schema import Batch, UsageRow
 from proxy.types import ROW_COLUMNS, UsageRecord, column_getter
 
@@ -78,6 +80,7 @@ def write_records(
         write_head(connection, *extend(rows, pos, head))
         if rows:
             insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
+            add(connection, [(row, contribution(row, row["cost_usd"])) for row in rows])
     # Holds are released even when their record was written before (a batch's last result read twice).
     held = [record for record in records if record.hold is not None and record.hold.held]
     finished = sorted({record.batch_id for record in held if record.batch_id is not None})

@@ -72,8 +72,17 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         connection.commit()
 
 
-def insert_rows(connection: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Insert rows (each its values in `columns` order) in one driver-level `executemany`.
+def insert_rows(
+    connection: Connection,
+    table: Table,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    suffix: str = "",
+    bound: bool = False,
+) -> None:
+    """Insert rows (each its values in `columns` order) in one driver-level `executemany`; `suffix` is SQL of
+    ours to append (an `ON CONFLICT` clause); `bound`: the values are already as the columns bind them.
 
     For the ledger writer's bulk inserts: SQLAlchemy's own executemany rebuilds every row's parameters through
     its compiled statement, which costs more than the insert. Here the statement and each column's bind processor
@@ -81,11 +90,11 @@ def insert_rows(connection: Connection, table: Table, columns: Sequence[str], ro
     """
     if not rows:
         return
-    sql, processors = _insert_plan(connection.dialect, table, tuple(columns))
+    sql, processors = _insert_plan(connection.dialect, table, tuple(columns), suffix)
     processed = []
     for row in rows:
         values = list(row)
-        for index, process in processors:
+        for index, process in () if bound else processors:
             values[index] = process(values[index])
         processed.append(tuple(values))
     connection.exec_driver_sql(sql, processed)
@@ -93,13 +102,13 @@ def insert_rows(connection: Connection, table: Table, columns: Sequence[str], ro
 
 @lru_cache(maxsize=64)
 def _insert_plan(
-    dialect: Dialect, table: Table, columns: tuple[str, ...]
+    dialect: Dialect, table: Table, columns: tuple[str, ...], suffix: str
 ) -> tuple[str, tuple[tuple[int, Callable[[Any], Any]], ...]]:
     quote = dialect.identifier_preparer.quote
     marker = "?" if dialect.paramstyle == "qmark" else "%s"
     # Identifiers from our own table metadata, quoted by the dialect; values go as parameters.
     names, markers = ", ".join(quote(name) for name in columns), ", ".join([marker] * len(columns))
-    sql = f"INSERT INTO {quote(table.name)} ({names}) VALUES ({markers})"  # noqa: S608
+    sql = f"INSERT INTO {quote(table.name)} ({names}) VALUES ({markers}){suffix}"  # noqa: S608
     processors = (
         (index, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for index, name in enumerate(columns)
     )
@@ -139,6 +148,13 @@ def _sqlite_write_lock(engine: Engine) -> _SqliteWriteLock:
         return _SQLITE_WRITE_LOCKS.setdefault(str(engine.url.database), _SqliteWriteLock(engine.url))
 
 
+def _decimal_add(left: str | None, right: str | None) -> str | None:
+    """SQLite function: the exact sum of two decimal texts, either of which may be NULL (then the other)."""
+    if left is None or right is None:
+        return right if left is None else left
+    return format(Decimal(left) + Decimal(right), "f")
+
+
 class _DecimalSum:
     """SQLite aggregate: the exact sum of decimal text (SQLite's own `sum` would go through floats)."""
 
@@ -155,6 +171,7 @@ class _DecimalSum:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.create_aggregate("decimal_sum", 1, _DecimalSum)
+    dbapi_connection.create_function("decimal_add", 2, _decimal_add, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

@@ -9,14 +9,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy import Engine, delete, insert, select
 
 from proxy.ledger.audit import record_event
 from proxy.ledger.budgets import recount_users
 from proxy.ledger.counters import NO_USER, TOTAL_PERIOD_START, ZERO, current_spend, user_counters
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import budget_columns
-from proxy.ledger.schema import Team, UsageRow, UserBudget, effective_cost
+from proxy.ledger.rollups import read
+from proxy.ledger.schema import Team, UserBudget
 from proxy.ledger.teams import no_team, user_windows
 from proxy.ledger.windows import (
     WINDOW_COLUMNS,
@@ -108,8 +109,6 @@ def list_users(
     """A team's end users with calls this period or a budget of their own, by spend (largest first). Spend is the
     ledger's (so it shows with or without end-user budgets); holds are their counters'."""
     now = now or datetime.now(UTC)
-    user = func.coalesce(UsageRow.user, NO_USER)
-    money = func.decimal_sum if engine.dialect.name == "sqlite" else func.sum
     with engine.connect() as connection:
         row = connection.execute(select(Team).where(Team.name == team)).first()
         if row is None:
@@ -120,12 +119,8 @@ def list_users(
             for found in connection.execute(stored)
         }
         start = period_start(row.period, now) or TOTAL_PERIOD_START
-        by_user = (
-            select(user, money(effective_cost()))
-            .where(UsageRow.team == team, UsageRow.started_at >= start)
-            .group_by(user)
-        )
-        spent = {name: Decimal(total or 0) for name, total in connection.execute(by_user)}
+        found = read(connection, groups=["user"], measures=["cost_usd"], since=start, until=None, where={"team": team})
+        spent = {NO_USER if name is None else name: totals["cost_usd"] or ZERO for (name,), totals in found.items()}
     defaults = user_windows(row)
     users = sorted(name for name in {*spent, *own} if only is None or name in only)
     counters = {name: user_counters(row.id, team, name, row.period, own.get(name, defaults), now) for name in users}

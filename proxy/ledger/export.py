@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import IO, Any
 
@@ -82,19 +82,21 @@ def write_jsonl(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
     return count
 
 
-def write_csv(records: Iterator[dict[str, Any]], out: IO[str]) -> int:
+def write_csv(records: Iterator[dict[str, Any]], out: IO[str], *, fields: Sequence[str] = PUBLIC_FIELDS) -> int:
     """A header line and one row per record; returns how many were written."""
     count = 0
-    for chunk, rows in csv_chunks(records):
+    for chunk, rows in csv_chunks(records, fields=fields):
         out.write(chunk)
         count += rows
     return count
 
 
-def csv_chunks(records: Iterator[dict[str, Any]], rows: int = 1000) -> Iterator[tuple[str, int]]:
+def csv_chunks(
+    records: Iterator[dict[str, Any]], rows: int = 1000, *, fields: Sequence[str] = PUBLIC_FIELDS
+) -> Iterator[tuple[str, int]]:
     """The CSV text of `write_csv` in chunks of up to `rows` records, each with how many records it holds."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PUBLIC_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     count = 0
     for record in records:

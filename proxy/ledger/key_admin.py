@@ -25,7 +25,7 @@ from proxy.ledger.counters import key_counter
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import budget_columns, hash_key, new_key, new_key_id
 from proxy.ledger.people import is_member, signed_in_since
-from proxy.ledger.schema import APIKey, Team, UsageRow
+from proxy.ledger.schema import APIKey, Team
 from proxy.ledger.teams import NotFound, check_rates, get_team, no_team
 from proxy.ledger.windows import (
     WINDOW_COLUMNS,
@@ -327,7 +327,7 @@ def update_key(
             record_event(connection, actor=actor, action="key.update", target=key_id, before=before, after=after)
     now = datetime.now(UTC)
     for window in to_recount(old, row.period, windows, period):
-        recount(engine, key_counter(key_id, window, None, now), UsageRow.key_id == key_id)
+        recount(engine, key_counter(key_id, window, None, now), {"key": key_id})
     return get_key(engine, key_id)
 
 

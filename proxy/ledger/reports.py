@@ -1,27 +1,41 @@
-"""Spend reports: usage records aggregated in SQL, grouped by team, model, feature, user, session, agent, key and day.
+"""Spend reports: usage totals grouped by team, model, feature, user, session, agent, key and day.
 
-Money is summed exactly: NUMERIC `sum()` on PostgreSQL, and on SQLite (whose money column holds decimal
+They are read from the rollups (`proxy.ledger.rollups`), so a report costs days x groups whatever the number of
+records. Money is summed exactly: NUMERIC `sum()` on PostgreSQL, and on SQLite (whose money column holds decimal
 text) a `decimal_sum` aggregate that `proxy.ledger.db` registers on every connection. Cache and batch savings are
 derived per model from the token sums and the price table.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Float, case, cast, func, select
+from sqlalchemy import Engine
 
-from proxy.ledger.schema import UsageRow, effective_cost
+from proxy.ledger.rollups import read
 from proxy.pricing.cost import WEB_SEARCH_USD
 from proxy.pricing.table import PriceTable
 from proxy.types import GROUPS, TOKEN_KIND_FIELDS
 
 # The usage columns reports total.
 TOKEN_KINDS = (*TOKEN_KIND_FIELDS.values(), "web_search_requests")
+# The rollup totals a report reads.
+REPORTED = (
+    "calls",
+    *TOKEN_KINDS,
+    "cost_usd",
+    "retries",
+    "retry_cost_usd",
+    "unpriced_calls",
+    "family_priced_calls",
+    "batch_cost_usd",
+    "batch_web_search_requests",
+)
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
 
@@ -69,77 +83,65 @@ def report(
     team: str | None = None,
 ) -> list[ReportRow]:
     """Totals per group, ordered by group; `by` is any of `GROUPS` (none: one grand total); `team`: only its
-    records."""
+    records. Read from the rollups (whole days) and the records (a day the bounds cut)."""
     unknown = [name for name in by if name not in GROUPS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
-    sqlite = engine.dialect.name == "sqlite"
-    keys = [_group_column(name, sqlite) for name in by]
-    # Savings depend on the model's prices, so the SQL groups by the served model too; rows are merged after.
-    priced_model = func.coalesce(UsageRow.response_model, UsageRow.model)
-    money = func.decimal_sum if sqlite else func.sum
-    is_batch = UsageRow.service_tier == "batch"
-    cost = effective_cost()
-    query = select(
-        *keys,
-        priced_model,
-        func.count(),
-        *[func.sum(getattr(UsageRow, kind)) for kind in TOKEN_KINDS],
-        money(cost),
-        func.sum(case((UsageRow.is_retry, 1), else_=0)),
-        money(case((UsageRow.is_retry, cost), else_=None)),
-        func.sum(case((UsageRow.price_source == "unpriced", 1), else_=0)),
-        func.sum(case((UsageRow.price_source == "family", 1), else_=0)),
-        money(case((is_batch, cost), else_=None)),
-        func.sum(case((is_batch, UsageRow.web_search_requests), else_=0)),
-    ).group_by(*keys, priced_model)
-    if since is not None:
-        query = query.where(UsageRow.started_at >= since)
-    if until is not None:
-        query = query.where(UsageRow.started_at < until)
-    if team is not None:
-        query = query.where(UsageRow.team == team)
+    # Savings depend on the model's prices, so totals are read by the served model too; rows are merged after.
+    with engine.connect() as connection:
+        found = read(
+            connection,
+            groups=[*by, "priced_model"],
+            measures=REPORTED,
+            since=since,
+            until=until,
+            where={} if team is None else {"team": team},
+        )
     at = until or datetime.now(UTC)
     rows: dict[tuple[Any, ...], ReportRow] = {}
-    with engine.connect() as connection:
-        for result in connection.execute(query):
-            group = tuple(_text(value) for value in result[: len(keys)])
-            values = result[len(keys) :]
-            model_id, calls, *tokens = values[:8]
-            cost, retries, retry_cost, unpriced, family, batch_cost, batch_searches = values[8:]
-            row = rows.setdefault(
-                group,
-                ReportRow(group=dict(zip(by, group, strict=True)), tokens=dict.fromkeys(TOKEN_KINDS, 0)),
-            )
-            row.calls += calls
-            for kind, count in zip(TOKEN_KINDS, tokens, strict=True):
-                row.tokens[kind] += int(count or 0)
-            row.cost_usd += _decimal(cost)
-            row.retries += int(retries or 0)
-            row.retry_cost_usd += _decimal(retry_cost)
-            row.unpriced_calls += int(unpriced or 0)
-            row.family_priced_calls += int(family or 0)
-            row.cache_savings_usd += _cache_savings(prices, model_id, dict(zip(TOKEN_KINDS, tokens, strict=True)), at)
-            # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
-            row.batch_savings_usd += _decimal(batch_cost) - WEB_SEARCH_USD * int(batch_searches or 0)
+    for key, totals in found.items():
+        group, model_id = tuple(_text(value) for value in key[:-1]), key[-1]
+        row = rows.setdefault(
+            group, ReportRow(group=dict(zip(by, group, strict=True)), tokens=dict.fromkeys(TOKEN_KINDS, 0))
+        )
+        tokens = {kind: totals[kind] for kind in TOKEN_KINDS}
+        row.calls += totals["calls"]
+        for kind, count in tokens.items():
+            row.tokens[kind] += count
+        row.cost_usd += totals["cost_usd"] or ZERO
+        row.retries += totals["retries"]
+        row.retry_cost_usd += totals["retry_cost_usd"] or ZERO
+        row.unpriced_calls += totals["unpriced_calls"]
+        row.family_priced_calls += totals["family_priced_calls"]
+        row.cache_savings_usd += _cache_savings(prices, model_id, tokens, at)
+        # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
+        batch_cost = totals["batch_cost_usd"] or ZERO
+        row.batch_savings_usd += batch_cost - WEB_SEARCH_USD * totals["batch_web_search_requests"]
     return [rows[group] for group in sorted(rows, key=lambda g: tuple("" if v is None else v for v in g))]
 
 
 def daily_spend(engine: Engine, *, since: datetime, team: str | None = None) -> dict[tuple[str | None, str], Decimal]:
-    """Spend per (team, UTC day) from `since`: the `cost_usd` of `report(by=["team", "day"])` alone, summed the
-    same exact way, from a covering index (for pages that need nothing else)."""
-    sqlite = engine.dialect.name == "sqlite"
-    day = _group_column("day", sqlite)
-    money = func.decimal_sum if sqlite else func.sum
-    query = (
-        select(UsageRow.team, day, money(effective_cost()))
-        .where(UsageRow.started_at >= since, effective_cost().is_not(None))
-        .group_by(UsageRow.team, day)
-    )
-    if team is not None:
-        query = query.where(UsageRow.team == team)
+    """Spend per (team, UTC day) from `since`: the `cost_usd` of `report(by=["team", "day"])` alone (days with no
+    priced call left out)."""
     with engine.connect() as connection:
-        return {(name, when): _decimal(cost) for name, when, cost in connection.execute(query)}
+        found = read(
+            connection,
+            groups=["team", "day"],
+            measures=["cost_usd"],
+            since=since,
+            until=None,
+            where={} if team is None else {"team": team},
+        )
+    return {(name, day): totals["cost_usd"] for (name, day), totals in found.items() if totals["cost_usd"] is not None}
+
+
+def spend_of(
+    engine: Engine, *, by: Sequence[str], since: datetime, where: dict[str, str]
+) -> dict[tuple[Any, ...], tuple[int, Decimal]]:
+    """Calls and spend per group of `by` from `since`, of the records whose dimensions equal `where`'s values."""
+    with engine.connect() as connection:
+        found = read(connection, groups=by, measures=["calls", "cost_usd"], since=since, until=None, where=where)
+    return {group: (totals["calls"], totals["cost_usd"] or ZERO) for group, totals in found.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,37 +158,39 @@ class SessionSpend:
 
 def top_sessions(engine: Engine, *, team: str, since: datetime, limit: int) -> list[SessionSpend]:
     """A team's `limit` most expensive sessions since `since`, dearest first (calls without a session left out)."""
-    sqlite = engine.dialect.name == "sqlite"
-    cost = effective_cost()
-    # SQLite's money is decimal text, which sorts as text: ranked by its float value (the sum shown stays exact).
-    rank = func.sum(cast(cost, Float)) if sqlite else func.sum(cost)
-    query = (
-        select(
-            UsageRow.session,
-            func.min(UsageRow.user),
-            # Calls without a user are one more "user": a session of ann's and anonymous calls is not all ann's.
-            func.count(func.coalesce(UsageRow.user, "").distinct()),
-            func.count(),
-            (func.decimal_sum if sqlite else func.sum)(cost),
-            func.max(UsageRow.started_at),
-        )
-        .where(UsageRow.team == team, UsageRow.session.is_not(None), UsageRow.started_at >= since)
-        .group_by(UsageRow.session)
-        .order_by(rank.desc().nulls_last(), UsageRow.session)
-        .limit(limit)
-    )
     with engine.connect() as connection:
-        return [
-            SessionSpend(
-                session=session,
-                user=user if users == 1 else None,
-                users=users,
-                calls=calls,
-                cost_usd=_decimal(spent),
-                last_seen=last,
-            )
-            for session, user, users, calls, spent, last in connection.execute(query)
-        ]
+        found = read(
+            connection,
+            groups=["session", "user"],
+            measures=["calls", "cost_usd", "last_started_at"],
+            since=since,
+            until=None,
+            where={"team": team},
+        )
+    # Calls without a user are one more "user": a session of ann's and anonymous calls is not all ann's.
+    users: dict[str, list[str | None]] = defaultdict(list)
+    calls: dict[str, int] = defaultdict(int)
+    spent: dict[str, Decimal] = defaultdict(Decimal)
+    last: dict[str, datetime] = {}
+    for (session, user), totals in found.items():
+        if session is None:
+            continue
+        users[session].append(user)
+        calls[session] += totals["calls"]
+        spent[session] += totals["cost_usd"] or ZERO
+        last[session] = max(last.get(session, totals["last_started_at"]), totals["last_started_at"])
+    ranked = sorted(users, key=lambda session: (-spent[session], session))[:limit]
+    return [
+        SessionSpend(
+            session=session,
+            user=users[session][0] if len(users[session]) == 1 else None,
+            users=len(users[session]),
+            calls=calls[session],
+            cost_usd=spent[session],
+            last_seen=last[session],
+        )
+        for session in ranked
+    ]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,37 +218,26 @@ def price_fallbacks(
     engine: Engine, *, since: datetime | None = None, until: datetime | None = None
 ) -> list[PriceFallback]:
     """Models seen in the ledger whose price came from a family fallback or nowhere, most calls first."""
-    model = func.coalesce(UsageRow.response_model, UsageRow.model)
-    query = (
-        select(model, UsageRow.price_source, func.count(), func.min(UsageRow.started_at), func.max(UsageRow.started_at))
-        .where(UsageRow.price_source.in_(("family", "unpriced")))
-        .group_by(model, UsageRow.price_source)
-        .order_by(func.count().desc(), model)
-    )
-    if since is not None:
-        query = query.where(UsageRow.started_at >= since)
-    if until is not None:
-        query = query.where(UsageRow.started_at < until)
     with engine.connect() as connection:
-        return [
-            PriceFallback(model=name or "unknown", price_source=source, calls=calls, first_seen=first, last_seen=last)
-            for name, source, calls, first, last in connection.execute(query)
-        ]
-
-
-def _group_column(name: str, sqlite: bool) -> ColumnElement[Any]:
-    if name == "day":
-        day = func.date(UsageRow.started_at) if sqlite else func.to_char(UsageRow.started_at, "YYYY-MM-DD")
-        return day.label("day")
-    columns = {
-        "team": UsageRow.team,
-        "model": UsageRow.model,
-        "feature": UsageRow.feature,
-        "user": UsageRow.user,
-        "session": UsageRow.session,
-        "agent": UsageRow.agent,
-    }
-    return columns.get(name, UsageRow.key_id).label(name)
+        found = read(
+            connection,
+            groups=["priced_model", "price_source"],
+            measures=["calls", "first_started_at", "last_started_at"],
+            since=since,
+            until=until,
+        )
+    fallbacks = [
+        PriceFallback(
+            model=model or "unknown",
+            price_source=source,
+            calls=totals["calls"],
+            first_seen=totals["first_started_at"],
+            last_seen=totals["last_started_at"],
+        )
+        for (model, source), totals in found.items()
+        if source in ("family", "unpriced")
+    ]
+    return sorted(fallbacks, key=lambda fallback: (-fallback.calls, fallback.model))
 
 
 def _cache_savings(prices: PriceTable, model: str | None, tokens: dict[str, Any], at: datetime) -> Decimal:
@@ -257,10 +250,6 @@ def _cache_savings(prices: PriceTable, model: str | None, tokens: dict[str, Any]
     premium = int(tokens["cache_creation_5m_input_tokens"] or 0) * (rates.cache_write_5m - rates.input)
     premium += int(tokens["cache_creation_1h_input_tokens"] or 0) * (rates.cache_write_1h - rates.input)
     return (saved - premium) / MILLION
-
-
-def _decimal(value: Any) -> Decimal:
-    return ZERO if value is None else Decimal(value)
 
 
 def _text(value: Any) -> str | None:

@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
+from proxy.ledger import rollups
 from proxy.ledger.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
 from proxy.ledger.budgets import recount, recount_users, settle
 from proxy.ledger.counters import key_counters, team_counters
@@ -123,6 +124,7 @@ def correct_estimates(engine: Engine, actual: Sequence[UsageRecord], *, actor: s
 
 
 def _write(connection: Connection, changes: list[Change], pos: int) -> None:
+    rollups.correct(connection, {record_id: cost for record_id, cost, _ in changes})
     connection.execute(
         insert(RepriceEntry),
         [{"event_pos": pos, "record_id": r, "cost_usd": c, "price_version": v} for r, c, v in changes],
@@ -142,9 +144,9 @@ def recount_current(engine: Engine, now: datetime) -> None:
         keys = connection.execute(select(APIKey.id, APIKey.period, *budget_columns(APIKey))).all()
     for team in teams:
         for counter in team_counters(team.id, team.name, team.period, team_windows(team), now):
-            recount(engine, counter, UsageRow.team == team.name)
+            recount(engine, counter, {"team": team.name})
         for period in counted(user_windows(team), team.period):
             recount_users(engine, team.id, team.name, period, now)
     for key_id, period, *amounts in keys:
         for counter in key_counters(key_id, period, windows_of(period, *amounts), now):
-            recount(engine, counter, UsageRow.key_id == key_id)
+            recount(engine, counter, {"key": key_id})

@@ -290,6 +290,74 @@ class UsageRow(Base):
     )
 
 
+class _Rollup:
+    """Totals of the usage records of one UTC day or month and one group (`proxy/ledger/rollups.py`), kept by the
+    writer in the records' own transaction so reports read days (or months) x groups, never every record."""
+
+    day: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    # "day", or "month" (then `day` is the month's first).
+    grain: Mapped[str] = mapped_column(String(5), primary_key=True)
+    # A hash of the group's values (`rollups.group_key`): one key however many of them are NULL (a unique index
+    # over them would let NULLs repeat).
+    group_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    team: Mapped[str | None] = mapped_column(String(200))
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    feature: Mapped[str | None] = mapped_column(String(200))
+    model: Mapped[str | None] = mapped_column(String(200))
+    # What prices the calls: the served model, else the requested one.
+    priced_model: Mapped[str | None] = mapped_column(String(200))
+    price_source: Mapped[str] = mapped_column(String(20))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_creation_5m_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_creation_1h_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_read_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    web_search_requests: Mapped[int] = mapped_column(BigInteger)
+    # NULL while none of the group's calls had a price, as a sum over the records would be.
+    cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    retries: Mapped[int] = mapped_column(BigInteger)
+    retry_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    unpriced_calls: Mapped[int] = mapped_column(BigInteger)
+    family_priced_calls: Mapped[int] = mapped_column(BigInteger)
+    batch_cost_usd: Mapped[Decimal | None] = mapped_column(Money)
+    batch_web_search_requests: Mapped[int] = mapped_column(BigInteger)
+    interrupted_calls: Mapped[int] = mapped_column(BigInteger)
+    first_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TeamRollup(_Rollup, Base):
+    """By team, key, feature and model: what budgets, team reports and the overview read."""
+
+    __tablename__ = "rollup_teams"
+    __table_args__ = (
+        Index("ix_rollup_teams_team", "team", "grain", "day"),
+        Index("ix_rollup_teams_key", "key_id", "grain", "day"),
+        {"sqlite_with_rowid": False},
+    )
+
+
+class UserRollup(_Rollup, Base):
+    """The same, and by end user."""
+
+    __tablename__ = "rollup_users"
+    __table_args__ = (Index("ix_rollup_users_team", "team", "user", "grain", "day"), {"sqlite_with_rowid": False})
+
+    user: Mapped[str | None] = mapped_column(String(256))
+
+
+class SessionRollup(_Rollup, Base):
+    """The same, and by end user, session and agent."""
+
+    __tablename__ = "rollup_sessions"
+    __table_args__ = (Index("ix_rollup_sessions_team", "team", "grain", "day"), {"sqlite_with_rowid": False})
+
+    user: Mapped[str | None] = mapped_column(String(256))
+    session: Mapped[str | None] = mapped_column(String(200))
+    agent: Mapped[str | None] = mapped_column(String(200))
+
+
 class BudgetCounter(Base):
     """Spend and holds of one team or key in one calendar period; the row budget checks lock."""
 

@@ -20,7 +20,7 @@ from proxy.ledger.budgets import recount, recount_users
 from proxy.ledger.counters import current_spend, team_counter, team_counters
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import budget_columns
-from proxy.ledger.schema import Team, UsageRow, UserBudget
+from proxy.ledger.schema import Team, UserBudget
 from proxy.ledger.windows import (
     WINDOW_COLUMNS,
     WindowChange,
@@ -215,7 +215,7 @@ def update_team(engine: Engine, name: str, settings: TeamSettings, *, actor: str
             users += _move_user_budgets(connection, row.id, row.period, team.period)
     # Windows counted or budgeted only from now on start from the ledger's records.
     for period in to_recount(team_windows(row), row.period, team_windows(team), team.period):
-        recount(engine, team_counter(team.id, team.name, period, None, team.updated_at), UsageRow.team == team.name)
+        recount(engine, team_counter(team.id, team.name, period, None, team.updated_at), {"team": team.name})
     for period in sorted({period for change in users for period in to_recount(*change)}):
         recount_users(engine, team.id, team.name, period, team.updated_at)
     return get_team(engine, name)

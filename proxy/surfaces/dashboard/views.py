@@ -1,7 +1,7 @@
 """What each dashboard page shows, read from the ledger (blocking; run in a thread).
 
-Spend comes from the same SQL aggregates as `spendgate report` (`proxy/ledger/reports.py`), for the team's current
-budget period, so the page and the command agree to the digit.
+Spend comes from the same rollups as `spendgate report` (`proxy/ledger/reports.py`), for the team's current
+budget period, so the page and the command agree to the digit, and a page costs days x groups, not records.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from proxy.ledger.counters import TOTAL_PERIOD_START
 from proxy.ledger.end_users import UserView, list_users
@@ -27,9 +27,11 @@ from proxy.ledger.reports import (
     daily_spend,
     price_fallbacks,
     report,
+    spend_of,
     top_sessions,
 )
-from proxy.ledger.schema import AuditHead, UsageRow, effective_cost
+from proxy.ledger.rollups import read
+from proxy.ledger.schema import AuditHead
 from proxy.ledger.teams import TeamView, get_team, list_teams
 from proxy.ledger.windows import period_end
 from proxy.pricing.table import PriceTable
@@ -193,9 +195,8 @@ def ledger_page(engine: Engine, spill_dir: Path) -> LedgerPage:
     aside on disk."""
     with engine.connect() as connection:
         head_pos, head_hash = connection.execute(select(AuditHead.pos, AuditHead.hash).where(AuditHead.id == 1)).one()
-        interrupted = connection.execute(
-            select(func.count()).select_from(UsageRow).where(UsageRow.outcome == "interrupted")
-        ).scalar_one()
+        [totals] = read(connection, groups=[], measures=["interrupted_calls"], since=None, until=None).values()
+    interrupted = totals["interrupted_calls"]
     set_aside = 0
     for path in sorted(spill_dir.glob("refused-*.jsonl")) if spill_dir.is_dir() else ():
         with path.open("rb") as lines:
@@ -223,22 +224,13 @@ class MySpend:
 def my_spend(engine: Engine, subject: str, teams: tuple[str, ...], now: datetime) -> list[MySpend]:
     """The person `subject`'s calls and spend in each of `teams` (the teams they belong to or have keys on)."""
     today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    sqlite = engine.dialect.name == "sqlite"
-    money = func.decimal_sum if sqlite else func.sum
     found = []
     for name in teams:
         team = get_team(engine, name, now=now)
         since = team.period_start or TOTAL_PERIOD_START
-        mine = (UsageRow.team == name, UsageRow.user == subject)
-        with engine.connect() as connection:
-            calls = connection.execute(
-                select(func.count()).select_from(UsageRow).where(*mine, UsageRow.started_at >= since)
-            ).scalar_one()
-            spent_today = connection.execute(
-                select(money(effective_cost())).where(*mine, UsageRow.started_at >= today)
-            ).scalar()
+        mine = {"team": name, "user": subject}
+        [(calls, _)] = spend_of(engine, by=[], since=since, where=mine).values()
+        [(_, spent_today)] = spend_of(engine, by=[], since=today, where=mine).values()
         views = list_users(engine, name, now=now, only=[subject])
-        found.append(
-            MySpend(team=team, calls=calls, today_usd=Decimal(spent_today or 0), allowance=views[0] if views else None)
-        )
+        found.append(MySpend(team=team, calls=calls, today_usd=spent_today, allowance=views[0] if views else None))
     return found

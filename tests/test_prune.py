@@ -1,0 +1,154 @@
+"""Retention: `spendgate prune` exports the oldest records, writes the chain's checkpoint, deletes them; reports,
+budgets and `audit verify` hold across it, and tampering after it is still caught."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select, text
+
+from proxy.cli.main import main
+from proxy.ledger.audit import verify
+from proxy.ledger.commit import insert_records
+from proxy.ledger.export import PUBLIC_FIELDS
+from proxy.ledger.reports import report
+from proxy.ledger.schema import UsageRow
+from proxy.pricing.table import PriceTable
+from tests.test_writer import make_record
+
+PRICES = PriceTable.load()
+TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+HORIZON = TODAY - timedelta(days=3)
+
+
+def fill(engine: Engine) -> None:
+    """Records over the last six days in time order, then one that started before the horizon but was chained
+    after newer ones (a long call, a batch result), and a call in flight across the horizon's midnight."""
+    records = [
+        make_record(
+            id=f"sgr_p{n:03}",
+            started_at=TODAY - timedelta(days=6) + timedelta(hours=3 * n),
+            team=("ops", "research")[n % 2],
+            user=f"u{n % 3}",
+            cost_usd=Decimal(n) / 100,
+        )
+        for n in range(44)
+    ]
+    insert_records(engine, records[:30])
+    insert_records(engine, [make_record(id="sgr_late", started_at=HORIZON - timedelta(hours=1), cost_usd=Decimal(1))])
+    insert_records(engine, records[30:])
+
+
+def count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(UsageRow)).scalar_one())
+
+
+def test_prune_exports_checkpoints_and_deletes(
+    engine: Engine, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(engine)
+    by_day = [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])]
+    spent = {row.group["team"]: row.cost_usd for row in report(engine, PRICES, by=["team"])}
+    export = tmp_path / "old.jsonl.gz"
+    assert main(["prune", "--before", HORIZON.date().isoformat(), "--export", str(export), "--db", db_url]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # The chain's prefix that started before the horizon; the late record is chained after newer ones, so it stays
+    # until a later horizon passes them too.
+    assert (result["pruned"], result["kept_older"]) == (24, 1)
+    assert result["export_sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
+    lines = [json.loads(line) for line in gzip.decompress(export.read_bytes()).splitlines()]
+    assert [line["id"] for line in lines] == [f"sgr_p{n:03}" for n in range(24)]
+    assert set(lines[0]) == {*PUBLIC_FIELDS, "chain_pos", "content_hash", "chain_hash"}
+    assert [line["chain_pos"] for line in lines] == list(range(1, 25))
+    assert lines[-1]["chain_hash"] == result["cut_hash"] and result["cut_pos"] == 24
+    assert count(engine) == 45 - 24
+    # The chain verifies from the checkpoint; reports and spend are what they were (the rollups keep the days).
+    verdict = verify(engine)
+    assert (verdict.problem, verdict.checkpoint, verdict.entries) == (None, 24, 22)
+    assert [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])] == by_day
+    assert {row.group["team"]: row.cost_usd for row in report(engine, PRICES, by=["team"])} == spent
+    assert main(["audit", "verify", "--db", db_url]) == 0
+    assert "from the prune checkpoint at entry 24" in capsys.readouterr().out
+    # A read bounded inside a pruned day cannot be answered from whole days: refused, not silently short.
+    inside = (HORIZON - timedelta(days=1, hours=5)).isoformat()
+    assert main(["report", "--since", inside, "--db", db_url]) == 1
+    assert "were pruned" in capsys.readouterr().err
+    # A later horizon takes the late record with what was chained before it, into a CSV export this time.
+    later = tmp_path / "later.csv"
+    assert main(["prune", "--before", TODAY.date().isoformat(), "--export", str(later), "--db", db_url]) == 0
+    assert json.loads(capsys.readouterr().out)["pruned"] == 21
+    assert later.read_text().splitlines()[0].split(",")[-3:] == ["chain_pos", "content_hash", "chain_hash"]
+    assert verify(engine).problem is None
+    assert [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])] == by_day
+
+
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        pytest.param(
+            "UPDATE usage_records SET input_tokens = 1 WHERE chain_pos = 30",
+            "entry 30 (usage record sgr_p029) was edited",
+            id="a-kept-record-edited",
+        ),
+        pytest.param(
+            "DELETE FROM admin_events WHERE action = 'prune'", "entry 1 is missing", id="the-checkpoint-dropped"
+        ),
+        pytest.param(
+            "DELETE FROM usage_records WHERE chain_pos = 25",
+            "entry 25 is missing",
+            id="a-kept-record-deleted",
+        ),
+    ],
+)
+def test_tampering_after_a_prune_is_caught(
+    engine: Engine, tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str, problem: str, db_url: str
+) -> None:
+    fill(engine)
+    horizon = HORIZON.date().isoformat()
+    assert main(["prune", "--before", horizon, "--export", str(tmp_path / "x.jsonl"), "--db", db_url]) == 0
+    with engine.begin() as connection:
+        connection.execute(text(tamper))
+    found = verify(engine).problem
+    assert found is not None and problem in found
+
+
+def test_prune_refuses_what_it_cannot_do_safely(
+    engine: Engine, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(engine)
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("an earlier export\n")
+    cases = {
+        "exists: an earlier export is never overwritten": [
+            "--before",
+            HORIZON.date().isoformat(),
+            "--export",
+            str(taken),
+        ],
+        "must be a date": ["--before", (HORIZON + timedelta(hours=1)).isoformat(), "--export", str(tmp_path / "a")],
+        "is in the future": [
+            "--before",
+            (TODAY + timedelta(days=1)).date().isoformat(),
+            "--export",
+            str(tmp_path / "b"),
+        ],
+        "SPENDGATE_RETENTION_DAYS": ["--export", str(tmp_path / "c")],
+    }
+    for message, arguments in cases.items():
+        assert main(["prune", *arguments, "--db", db_url]) == 1
+        assert message in capsys.readouterr().err
+    assert taken.read_text() == "an earlier export\n" and count(engine) == 45
+    # The setting gives the horizon: keep three days.
+    monkeypatch.setenv("SPENDGATE_RETENTION_DAYS", "3")
+    assert main(["prune", "--export", str(tmp_path / "kept.jsonl"), "--db", db_url]) == 0
+    assert json.loads(capsys.readouterr().out)["before"] == HORIZON.date().isoformat()
+    earlier = (HORIZON - timedelta(days=1)).date().isoformat()
+    assert main(["prune", "--before", earlier, "--export", str(tmp_path / "d"), "--db", db_url]) == 1
+    assert "already pruned up to" in capsys.readouterr().err
