@@ -20,6 +20,8 @@ from proxy.ledger.export import PUBLIC_FIELDS
 from proxy.ledger.reports import report
 from proxy.ledger.schema import UsageRow
 from proxy.pricing.table import PriceTable
+from proxy.reconcile.compare import ledger_buckets
+from proxy.reconcile.scheduled import claim_day
 from tests.test_writer import make_record
 
 PRICES = PriceTable.load()
@@ -80,6 +82,11 @@ def test_prune_exports_checkpoints_and_deletes(
     inside = (HORIZON - timedelta(days=1, hours=5)).isoformat()
     assert main(["report", "--since", inside, "--db", db_url]) == 1
     assert "were pruned" in capsys.readouterr().err
+    # Nor can a reconciliation hold a pruned day against Anthropic's figures; the daily check passes them by.
+    with pytest.raises(ValueError, match="were pruned"):
+        ledger_buckets(engine, HORIZON - timedelta(days=1), HORIZON, "day")
+    claimed = claim_day(engine, TODAY + timedelta(hours=23))
+    assert claimed is not None and claimed >= HORIZON
     # A later horizon takes the late record with what was chained before it, into a CSV export this time.
     later = tmp_path / "later.csv"
     assert main(["prune", "--before", TODAY.date().isoformat(), "--export", str(later), "--db", db_url]) == 0

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, case, func, select
 
+from proxy.ledger import checkpoints
 from proxy.ledger.schema import UsageRow, effective_cost
 from proxy.pricing.versions import undated
 from proxy.reconcile.anthropic import TOKEN_KINDS, WIDTHS, Reported, Width
@@ -98,7 +99,15 @@ class Reconciliation:
 
 
 def ledger_buckets(engine: Engine, since: datetime, until: datetime, width: Width) -> dict[Key, LedgerBucket]:
-    """The ledger's tokens and cost per bucket, model and service tier (blocking)."""
+    """The ledger's tokens and cost per bucket, model and service tier (blocking), from the records themselves: a
+    range `spendgate prune` cut into is refused, as the records Anthropic counted are no longer all here."""
+    with engine.connect() as connection:
+        cut = checkpoints.latest(connection)
+    if cut is not None and since < cut.before:
+        raise ValueError(
+            f"the records before {cut.before.date().isoformat()} were pruned: reconcile from that day on (their export "
+            "keeps them)"
+        )
     sqlite = engine.dialect.name == "sqlite"
     if sqlite:
         pattern = "%Y-%m-%d %H:00:00" if width == "hour" else "%Y-%m-%d 00:00:00"

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from proxy.ledger import checkpoints
 from proxy.ledger.db import write_transaction
 from proxy.ledger.schema import ReconciledDay
 from proxy.reconcile.anthropic import AdminClient
@@ -54,8 +55,14 @@ def claim_day(engine: Engine, now: datetime, *, skip: Collection[datetime] = ())
     """A final day of the last week nobody has checked or is checking (and not in `skip`), leased to the caller
     (blocking)."""
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    with engine.connect() as connection:
+        cut = checkpoints.latest(connection)
+    # A pruned day's records are gone: there is nothing left to hold against Anthropic's figures.
+    first = today - DAYS_BACK * DAY if cut is None else max(today - DAYS_BACK * DAY, cut.before)
     days = [
-        day for n in range(DAYS_BACK, 0, -1) if (day := today - n * DAY) + DAY + FINAL_AFTER <= now and day not in skip
+        day
+        for n in range(DAYS_BACK, 0, -1)
+        if (day := today - n * DAY) + DAY + FINAL_AFTER <= now and day not in skip and day >= first
     ]
     for day in days:
         with write_transaction(engine) as connection:
