@@ -11,14 +11,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, insert, select, text
 
 from proxy.cli.main import main
 from proxy.ledger.audit import verify
 from proxy.ledger.commit import insert_records
 from proxy.ledger.export import PUBLIC_FIELDS
 from proxy.ledger.reports import report
-from proxy.ledger.schema import UsageRow
+from proxy.ledger.schema import AdminEvent, UsageRow
+from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.compare import ledger_buckets
 from proxy.reconcile.scheduled import claim_day
@@ -159,3 +160,44 @@ def test_prune_refuses_what_it_cannot_do_safely(
     earlier = (HORIZON - timedelta(days=1)).date().isoformat()
     assert main(["prune", "--before", earlier, "--export", str(tmp_path / "d"), "--db", db_url]) == 1
     assert "already pruned up to" in capsys.readouterr().err
+
+
+def test_a_forged_checkpoint_hides_nothing(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """A prune event written behind spendgate's back, past the head or claiming a cut after itself, is no
+    checkpoint: verify still walks (and catches) what it would hide, and prune will not delete on its word."""
+    create_team(engine, "ops", TeamSettings(), actor="test")  # an admin event at entry 1, before any cut
+    fill(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE usage_records SET input_tokens = 1 WHERE chain_pos = 40"))
+    head = verify(engine).head_pos
+    forged = {"before": TODAY.isoformat(), "cut_pos": head, "cut_hash": "0" * 64, "records": 0}
+    details = json.dumps({"before": {}, "after": forged})
+    for position in (head + 1_000_000, 3):
+        with engine.begin() as connection:
+            connection.execute(
+                insert(AdminEvent).values(
+                    at=TODAY,
+                    actor="x",
+                    action="prune",
+                    target="usage_records",
+                    details=details,
+                    content_hash="0" * 64,
+                    chain_pos=position,
+                    chain_hash="0" * 64,
+                )
+            )
+        problem = verify(engine).problem
+        assert problem is not None and ("was edited" in problem or "forged" in problem), problem
+    assert main(["prune", "--before", HORIZON.date().isoformat(), "--export", str(tmp_path / "x"), "--db", db_url]) == 1
+    assert count(engine) == 45
+
+
+def test_admin_events_before_the_cut_stay_checked(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """Admin events are never pruned; those chained before the cut keep their content hashes checked."""
+    create_team(engine, "ops", TeamSettings(budget_usd=Decimal(5)), actor="test")
+    fill(engine)
+    assert main(["prune", "--before", HORIZON.date().isoformat(), "--export", str(tmp_path / "x"), "--db", db_url]) == 0
+    assert verify(engine).problem is None
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE admin_events SET actor = 'mallory' WHERE chain_pos = 1"))
+    assert verify(engine).problem == "admin event at entry 1, before the prune checkpoint, was edited"

@@ -257,3 +257,31 @@ def test_report_queries_use_the_team_indexes(engine: Engine) -> None:
                     str(row[-1]) for row in connection.exec_driver_sql(f"EXPLAIN {'QUERY PLAN ' * sqlite}{sql}")
                 )
                 assert f"ix_{table.name}_team" in plan, plan
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(
+            "INSERT INTO rollup_teams SELECT day, grain, '0' || substr(group_key, 2), team, key_id, feature, model,"
+            " priced_model, price_source, calls, input_tokens, output_tokens, cache_creation_5m_input_tokens,"
+            " cache_creation_1h_input_tokens, cache_read_input_tokens, web_search_requests, cost_usd, retries,"
+            " retry_cost_usd, unpriced_calls, family_priced_calls, batch_cost_usd, batch_web_search_requests,"
+            " interrupted_calls, first_started_at, last_started_at FROM rollup_teams",
+            id="every-row-twice",
+        ),
+        pytest.param(
+            "UPDATE rollup_users SET day = day + interval '3 days' WHERE grain = 'day'",
+            id="rows-moved-to-days-without-records",
+        ),
+    ],
+)
+def test_rollup_rows_no_record_accounts_for_are_caught(engine: Engine, tamper: str) -> None:
+    """Rows a recount of the records never produces (a group under a second key, totals on a day with no calls)
+    are caught, not just rows whose totals differ."""
+    insert_records(engine, [make_record(id=f"sgr_x{n}", started_at=BASE + timedelta(hours=n)) for n in range(3)])
+    if engine.dialect.name == "sqlite":
+        tamper = tamper.replace("day + interval '3 days'", "datetime(day, '+3 days')")
+    with engine.begin() as connection:
+        connection.execute(text(tamper))
+    assert disagreement(engine) is not None

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, DateTime, Engine, exists, insert, select, type_coerce, update
 
 from proxy.ledger import checkpoints
+from proxy.ledger.checkpoints import lock_head
 from proxy.ledger.rollups import disagreement
 from proxy.ledger.schema import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
 
@@ -129,14 +130,6 @@ def link(previous: str, content: str) -> str:
     return hashlib.sha256((previous + content).encode()).hexdigest()
 
 
-def lock_head(connection: Connection) -> tuple[int, str]:
-    """Lock the end of the chain for this transaction; returns its position and hash."""
-    pos, head = connection.execute(
-        select(AuditHead.pos, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
-    ).one()
-    return pos, head
-
-
 def extend(rows: list[dict[str, Any]], pos: int, head: str) -> tuple[int, str]:
     """Give usage rows, in order, their content hash and place after (`pos`, `head`); returns the new end."""
     for row in rows:
@@ -183,13 +176,19 @@ def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None
         unchained = connection.execute(
             select(UsageRow.id).where(UsageRow.chain_pos.is_(None)).order_by(UsageRow.seq).limit(1)
         ).scalar()
-        cut = checkpoints.latest(connection)
+        try:
+            cut = checkpoints.latest(connection)
+        except ValueError as forged:
+            return Verdict(entries=0, head_pos=head_pos, head_hash=head_hash, problem=str(forged))
     start = (0, GENESIS) if cut is None else (cut.pos, cut.hash)
     verdict = functools.partial(Verdict, head_pos=head_pos, head_hash=head_hash, checkpoint=start[0])
     if unchained is not None:
         return verdict(
             entries=0, problem=f"usage record {unchained} is outside the chain (inserted behind spendgate's back)"
         )
+    edited = _edited_before(engine, start[0])
+    if edited is not None:
+        return verdict(entries=0, problem=f"admin event at entry {edited}, before the prune checkpoint, was edited")
     # Only up to the head read above: records committed while we walk belong to the next verification.
     with contextlib.closing(_entries(engine, start[0], head_pos)) as entries:
         good, last, problem = _walk(entries, start, lambda done: progress(done, head_pos) if progress else None)
@@ -201,6 +200,18 @@ def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None
     if problem is None:
         problem = disagreement(engine)
     return verdict(entries=good - start[0], problem=problem)
+
+
+def _edited_before(engine: Engine, cut: int) -> int | None:
+    """The first admin event at or before a prune's cut whose content no longer matches its hash. (Its link to the
+    entry before cannot be checked without the pruned records: their export keeps their chain hashes for that.)"""
+    columns = [_raw_time(AdminEvent.__table__.c[name]) for name in EVENT_HASHED]
+    query = select(AdminEvent.chain_pos, AdminEvent.content_hash, *columns).where(AdminEvent.chain_pos <= cut)
+    with engine.connect() as connection:
+        for pos, stored, *values in connection.execute(query.order_by(AdminEvent.chain_pos)):
+            if content_hash(values) != stored:
+                return int(pos)
+    return None
 
 
 def _walk(

@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 
-from proxy.ledger.audit import extend, lock_head, write_head
+from proxy.ledger.audit import extend, write_head
 from proxy.ledger.budgets import SoftLimitCrossed, settle
+from proxy.ledger.checkpoints import lock_head
 from proxy.ledger.db import insert_rows, write_transaction
 from proxy.ledger.retries import link_retries
 from proxy.ledger.rollups import add, contribution
@@ -80,7 +81,7 @@ def write_records(
         write_head(connection, *extend(rows, pos, head))
         if rows:
             insert_rows(connection, USAGE_TABLE, INSERTED, [[row[name] for name in INSERTED] for row in rows])
-            add(connection, [(row, contribution(row, row["cost_usd"])) for row in rows])
+    add(connection, [(row, contribution(row, row["cost_usd"])) for row in rows])
     # Holds are released even when their record was written before (a batch's last result read twice).
     held = [record for record in records if record.hold is not None and record.hold.held]
     finished = sorted({record.batch_id for record in held if record.batch_id is not None})

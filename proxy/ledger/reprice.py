@@ -16,8 +16,9 @@ from decimal import Decimal
 from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from proxy.ledger import rollups
-from proxy.ledger.audit import REPRICE_ACTION, Change, lock_head, record_event, reprice_digest
+from proxy.ledger.audit import REPRICE_ACTION, Change, record_event, reprice_digest
 from proxy.ledger.budgets import recount, recount_users, settle
+from proxy.ledger.checkpoints import lock_head
 from proxy.ledger.counters import key_counters, team_counters
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import budget_columns

@@ -23,10 +23,11 @@ from typing import IO, Any, Literal, cast
 from sqlalchemy import Engine, delete, func, select
 
 from proxy.ledger import checkpoints
-from proxy.ledger.audit import record_event
+from proxy.ledger.audit import REPRICE_ACTION, record_event
+from proxy.ledger.checkpoints import lock_head
 from proxy.ledger.db import write_transaction
 from proxy.ledger.export import PUBLIC_FIELDS, public_record, write_csv, write_jsonl
-from proxy.ledger.schema import AuditHead, UsageRow
+from proxy.ledger.schema import AdminEvent, AuditHead, UsageRow
 
 Format = Literal["jsonl", "csv"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv")
@@ -100,22 +101,13 @@ def prune(
             kept_older=_kept_older(engine, before),
         )
     os.replace(partial, export)
+    _sync_folder(export.parent)
     cut_pos, cut_hash = last
-    with write_transaction(engine) as connection:
-        event_pos = record_event(
-            connection,
-            actor=actor,
-            action=checkpoints.PRUNE_ACTION,
-            target="usage_records",
-            before={},
-            after={
-                "before": before.isoformat(),
-                "cut_pos": cut_pos,
-                "cut_hash": cut_hash,
-                "records": count,
-                "export": {"path": str(export), "format": fmt, "sha256": digest},
-            },
-        )
+    try:
+        event_pos = _checkpoint(engine, start, head_pos, before, (cut_pos, cut_hash), count, export, fmt, digest, actor)
+    except PruneRefused:
+        export.unlink()
+        raise
     _delete_through(engine, cut_pos)
     return Pruned(
         records=count,
@@ -125,6 +117,55 @@ def prune(
         export_sha256=digest,
         kept_older=_kept_older(engine, before),
     )
+
+
+def _checkpoint(
+    engine: Engine,
+    start: int,
+    head_pos: int,
+    before: datetime,
+    cut: tuple[int, str],
+    count: int,
+    export: Path,
+    fmt: Format,
+    digest: str,
+    actor: str,
+) -> int:
+    """Write the cut as an audit event, under the chain's lock, unless the export went stale while it was written:
+    another prune moved the cut, or a reprice corrected costs the export holds as they were."""
+    with write_transaction(engine) as connection:
+        lock_head(connection)
+        now = checkpoints.latest(connection)
+        if (0 if now is None else now.pos) != start:
+            raise PruneRefused("another prune cut the ledger meanwhile: run this one again")
+        repriced = select(AdminEvent.chain_pos).where(
+            AdminEvent.action == REPRICE_ACTION, AdminEvent.chain_pos > head_pos
+        )
+        if connection.execute(repriced.limit(1)).first() is not None:
+            raise PruneRefused("a reprice corrected costs while the records were exported: run the prune again")
+        return record_event(
+            connection,
+            actor=actor,
+            action=checkpoints.PRUNE_ACTION,
+            target="usage_records",
+            before={},
+            after={
+                "before": before.isoformat(),
+                "cut_pos": cut[0],
+                "cut_hash": cut[1],
+                "records": count,
+                "export": {"path": str(export), "format": fmt, "sha256": digest},
+            },
+        )
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable before the checkpoint that names its file is written."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _export(
@@ -157,7 +198,8 @@ def _export(
                 progress(count, None)
             yield record
 
-    with path.open("xb") as raw:
+    # A `.partial` left by a prune that died while exporting is ours to overwrite.
+    with path.open("wb") as raw:
         hashed = _Hashing(raw)
         buffered = io.BufferedWriter(hashed)
         compressed = path.name.removesuffix(PARTIAL).endswith(".gz")

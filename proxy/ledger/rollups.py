@@ -412,13 +412,11 @@ def rebuild(engine: Engine) -> int:
     """Recompute every rollup from the records (the days a prune cut keep their totals: their records are gone).
     Returns how many rollup rows were written.
 
-    Writers wait meanwhile: SQLite has one writer at a time, and on PostgreSQL the rollups are locked against
-    writes first, so a record is either committed before the recount (and counted) or adds itself after it.
+    Under the audit chain's lock, which every writer, reprice and prune checkpoint takes: nothing is recorded,
+    corrected or cut meanwhile (a prune's deletes only touch days before its cut, which are not recounted).
     """
     with write_transaction(engine) as connection:
-        if connection.dialect.name == "postgresql":
-            names = ", ".join(connection.dialect.identifier_preparer.quote(table.name) for table in ROLLUPS)
-            connection.exec_driver_sql(f"LOCK TABLE {names} IN EXCLUSIVE MODE")
+        checkpoints.lock_head(connection)
         return fill(connection)
 
 
@@ -491,42 +489,68 @@ def _typed(measure: Measure, value: Any) -> Any:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class RollupProblem(ValueError):
+    """Rollup rows that cannot be right whatever the records say: a row under a key its values do not hash to (the
+    writer never adds to it), or two rows of one group."""
+
+
 def _stored(
     connection: Connection, table: Table, grain: Grain, month: datetime | None = None, day: datetime | None = None
 ) -> dict[tuple[Any, ...], list[Any]]:
     """A rollup's rows of one grain (of one month, or one day), keyed like `recount`."""
     names = dimensions(table)
-    query = select(table.c.day, *(table.c[name] for name in names), *(table.c[name] for name in MEASURE_NAMES))
-    query = query.where(table.c.grain == grain)
+    query = select(table.c.day, table.c.group_key, *(table.c[name] for name in names))
+    query = query.add_columns(*(table.c[name] for name in MEASURE_NAMES)).where(table.c.grain == grain)
     if month is not None:
         query = query.where(table.c.day >= month, table.c.day < _ceiling(month + ONE_DAY, _month_of))
     if day is not None:
         query = query.where(table.c.day == day)
     found: dict[tuple[Any, ...], list[Any]] = {}
     for result in connection.execute(query):
-        sums = [_typed(measure, value) for measure, value in zip(MEASURES, result[1 + len(names) :], strict=True)]
-        found[(grain, result[0], *result[1 : 1 + len(names)])] = sums
+        values = tuple(result[2 : 2 + len(names)])
+        key = (grain, result[0], *values)
+        if result[1] != group_key(values) or key in found:
+            raise RollupProblem(
+                f"rollup {table.name} has a {grain} row of {result[0].date().isoformat()} under a key its group "
+                f"({', '.join(map(str, values))}) does not have, or twice; run `spendgate rollups rebuild`"
+            )
+        sums = result[2 + len(names) :]
+        found[key] = [_typed(measure, value) for measure, value in zip(MEASURES, sums, strict=True)]
     return found
 
 
 def disagreement(engine: Engine) -> str | None:
-    """The first rollup row that differs from a recount: a day row from the records of its day (the days after the
-    latest prune cut), a month row from its day rows. None when they all agree."""
+    """The first rollup row that differs from a recount: a day row from the records of its day (every day from the
+    latest prune cut on, with records or rows), a month row from its day rows. None when they all agree."""
     with _snapshot(engine) as connection:
         cut = checkpoints.latest(connection)
-        for table in ROLLUPS:
-            for day in _days(connection, None if cut is None else cut.before):
-                problem = _compare(table, _stored(connection, table, "day", day=day), recount(connection, table, day))
+        since = None if cut is None else cut.before
+        try:
+            for table in ROLLUPS:
+                problem = _check(connection, table, since)
                 if problem is not None:
                     return problem
-            months = set(connection.execute(select(table.c.day).where(table.c.grain == "month").distinct()).scalars())
-            if table.name in MONTHLY:
-                months |= {day.replace(day=1) for day in _days(connection, None)}
-            for month in sorted(months):
-                kept = _stored(connection, table, "month", month=month)
-                problem = _compare(table, kept, _months_of_days(connection, table, month))
-                if problem is not None:
-                    return problem
+        except RollupProblem as exc:
+            return str(exc)
+    return None
+
+
+def _check(connection: Connection, table: Table, since: datetime | None) -> str | None:
+    """The first of a rollup's rows that differs from its recount, or None."""
+    day_rows = select(table.c.day).where(table.c.grain == "day").distinct()
+    counted = set(connection.execute(day_rows if since is None else day_rows.where(table.c.day >= since)).scalars())
+    for day in sorted(counted | set(_days(connection, since))):
+        problem = _compare(table, _stored(connection, table, "day", day=day), recount(connection, table, day))
+        if problem is not None:
+            return problem
+    months = set(connection.execute(select(table.c.day).where(table.c.grain == "month").distinct()).scalars())
+    if table.name in MONTHLY:
+        months |= {day.replace(day=1) for day in connection.execute(day_rows).scalars()}
+    for month in sorted(months):
+        kept = _stored(connection, table, "month", month=month)
+        problem = _compare(table, kept, _months_of_days(connection, table, month))
+        if problem is not None:
+            return problem
     return None
 
 
