@@ -20,7 +20,8 @@ from sqlalchemy import Engine
 from proxy.ledger.rollups import read
 from proxy.pricing.cost import WEB_SEARCH_USD
 from proxy.pricing.table import PriceTable
-from proxy.types import GROUPS, TOKEN_KIND_FIELDS
+from proxy.pricing.versions import ModelPrice
+from proxy.types import GROUPS, TOKEN_KIND_FIELDS, PriceSource
 
 # The usage columns reports total.
 TOKEN_KINDS = (*TOKEN_KIND_FIELDS.values(), "web_search_requests")
@@ -83,22 +84,23 @@ def report(
     team: str | None = None,
 ) -> list[ReportRow]:
     """Totals per group, ordered by group; `by` is any of `GROUPS` (none: one grand total); `team`: only its
-    records. Read from the rollups (whole days) and the records (a day the bounds cut)."""
+    records. Read from the rollups (whole months and days) and the records (a day the bounds cut)."""
     unknown = [name for name in by if name not in GROUPS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     # Savings depend on the model's prices, so totals are read by the served model too; rows are merged after.
-    with engine.connect() as connection:
-        found = read(
-            connection,
-            groups=[*by, "priced_model"],
-            measures=REPORTED,
-            since=since,
-            until=until,
-            where={} if team is None else {"team": team},
-        )
+    found = _read(
+        engine,
+        groups=[*by, "priced_model"],
+        measures=REPORTED,
+        since=since,
+        until=until,
+        where={} if team is None else {"team": team},
+    )
     at = until or datetime.now(UTC)
     rows: dict[tuple[Any, ...], ReportRow] = {}
+    # Each model's prices, looked up once: a report by session has a row per session and model.
+    found_prices: dict[str | None, tuple[ModelPrice, PriceSource] | None] = {}
     for key, totals in found.items():
         group, model_id = tuple(_text(value) for value in key[:-1]), key[-1]
         row = rows.setdefault(
@@ -113,7 +115,9 @@ def report(
         row.retry_cost_usd += totals["retry_cost_usd"] or ZERO
         row.unpriced_calls += totals["unpriced_calls"]
         row.family_priced_calls += totals["family_priced_calls"]
-        row.cache_savings_usd += _cache_savings(prices, model_id, tokens, at)
+        if model_id not in found_prices:
+            found_prices[model_id] = prices.lookup(model_id or "", at)
+        row.cache_savings_usd += _cache_savings(found_prices[model_id], tokens)
         # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
         batch_cost = totals["batch_cost_usd"] or ZERO
         row.batch_savings_usd += batch_cost - WEB_SEARCH_USD * totals["batch_web_search_requests"]
@@ -123,15 +127,14 @@ def report(
 def daily_spend(engine: Engine, *, since: datetime, team: str | None = None) -> dict[tuple[str | None, str], Decimal]:
     """Spend per (team, UTC day) from `since`: the `cost_usd` of `report(by=["team", "day"])` alone (days with no
     priced call left out)."""
-    with engine.connect() as connection:
-        found = read(
-            connection,
-            groups=["team", "day"],
-            measures=["cost_usd"],
-            since=since,
-            until=None,
-            where={} if team is None else {"team": team},
-        )
+    found = _read(
+        engine,
+        groups=["team", "day"],
+        measures=["cost_usd"],
+        since=since,
+        until=None,
+        where={} if team is None else {"team": team},
+    )
     return {(name, day): totals["cost_usd"] for (name, day), totals in found.items() if totals["cost_usd"] is not None}
 
 
@@ -139,8 +142,7 @@ def spend_of(
     engine: Engine, *, by: Sequence[str], since: datetime, where: dict[str, str]
 ) -> dict[tuple[Any, ...], tuple[int, Decimal]]:
     """Calls and spend per group of `by` from `since`, of the records whose dimensions equal `where`'s values."""
-    with engine.connect() as connection:
-        found = read(connection, groups=by, measures=["calls", "cost_usd"], since=since, until=None, where=where)
+    found = _read(engine, groups=by, measures=["calls", "cost_usd"], since=since, until=None, where=where)
     return {group: (totals["calls"], totals["cost_usd"] or ZERO) for group, totals in found.items()}
 
 
@@ -158,15 +160,14 @@ class SessionSpend:
 
 def top_sessions(engine: Engine, *, team: str, since: datetime, limit: int) -> list[SessionSpend]:
     """A team's `limit` most expensive sessions since `since`, dearest first (calls without a session left out)."""
-    with engine.connect() as connection:
-        found = read(
-            connection,
-            groups=["session", "user"],
-            measures=["calls", "cost_usd", "last_started_at"],
-            since=since,
-            until=None,
-            where={"team": team},
-        )
+    found = _read(
+        engine,
+        groups=["session", "user"],
+        measures=["calls", "cost_usd", "last_started_at"],
+        since=since,
+        until=None,
+        where={"team": team},
+    )
     # Calls without a user are one more "user": a session of ann's and anonymous calls is not all ann's.
     users: dict[str, list[str | None]] = defaultdict(list)
     calls: dict[str, int] = defaultdict(int)
@@ -218,14 +219,13 @@ def price_fallbacks(
     engine: Engine, *, since: datetime | None = None, until: datetime | None = None
 ) -> list[PriceFallback]:
     """Models seen in the ledger whose price came from a family fallback or nowhere, most calls first."""
-    with engine.connect() as connection:
-        found = read(
-            connection,
-            groups=["priced_model", "price_source"],
-            measures=["calls", "first_started_at", "last_started_at"],
-            since=since,
-            until=until,
-        )
+    found = _read(
+        engine,
+        groups=["priced_model", "price_source"],
+        measures=["calls", "first_started_at", "last_started_at"],
+        since=since,
+        until=until,
+    )
     fallbacks = [
         PriceFallback(
             model=model or "unknown",
@@ -240,9 +240,15 @@ def price_fallbacks(
     return sorted(fallbacks, key=lambda fallback: (-fallback.calls, fallback.model))
 
 
-def _cache_savings(prices: PriceTable, model: str | None, tokens: dict[str, Any], at: datetime) -> Decimal:
-    """What cache reads saved against paying full input price, net of what cache writes cost above it."""
-    found = prices.lookup(model or "", at)
+def _read(engine: Engine, **query: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """`rollups.read` on a connection of its own."""
+    with engine.connect() as connection:
+        return read(connection, **query)
+
+
+def _cache_savings(found: tuple[ModelPrice, PriceSource] | None, tokens: dict[str, Any]) -> Decimal:
+    """What cache reads saved against paying full input price (`found`: the model's `PriceTable.lookup`), net of
+    what cache writes cost above it."""
     if found is None:
         return ZERO
     rates = found[0].standard
