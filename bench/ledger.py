@@ -6,8 +6,8 @@ dashboard's pages, export, rollups rebuild, audit verify and prune.
 
 With no --db, a fresh SQLite file in a temporary folder is used; pass a PostgreSQL URL (an empty database) to
 measure PostgreSQL. Records go in through `insert_records` (hashing, chaining, rollups), in time order over 60
-days: a fleet of 1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents) and
-an application per team (its key, features, 2,000 customers). Prints one line per measurement. Exit 3 when a
+days: a fleet of 1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents), who
+also use their team's internal application (its key, features). Prints one line per measurement. Exit 3 when a
 report changed across the prune.
 """
 
@@ -54,19 +54,20 @@ FEATURES = {
 }
 TEAMS = 20
 DEVELOPERS = 1000
-CUSTOMERS = 2000
 SESSIONS_A_DAY = 5
 END = datetime(2026, 11, 25, tzinfo=UTC)
 DAYS = 60
 START = END - timedelta(days=DAYS)
-BATCH = 5000
+# Records per writer transaction (the proxy's writer takes what is waiting, up to its own batch size).
+BATCH = 20_000
 ADMIN = Principal(actor="admin-token", csrf="bench", is_admin=True)
 
 
 def make_records(first: int, count: int, total: int, prices: PriceTable, rng: random.Random) -> list[UsageRecord]:
     """Records `first` to `first + count` of `total` spread evenly over the `DAYS`, in time order as a live proxy
     writes them: 70% a developer's Claude Code call (personal key, its main model or a small one, sessions,
-    subagents), 30% an application's (its team's key, a feature and its model, one of its customers)."""
+    subagents), 30% a call of their team's internal application on their behalf (its key, a feature and its
+    model)."""
     records = []
     for n in range(first, first + count):
         started = START + timedelta(seconds=(n + rng.random()) * DAYS * 86400 / total)
@@ -77,9 +78,9 @@ def make_records(first: int, count: int, total: int, prices: PriceTable, rng: ra
             agent = None if rng.random() < 0.7 else f"{session}-sub{rng.randrange(3)}"
             model = SMALL_MODEL if rng.random() < 0.2 else MAIN_MODELS[developer % len(MAIN_MODELS)]
         else:
-            team = rng.randrange(TEAMS)
-            key, user, feature = f"key_app{team:02}", f"customer-{rng.randrange(CUSTOMERS)}", rng.choice(list(FEATURES))
-            session, agent, model = None, None, FEATURES[feature]
+            developer = rng.randrange(DEVELOPERS)
+            team, user, feature = developer % TEAMS, f"oidc:dev-{developer:04}", rng.choice(list(FEATURES))
+            key, session, agent, model = f"key_app{team:02}", None, None, FEATURES[feature]
         usage = Usage(
             input_tokens=rng.randint(50, 20_000),
             output_tokens=rng.randint(1, 4_000),

@@ -342,7 +342,11 @@ class UserRollup(_Rollup, Base):
     """The same, and by end user."""
 
     __tablename__ = "rollup_users"
-    __table_args__ = (Index("ix_rollup_users_team", "team", "user", "grain", "day"), {"sqlite_with_rowid": False})
+    __table_args__ = (
+        Index("ix_rollup_users_team", "team", "grain", "day"),
+        Index("ix_rollup_users_user", "user", "grain", "day"),
+        {"sqlite_with_rowid": False},
+    )
 
     user: Mapped[str | None] = mapped_column(String(256))
 
