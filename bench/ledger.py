@@ -34,7 +34,8 @@ from proxy.ledger.end_users import list_users
 from proxy.ledger.export import iter_usage, write_jsonl
 from proxy.ledger.reports import report
 from proxy.ledger.retention import prune
-from proxy.ledger.rollups import ROLLUPS, rebuild
+from proxy.ledger.rollup_checks import rebuild
+from proxy.ledger.rollups import ROLLUPS
 from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.surfaces.dashboard.pages import LastVerify, render

@@ -19,7 +19,9 @@ from proxy.cli.main import main
 from proxy.ledger.commit import INSERTED, USAGE_TABLE, insert_records, record_to_row
 from proxy.ledger.db import _alembic_config, insert_rows, make_engine, upgrade
 from proxy.ledger.reports import report
-from proxy.ledger.rollups import MONTHLY, ROLLUPS, Span, binders, disagreement, spans, totals
+from proxy.ledger.rollup_checks import disagreement
+from proxy.ledger.rollup_reads import Span, spans, totals
+from proxy.ledger.rollups import MONTHLY, ROLLUPS, binders
 from proxy.ledger.schema import Money, UTCDateTime
 from proxy.pricing.table import PriceTable
 from proxy.types import GROUPS, Usage, UsageRecord

@@ -116,7 +116,7 @@ def _recover(engine: Engine, directory: Path, prices: PriceTable, soft_fraction:
 
 def run_rollups_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate rollups rebuild`: every rollup recomputed from the records (pruned days keep their totals)."""
-    from proxy.ledger.rollups import rebuild
+    from proxy.ledger.rollup_checks import rebuild
 
     with open_ledger(settings) as engine:
         rows = rebuild(engine)

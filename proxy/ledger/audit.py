@@ -27,7 +27,7 @@ from sqlalchemy import Connection, DateTime, Engine, exists, insert, select, typ
 
 from proxy.ledger import checkpoints
 from proxy.ledger.checkpoints import lock_head
-from proxy.ledger.rollups import disagreement
+from proxy.ledger.rollup_checks import disagreement
 from proxy.ledger.schema import AdminEvent, AuditHead, RepriceEntry, UsageRow, UTCDateTime
 
 GENESIS = "0" * 64

@@ -30,7 +30,7 @@ from proxy.ledger.counters import (
     write_counters,
 )
 from proxy.ledger.db import write_transaction
-from proxy.ledger.rollups import read
+from proxy.ledger.rollup_reads import read
 from proxy.ledger.schema import BudgetHold, Instance
 from proxy.ledger.windows import WINDOW_NAMES, period_end, period_start, reset_words, utc_instant
 from proxy.types import Counter, Hold, HoldOwner, Period, UsageRecord
@@ -52,7 +52,7 @@ class SoftLimitCrossed:
 
 
 def recount(engine: Engine, counter: Counter, where: dict[str, str]) -> None:
-    """Set a counter's spend from the usage totals it covers (`where`: the team or key, as `rollups.read` takes
+    """Set a counter's spend from the usage totals it covers (`where`: the team or key, as `rollup_reads.read` takes
     it), after a period change or a reprice, keeping its holds."""
     with write_transaction(engine) as connection:
         # Lock first: a settlement committing between the sum and the write would otherwise be lost.

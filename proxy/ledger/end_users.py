@@ -16,7 +16,7 @@ from proxy.ledger.budgets import recount_users
 from proxy.ledger.counters import NO_USER, TOTAL_PERIOD_START, ZERO, current_spend, user_counters
 from proxy.ledger.db import write_transaction
 from proxy.ledger.keys import budget_columns
-from proxy.ledger.rollups import read
+from proxy.ledger.rollup_reads import read
 from proxy.ledger.schema import Team, UserBudget
 from proxy.ledger.teams import no_team, user_windows
 from proxy.ledger.windows import (

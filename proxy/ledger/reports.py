@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from proxy.ledger.rollups import read
+from proxy.ledger.rollup_reads import read
 from proxy.pricing.cost import WEB_SEARCH_USD
 from proxy.pricing.table import PriceTable
 from proxy.pricing.versions import ModelPrice
@@ -241,7 +241,7 @@ def price_fallbacks(
 
 
 def _read(engine: Engine, **query: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """`rollups.read` on a connection of its own."""
+    """`rollup_reads.read` on a connection of its own."""
     with engine.connect() as connection:
         return read(connection, **query)
 

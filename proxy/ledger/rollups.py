@@ -1,30 +1,28 @@
 """Rollups: the usage records' totals by UTC day and month and by group, kept in the records' own write transaction.
 
 Three tables hold the same totals (`MEASURES`) by three sets of groups (`schema.TeamRollup`, `UserRollup`,
-`SessionRollup`), each by day and by calendar month (`grain`). A read takes the coarsest table that has its
-groups and splits its time range (`spans`): whole months from month rows, whole days from day rows, and the part
-of a day the bounds cut from the records. So it costs months and days x groups, never a scan of the records.
-`rebuild` recomputes the rollups from the records, `disagreement` (run by `audit verify`) recounts them.
+`SessionRollup`), each by day and (but sessions) by calendar month (`grain`). This module is what a total is and
+how the writer (`add`) and a reprice (`correct`) add to them; `rollup_reads` reads them (months and days x groups,
+never a scan of the records), `rollup_checks` rebuilds and recounts them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, Dialect, Engine, Select, Table, case, delete, func, literal, select
+from sqlalchemy import ColumnElement, Connection, Dialect, Table, case, func, literal, select
 
-from proxy.ledger import checkpoints
-from proxy.ledger.db import insert_rows, write_transaction
+from proxy.ledger.db import insert_rows
 from proxy.ledger.schema import SessionRollup, TeamRollup, UsageRow, UserRollup, effective_cost
 
 Combine = Literal["sum", "money", "min", "max"]
+Grain = Literal["month", "day", "records"]
 ROLLUPS: tuple[Table, ...] = (TeamRollup.__table__, UserRollup.__table__, SessionRollup.__table__)  # type: ignore[assignment]
 # The rollups with month rows besides day rows: a session seldom outlives its day, so its month rows would be as
 # many as its day rows.
@@ -137,14 +135,14 @@ def add(connection: Connection, changes: Sequence[tuple[Mapping[str, Any], tuple
         totals: dict[tuple[Any, ...], list[Any]] = {}
         for row, values in changes:
             group = tuple(_value(row, name) for name in names)
-            day = _day_of(row["started_at"])
-            _merge(totals, ("day", day, *group), values)
+            day = day_of(row["started_at"])
+            merge(totals, ("day", day, *group), values)
             if monthly:
-                _merge(totals, ("month", day.replace(day=1), *group), values)
-        _upsert(connection, table, names, totals)
+                merge(totals, ("month", day.replace(day=1), *group), values)
+        upsert(connection, table, names, totals)
 
 
-def _merge(totals: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], values: Sequence[Any]) -> None:
+def merge(totals: dict[tuple[Any, ...], list[Any]], key: tuple[Any, ...], values: Sequence[Any]) -> None:
     """Add `values` (in `MEASURES` order) to the totals of `key`; the writer's inner loop, so no call per total."""
     known = totals.get(key)
     if known is None:
@@ -188,7 +186,7 @@ def _value(row: Mapping[str, Any], name: str) -> Any:
     return row[name]
 
 
-def _combine(kind: Combine, old: Any, new: Any) -> Any:
+def combine(kind: Combine, old: Any, new: Any) -> Any:
     # NULL is "none yet": a money total while no call had a price, a first or last call of no calls.
     if old is None or new is None:
         return new if old is None else old
@@ -197,7 +195,7 @@ def _combine(kind: Combine, old: Any, new: Any) -> Any:
     return min(old, new) if kind == "min" else max(old, new)
 
 
-def _day_of(instant: datetime) -> datetime:
+def day_of(instant: datetime) -> datetime:
     return instant.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
@@ -208,7 +206,7 @@ def group_key(values: tuple[Any, ...]) -> str:
     return hashlib.blake2b(repr(values).encode(), digest_size=16).hexdigest()
 
 
-def _upsert(
+def upsert(
     connection: Connection, table: Table, names: tuple[str, ...], totals: Mapping[tuple[Any, ...], list[Any]]
 ) -> None:
     """Add `(grain, day, *group) -> totals` to a rollup's rows, creating those it lacks."""
@@ -265,221 +263,7 @@ def _on_conflict(dialect: Dialect, name: str) -> str:
     return f" ON CONFLICT (day, grain, group_key) DO UPDATE SET {', '.join(updates)}"
 
 
-Grain = Literal["month", "day", "records"]
-
-
-@dataclass(frozen=True, slots=True)
-class Span:
-    """A stretch of time a read covers, and where its totals are: month rows, day rows, or the records."""
-
-    start: datetime | None
-    end: datetime | None
-    grain: Grain
-
-
-class PrunedSpan(ValueError):
-    """A read bounded inside a day whose records were pruned: only whole days remain (in the rollups)."""
-
-
-def spans(connection: Connection, since: datetime | None, until: datetime | None, *, months: bool) -> list[Span]:
-    """[since, until) as whole months (when `months`), whole days, and at either end the part of a day it starts
-    or ends inside; None is open-ended (the rows of the current day and month hold what happened so far)."""
-    if since is not None and until is not None and since >= until:
-        return []
-    first = None if since is None else _ceiling(since, _day_of)
-    last = None if until is None else _day_of(until)
-    if first is not None and last is not None and first > last:
-        found = [Span(since, until, "records")]
-    else:
-        found = [] if since is None or first == since else [Span(since, first, "records")]
-        found += _whole_days(first, last, months)
-        found += [] if until is None or last == until else [Span(last, until, "records")]
-    ragged = [span for span in found if span.grain == "records"]
-    if ragged:
-        cut = checkpoints.latest(connection)
-        if cut is not None and any(span.start is None or span.start < cut.before for span in ragged):
-            raise PrunedSpan(
-                f"the records before {cut.before.date().isoformat()} were pruned: only whole UTC days before it can be "
-                "read (give dates or midnights)"
-            )
-    return found
-
-
-def _whole_days(first: datetime | None, last: datetime | None, months: bool) -> list[Span]:
-    """[first, last) between midnights: the whole months in it as month rows, the days around them as day rows."""
-    if first is not None and last is not None and first >= last:
-        return []
-    if not months:
-        return [Span(first, last, "day")]
-    month_from = None if first is None else _ceiling(first, _month_of)
-    month_to = None if last is None else _month_of(last)
-    if month_from is not None and month_to is not None and month_from >= month_to:
-        return [Span(first, last, "day")]
-    found = [] if first is None or month_from == first else [Span(first, month_from, "day")]
-    found.append(Span(month_from, month_to, "month"))
-    return found + ([] if last is None or month_to == last else [Span(month_to, last, "day")])
-
-
-def _ceiling(instant: datetime, floor: Callable[[datetime], datetime]) -> datetime:
-    """The first boundary (of `floor`'s kind) at or after `instant`."""
-    below = floor(instant)
-    return below if below == instant else floor(below + timedelta(days=32) if floor is _month_of else below + ONE_DAY)
-
-
-def _month_of(instant: datetime) -> datetime:
-    return _day_of(instant).replace(day=1)
-
-
-def read(
-    connection: Connection,
-    *,
-    groups: Sequence[str],
-    measures: Sequence[str],
-    since: datetime | None,
-    until: datetime | None,
-    where: Mapping[str, str] | None = None,
-) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Totals of `measures` per group of `groups` (report names) over [since, until), only the records whose
-    dimensions equal `where`'s values: from the coarsest rollup that has them (`spans`). Money is Decimal (None
-    while no call had a price), counts int, first and last calls datetimes."""
-    where = where or {}
-    table = rollup_for([*groups, *where])
-    sqlite = connection.dialect.name == "sqlite"
-    kinds = {measure.name: measure for measure in MEASURES}
-    found: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
-        query = totals(span, table, groups, measures, sqlite, where=where)
-        for result in connection.execute(query):
-            group, values = tuple(result[: len(groups)]), result[len(groups) :]
-            typed = {name: _typed(kinds[name], value) for name, value in zip(measures, values, strict=True)}
-            if group not in found:
-                found[group] = typed
-                continue
-            sums = found[group]
-            for name, value in typed.items():
-                sums[name] = _combine(kinds[name].combine, sums[name], value)
-    return found
-
-
-def _column(span: Span, table: Table, name: str, sqlite: bool) -> ColumnElement[Any]:
-    """A group's column where `span` is read from (`day`: its date as YYYY-MM-DD text)."""
-    if name == "day":
-        instant = UsageRow.started_at if span.grain == "records" else table.c.day
-        return func.date(instant) if sqlite else func.to_char(instant, "YYYY-MM-DD")
-    column = COLUMN_OF.get(name, name)
-    return DIMENSIONS[column] if span.grain == "records" else table.c[column]
-
-
-def totals(
-    span: Span,
-    table: Table,
-    groups: Sequence[str],
-    measures: Sequence[str],
-    sqlite: bool,
-    *,
-    where: Mapping[str, str] | None = None,
-) -> Select[Any]:
-    """The totals of `measures` per group of `groups` over `span`, of the records whose dimensions equal `where`'s
-    values: rollup rows summed, or records counted."""
-    by_name = {measure.name: measure for measure in MEASURES}
-    keys = [_column(span, table, name, sqlite).label(name) for name in groups]
-    money = func.decimal_sum if sqlite else func.sum
-    aggregates = []
-    for name in measures:
-        measure = by_name[name]
-        value = measure.of_record if span.grain == "records" else table.c[name]
-        aggregate = {"sum": func.sum, "money": money, "min": func.min, "max": func.max}[measure.combine]
-        aggregates.append(aggregate(value).label(name))
-    query = select(*keys, *aggregates)
-    if keys:
-        query = query.group_by(*keys)
-    if span.grain == "records":
-        time: ColumnElement[datetime] = RECORDS.c.started_at
-        query = query.select_from(RECORDS)
-    else:
-        time = table.c.day
-        query = query.where(table.c.grain == span.grain)
-    if span.start is not None:
-        query = query.where(time >= span.start)
-    if span.end is not None:
-        query = query.where(time < span.end)
-    for dimension, wanted in (where or {}).items():
-        query = query.where(_column(span, table, dimension, sqlite) == wanted)
-    return query
-
-
-def rebuild(engine: Engine) -> int:
-    """Recompute every rollup from the records (the days a prune cut keep their totals: their records are gone).
-    Returns how many rollup rows were written.
-
-    Under the audit chain's lock, which every writer, reprice and prune checkpoint takes: nothing is recorded,
-    corrected or cut meanwhile (a prune's deletes only touch days before its cut, which are not recounted).
-    """
-    with write_transaction(engine) as connection:
-        checkpoints.lock_head(connection)
-        return fill(connection)
-
-
-def fill(connection: Connection) -> int:
-    """Recount every rollup in the caller's transaction: day rows from the records of the days they still cover
-    (a prune cut's earlier days keep theirs), month rows from the day rows. Returns how many rows were written."""
-    cut = checkpoints.latest(connection)
-    written = 0
-    for table in ROLLUPS:
-        names = dimensions(table)
-        if cut is None:
-            connection.execute(delete(table))
-        else:
-            connection.execute(delete(table).where((table.c.grain == "month") | (table.c.day >= cut.before)))
-        for day in _days(connection, None if cut is None else cut.before):
-            counted = recount(connection, table, day)
-            _upsert(connection, table, names, counted)
-            written += len(counted)
-        if table.name in MONTHLY:
-            months = _months_of_days(connection, table)
-            _upsert(connection, table, names, months)
-            written += len(months)
-    return written
-
-
-def _days(connection: Connection, since: datetime | None) -> list[datetime]:
-    """The UTC days with records from `since` on."""
-    query = select(func.min(UsageRow.started_at), func.max(UsageRow.started_at))
-    if since is not None:
-        query = query.where(UsageRow.started_at >= since)
-    first, last = connection.execute(query).one()
-    if first is None:
-        return []
-    day, found = _day_of(first), []
-    while day <= last:
-        found.append(day)
-        day += ONE_DAY
-    return found
-
-
-def recount(connection: Connection, table: Table, day: datetime) -> dict[tuple[Any, ...], list[Any]]:
-    """A rollup's day rows for `day` as the records sum them: ("day", day, *group) -> totals."""
-    sqlite = connection.dialect.name == "sqlite"
-    names = dimensions(table)
-    query = totals(Span(day, day + ONE_DAY, "records"), table, [*names], MEASURE_NAMES, sqlite)
-    found: dict[tuple[Any, ...], list[Any]] = {}
-    for result in connection.execute(query):
-        sums = [_typed(measure, value) for measure, value in zip(MEASURES, result[len(names) :], strict=True)]
-        found[("day", day, *result[: len(names)])] = sums
-    return found
-
-
-def _months_of_days(
-    connection: Connection, table: Table, month: datetime | None = None
-) -> dict[tuple[Any, ...], list[Any]]:
-    """Month rows as the day rows sum them (of one `month`, or all): ("month", month, *group) -> totals."""
-    found: dict[tuple[Any, ...], list[Any]] = {}
-    for (_, day, *group), sums in _stored(connection, table, "day", month).items():
-        _merge(found, ("month", day.replace(day=1), *group), sums)
-    return found
-
-
-def _typed(measure: Measure, value: Any) -> Any:
+def typed(measure: Measure, value: Any) -> Any:
     if measure.combine == "sum":
         return int(value or 0)
     if value is None or measure.combine == "money":
@@ -489,113 +273,11 @@ def _typed(measure: Measure, value: Any) -> Any:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class RollupProblem(ValueError):
-    """Rollup rows that cannot be right whatever the records say: a row under a key its values do not hash to (the
-    writer never adds to it), or two rows of one group."""
+def ceiling(instant: datetime, floor: Callable[[datetime], datetime]) -> datetime:
+    """The first boundary (of `floor`'s kind) at or after `instant`."""
+    below = floor(instant)
+    return below if below == instant else floor(below + timedelta(days=32) if floor is month_of else below + ONE_DAY)
 
 
-def _stored(
-    connection: Connection, table: Table, grain: Grain, month: datetime | None = None, day: datetime | None = None
-) -> dict[tuple[Any, ...], list[Any]]:
-    """A rollup's rows of one grain (of one month, or one day), keyed like `recount`."""
-    names = dimensions(table)
-    query = select(table.c.day, table.c.group_key, *(table.c[name] for name in names))
-    query = query.add_columns(*(table.c[name] for name in MEASURE_NAMES)).where(table.c.grain == grain)
-    if month is not None:
-        query = query.where(table.c.day >= month, table.c.day < _ceiling(month + ONE_DAY, _month_of))
-    if day is not None:
-        query = query.where(table.c.day == day)
-    found: dict[tuple[Any, ...], list[Any]] = {}
-    for result in connection.execute(query):
-        values = tuple(result[2 : 2 + len(names)])
-        key = (grain, result[0], *values)
-        if result[1] != group_key(values) or key in found:
-            raise RollupProblem(
-                f"rollup {table.name} has a {grain} row of {result[0].date().isoformat()} under a key its group "
-                f"({', '.join(map(str, values))}) does not have, or twice; run `spendgate rollups rebuild`"
-            )
-        sums = result[2 + len(names) :]
-        found[key] = [_typed(measure, value) for measure, value in zip(MEASURES, sums, strict=True)]
-    return found
-
-
-def disagreement(engine: Engine) -> str | None:
-    """The first rollup row that differs from a recount: a day row from the records of its day (every day from the
-    latest prune cut on, with records or rows), a month row from its day rows. None when they all agree."""
-    with _snapshot(engine) as connection:
-        cut = checkpoints.latest(connection)
-        since = None if cut is None else cut.before
-        try:
-            for table in ROLLUPS:
-                problem = _check(connection, table, since)
-                if problem is not None:
-                    return problem
-        except RollupProblem as exc:
-            return str(exc)
-    return None
-
-
-def _check(connection: Connection, table: Table, since: datetime | None) -> str | None:
-    """The first of a rollup's rows that differs from its recount, or None."""
-    day_rows = select(table.c.day).where(table.c.grain == "day").distinct()
-    counted = set(connection.execute(day_rows if since is None else day_rows.where(table.c.day >= since)).scalars())
-    for day in sorted(counted | set(_days(connection, since))):
-        problem = _compare(table, _stored(connection, table, "day", day=day), recount(connection, table, day))
-        if problem is not None:
-            return problem
-    months = set(connection.execute(select(table.c.day).where(table.c.grain == "month").distinct()).scalars())
-    if table.name in MONTHLY:
-        months |= {day.replace(day=1) for day in connection.execute(day_rows).scalars()}
-    for month in sorted(months):
-        kept = _stored(connection, table, "month", month=month)
-        problem = _compare(table, kept, _months_of_days(connection, table, month))
-        if problem is not None:
-            return problem
-    return None
-
-
-def _compare(
-    table: Table, kept: dict[tuple[Any, ...], list[Any]], want: dict[tuple[Any, ...], list[Any]]
-) -> str | None:
-    for group in sorted(kept.keys() | want.keys(), key=_sortable):
-        have, expected = kept.get(group), want.get(group)
-        if have != expected:
-            values = zip(dimensions(table), group[2:], strict=True)
-            names = ", ".join(f"{name}={value}" for name, value in values)
-            return (
-                f"rollup {table.name} disagrees on the {group[0]} of {group[1].date().isoformat()} ({names}): "
-                f"{_difference(have, expected)}; run `spendgate rollups rebuild`"
-            )
-    return None
-
-
-@contextlib.contextmanager
-def _snapshot(engine: Engine) -> Iterator[Connection]:
-    """A connection whose reads all see one moment, so a write committing between two of them (records and their
-    rollups commit together) cannot look like a disagreement."""
-    with engine.connect() as connection:
-        if connection.dialect.name == "sqlite":
-            # A deferred transaction keeps the snapshot of its first read (WAL) until it ends.
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection = connection.execution_options(isolation_level="REPEATABLE READ")
-        try:
-            yield connection
-        finally:
-            connection.rollback()
-
-
-def _sortable(group: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple("" if value is None else value for value in group)
-
-
-def _difference(have: list[Any] | None, want: list[Any] | None) -> str:
-    if have is None:
-        return "the rollup has no row for calls that were made"
-    if want is None:
-        return "the rollup counts calls that were never made"
-    return "; ".join(
-        f"{measure.name} {old} (records: {new})"
-        for measure, old, new in zip(MEASURES, have, want, strict=True)
-        if old != new
-    )
+def month_of(instant: datetime) -> datetime:
+    return day_of(instant).replace(day=1)

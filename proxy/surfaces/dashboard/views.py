@@ -30,7 +30,7 @@ from proxy.ledger.reports import (
     spend_of,
     top_sessions,
 )
-from proxy.ledger.rollups import read
+from proxy.ledger.rollup_reads import read
 from proxy.ledger.schema import AuditHead
 from proxy.ledger.teams import TeamView, get_team, list_teams
 from proxy.ledger.windows import period_end
