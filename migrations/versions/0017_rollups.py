@@ -137,6 +137,7 @@ def upgrade() -> None:
     _rollup("rollup_teams")
     op.create_index("ix_rollup_teams_team", "rollup_teams", ["team", "grain", "day"])
     op.create_index("ix_rollup_teams_key", "rollup_teams", ["key_id", "grain", "day"])
+    op.create_index("ix_rollup_teams_grain", "rollup_teams", ["grain", "day"])
     _rollup("rollup_users", sa.Column("user", sa.String(256)))
     op.create_index("ix_rollup_users_team", "rollup_users", ["team", "grain", "day"])
     op.create_index("ix_rollup_users_user", "rollup_users", ["user", "grain", "day"])

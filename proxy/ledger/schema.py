@@ -334,6 +334,8 @@ class TeamRollup(_Rollup, Base):
     __table_args__ = (
         Index("ix_rollup_teams_team", "team", "grain", "day"),
         Index("ix_rollup_teams_key", "key_id", "grain", "day"),
+        # Reads of every month row (the ledger page's all-time counts) without walking the day rows.
+        Index("ix_rollup_teams_grain", "grain", "day"),
         {"sqlite_with_rowid": False},
     )
 
