@@ -128,13 +128,13 @@ def run_prune(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate prune`: records older than the horizon exported to a file, then deleted (rollups and the audit
     chain's checkpoint stay)."""
     from proxy.ledger.retention import PruneRefused, prune
+    from proxy.ledger.windows import calendar_start
 
     before = instant(args.before)
     if before is None:
         if settings.retention_days is None:
             raise UsageError("give --before DATE, or set SPENDGATE_RETENTION_DAYS")
-        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        before = today - timedelta(days=settings.retention_days)
+        before = calendar_start("day", datetime.now(UTC)) - timedelta(days=settings.retention_days)
     fmt: Format = args.format or ("csv" if Path(args.export).name.removesuffix(".gz").endswith(".csv") else "jsonl")
     with open_ledger(settings) as engine, progress("exporting records", "records") as advance:
         try:

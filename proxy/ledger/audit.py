@@ -188,7 +188,7 @@ def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None
         )
     edited = _edited_before(engine, start[0])
     if edited is not None:
-        return verdict(entries=0, problem=f"admin event at entry {edited}, before the prune checkpoint, was edited")
+        return verdict(entries=0, problem=edited)
     # Only up to the head read above: records committed while we walk belong to the next verification.
     with contextlib.closing(_entries(engine, start[0], head_pos)) as entries:
         good, last, problem = _walk(entries, start, lambda done: progress(done, head_pos) if progress else None)
@@ -202,15 +202,14 @@ def verify(engine: Engine, *, progress: Callable[[int, int], None] | None = None
     return verdict(entries=good - start[0], problem=problem)
 
 
-def _edited_before(engine: Engine, cut: int) -> int | None:
-    """The first admin event at or before a prune's cut whose content no longer matches its hash. (Its link to the
-    entry before cannot be checked without the pruned records: their export keeps their chain hashes for that.)"""
-    columns = [_raw_time(AdminEvent.__table__.c[name]) for name in EVENT_HASHED]
-    query = select(AdminEvent.chain_pos, AdminEvent.content_hash, *columns).where(AdminEvent.chain_pos <= cut)
-    with engine.connect() as connection:
-        for pos, stored, *values in connection.execute(query.order_by(AdminEvent.chain_pos)):
-            if content_hash(values) != stored:
-                return int(pos)
+def _edited_before(engine: Engine, cut: int) -> str | None:
+    """The first entry left at or before a prune's cut (admin events are never pruned; records of a prune that
+    died part way) whose content no longer matches its hash. (Its link to the entry before cannot be checked
+    without the pruned records: their export keeps their chain hashes for that.)"""
+    with contextlib.closing(_entries(engine, 0, cut)) as entries:
+        for pos, kind, _ident, stored_content, _, values in entries:
+            if content_hash(values) != stored_content:
+                return f"{kind} at entry {pos}, before the prune checkpoint, was edited"
     return None
 
 

@@ -67,14 +67,17 @@ def recount_users(engine: Engine, team_id: int, team: str, period: Period, at: d
     """Set every end user's counter of a team from the usage totals of the current period (when end-user budgets
     are turned on or changed mid-period, or costs were corrected), keeping their holds."""
     start = period_start(period, at) or TOTAL_PERIOD_START
+
+    def spent_by_user(connection: Connection) -> dict[str, Decimal]:
+        found = read(connection, groups=["user"], measures=["cost_usd"], since=start, until=None, where={"team": team})
+        return {NO_USER if user is None else user: totals["cost_usd"] or ZERO for (user,), totals in found.items()}
+
     with write_transaction(engine) as connection:
-        found = read(connection, groups=["user"], measures=["cost_usd"], since=start, until=None, where={"team": team})
-        spent = {NO_USER if user is None else user: totals["cost_usd"] or ZERO for (user,), totals in found.items()}
-        counters = {user: user_counter(team_id, team, user, period, None, at) for user in sorted(spent)}
-        # Lock first, then read again: a settlement committing between the sum and the write would otherwise be lost.
+        users = sorted(spent_by_user(connection))
+        counters = {user: user_counter(team_id, team, user, period, None, at) for user in users}
+        # Lock first, then sum: a settlement committing between the sum and the write would otherwise be lost.
         current = lock_counters(connection, counters.values())
-        found = read(connection, groups=["user"], measures=["cost_usd"], since=start, until=None, where={"team": team})
-        spent = {NO_USER if user is None else user: totals["cost_usd"] or ZERO for (user,), totals in found.items()}
+        spent = spent_by_user(connection)
         writes = []
         for user, counter in counters.items():
             _, reserved = current[(counter.scope, counter.period_start)]

@@ -26,6 +26,17 @@ class Checkpoint:
     event_pos: int
 
 
+class PrunedRange(ValueError):
+    """A read that needs records a prune deleted."""
+
+
+def require_records(connection: Connection, since: datetime, instead: str) -> None:
+    """Raise `PrunedRange` (saying what to do `instead`) when records from `since` on may have been pruned."""
+    cut = latest(connection)
+    if cut is not None and since < cut.before:
+        raise PrunedRange(f"the records before {cut.before.date().isoformat()} were pruned: {instead}")
+
+
 def lock_head(connection: Connection) -> tuple[int, str]:
     """Lock the end of the chain for this transaction; returns its position and hash."""
     pos, head = connection.execute(

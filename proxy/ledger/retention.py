@@ -28,6 +28,7 @@ from proxy.ledger.checkpoints import lock_head
 from proxy.ledger.db import write_transaction
 from proxy.ledger.export import PUBLIC_FIELDS, public_record, write_csv, write_jsonl
 from proxy.ledger.schema import AdminEvent, AuditHead, UsageRow
+from proxy.ledger.windows import calendar_start
 
 Format = Literal["jsonl", "csv"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv")
@@ -59,7 +60,7 @@ class PruneRefused(ValueError):
 def horizon_of(text_date: datetime) -> datetime:
     """A prune horizon: a UTC midnight no later than today's."""
     horizon = text_date.astimezone(UTC)
-    if horizon != horizon.replace(hour=0, minute=0, second=0, microsecond=0):
+    if horizon != calendar_start("day", horizon):
         raise PruneRefused(f"--before must be a date (a UTC midnight), not {text_date.isoformat()}")
     if horizon > datetime.now(UTC):
         raise PruneRefused(f"--before {horizon.date().isoformat()} is in the future: today's records cannot be pruned")

@@ -17,19 +17,16 @@ from proxy.ledger.rollups import (
     MEASURE_NAMES,
     MEASURES,
     MONTHLY,
-    ONE_DAY,
     ROLLUPS,
     Grain,
-    ceiling,
-    day_of,
     dimensions,
     group_key,
     merge,
-    month_of,
     typed,
     upsert,
 )
 from proxy.ledger.schema import UsageRow
+from proxy.ledger.windows import calendar_end, calendar_start
 
 
 def rebuild(engine: Engine) -> int:
@@ -74,10 +71,10 @@ def _days(connection: Connection, since: datetime | None) -> list[datetime]:
     first, last = connection.execute(query).one()
     if first is None:
         return []
-    day, found = day_of(first), []
+    day, found = calendar_start("day", first), []
     while day <= last:
         found.append(day)
-        day += ONE_DAY
+        day = calendar_end("day", day)
     return found
 
 
@@ -85,7 +82,7 @@ def recount(connection: Connection, table: Table, day: datetime) -> dict[tuple[A
     """A rollup's day rows for `day` as the records sum them: ("day", day, *group) -> totals."""
     sqlite = connection.dialect.name == "sqlite"
     names = dimensions(table)
-    query = totals(Span(day, day + ONE_DAY, "records"), table, [*names], MEASURE_NAMES, sqlite)
+    query = totals(Span(day, calendar_end("day", day), "records"), table, [*names], MEASURE_NAMES, sqlite)
     found: dict[tuple[Any, ...], list[Any]] = {}
     for result in connection.execute(query):
         sums = [typed(measure, value) for measure, value in zip(MEASURES, result[len(names) :], strict=True)]
@@ -116,7 +113,7 @@ def _stored(
     query = select(table.c.day, table.c.group_key, *(table.c[name] for name in names))
     query = query.add_columns(*(table.c[name] for name in MEASURE_NAMES)).where(table.c.grain == grain)
     if month is not None:
-        query = query.where(table.c.day >= month, table.c.day < ceiling(month + ONE_DAY, month_of))
+        query = query.where(table.c.day >= month, table.c.day < calendar_end("month", month))
     if day is not None:
         query = query.where(table.c.day == day)
     found: dict[tuple[Any, ...], list[Any]] = {}

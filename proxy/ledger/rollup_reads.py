@@ -18,14 +18,12 @@ from proxy.ledger.rollups import (
     MONTHLY,
     RECORDS,
     Grain,
-    ceiling,
     combine,
-    day_of,
-    month_of,
     rollup_for,
     typed,
 )
 from proxy.ledger.schema import UsageRow
+from proxy.ledger.windows import calendar_start, next_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,31 +35,24 @@ class Span:
     grain: Grain
 
 
-class PrunedSpan(ValueError):
-    """A read bounded inside a day whose records were pruned: only whole days remain (in the rollups)."""
-
-
 def spans(connection: Connection, since: datetime | None, until: datetime | None, *, months: bool) -> list[Span]:
     """[since, until) as whole months (when `months`), whole days, and at either end the part of a day it starts
     or ends inside; None is open-ended (the rows of the current day and month hold what happened so far)."""
     if since is not None and until is not None and since >= until:
         return []
-    first = None if since is None else ceiling(since, day_of)
-    last = None if until is None else day_of(until)
+    first = None if since is None else next_start("day", since)
+    last = None if until is None else calendar_start("day", until)
     if first is not None and last is not None and first > last:
         found = [Span(since, until, "records")]
     else:
         found = [] if since is None or first == since else [Span(since, first, "records")]
         found += _whole_days(first, last, months)
         found += [] if until is None or last == until else [Span(last, until, "records")]
-    ragged = [span for span in found if span.grain == "records"]
+    ragged = [span.start for span in found if span.grain == "records" and span.start is not None]
     if ragged:
-        cut = checkpoints.latest(connection)
-        if cut is not None and any(span.start is None or span.start < cut.before for span in ragged):
-            raise PrunedSpan(
-                f"the records before {cut.before.date().isoformat()} were pruned: only whole UTC days before it can be "
-                "read (give dates or midnights)"
-            )
+        # Only whole days are left of a pruned day, in the rollups.
+        instead = "only whole UTC days before it can be read (give dates or midnights)"
+        checkpoints.require_records(connection, min(ragged), instead)
     return found
 
 
@@ -71,8 +62,8 @@ def _whole_days(first: datetime | None, last: datetime | None, months: bool) -> 
         return []
     if not months:
         return [Span(first, last, "day")]
-    month_from = None if first is None else ceiling(first, month_of)
-    month_to = None if last is None else month_of(last)
+    month_from = None if first is None else next_start("month", first)
+    month_to = None if last is None else calendar_start("month", last)
     if month_from is not None and month_to is not None and month_from >= month_to:
         return [Span(first, last, "day")]
     found = [] if first is None or month_from == first else [Span(first, month_from, "day")]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, Connection, Dialect, Table, case, func, li
 
 from proxy.ledger.db import insert_rows
 from proxy.ledger.schema import SessionRollup, TeamRollup, UsageRow, UserRollup, effective_cost
+from proxy.ledger.windows import calendar_start
 
 Combine = Literal["sum", "money", "min", "max"]
 Grain = Literal["month", "day", "records"]
@@ -29,7 +30,6 @@ ROLLUPS: tuple[Table, ...] = (TeamRollup.__table__, UserRollup.__table__, Sessio
 MONTHLY = frozenset(("rollup_teams", "rollup_users"))
 # Group names as reports spell them, and the columns that hold them.
 COLUMN_OF = {"key": "key_id"}
-ONE_DAY = timedelta(days=1)
 CHUNK = 1000
 RECORDS: Table = UsageRow.__table__  # type: ignore[assignment]
 
@@ -135,7 +135,7 @@ def add(connection: Connection, changes: Sequence[tuple[Mapping[str, Any], tuple
         totals: dict[tuple[Any, ...], list[Any]] = {}
         for row, values in changes:
             group = tuple(_value(row, name) for name in names)
-            day = day_of(row["started_at"])
+            day = calendar_start("day", row["started_at"])
             merge(totals, ("day", day, *group), values)
             if monthly:
                 merge(totals, ("month", day.replace(day=1), *group), values)
@@ -193,10 +193,6 @@ def combine(kind: Combine, old: Any, new: Any) -> Any:
     if kind in ("sum", "money"):
         return old + new
     return min(old, new) if kind == "min" else max(old, new)
-
-
-def day_of(instant: datetime) -> datetime:
-    return instant.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 @lru_cache(maxsize=65536)
@@ -264,6 +260,7 @@ def _on_conflict(dialect: Dialect, name: str) -> str:
 
 
 def typed(measure: Measure, value: Any) -> Any:
+    """A total as the database gives it back (decimal text, naive times on SQLite) as Python holds it."""
     if measure.combine == "sum":
         return int(value or 0)
     if value is None or measure.combine == "money":
@@ -271,13 +268,3 @@ def typed(measure: Measure, value: Any) -> Any:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def ceiling(instant: datetime, floor: Callable[[datetime], datetime]) -> datetime:
-    """The first boundary (of `floor`'s kind) at or after `instant`."""
-    below = floor(instant)
-    return below if below == instant else floor(below + timedelta(days=32) if floor is month_of else below + ONE_DAY)
-
-
-def month_of(instant: datetime) -> datetime:
-    return day_of(instant).replace(day=1)

@@ -119,25 +119,33 @@ def to_recount(before: Windows, before_period: Period, after: Windows, after_per
 
 def period_start(period: str, now: datetime) -> datetime | None:
     """Start of the current calendar period in UTC (weeks start Monday); None for `total`."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    return None
+    return calendar_start(period, now) if period in WINDOW_PERIODS else None
 
 
 def period_end(period: str, start: datetime) -> datetime | None:
     """The end of the calendar period that starts at `start` (None for `total`)."""
+    return calendar_end(period, start) if period in WINDOW_PERIODS else None
+
+
+def calendar_start(period: str, now: datetime) -> datetime:
+    """Start of the UTC day, week (from Monday) or month (`period`) `now` is in."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
-        return start + timedelta(days=1)
-    if period == "week":
-        return start + timedelta(days=7)
+        return day
+    return day - timedelta(days=day.weekday()) if period == "week" else day.replace(day=1)
+
+
+def calendar_end(period: str, start: datetime) -> datetime:
+    """The end of the UTC day, week or month that starts at `start`."""
     if period == "month":
         return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
-    return None
+    return start + timedelta(days=1 if period == "day" else 7)
+
+
+def next_start(period: str, instant: datetime) -> datetime:
+    """The first start of a day, week or month at or after `instant`."""
+    start = calendar_start(period, instant)
+    return start if start == instant else calendar_end(period, start)
 
 
 def named(windows: Windows) -> dict[str, str | None]:

@@ -102,12 +102,7 @@ def ledger_buckets(engine: Engine, since: datetime, until: datetime, width: Widt
     """The ledger's tokens and cost per bucket, model and service tier (blocking), from the records themselves: a
     range `spendgate prune` cut into is refused, as the records Anthropic counted are no longer all here."""
     with engine.connect() as connection:
-        cut = checkpoints.latest(connection)
-    if cut is not None and since < cut.before:
-        raise ValueError(
-            f"the records before {cut.before.date().isoformat()} were pruned: reconcile from that day on (their export "
-            "keeps them)"
-        )
+        checkpoints.require_records(connection, since, "reconcile from that day on (their export keeps them)")
     sqlite = engine.dialect.name == "sqlite"
     if sqlite:
         pattern = "%Y-%m-%d %H:00:00" if width == "hour" else "%Y-%m-%d 00:00:00"
