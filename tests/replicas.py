@@ -86,7 +86,9 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
 
 
 @contextlib.contextmanager
-def replicas(db_url: str, upstream_url: str, workdir: Path, count: int) -> Iterator[list[str]]:
-    """Several replicas on one ledger; yields their URLs."""
+def replicas(
+    db_url: str, upstream_url: str, workdir: Path, count: int, env: dict[str, str] | None = None
+) -> Iterator[list[str]]:
+    """Several replicas on one ledger (`env` added to their environment); yields their URLs."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(replica(db_url, upstream_url, workdir))[0] for _ in range(count)]
+        yield [stack.enter_context(replica(db_url, upstream_url, workdir, env=env))[0] for _ in range(count)]

@@ -6,7 +6,9 @@ Tests steer it with request headers, which the proxy forwards untouched:
 - `x-fake-chunk: N` splits SSE bodies into N-byte chunks; `x-fake-delay: S` sleeps S seconds between chunks;
 - `x-fake-hang: S` waits S seconds before answering at all;
 - `x-fake-gate: 1` waits until the test sets `gate`, so every such call is in flight at once, however slow the machine;
-- `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally.
+- `x-fake-fail-first: N` answers 500 to the first N requests with the same body, then normally;
+- `x-fake-request-id: ID` answers a message with that `request-id` (how a test pairs a ledger record with the
+  request's arrival here, `Seen.arrived`).
 
 `GET /v1/models` lists `MODELS` in pages (`limit`, `after_id`), `GET /v1/models/{id}` one of them.
 
@@ -63,6 +65,7 @@ class Seen:
     query: str
     headers: dict[str, str]
     body: bytes
+    arrived: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 @dataclass
@@ -139,7 +142,12 @@ class FakeAnthropic:
             recorded = fixture("message.json")
             model = _resolved(request["model"])
             self.served.append((datetime.now(UTC), model, json.loads(recorded)["usage"]))
-            await _respond(send, 200, recorded.replace(b'"claude-sonnet-4-5-20250929"', json.dumps(model).encode()))
+            await _respond(
+                send,
+                200,
+                recorded.replace(b'"claude-sonnet-4-5-20250929"', json.dumps(model).encode()),
+                request_id=headers.get("x-fake-request-id"),
+            )
 
     async def _batch(self, method: str, path: str, body: bytes, send: Send) -> None:
         parts = path.removeprefix("/v1/messages/batches").strip("/").split("/")
@@ -265,17 +273,25 @@ def _error_body(status: int) -> bytes:
     return json.dumps({"type": "error", "error": {"type": kind, "message": f"fake {status}"}}).encode()
 
 
+def _response_headers(request_id: str | None) -> list[tuple[bytes, bytes]]:
+    """The headers of every answer, the request id the caller named (`x-fake-request-id`) if it named one."""
+    if request_id is None:
+        return RESPONSE_HEADERS
+    return [(b"request-id", request_id.encode()), *RESPONSE_HEADERS[1:]]
+
+
 async def _respond(
     send: Send,
     status: int,
     body: bytes,
     extra: list[tuple[bytes, bytes]] | None = None,
     content_type: bytes = b"application/json",
+    request_id: str | None = None,
 ) -> None:
     headers = [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
-        *RESPONSE_HEADERS,
+        *_response_headers(request_id),
         *(extra or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -289,7 +305,7 @@ async def _stream(send: Send, receive: Receive, headers: dict[str, str]) -> None
     response_headers = [
         (b"content-type", b"text/event-stream; charset=utf-8"),
         (b"cache-control", b"no-cache"),
-        *RESPONSE_HEADERS,
+        *_response_headers(headers.get("x-fake-request-id")),
     ]
     await send({"type": "http.response.start", "status": 200, "headers": response_headers})
     gone = asyncio.ensure_future(_disconnect(receive))
