@@ -2,12 +2,15 @@
 """Ledger benchmark: fill a database with usage records through the real writer, then time every report, the
 dashboard's pages, export, rollups rebuild, audit verify and prune.
 
-    bench/ledger.py [--db URL] [--records N]
+    bench/ledger.py [--db URL] [--records N] [--filled]
 
 With no --db, a fresh SQLite file in a temporary folder is used; pass a PostgreSQL URL (an empty database) to
-measure PostgreSQL. Records go in through `insert_records` (hashing, chaining, rollups), in time order over 60
-days: a fleet of 1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents), who
-also use their team's internal application (its key, features). Prints one line per measurement. Exit 3 when a
+measure PostgreSQL. `--filled`: the database is one this bench filled before (with the same --records), so the
+fill (an hour at 10 million records) is skipped and everything after it measured again, prune included.
+
+Records go in through `insert_records` (hashing, chaining, rollups), in time order over 60 days: a fleet of
+1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents), who also use their
+team's internal application (its key, features). Prints one line per measurement. Exit 3 when a
 report changed across the prune.
 """
 
@@ -36,7 +39,7 @@ from proxy.ledger.reports import report
 from proxy.ledger.retention import prune
 from proxy.ledger.rollup_checks import rebuild
 from proxy.ledger.rollups import ROLLUPS
-from proxy.ledger.teams import TeamSettings, create_team
+from proxy.ledger.teams import TeamSettings, create_team, list_teams
 from proxy.pricing.table import PriceTable
 from proxy.surfaces.dashboard.pages import LastVerify, render
 from proxy.surfaces.dashboard.views import ledger_page, my_spend, outlooks, team_page
@@ -142,7 +145,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="an empty database URL (default: a temporary SQLite file)")
     parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--filled", action="store_true", help="skip the fill: --db was filled by this bench before")
     args = parser.parse_args()
+    if args.filled and not args.db:
+        parser.error("--filled needs the --db this bench filled")
     with tempfile.TemporaryDirectory(prefix="spendgate-ledger-bench-") as folder:
         url = args.db or f"sqlite:///{Path(folder) / 'ledger.db'}"
         upgrade(url)
@@ -157,7 +163,8 @@ def main() -> int:
             return f"{args.records / max(time.perf_counter() - began, 1e-9):,.0f} records/s"
 
         began = time.perf_counter()
-        timed("fill (ledger writer: hash, chain, roll up)", fill)
+        if not args.filled:
+            timed("fill (ledger writer: hash, chain, roll up)", fill)
         with engine.connect() as connection:
             for table in ROLLUPS:
                 rows = connection.execute(select(func.count()).select_from(table)).scalar_one()
@@ -183,8 +190,10 @@ def main() -> int:
         timed("usage export, jsonl (the last day)", export)
 
         # The dashboard's pages, at a time inside the data: the same queries and templates a browser gets.
+        known = {team.name for team in list_teams(engine)}
         for team in range(TEAMS):
-            create_team(engine, f"team-{team:02}", TeamSettings(budget_usd=Decimal(500_000)), actor="bench")
+            if f"team-{team:02}" not in known:
+                create_team(engine, f"team-{team:02}", TeamSettings(budget_usd=Decimal(500_000)), actor="bench")
         now = END - timedelta(hours=1)
         timed(
             "dashboard overview (20 teams, forecasts)",
