@@ -5,8 +5,8 @@ dashboard's pages, export, rollups rebuild, audit verify and prune.
     bench/ledger.py [--db URL] [--records N] [--filled]
 
 With no --db, a fresh SQLite file in a temporary folder is used; pass a PostgreSQL URL (an empty database) to
-measure PostgreSQL. `--filled`: the database is one this bench filled before (with the same --records), so the
-fill (an hour at 10 million records) is skipped and everything after it measured again, prune included.
+measure PostgreSQL. `--filled`: the database is one this bench filled before (with the same --records) and did
+not prune yet, so the fill (an hour at 10 million records) is skipped and everything after it measured again.
 
 Records go in through `insert_records` (hashing, chaining, rollups), in time order over 60 days: a fleet of
 1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents), who also use their
