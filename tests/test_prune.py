@@ -6,9 +6,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, insert, select, text
@@ -23,7 +27,9 @@ from proxy.ledger.teams import TeamSettings, create_team
 from proxy.pricing.table import PriceTable
 from proxy.reconcile.compare import ledger_buckets
 from proxy.reconcile.scheduled import claim_day
+from tests.conftest import POSTGRES_URL
 from tests.test_writer import make_record
+from tests.waiting import wait_until
 
 PRICES = PriceTable.load()
 TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -201,3 +207,49 @@ def test_admin_events_before_the_cut_stay_checked(engine: Engine, db_url: str, t
     with engine.begin() as connection:
         connection.execute(text("UPDATE admin_events SET actor = 'mallory' WHERE chain_pos = 1"))
     assert verify(engine).problem == "admin event at entry 1, before the prune checkpoint, was edited"
+
+
+@pytest.mark.skipif(
+    POSTGRES_URL is None, reason="SQLite has one write lock: deletes cannot wait while a checkpoint goes"
+)
+def test_a_prune_killed_while_deleting_is_finished_by_the_next(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """SIGKILL after the checkpoint, with the deletes held back (the test holds usage_records in SHARE mode, which
+    lets the export read and the checkpoint write, not delete): the records stay, the chain still verifies from
+    the checkpoint, reports are whole, and the next prune deletes them first before it exports anything new."""
+    fill(engine)
+    by_day = [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])]
+    first = tmp_path / "first.jsonl"
+    with engine.connect() as holder:
+        holder.execute(text("LOCK TABLE usage_records IN SHARE MODE"))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
+            + ["--export", str(first), "--db", db_url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_until(lambda: prune_events(engine) or process.poll() is not None, "the prune's checkpoint")
+        finally:
+            process.kill()
+            _, err = process.communicate(timeout=30)
+        holder.rollback()
+    assert process.returncode == -signal.SIGKILL, err.decode()
+    [event] = prune_events(engine)
+    assert event["records"] == 24 and count(engine) == 45
+    assert event["export"]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert verify(engine).problem is None
+    assert [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])] == by_day
+    # The same horizon again: nothing new to export, the dead prune's records deleted.
+    again = tmp_path / "again.jsonl"
+    assert main(["prune", "--before", HORIZON.date().isoformat(), "--export", str(again), "--db", db_url]) == 0
+    assert count(engine) == 45 - 24 and not again.exists() and len(prune_events(engine)) == 1
+    verdict = verify(engine)
+    assert (verdict.problem, verdict.checkpoint) == (None, 24)
+    assert [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])] == by_day
+
+
+def prune_events(engine: Engine) -> list[dict[str, Any]]:
+    """What every prune checkpoint says (its audit event's `after`)."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(AdminEvent.details).where(AdminEvent.action == "prune")).scalars()
+        return [json.loads(details)["after"] for details in rows]
