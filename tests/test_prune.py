@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +29,7 @@ from proxy.pricing.table import PriceTable
 from proxy.reconcile.compare import ledger_buckets
 from proxy.reconcile.scheduled import claim_day
 from tests.conftest import POSTGRES_URL
+from tests.locks import ledger_locked
 from tests.test_writer import make_record
 from tests.waiting import wait_until
 
@@ -221,19 +223,8 @@ def test_a_prune_killed_while_deleting_is_finished_by_the_next(engine: Engine, d
     first = tmp_path / "first.jsonl"
     with engine.connect() as holder:
         holder.execute(text("LOCK TABLE usage_records IN SHARE MODE"))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
-            + ["--export", str(first), "--db", db_url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            wait_until(lambda: prune_events(engine) or process.poll() is not None, "the prune's checkpoint")
-        finally:
-            process.kill()
-            _, err = process.communicate(timeout=30)
+        kill_prune(db_url, first, lambda: bool(prune_events(engine)), "the prune's checkpoint")
         holder.rollback()
-    assert process.returncode == -signal.SIGKILL, err.decode()
     [event] = prune_events(engine)
     assert event["records"] == 24 and count(engine) == 45
     assert event["export"]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
@@ -253,3 +244,42 @@ def prune_events(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         rows = connection.execute(select(AdminEvent.details).where(AdminEvent.action == "prune")).scalars()
         return [json.loads(details)["after"] for details in rows]
+
+
+def test_a_prune_killed_before_its_checkpoint_leaves_the_ledger_as_it_was(
+    engine: Engine, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL with the export written and the checkpoint waiting for the ledger's write lock: nothing is pruned,
+    the chain verifies, the dead prune's export is never overwritten, and a prune to a new file goes as usual."""
+    fill(engine)
+    by_day = [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])]
+    first = tmp_path / "first.jsonl"
+    with ledger_locked(engine):
+        kill_prune(db_url, first, first.exists, "the prune's export")
+    assert prune_events(engine) == [] and count(engine) == 45 and verify(engine).problem is None
+    written = first.read_bytes()
+    horizon = HORIZON.date().isoformat()
+    assert main(["prune", "--before", horizon, "--export", str(first), "--db", db_url]) == 1
+    assert "exists: an earlier export is never overwritten" in capsys.readouterr().err
+    assert first.read_bytes() == written
+    second = tmp_path / "second.jsonl"
+    assert main(["prune", "--before", horizon, "--export", str(second), "--db", db_url]) == 0
+    assert json.loads(capsys.readouterr().out)["pruned"] == 24 and second.read_bytes() == written
+    assert count(engine) == 45 - 24 and verify(engine).problem is None
+    assert [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])] == by_day
+
+
+def kill_prune(db_url: str, export: Path, reached: Callable[[], bool], what: str) -> None:
+    """Run `spendgate prune` to the HORIZON in a child process and SIGKILL it once `reached` (`what`) is true."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
+        + ["--export", str(export), "--db", db_url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: reached() or process.poll() is not None, what)
+    finally:
+        process.kill()
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, err.decode()

@@ -239,18 +239,15 @@ class _Hashing(io.RawIOBase):
 
 
 def _delete_through(engine: Engine, cut_pos: int) -> None:
-    """Delete the records chained at or before `cut_pos`, a chunk per transaction."""
+    """Delete the records chained at or before `cut_pos`, a chunk per transaction. Each chunk is found before its
+    transaction (nothing is chained below a cut any more): with nothing to delete, writers never wait."""
+    chunk = select(UsageRow.chain_pos).where(UsageRow.chain_pos <= cut_pos).order_by(UsageRow.chain_pos)
     while True:
+        with engine.connect() as connection:
+            last = connection.execute(select(func.max(chunk.limit(DELETE_CHUNK).subquery().c.chain_pos))).scalar()
+        if last is None:
+            return
         with write_transaction(engine) as connection:
-            chunk = (
-                select(UsageRow.chain_pos)
-                .where(UsageRow.chain_pos <= cut_pos)
-                .order_by(UsageRow.chain_pos)
-                .limit(DELETE_CHUNK)
-            )
-            last = connection.execute(select(func.max(chunk.subquery().c.chain_pos))).scalar()
-            if last is None:
-                return
             connection.execute(delete(UsageRow).where(UsageRow.chain_pos <= last))
 
 
