@@ -283,3 +283,28 @@ def kill_prune(db_url: str, export: Path, reached: Callable[[], bool], what: str
         process.kill()
         _, err = process.communicate(timeout=30)
     assert process.returncode == -signal.SIGKILL, err.decode()
+
+
+def test_of_two_prunes_at_once_one_cuts_and_the_other_is_refused(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """Two prunes export the same records while the ledger's write lock is held, then race for the checkpoint:
+    one cuts, the other finds the cut moved, is refused and removes its export, and the ledger verifies."""
+    fill(engine)
+    exports = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    with ledger_locked(engine):
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
+                + ["--export", str(export), "--db", db_url],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for export in exports
+        ]
+        wait_until(lambda: all(export.exists() for export in exports), "both prunes' exports")
+    errors = [process.communicate(timeout=60)[1].decode() for process in processes]
+    assert sorted(process.returncode for process in processes) == [0, 1], errors
+    assert any("another prune cut the ledger meanwhile" in error for error in errors), errors
+    [kept] = [export for export in exports if export.exists()]
+    [event] = prune_events(engine)
+    assert (event["records"], event["export"]["sha256"]) == (24, hashlib.sha256(kept.read_bytes()).hexdigest())
+    assert count(engine) == 45 - 24 and verify(engine).problem is None
