@@ -249,8 +249,9 @@ def prune_events(engine: Engine) -> list[dict[str, Any]]:
 def test_a_prune_killed_before_its_checkpoint_leaves_the_ledger_as_it_was(
     engine: Engine, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """SIGKILL with the export written and the checkpoint waiting for the ledger's write lock: nothing is pruned,
-    the chain verifies, the dead prune's export is never overwritten, and a prune to a new file goes as usual."""
+    """SIGKILL with the export written and the checkpoint waiting for the ledger's write lock: a prune exports
+    before it writes anything, so nothing is pruned and the chain verifies; the dead prune's export is never
+    overwritten, and a prune to a new file goes as usual. (Deleting only after the checkpoint is the test above.)"""
     fill(engine)
     by_day = [row.to_json() for row in report(engine, PRICES, by=["team", "day", "user"])]
     first = tmp_path / "first.jsonl"

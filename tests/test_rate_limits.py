@@ -276,6 +276,7 @@ def test_rate_limits_hold_across_replicas_under_load(engine: Engine, db_url: str
         ready.wait(timeout=120)
         for thread in threads:
             thread.join(timeout=180)
+    assert not any(thread.is_alive() for thread in threads)
     assert set(outcomes) <= {200, 429}
     with engine.connect() as connection:
         rows = connection.execute(
@@ -302,7 +303,9 @@ def test_rate_limits_hold_across_replicas_under_load(engine: Engine, db_url: str
     ]
     outputs = [(came, went, row.output_tokens) for (came, went), row in zip(times, admitted, strict=True)]
     span = (max(went for _, went in times) - min(came for came, _ in times)).total_seconds()
-    for seconds in (WINDOW / 2, WINDOW, span):
+    # A window counts only the calls surely admitted in it, so on a crowded machine (calls waiting seconds for the
+    # ledger) the short ones see few: the half-run and whole-run windows still see most or all.
+    for seconds in (WINDOW / 2, WINDOW, span / 2, span):
         for calls, limit in ((requests, rpm), (inputs, itpm), (outputs, otpm)):
             worst = admitted_within(calls, seconds)
             assert within(worst, limit, seconds), (limit, seconds, worst)

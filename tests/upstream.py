@@ -277,7 +277,7 @@ def _response_headers(request_id: str | None) -> list[tuple[bytes, bytes]]:
     """The headers of every answer, the request id the caller named (`x-fake-request-id`) if it named one."""
     if request_id is None:
         return RESPONSE_HEADERS
-    return [(b"request-id", request_id.encode()), *RESPONSE_HEADERS[1:]]
+    return [(b"request-id", request_id.encode()), *(item for item in RESPONSE_HEADERS if item[0] != b"request-id")]
 
 
 async def _respond(
