@@ -272,12 +272,7 @@ def test_a_prune_killed_before_its_checkpoint_leaves_the_ledger_as_it_was(
 
 def kill_prune(db_url: str, export: Path, reached: Callable[[], bool], what: str) -> None:
     """Run `spendgate prune` to the HORIZON in a child process and SIGKILL it once `reached` (`what`) is true."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
-        + ["--export", str(export), "--db", db_url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    process = prune_process(db_url, export)
     try:
         wait_until(lambda: reached() or process.poll() is not None, what)
     finally:
@@ -292,15 +287,7 @@ def test_of_two_prunes_at_once_one_cuts_and_the_other_is_refused(engine: Engine,
     fill(engine)
     exports = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     with ledger_locked(engine):
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
-                + ["--export", str(export), "--db", db_url],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for export in exports
-        ]
+        processes = [prune_process(db_url, export) for export in exports]
         wait_until(lambda: all(export.exists() for export in exports), "both prunes' exports")
     errors = [process.communicate(timeout=60)[1].decode() for process in processes]
     assert sorted(process.returncode for process in processes) == [0, 1], errors
@@ -309,3 +296,13 @@ def test_of_two_prunes_at_once_one_cuts_and_the_other_is_refused(engine: Engine,
     [event] = prune_events(engine)
     assert (event["records"], event["export"]["sha256"]) == (24, hashlib.sha256(kept.read_bytes()).hexdigest())
     assert count(engine) == 45 - 24 and verify(engine).problem is None
+
+
+def prune_process(db_url: str, export: Path) -> subprocess.Popen[bytes]:
+    """`spendgate prune` to the HORIZON, exporting to `export`, in a child process (its errors on a pipe)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "prune", "--before", HORIZON.date().isoformat()]
+        + ["--export", str(export), "--db", db_url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )

@@ -14,7 +14,7 @@ from proxy.ledger import checkpoints
 from proxy.ledger.rollups import (
     COLUMN_OF,
     DIMENSIONS,
-    MEASURES,
+    MEASURE_OF,
     MONTHLY,
     RECORDS,
     Grain,
@@ -86,19 +86,18 @@ def read(
     where = where or {}
     table = rollup_for([*groups, *where])
     sqlite = connection.dialect.name == "sqlite"
-    kinds = {measure.name: measure for measure in MEASURES}
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
         query = totals(span, table, groups, measures, sqlite, where=where)
         for result in connection.execute(query):
             group, values = tuple(result[: len(groups)]), result[len(groups) :]
-            sums_of = {name: typed(kinds[name], value) for name, value in zip(measures, values, strict=True)}
+            sums_of = {name: typed(MEASURE_OF[name], value) for name, value in zip(measures, values, strict=True)}
             if group not in found:
                 found[group] = sums_of
                 continue
             sums = found[group]
             for name, value in sums_of.items():
-                sums[name] = combine(kinds[name].combine, sums[name], value)
+                sums[name] = combine(MEASURE_OF[name].combine, sums[name], value)
     return found
 
 
@@ -122,12 +121,11 @@ def totals(
 ) -> Select[Any]:
     """The totals of `measures` per group of `groups` over `span`, of the records whose dimensions equal `where`'s
     values: rollup rows summed, or records counted."""
-    by_name = {measure.name: measure for measure in MEASURES}
     keys = [_column(span, table, name, sqlite).label(name) for name in groups]
     money = func.decimal_sum if sqlite else func.sum
     aggregates = []
     for name in measures:
-        measure = by_name[name]
+        measure = MEASURE_OF[name]
         value = measure.of_record if span.grain == "records" else table.c[name]
         aggregate = {"sum": func.sum, "money": money, "min": func.min, "max": func.max}[measure.combine]
         aggregates.append(aggregate(value).label(name))

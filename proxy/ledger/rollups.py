@@ -68,6 +68,7 @@ MEASURES = (
     Measure("last_started_at", "max", RECORDS.c.started_at),
 )
 MEASURE_NAMES = tuple(measure.name for measure in MEASURES)
+MEASURE_OF = {measure.name: measure for measure in MEASURES}
 _SUMS, _MONEY, _FIRSTS, _LASTS = (
     tuple(index for index, measure in enumerate(MEASURES) if measure.combine == kind)
     for kind in ("sum", "money", "min", "max")
