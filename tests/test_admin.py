@@ -170,6 +170,32 @@ def test_report_over_http(make_client: Callable[..., TestClient], engine: Engine
     assert make_client().get("/admin/report", headers=AUTH, params={"by": "colour"}).status_code == 400
 
 
+def test_report_pages_over_http(make_client: Callable[..., TestClient], engine: Engine) -> None:
+    """`limit` and `cursor` page a report by group (as `/admin/usage` pages records): every group once, in the
+    whole report's order; a cursor that no report gave, or a bad limit, is a 400 in Anthropic's error shape."""
+    client = make_client()
+    sessions = [None, "", "B", "a", "z", "\u00fc"]
+    insert_records(engine, [make_record(id=f"sgr_s{n}", session=sessions[n % 6], agent="x") for n in range(23)])
+    whole = client.get("/admin/report", headers=AUTH, params={"by": "session,agent"}).json()
+    assert (whole["has_more"], whole["next_cursor"]) == (False, None)
+    assert [row["session"] for row in whole["data"]] == [None, "", "B", "a", "z", "\u00fc"]
+    seen: list[dict[str, object]] = []
+    cursor: str | None = None
+    while True:
+        params = {"by": "session,agent", "limit": "4", **({"cursor": cursor} if cursor else {})}
+        page = client.get("/admin/report", headers=AUTH, params=params).json()
+        seen += page["data"]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+    assert seen == whole["data"]
+    for odd in ({"limit": "0"}, {"limit": "1001"}, {"limit": "+2"}, {"cursor": "%%%"}, {"cursor": "WyJhIl0="}):
+        refused = client.get("/admin/report", headers=AUTH, params={"by": "session,agent", **odd})
+        assert refused.status_code == 400, odd
+        assert refused.json()["error"]["type"] == "invalid_request_error", odd
+
+
 def test_a_ledger_failure_is_a_503_like_the_proxy_gives(make_client: Callable[..., TestClient], engine: Engine) -> None:
     client = make_client()
     # The ledger breaking under the running server: every query on teams fails until the table is back (the

@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import column, inspect, select, table as table_, text
+from sqlalchemy.sql.elements import TextClause
 
 from proxy.ledger.commit import insert_records
 from proxy.ledger.db import make_engine, normalize_url, upgrade
@@ -131,12 +132,31 @@ def test_going_back_before_expiring_keys_revokes_the_keys_that_expire(fresh_url:
     migrate(fresh_url, "head")
 
 
+ORDERED_INDEXES = {
+    index.name
+    for table in Base.metadata.tables.values()
+    for index in table.indexes
+    if any(isinstance(expression, TextClause) for expression in index.expressions)
+}
+
+
 def test_the_migrations_make_the_schema_the_models_describe(fresh_url: str) -> None:
     """Every table, column and index of `proxy/ledger/schema.py` is made by a migration, and nothing else is."""
     upgrade(fresh_url)
     engine = make_engine(fresh_url)
     with engine.connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        dialect = connection.dialect.name
+
+        def made_here(thing: object, name: str | None, kind: str, reflected: bool, other: object) -> bool:
+            if dialect == "postgresql" and name in ORDERED_INDEXES:
+                # Reflection drops an index expression's COLLATE: test_rollups EXPLAINs that reports use them.
+                return False
+            # An index declared for the other database only (`ddl_if`) is not made on this one.
+            only = getattr(thing, "_ddl_if", None)
+            return reflected or only is None or only.dialect in (None, dialect)
+
+        context = MigrationContext.configure(connection, opts={"include_object": made_here})
+        differences = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert differences == []
 

@@ -128,3 +128,24 @@ def test_cli_formats(ledger: Engine, db_url: str, capsys: pytest.CaptureFixture[
     assert main(["report", "--by", "user", "--db", db_url]) == 0
     assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["user", "calls", "input_tokens"]
     assert main(["report", "--by", "colour", "--db", db_url]) == 1
+
+
+def test_cli_pages(ledger: Engine, db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--limit` prints a page and the next page's `--cursor` on stderr; following the cursors prints the whole
+    report once; a cursor of another report, or a limit that is not a positive whole number, exits 1."""
+    assert main(["report", "--by", "team,model", "--format", "json", "--db", db_url]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    seen: list[dict[str, str]] = []
+    more = ["--limit", "2"]
+    while True:
+        assert main(["report", "--by", "team,model", "--format", "json", *more, "--db", db_url]) == 0
+        out, err = capsys.readouterr()
+        seen += json.loads(out)
+        if not err:
+            break
+        more = ["--limit", "2", "--cursor", err.split("--cursor ")[1].strip()]
+    assert seen == whole and len(whole) == 3
+    assert main(["report", "--by", "team", "--cursor", more[-1], "--db", db_url]) == 1
+    assert "'cursor' is not one this report returned" in capsys.readouterr().err
+    for limit in ("0", "-1", "two", "²"):
+        assert main(["report", "--by", "team", "--limit", limit, "--db", db_url]) == 1

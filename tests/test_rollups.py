@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta, timezone
@@ -13,12 +14,12 @@ from typing import Any
 import pytest
 from alembic import command
 from hypothesis import HealthCheck, given, settings, strategies as st
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from proxy.cli.main import main
 from proxy.ledger.commit import INSERTED, USAGE_TABLE, insert_records, record_to_row
 from proxy.ledger.db import _alembic_config, insert_rows, make_engine, upgrade
-from proxy.ledger.reports import report
+from proxy.ledger.reports import report, report_page
 from proxy.ledger.rollup_checks import disagreement
 from proxy.ledger.rollup_reads import Span, spans, totals
 from proxy.ledger.rollups import MONTHLY, ROLLUPS, binders
@@ -34,12 +35,14 @@ BASE = datetime(2026, 10, 30, tzinfo=UTC)
 _ids = itertools.count()
 
 names = st.sampled_from(["a", "b", "ü", "None", ""]) | st.none()
+# Orders that differ between collations: code point ("B" < "a" < "z" < "ü") and natural language ("a" < "B").
+ordered_names = st.sampled_from(["a", "B", "z", "ü", "a b", "ab", "", "None", "\U0001f600"]) | st.none()
 instants = st.integers(min_value=0, max_value=5 * 86400 - 1).map(lambda s: BASE + timedelta(seconds=s, microseconds=7))
 costs = st.none() | st.decimals(min_value=0, max_value=5, places=9, allow_nan=False)
 
 
 @st.composite
-def records(draw: st.DrawFn, team: str) -> UsageRecord:
+def records(draw: st.DrawFn, team: str, names: st.SearchStrategy[str | None] = names) -> UsageRecord:
     started = draw(instants)
     tier = draw(st.sampled_from(["standard", "batch", None]))
     return make_record(
@@ -298,3 +301,88 @@ def test_rollup_rows_no_record_accounts_for_are_caught(engine: Engine, tamper: s
     with engine.begin() as connection:
         connection.execute(text(tamper))
     assert disagreement(engine) is not None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_report_pages_join_into_the_whole_report(engine: Engine, data: st.DataObject) -> None:
+    """Paged (any groups, bounds and page size), a report gives every row of the whole report once and in its
+    order, NULL and empty groups and letters whose orders differ between collations included; each page's cursor
+    leads to the next, and the last has none."""
+    team = f"team-{next(_ids)}"
+    chosen = data.draw(st.lists(records(team, names=ordered_names), max_size=40))
+    insert_records(engine, chosen)
+    by = data.draw(st.lists(st.sampled_from(GROUPS), unique=True, max_size=3))
+    since, until = data.draw(bounds), data.draw(bounds)
+    limit = data.draw(st.integers(1, 5))
+    whole = [row.to_json() for row in report(engine, PRICES, by=by, since=since, until=until, team=team)]
+    paged: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        page = report_page(engine, PRICES, by=by, limit=limit, cursor=cursor, since=since, until=until, team=team)
+        assert len(page.rows) == limit if page.next_cursor else len(page.rows) <= limit
+        paged += [row.to_json() for row in page.rows]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert paged == whole
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cursor=st.text(max_size=60) | st.binary(max_size=60).map(lambda raw: base64.urlsafe_b64encode(raw).decode()))
+def test_a_cursor_no_report_gave_is_refused_as_such(engine: Engine, cursor: str) -> None:
+    """Any text as a cursor is either a group of the report's width or a ValueError saying so, never another
+    failure (a valid-looking group just starts the page after it)."""
+    try:
+        report_page(engine, PRICES, by=["session", "agent"], limit=3, cursor=cursor)
+    except ValueError as error:
+        assert "'cursor' is not one this report returned" in str(error)
+    for wrong in ('["a"]', '["a", 1]', "{}", '["a", "b", "c"]', "[" * 5000 + "]" * 5000):
+        with pytest.raises(ValueError, match="'cursor' is not one"):
+            report_page(
+                engine, PRICES, by=["session", "agent"], limit=3, cursor=base64.b64encode(wrong.encode()).decode()
+            )
+
+
+@pytest.mark.parametrize("by", ["session", "agent"])
+def test_a_page_of_sessions_reads_its_groups_alone_through_their_index(engine: Engine, by: str) -> None:
+    """A page of a report by session (or agent) finds its groups in order through the rollup's index on them,
+    never totalling or sorting every group, and totals only its own: the plans of the very queries `report_page`
+    sends (EXPLAIN on 600 sessions over three days, statistics gathered)."""
+    calls = [
+        make_record(
+            id=f"sgr_p{n}", started_at=BASE + timedelta(hours=n % 72), session=f"s{n % 600}", agent=f"a{n % 600}"
+        )
+        for n in range(3000)
+    ]
+    insert_records(engine, calls)
+    sent: list[tuple[str, Any]] = []
+
+    def capture(connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "rollup_sessions" in statement:
+            sent.append((statement, parameters))
+
+    first = report_page(engine, PRICES, by=[by], limit=10, since=BASE, until=BASE + timedelta(days=2))
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        page = report_page(
+            engine, PRICES, by=[by], limit=10, cursor=first.next_cursor, since=BASE, until=BASE + timedelta(days=2)
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert [row.group[by] for row in page.rows] == sorted(f"{by[0]}{n}" for n in range(600))[10:20]
+    sqlite = engine.dialect.name == "sqlite"
+    assert len(sent) == 2
+    with engine.connect() as connection:
+        connection.exec_driver_sql("ANALYZE")
+        if not sqlite:
+            connection.exec_driver_sql("SET enable_seqscan = off")
+        for statement, parameters in sent:
+            explain = f"EXPLAIN {'QUERY PLAN ' * sqlite}{statement}"
+            plan = " ".join(str(row[-1]) for row in connection.exec_driver_sql(explain, parameters))
+            assert f"ix_rollup_sessions_{by}" in plan, plan
+        groups_plan = " ".join(
+            str(row[-1])
+            for row in connection.exec_driver_sql(f"EXPLAIN {'QUERY PLAN ' * sqlite}{sent[0][0]}", sent[0][1])
+        )
+        assert "TEMP B-TREE" not in groups_plan and "Sort" not in groups_plan, groups_plan

@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     report_command.add_argument("--since", metavar="ISO8601")
     report_command.add_argument("--until", metavar="ISO8601")
     report_command.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report_command.add_argument(
+        "--limit", metavar="N", help="at most N groups (a page); the next page's --cursor goes to stderr"
+    )
+    report_command.add_argument("--cursor", help="the page after the one that printed it (same --by, --since, --until)")
 
     audit = group("audit", "the tamper-evident audit trail")
     command(audit, "verify", run_audit_verify, "check the hash chain of usage records and admin events")

@@ -9,9 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.cli.database import open_ledger
+from proxy.cli.errors import UsageError
 from proxy.cli.output import money_shown, print_csv, print_table, progress
-from proxy.cli.values import instant
+from proxy.cli.values import instant, positive_int
 from proxy.config import Settings
+
+# Groups per page when --cursor comes without --limit.
+REPORT_PAGE = 100
 
 
 def run_usage(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,16 +42,23 @@ def _counted(record: dict[str, Any], n: int, advance: Callable[[int, int | None]
 
 def run_report(args: argparse.Namespace, settings: Settings) -> int:
     """`spendgate report`: totals of calls, tokens, cost and retry cost, grouped `--by` the fields given."""
-    from proxy.ledger.reports import report
+    from proxy.ledger.reports import report, report_page
     from proxy.pricing.table import PriceTable
 
     by = [name.strip() for name in args.by.split(",") if name.strip()] if args.by else []
     since, until = instant(args.since), instant(args.until)
+    prices = PriceTable.load(settings.prices_path)
     with open_ledger(settings) as engine:
-        rows = [
-            row.to_json()
-            for row in report(engine, PriceTable.load(settings.prices_path), by=by, since=since, until=until)
-        ]
+        if args.limit is None and args.cursor is None:
+            found, next_cursor = report(engine, prices, by=by, since=since, until=until), None
+        else:
+            limit = REPORT_PAGE if args.limit is None else positive_int(args.limit)
+            try:
+                page = report_page(engine, prices, by=by, limit=limit, cursor=args.cursor, since=since, until=until)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+            found, next_cursor = page.rows, page.next_cursor
+    rows = [row.to_json() for row in found]
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -66,4 +77,6 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
             "unpriced_calls",
         ]
         print_table(columns, money_shown(rows))
+    if next_cursor is not None:
+        print(f"more groups follow: --cursor {next_cursor}", file=sys.stderr)
     return 0

@@ -52,7 +52,7 @@ def money(text: str) -> Decimal:
 
 def positive_int(text: str) -> int:
     """A whole number of at least 1."""
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise UsageError(f"{text!r} is not a positive whole number")
     return int(text)
 

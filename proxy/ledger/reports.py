@@ -8,6 +8,8 @@ derived per model from the token sums and the price table.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from proxy.ledger.rollup_reads import read
+from proxy.ledger.rollup_reads import Group, first_groups, group_order, read
 from proxy.pricing.cost import WEB_SEARCH_USD
 from proxy.pricing.table import PriceTable
 from proxy.pricing.versions import ModelPrice
@@ -74,6 +76,14 @@ class ReportRow:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ReportPage:
+    """One page of a report: its rows, and the cursor of the next page (None on the last)."""
+
+    rows: list[ReportRow]
+    next_cursor: str | None
+
+
 def report(
     engine: Engine,
     prices: PriceTable,
@@ -83,20 +93,68 @@ def report(
     until: datetime | None = None,
     team: str | None = None,
 ) -> list[ReportRow]:
-    """Totals per group, ordered by group; `by` is any of `GROUPS` (none: one grand total); `team`: only its
-    records. Read from the rollups (whole months and days) and the records (a day the bounds cut)."""
+    """Totals per group, ordered by group (`rollup_reads.group_order`); `by` is any of `GROUPS` (none: one grand
+    total); `team`: only its records. Read from the rollups (whole months and days) and the records (a day the
+    bounds cut)."""
+    _check(by)
+    with engine.connect() as connection:
+        found = read(connection, **_query(by, since, until, team))
+    return _rows(found, by, prices, until)
+
+
+def report_page(
+    engine: Engine,
+    prices: PriceTable,
+    *,
+    by: Sequence[str],
+    limit: int,
+    cursor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    team: str | None = None,
+) -> ReportPage:
+    """`limit` rows of `report` from the group after `cursor` (a `next_cursor` of the same report), reading the
+    totals of those groups alone: a page costs the same at the first group as at the millionth. A ValueError when
+    the cursor is not one a report gave."""
+    _check(by)
+    after = None if cursor is None else _decode_cursor(cursor, len(by))
+    if not by:
+        # One grand total: a single row, and no next page.
+        return ReportPage(rows=report(engine, prices, by=by, since=since, until=until, team=team), next_cursor=None)
+    query = _query(by, since, until, team)
+    with engine.connect() as connection:
+        # A group whose first call is written between the two reads, inside this page's range, is on this page
+        # (one row past `limit`), never skipped: the next page starts after this page's last group.
+        groups = first_groups(
+            connection, groups=by, since=since, until=until, where=query["where"], after=after, limit=limit + 1
+        )
+        page = groups[:limit]
+        found = read(connection, **query, after=after, through=page[-1]) if page else {}
+    rows = _rows(found, by, prices, until)
+    return ReportPage(rows=rows, next_cursor=_encode_cursor(page[-1]) if len(groups) > limit else None)
+
+
+def _check(by: Sequence[str]) -> None:
     unknown = [name for name in by if name not in GROUPS]
     if unknown:
         raise ValueError(f"cannot group by {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+
+
+def _query(by: Sequence[str], since: datetime | None, until: datetime | None, team: str | None) -> dict[str, Any]:
     # Savings depend on the model's prices, so totals are read by the served model too; rows are merged after.
-    found = _read(
-        engine,
-        groups=[*by, "priced_model"],
-        measures=REPORTED,
-        since=since,
-        until=until,
-        where={} if team is None else {"team": team},
-    )
+    return {
+        "groups": [*by, "priced_model"],
+        "measures": REPORTED,
+        "since": since,
+        "until": until,
+        "where": {} if team is None else {"team": team},
+    }
+
+
+def _rows(
+    found: dict[tuple[Any, ...], dict[str, Any]], by: Sequence[str], prices: PriceTable, until: datetime | None
+) -> list[ReportRow]:
+    """Report rows of totals read by `[*by, "priced_model"]`, in group order."""
     at = until or datetime.now(UTC)
     rows: dict[tuple[Any, ...], ReportRow] = {}
     # Each model's prices, looked up once: a report by session has a row per session and model.
@@ -121,7 +179,25 @@ def report(
         # Batch halves every token charge, so what the batch tokens cost is exactly what batch saved.
         batch_cost = totals["batch_cost_usd"] or ZERO
         row.batch_savings_usd += batch_cost - WEB_SEARCH_USD * totals["batch_web_search_requests"]
-    return [rows[group] for group in sorted(rows, key=lambda g: tuple("" if v is None else v for v in g))]
+    return [rows[group] for group in sorted(rows, key=group_order)]
+
+
+def _encode_cursor(group: Group) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(group)).encode()).decode()
+
+
+def _decode_cursor(cursor: str, width: int) -> Group:
+    try:
+        group = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
+    except (ValueError, RecursionError):
+        group = None
+    if not (
+        isinstance(group, list)
+        and 0 < len(group) == width
+        and all(value is None or isinstance(value, str) for value in group)
+    ):
+        raise ValueError("'cursor' is not one this report returned (the same groups, from its next_cursor)")
+    return tuple(group)
 
 
 def daily_spend(engine: Engine, *, since: datetime, team: str | None = None) -> dict[tuple[str | None, str], Decimal]:

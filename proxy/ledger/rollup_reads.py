@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, func, select
+from sqlalchemy import ColumnElement, Connection, Select, Table, and_, false, func, or_, select
 
 from proxy.ledger import checkpoints
 from proxy.ledger.rollups import (
@@ -24,6 +24,8 @@ from proxy.ledger.rollups import (
 )
 from proxy.ledger.schema import UsageRow
 from proxy.ledger.windows import calendar_start, next_start
+
+Group = tuple[str | None, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +81,22 @@ def read(
     since: datetime | None,
     until: datetime | None,
     where: Mapping[str, str] | None = None,
+    after: Group | None = None,
+    through: Group | None = None,
 ) -> dict[tuple[Any, ...], dict[str, Any]]:
     """Totals of `measures` per group of `groups` (report names) over [since, until), only the records whose
-    dimensions equal `where`'s values: from the coarsest rollup that has them (`spans`). Money is Decimal (None
-    while no call had a price), counts int, first and last calls datetimes."""
+    dimensions equal `where`'s values and whose leading groups come after `after` and not after `through` (in
+    `group_order`): from the coarsest rollup that has them (`spans`). Money is Decimal (None while no call had a
+    price), counts int, first and last calls datetimes."""
     where = where or {}
     table = rollup_for([*groups, *where])
     sqlite = connection.dialect.name == "sqlite"
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
-        query = totals(span, table, groups, measures, sqlite, where=where)
+        query = totals(span, table, groups, measures, sqlite, where=where, by_group=bool(after or through))
+        if after is not None or through is not None:
+            bounded = len(after or through or ())
+            query = query.where(_between(_keys(span, table, groups[:bounded], sqlite), after, through))
         for result in connection.execute(query):
             group, values = tuple(result[: len(groups)]), result[len(groups) :]
             sums_of = {name: typed(MEASURE_OF[name], value) for name, value in zip(measures, values, strict=True)}
@@ -99,6 +107,77 @@ def read(
             for name, value in sums_of.items():
                 sums[name] = combine(MEASURE_OF[name].combine, sums[name], value)
     return found
+
+
+def first_groups(
+    connection: Connection,
+    *,
+    groups: Sequence[str],
+    since: datetime | None,
+    until: datetime | None,
+    where: Mapping[str, str] | None = None,
+    after: Group | None = None,
+    limit: int,
+) -> list[Group]:
+    """The first `limit` groups of `groups` (in `group_order`) after `after` that have calls in [since, until)
+    (as `read` would total them): each span's first `limit` in the database's order (an index of the group's
+    columns reads them without totalling the rest), merged."""
+    where = where or {}
+    table = rollup_for([*groups, *where])
+    sqlite = connection.dialect.name == "sqlite"
+    found: set[Group] = set()
+    for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
+        keys = _keys(span, table, groups, sqlite)
+        query = _scoped(select(*keys).distinct(), span, table, sqlite, where, by_group=True)
+        if after is not None:
+            query = query.where(_between(keys, after, None))
+        query = query.order_by(*(key.asc().nulls_first() for key in keys)).limit(limit)
+        found.update(tuple(row) for row in connection.execute(query))
+    return sorted(found, key=group_order)[:limit]
+
+
+def group_order(group: Sequence[str | None]) -> tuple[tuple[bool, str], ...]:
+    """How reports order groups: value by value, NULL first, then text by code point (SQLite's BINARY and
+    PostgreSQL's "C" collation, which `first_groups` and the bounds of `read` ask for)."""
+    return tuple((value is not None, value or "") for value in group)
+
+
+def _keys(span: Span, table: Table, groups: Sequence[str], sqlite: bool) -> list[ColumnElement[Any]]:
+    """The columns of `groups` where `span` is read from, compared in `group_order`'s order."""
+    columns = [_column(span, table, name, sqlite) for name in groups]
+    return columns if sqlite else [column.collate("C") for column in columns]
+
+
+def _between(keys: Sequence[ColumnElement[Any]], after: Group | None, through: Group | None) -> ColumnElement[bool]:
+    """Rows whose `keys` come after `after` (None: from the first) and not after `through` (None: to the last) in
+    `group_order`: compared value by value, the first that differs decides."""
+    conditions = []
+    if after is not None:
+        conditions.append(
+            or_(*(and_(*_equal(keys[:at], after[:at]), _greater(keys[at], after[at])) for at in range(len(after))))
+        )
+        if after[0] is not None:
+            # Bounds on the first column alone are what an index seeks to (past a value, no NULL comes).
+            conditions.append(keys[0] >= after[0])
+            if through is not None and through[0] is not None:
+                conditions.append(keys[0] <= through[0])
+    if through is not None:
+        earlier = [and_(*_equal(keys[:at], through[:at]), _less(keys[at], through[at])) for at in range(len(through))]
+        conditions.append(or_(*earlier, and_(*_equal(keys, through))))
+    return and_(*conditions)
+
+
+def _equal(keys: Sequence[ColumnElement[Any]], group: Group) -> list[ColumnElement[bool]]:
+    return [key.is_(None) if value is None else key == value for key, value in zip(keys, group, strict=True)]
+
+
+def _greater(key: ColumnElement[Any], value: str | None) -> ColumnElement[bool]:
+    return key.is_not(None) if value is None else key > value
+
+
+def _less(key: ColumnElement[Any], value: str | None) -> ColumnElement[bool]:
+    # NULL comes first: nothing is before it.
+    return false() if value is None else or_(key.is_(None), key < value)
 
 
 def _column(span: Span, table: Table, name: str, sqlite: bool) -> ColumnElement[Any]:
@@ -118,9 +197,10 @@ def totals(
     sqlite: bool,
     *,
     where: Mapping[str, str] | None = None,
+    by_group: bool = False,
 ) -> Select[Any]:
     """The totals of `measures` per group of `groups` over `span`, of the records whose dimensions equal `where`'s
-    values: rollup rows summed, or records counted."""
+    values: rollup rows summed, or records counted (`by_group`: see `_scoped`)."""
     keys = [_column(span, table, name, sqlite).label(name) for name in groups]
     money = func.decimal_sum if sqlite else func.sum
     aggregates = []
@@ -132,16 +212,30 @@ def totals(
     query = select(*keys, *aggregates)
     if keys:
         query = query.group_by(*keys)
+    return _scoped(query, span, table, sqlite, where or {}, by_group=by_group)
+
+
+def _scoped(
+    query: Select[Any], span: Span, table: Table, sqlite: bool, where: Mapping[str, str], *, by_group: bool = False
+) -> Select[Any]:
+    """`query` over the rows of `span`, only those whose dimensions equal `where`'s values. `by_group`: the
+    query is bounded by its groups, and an index on them should find its rows rather than one on time."""
     if span.grain == "records":
         time: ColumnElement[datetime] = RECORDS.c.started_at
         query = query.select_from(RECORDS)
     else:
         time = table.c.day
         query = query.where(table.c.grain == span.grain)
-    if span.start is not None:
-        query = query.where(time >= span.start)
-    if span.end is not None:
-        query = query.where(time < span.end)
-    for dimension, wanted in (where or {}).items():
+    bounds = [
+        *([] if span.start is None else [time >= span.start]),
+        *([] if span.end is None else [time < span.end]),
+    ]
+    if by_group and sqlite and span.grain != "records":
+        # SQLite's planner takes any range of days for a few rows (it keeps no statistics of ranges) and would
+        # read them all by the primary key, then sort every group for a page of ten; a range marked likely
+        # true is no index's, so the groups' index (in order, stopping at the page's end) is chosen.
+        bounds = [func.likely(bound) for bound in bounds]
+    query = query.where(*bounds)
+    for dimension, wanted in where.items():
         query = query.where(_column(span, table, dimension, sqlite) == wanted)
     return query

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -357,7 +358,22 @@ class SessionRollup(_Rollup, Base):
     """The same, and by end user, session and agent."""
 
     __tablename__ = "rollup_sessions"
-    __table_args__ = (Index("ix_rollup_sessions_team", "team", "grain", "day"), {"sqlite_with_rowid": False})
+    __table_args__ = (
+        Index("ix_rollup_sessions_team", "team", "grain", "day"),
+        # A report's page of sessions or agents reads its groups in order from these (`rollup_reads.first_groups`):
+        # by code point, NULL first, as SQLite orders by default and as PostgreSQL must be told.
+        *(
+            index
+            for column in ("session", "agent")
+            for index in (
+                Index(f"ix_rollup_sessions_{column}", "grain", column, "day").ddl_if(dialect="sqlite"),
+                Index(f"ix_rollup_sessions_{column}", "grain", text(f'{column} COLLATE "C" NULLS FIRST'), "day").ddl_if(
+                    dialect="postgresql"
+                ),
+            )
+        ),
+        {"sqlite_with_rowid": False},
+    )
 
     user: Mapped[str | None] = mapped_column(String(256))
     session: Mapped[str | None] = mapped_column(String(200))

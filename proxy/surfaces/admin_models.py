@@ -10,7 +10,16 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from proxy.ledger.windows import WINDOW_COLUMNS, WindowChange
 from proxy.types import (
@@ -29,6 +38,17 @@ from proxy.types import (
 MAX_PAGE = 1000
 # A money amount in a request: a finite decimal given as a string ("250.00") or a JSON number, never negative.
 Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=24, decimal_places=12, examples=["250.00"])]
+
+
+def _digits(value: object) -> object:
+    # A query parameter is text: digits only (no sign, spaces, underscores or decimal point).
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError(f"must be a whole number from 1 to {MAX_PAGE}")
+    return value
+
+
+# How many rows a page holds, as a query parameter.
+PageSize = Annotated[int, BeforeValidator(_digits), Field(ge=1, le=MAX_PAGE)]
 # Counts stored in INTEGER columns.
 Count = Annotated[StrictInt, Field(le=2**31 - 1)]
 # A money amount in an answer: the exact decimal digits as a string.
@@ -196,16 +216,7 @@ class UsageQuery(_Strict):
     session: str | None = Field(None, description="Only this agent session's records.")
     since: str | None = Field(None, description="ISO 8601 date or time (UTC without a zone), inclusive.")
     until: str | None = Field(None, description="ISO 8601 date or time, exclusive.")
-    limit: int = Field(100, ge=1, le=MAX_PAGE, description="Records per page (digits only).")
-
-    @field_validator("limit", mode="before")
-    @classmethod
-    def _digits(cls, value: object) -> object:
-        # A query parameter is text: digits only (no sign, spaces, underscores or decimal point).
-        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
-            raise ValueError(f"must be a whole number from 1 to {MAX_PAGE}")
-        return value
-
+    limit: PageSize = Field(100, description="Records per page (digits only).")
     cursor: str | None = Field(None, description="`next_cursor` of the previous page.")
 
 
@@ -215,6 +226,10 @@ class ReportQuery(_Strict):
     by: str = Field("", description=f"Comma-separated groups, any of: {', '.join(GROUPS)}; empty: one total.")
     since: str | None = Field(None, description="ISO 8601 date or time, inclusive.")
     until: str | None = Field(None, description="ISO 8601 date or time, exclusive.")
+    limit: PageSize | None = Field(
+        None, description="Groups per page (digits only); absent: every group, or 100 when `cursor` is given."
+    )
+    cursor: str | None = Field(None, description="`next_cursor` of the previous page, with the same `by` and times.")
 
     @field_validator("by")
     @classmethod
@@ -381,6 +396,8 @@ class ReportRow(_Strict):
     model: str | None = None
     feature: str | None = None
     user: str | None = None
+    session: str | None = None
+    agent: str | None = None
     key: str | None = None
     day: str | None = None
     calls: int
@@ -402,6 +419,8 @@ class ReportRow(_Strict):
 
 class Report(_Strict):
     data: list[ReportRow]
+    has_more: bool
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
 
 
 class ErrorDetail(_Strict):

@@ -11,10 +11,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.ledger.export import Cursor, iter_usage
-from proxy.ledger.reports import report
+from proxy.ledger.reports import ReportPage, report, report_page
 from proxy.pricing.table import PriceTable
 from proxy.surfaces.admin.requests import Operation, instant, on_ledger
 from proxy.surfaces.admin_models import Report, ReportQuery, UsagePage, UsageQuery
+
+# Groups per page when a client pages with a cursor and no limit.
+REPORT_PAGE = 100
 
 
 async def _usage(request: Request) -> Response:
@@ -37,11 +40,25 @@ async def _usage(request: Request) -> Response:
 
 async def _report(request: Request) -> Response:
     query = ReportQuery.model_validate(dict(request.query_params))
-    by = query.groups()
+    by, cursor = query.groups(), query.cursor
     since, until = instant(query.since, "since"), instant(query.until, "until")
     prices: PriceTable = request.state.prices
-    rows = await on_ledger(request, lambda engine: report(engine, prices, by=by, since=since, until=until))
-    return JSONResponse({"data": [row.to_json() for row in rows]})
+    if query.limit is None and cursor is None:
+        rows = await on_ledger(request, lambda engine: report(engine, prices, by=by, since=since, until=until))
+        return JSONResponse({"data": [row.to_json() for row in rows], "has_more": False, "next_cursor": None})
+    limit = query.limit or REPORT_PAGE
+
+    def page(engine: Engine) -> ReportPage:
+        return report_page(engine, prices, by=by, limit=limit, cursor=cursor, since=since, until=until)
+
+    found = await on_ledger(request, page)
+    return JSONResponse(
+        {
+            "data": [row.to_json() for row in found.rows],
+            "has_more": found.next_cursor is not None,
+            "next_cursor": found.next_cursor,
+        }
+    )
 
 
 def _encode_cursor(cursor: Cursor) -> str:
