@@ -2,11 +2,12 @@
 """Ledger benchmark: fill a database with usage records through the real writer, then time every report, the
 dashboard's pages, export, rollups rebuild, audit verify and prune.
 
-    bench/ledger.py [--db URL] [--records N] [--filled]
+    bench/ledger.py [--db URL] [--records N] [--filled] [--reports-only]
 
 With no --db, a fresh SQLite file in a temporary folder is used; pass a PostgreSQL URL (an empty database) to
 measure PostgreSQL. `--filled`: the database is one this bench filled before (with the same --records) and did
 not prune yet, so the fill (an hour at 10 million records) is skipped and everything after it measured again.
+`--reports-only`: stop after the reports, their pages and the dashboard (no rebuild, verify or prune).
 
 Records go in through `insert_records` (hashing, chaining, rollups), in time order over 60 days: a fleet of
 1,000 developers on Claude Code in 20 teams (personal keys, 5 sessions a day, subagents), who also use their
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from proxy.identity.roles import Principal
 from proxy.ledger.audit import verify
@@ -35,7 +37,7 @@ from proxy.ledger.commit import insert_records
 from proxy.ledger.db import make_engine, upgrade
 from proxy.ledger.end_users import list_users
 from proxy.ledger.export import iter_usage, write_jsonl
-from proxy.ledger.reports import report
+from proxy.ledger.reports import report, report_page
 from proxy.ledger.retention import prune
 from proxy.ledger.rollup_checks import rebuild
 from proxy.ledger.rollups import ROLLUPS
@@ -141,11 +143,28 @@ def timed(label: str, work: Callable[[], str]) -> float:
     return elapsed
 
 
+def paged(engine: Engine, prices: PriceTable, by: list[str], since: datetime, until: datetime) -> None:
+    """Every page of 1,000 groups of a report, in turn: the first page's time, and the median and slowest."""
+    times, rows, cursor = [], 0, None
+    while True:
+        start = time.perf_counter()
+        page = report_page(engine, prices, by=by, limit=1000, cursor=cursor, since=since, until=until)
+        times.append(time.perf_counter() - start)
+        rows += len(page.rows)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    label = f"report --by {','.join(by)} (30 days), pages of 1,000"
+    summary = f"first {times[0]:.2f} s, median {statistics.median(times):.2f} s, slowest {max(times):.2f} s"
+    print(f"{label:<42} {sum(times):8.2f} s   {len(times)} pages, {rows:,} rows; {summary}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", help="an empty database URL (default: a temporary SQLite file)")
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--filled", action="store_true", help="skip the fill: --db was filled by this bench before")
+    parser.add_argument("--reports-only", action="store_true", help="no rebuild, verify or prune")
     args = parser.parse_args()
     if args.filled and not args.db:
         parser.error("--filled needs the --db this bench filled")
@@ -181,6 +200,8 @@ def main() -> int:
         timed("report --by team,feature,user (30 days)", grouped(["team", "feature", "user"], month))
         timed("report --by model (all 60 days)", grouped(["model"], None))
         timed("report --by team (30 days from 13:00)", grouped(["team"], month + timedelta(hours=13)))
+        for by in (["session"], ["agent"], ["user"]):
+            paged(engine, prices, by, month, END)
 
         def export() -> str:
             day = END - timedelta(days=1)
@@ -214,6 +235,9 @@ def main() -> int:
             lambda: f"{len(my_spend(engine, 'oidc:dev-0007', ('team-07',), now))} teams",
         )
         timed("teams users (one team, this month)", lambda: f"{len(list_users(engine, 'team-07', now=now))} users")
+        if args.reports_only:
+            engine.dispose()
+            return 0
         timed("rollups rebuild", lambda: f"{rebuild(engine):,} rows")
 
         def audit() -> str:

@@ -92,12 +92,12 @@ def read(
     table = rollup_for([*groups, *where])
     sqlite = connection.dialect.name == "sqlite"
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    bounded = len(after or through or ())
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
-        query = totals(span, table, groups, measures, sqlite, where=where, by_group=bool(after or through))
-        if after is not None or through is not None:
-            bounded = len(after or through or ())
-            query = query.where(_between(_keys(span, table, groups[:bounded], sqlite), after, through))
-        for result in connection.execute(query):
+        query = totals(span, table, groups, measures, sqlite, where=where, by_group=bounded > 0)
+        keys = _keys(span, table, groups[:bounded], sqlite)
+        queries = [query.where(part) for part, _ in _parts(keys, after, through)] if bounded else [query]
+        for result in (row for each in queries for row in connection.execute(each)):
             group, values = tuple(result[: len(groups)]), result[len(groups) :]
             sums_of = {name: typed(MEASURE_OF[name], value) for name, value in zip(measures, values, strict=True)}
             if group not in found:
@@ -129,10 +129,13 @@ def first_groups(
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
         keys = _keys(span, table, groups, sqlite)
         query = _scoped(select(*keys).distinct(), span, table, sqlite, where, by_group=True)
-        if after is not None:
-            query = query.where(_between(keys, after, None))
-        query = query.order_by(*(key.asc().nulls_first() for key in keys)).limit(limit)
-        found.update(tuple(row) for row in connection.execute(query))
+        query = query.order_by(*(key.asc().nulls_first() for key in keys))
+        for part, null in _parts(keys, after, None):
+            # Of a single group whose value is NULL, the first row is all there is to find.
+            found.update(
+                tuple(row)
+                for row in connection.execute(query.where(part).limit(1 if null and len(keys) == 1 else limit))
+            )
     return sorted(found, key=group_order)[:limit]
 
 
@@ -148,23 +151,30 @@ def _keys(span: Span, table: Table, groups: Sequence[str], sqlite: bool) -> list
     return columns if sqlite else [column.collate("C") for column in columns]
 
 
-def _between(keys: Sequence[ColumnElement[Any]], after: Group | None, through: Group | None) -> ColumnElement[bool]:
+def _parts(
+    keys: Sequence[ColumnElement[Any]], after: Group | None, through: Group | None
+) -> list[tuple[ColumnElement[bool], bool]]:
     """Rows whose `keys` come after `after` (None: from the first) and not after `through` (None: to the last) in
-    `group_order`: compared value by value, the first that differs decides."""
-    conditions = []
+    `group_order`, as disjoint conditions an index on the first key can seek by: `(condition, first key is
+    NULL)`. Rows whose first key is NULL (calls of no session: most rows of a fleet's applications) are one part,
+    the rest another: no single range of an index holds both."""
+    exact = []
     if after is not None:
-        conditions.append(
+        exact.append(
             or_(*(and_(*_equal(keys[:at], after[:at]), _greater(keys[at], after[at])) for at in range(len(after))))
         )
-        if after[0] is not None:
-            # Bounds on the first column alone are what an index seeks to (past a value, no NULL comes).
-            conditions.append(keys[0] >= after[0])
-            if through is not None and through[0] is not None:
-                conditions.append(keys[0] <= through[0])
     if through is not None:
         earlier = [and_(*_equal(keys[:at], through[:at]), _less(keys[at], through[at])) for at in range(len(through))]
-        conditions.append(or_(*earlier, and_(*_equal(keys, through))))
-    return and_(*conditions)
+        exact.append(or_(*earlier, and_(*_equal(keys, through))))
+    parts = []
+    if after is None or after[0] is None:
+        parts.append((and_(keys[0].is_(None), *exact), True))
+    if through is None or through[0] is not None:
+        seek: list[ColumnElement[bool]] = [keys[0].is_not(None)]
+        seek += [] if after is None or after[0] is None else [keys[0] >= after[0]]
+        seek += [] if through is None else [keys[0] <= through[0]]
+        parts.append((and_(*seek, *exact), False))
+    return parts
 
 
 def _equal(keys: Sequence[ColumnElement[Any]], group: Group) -> list[ColumnElement[bool]]:
