@@ -45,6 +45,7 @@ from proxy.ledger.instances import Heartbeat
 from proxy.ledger.journal import Journal
 from proxy.ledger.journal_replay import replay_gone
 from proxy.ledger.keys import KeyCache
+from proxy.ledger.partitions import make_ahead
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import writes_for
 from proxy.logs import Trouble
@@ -58,6 +59,8 @@ from proxy.surfaces.oauth import oauth_routes
 from proxy.surfaces.sessions import Access
 
 logger = logging.getLogger("spendgate")
+# How often the partitions of the coming months are checked for (PostgreSQL; a catalog lookup).
+PARTITIONS_EVERY_SECONDS = 3600.0
 
 
 class State(TypedDict):
@@ -201,6 +204,9 @@ def create_app(
             asyncio.create_task(
                 _every(1.0, partial(_ledger_gauges, metrics, writer, settings.spill_dir), "ledger gauges")
             ),
+            asyncio.create_task(
+                _every(PARTITIONS_EVERY_SECONDS, partial(_partitions_ahead, engine), "partitions ahead", at_once=True)
+            ),
         ]
         # With workers, their supervisor serves this address for all of them (`proxy/serving.py`).
         listener = None
@@ -337,12 +343,18 @@ async def _release_expired_holds(engine: Engine, interval: float) -> None:
     await _every(interval, release, "hold expiry")
 
 
-async def _every(interval: float, work: Callable[[], Awaitable[object]], name: str) -> None:
-    """Run background work every `interval` seconds until cancelled; a failure is logged when it starts and when
-    it ends, not at every attempt (a bug's traceback once)."""
+async def _partitions_ahead(engine: Engine) -> None:
+    await anyio.to_thread.run_sync(make_ahead, engine, datetime.now(UTC))
+
+
+async def _every(interval: float, work: Callable[[], Awaitable[object]], name: str, *, at_once: bool = False) -> None:
+    """Run background work every `interval` seconds until cancelled (`at_once`: and first right away); a failure
+    is logged when it starts and when it ends, not at every attempt (a bug's traceback once)."""
     trouble = Trouble(logger, f"background task {name}")
     while True:
-        await asyncio.sleep(interval)
+        if not at_once:
+            await asyncio.sleep(interval)
+        at_once = False
         try:
             await work()
         except Exception as exc:

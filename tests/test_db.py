@@ -19,6 +19,7 @@ from proxy.ledger.commit import insert_records
 from proxy.ledger.db import make_engine, normalize_url, upgrade
 from proxy.ledger.export import iter_usage
 from proxy.ledger.key_admin import create_key
+from proxy.ledger.partitions import is_partition
 from proxy.ledger.schema import Base
 from proxy.ledger.teams import TeamSettings, create_team
 from tests.conftest import empty_database
@@ -148,6 +149,8 @@ def test_the_migrations_make_the_schema_the_models_describe(fresh_url: str) -> N
         dialect = connection.dialect.name
 
         def made_here(thing: object, name: str | None, kind: str, reflected: bool, other: object) -> bool:
+            if kind == "table" and reflected and name is not None and is_partition(name):
+                return False  # a month of usage_records (migration 0019)
             if dialect == "postgresql" and name in ORDERED_INDEXES:
                 # Reflection drops an index expression's COLLATE: test_rollups EXPLAINs that reports use them.
                 return False

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 
+from proxy.ledger import partitions
 from proxy.ledger.audit import extend, write_head
 from proxy.ledger.budgets import SoftLimitCrossed, settle
 from proxy.ledger.checkpoints import lock_head
@@ -77,6 +78,8 @@ def write_records(
             fresh.append(index)
     rows = [rows[index] for index in fresh]
     link_retries(connection, rows, [records[index].retry_window_seconds for index in fresh])
+    # A month with no partition yet (a replayed call of long ago) gets one: its records would be refused.
+    partitions.ensure(connection, (row["started_at"] for row in rows))
     with _values_of_records():
         write_head(connection, *extend(rows, pos, head))
         if rows:

@@ -22,7 +22,7 @@ from typing import IO, Any, Literal, cast
 
 from sqlalchemy import Engine, delete, func, select
 
-from proxy.ledger import checkpoints
+from proxy.ledger import checkpoints, partitions
 from proxy.ledger.audit import REPRICE_ACTION, record_event
 from proxy.ledger.checkpoints import lock_head
 from proxy.ledger.db import write_transaction
@@ -88,7 +88,8 @@ def prune(
         raise PruneRefused(f"the ledger was already pruned up to {cut.before.date().isoformat()}")
     start = 0 if cut is None else cut.pos
     # An earlier prune that died after its checkpoint left some of its records: they are in its export.
-    _delete_through(engine, start)
+    if cut is not None:
+        _delete_through(engine, cut.pos, cut.before)
     partial = export.with_name(export.name + PARTIAL)
     count, last, digest = _export(engine, start, head_pos, before, partial, fmt, progress)
     if count == 0:
@@ -109,7 +110,7 @@ def prune(
     except PruneRefused:
         export.unlink()
         raise
-    _delete_through(engine, cut_pos)
+    _delete_through(engine, cut_pos, before)
     return Pruned(
         records=count,
         cut_pos=cut_pos,
@@ -238,9 +239,11 @@ class _Hashing(io.RawIOBase):
         return len(view)
 
 
-def _delete_through(engine: Engine, cut_pos: int) -> None:
-    """Delete the records chained at or before `cut_pos`, a chunk per transaction. Each chunk is found before its
-    transaction (nothing is chained below a cut any more): with nothing to delete, writers never wait."""
+def _delete_through(engine: Engine, cut_pos: int, before: datetime) -> None:
+    """Delete the records chained at or before `cut_pos` (a cut of the horizon `before`): on PostgreSQL whole
+    months at once (`partitions.drop_pruned`), then the rest a chunk per transaction. Each chunk is found before
+    its transaction (nothing is chained below a cut any more): with nothing to delete, writers never wait."""
+    partitions.drop_pruned(engine, cut_pos, before)
     chunk = select(UsageRow.chain_pos).where(UsageRow.chain_pos <= cut_pos).order_by(UsageRow.chain_pos)
     while True:
         with engine.connect() as connection:

@@ -64,18 +64,17 @@ def fill(connection: Connection) -> int:
 
 
 def _days(connection: Connection, since: datetime | None) -> list[datetime]:
-    """The UTC days with records from `since` on."""
-    query = select(func.min(UsageRow.started_at), func.max(UsageRow.started_at))
-    if since is not None:
-        query = query.where(UsageRow.started_at >= since)
-    first, last = connection.execute(query).one()
-    if first is None:
-        return []
-    day, found = calendar_start("day", first), []
-    while day <= last:
-        found.append(day)
-        day = calendar_end("day", day)
-    return found
+    """The UTC days with records from `since` on: a seek for each (an old call replayed, or a clock once wrong,
+    must not make a walk through every empty day between)."""
+    found: list[datetime] = []
+    at = since
+    while True:
+        first = select(func.min(UsageRow.started_at))
+        started = connection.execute(first if at is None else first.where(UsageRow.started_at >= at)).scalar()
+        if started is None:
+            return found
+        found.append(calendar_start("day", started))
+        at = calendar_end("day", found[-1])
 
 
 def recount(connection: Connection, table: Table, day: datetime) -> dict[tuple[Any, ...], list[Any]]:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -224,7 +225,7 @@ class UsageRow(Base):
 
     # A monotonically increasing surrogate keeps inserts append-only and gives exports a stable order.
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(40), unique=True)
+    id: Mapped[str] = mapped_column(String(40))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
     team: Mapped[str | None] = mapped_column(String(200))
@@ -279,8 +280,13 @@ class UsageRow(Base):
     repriced_price_version: Mapped[str | None] = mapped_column(String(40))
     repriced_by: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
+    # On PostgreSQL the table is partitioned by month of `started_at` (migration 0019, `partitions.py`): its
+    # unique keys must hold that column, so there the primary key is (seq, started_at) and these two include it.
     __table_args__ = (
-        Index("ix_usage_chain_pos", "chain_pos", unique=True),
+        UniqueConstraint("id").ddl_if(dialect="sqlite"),
+        UniqueConstraint("id", "started_at", name="usage_records_id_key").ddl_if(dialect="postgresql"),
+        Index("ix_usage_chain_pos", "chain_pos", unique=True).ddl_if(dialect="sqlite"),
+        Index("ix_usage_chain_pos", "chain_pos", "started_at", unique=True).ddl_if(dialect="postgresql"),
         # Covering: spend by team and day is read from the index alone (migration 0009).
         Index("ix_usage_team_spend", "team", "started_at", "repriced_cost_usd", "cost_usd"),
         Index("ix_usage_key_started", "key_id", "started_at"),
