@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 
 from proxy.ledger import partitions
 from proxy.ledger.audit import verify
-from proxy.ledger.commit import insert_records
+from proxy.ledger.commit import insert_records, is_refused
 from proxy.ledger.db import make_engine, upgrade
 from proxy.ledger.reports import report
 from proxy.ledger.retention import prune
@@ -132,7 +132,9 @@ def test_the_migration_moves_every_record_both_ways(fresh_postgres: str) -> None
     the next record follows the last); back to 0018 copies them into one table again."""
     upgrade(fresh_postgres)
     engine = make_engine(fresh_postgres)
-    starts = [datetime(2026, 9, 30, 12, tzinfo=UTC) + timedelta(days=n * 9) for n in range(8)]
+    # And one of a clock once years wrong: its month is made, not every month between.
+    starts = [datetime(2015, 3, 4, tzinfo=UTC)]
+    starts += [datetime(2026, 9, 30, 12, tzinfo=UTC) + timedelta(days=n * 9) for n in range(8)]
     insert_records(engine, [make_record(id=f"sgr_g{n}", started_at=at) for n, at in enumerate(starts)])
     engine.dispose()
     migrate(fresh_postgres, "0018")
@@ -153,8 +155,9 @@ def test_the_migration_moves_every_record_both_ways(fresh_postgres: str) -> None
                 record_id: seq for record_id, seq in connection.exec_driver_sql("SELECT id, seq FROM usage_records")
             }
             made = partitions.existing(connection)
-        assert seqs["sgr_next"] == max(seqs.values()) == 9
+        assert seqs["sgr_next"] == max(seqs.values()) == 10
         assert partitions.name_of(NOW) in made and partitions.name_of(NOW + timedelta(days=31)) in made
+        assert "usage_records_2015_03" in made and "usage_records_2015_04" not in made
     finally:
         engine.dispose()
 
@@ -216,3 +219,22 @@ def test_a_prune_that_cannot_take_the_table_deletes_instead(
         assert "usage_records_2026_09" in partitions.existing(connection)
     assert set(placed(postgres).values()) == {"usage_records_2026_10"}
     assert verify(postgres).problem is None
+
+
+def test_a_detached_month_holds_its_records_back_never_sets_them_aside(postgres: Engine) -> None:
+    """A month an operator detached (to archive it) is not made again under its name: the write fails with an
+    error that is not the records' fault (the writer keeps them and retries), and succeeds once it is back."""
+    month = datetime(2031, 7, 4, tzinfo=UTC)
+    insert_records(postgres, [make_record(id="sgr_july", started_at=month)])
+    with postgres.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE usage_records DETACH PARTITION usage_records_2031_07")
+    with pytest.raises(partitions.PartitionDetached, match="usage_records_2031_07") as refused:
+        insert_records(postgres, [make_record(id="sgr_july_2", started_at=month)])
+    assert not is_refused(refused.value)
+    with postgres.begin() as connection:
+        connection.exec_driver_sql(
+            "ALTER TABLE usage_records ATTACH PARTITION usage_records_2031_07"
+            " FOR VALUES FROM ('2031-07-01') TO ('2031-08-01')"
+        )
+    insert_records(postgres, [make_record(id="sgr_july_2", started_at=month)])
+    assert placed(postgres) == {"sgr_july": "usage_records_2031_07", "sgr_july_2": "usage_records_2031_07"}

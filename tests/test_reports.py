@@ -147,5 +147,5 @@ def test_cli_pages(ledger: Engine, db_url: str, capsys: pytest.CaptureFixture[st
     assert seen == whole and len(whole) == 3
     assert main(["report", "--by", "team", "--cursor", more[-1], "--db", db_url]) == 1
     assert "'cursor' is not one this report returned" in capsys.readouterr().err
-    for limit in ("0", "-1", "two", "²"):
+    for limit in ("0", "-1", "two", "²", "1001", "9" * 30):
         assert main(["report", "--by", "team", "--limit", limit, "--db", db_url]) == 1

@@ -337,7 +337,8 @@ def test_a_cursor_no_report_gave_is_refused_as_such(engine: Engine, cursor: str)
         report_page(engine, PRICES, by=["session", "agent"], limit=3, cursor=cursor)
     except ValueError as error:
         assert "'cursor' is not one this report returned" in str(error)
-    for wrong in ('["a"]', '["a", 1]', "{}", '["a", "b", "c"]', "[" * 5000 + "]" * 5000):
+    nul, surrogate = '["a", "\\u0000"]', '["\\ud800", null]'
+    for wrong in ('["a"]', '["a", 1]', "{}", '["a", "b", "c"]', "[" * 5000 + "]" * 5000, nul, surrogate):
         with pytest.raises(ValueError, match="'cursor' is not one"):
             report_page(
                 engine, PRICES, by=["session", "agent"], limit=3, cursor=base64.b64encode(wrong.encode()).decode()

@@ -22,19 +22,26 @@ from proxy.ledger.windows import calendar_end, calendar_start
 
 PARENT = "usage_records"
 # How long a prune waits for the records' table to drop a month, before deleting its records instead.
-DROP_WAIT = "5s"
+DROP_WAIT = "1s"
 # The advisory lock partition makers take turns on ("sgpart").
 _MAKERS = 0x7367706172740000
 # Months made ahead of the current one: a writer rarely needs to make one itself.
 MONTHS_AHEAD = 2
 logger = logging.getLogger(__name__)
 _NAME = re.compile(rf"^{PARENT}_(\d{{4}})_(\d{{2}})$")
-# A query of the catalog's rows, not `to_regclass`: its cache may predate a maker that committed while this
-# transaction waited for its turn.
-_MISSING = text(
-    "SELECT name FROM unnest(:names) AS name WHERE NOT EXISTS"
-    " (SELECT FROM pg_class WHERE relname = name AND relnamespace = current_schema()::regnamespace)"
+# Of the names given, those that are no partition of the records' table, and whether a table has the name. The
+# catalog's rows, not `to_regclass`: its cache may predate a maker that committed while this transaction waited.
+_UNATTACHED = text(
+    "SELECT name, EXISTS (SELECT FROM pg_class WHERE relname = name"
+    " AND relnamespace = current_schema()::regnamespace) FROM unnest(:names) AS name WHERE NOT EXISTS"
+    " (SELECT FROM pg_inherits JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid"
+    " WHERE pg_inherits.inhparent = to_regclass(:parent) AND child.relname = name)"
 ).bindparams(bindparam("names", type_=ARRAY(Text)))
+
+
+class PartitionDetached(Exception):
+    """A month's table exists but is no partition of the records' table (detached to archive it): its records
+    cannot be written until it is attached again or renamed. Not the records' fault: they wait, never set aside."""
 
 
 def name_of(month: datetime) -> str:
@@ -67,10 +74,16 @@ def ensure(connection: Connection, instants: Iterable[datetime]) -> None:
     if connection.dialect.name != "postgresql":
         return
     names = sorted({name_of(instant) for instant in instants})
-    if not names or not connection.execute(_MISSING, {"names": names}).first():
+    query = {"names": names, "parent": PARENT}
+    if not names or not connection.execute(_UNATTACHED, query).first():
         return
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MAKERS})
-    for name in list(connection.execute(_MISSING, {"names": names}).scalars()):
+    for name, taken in list(connection.execute(_UNATTACHED, query)):
+        if taken:
+            raise PartitionDetached(
+                f"{name} is not a partition of {PARENT}: attach it again or rename it, and its month's records"
+                " are written"
+            )
         start, end = (_bound(instant) for instant in month_of(name))
         connection.exec_driver_sql(f"CREATE TABLE {name} (LIKE {PARENT} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
         connection.exec_driver_sql(f"ALTER TABLE {PARENT} ATTACH PARTITION {name} FOR VALUES FROM ({start}) TO ({end})")
@@ -80,9 +93,10 @@ def drop_pruned(engine: Engine, cut_pos: int, before: datetime) -> None:
     """Drop the partitions of the months that end by `before` and hold no record chained after `cut_pos` (all
     pruned, exported and checkpointed): a month goes at once, not 20,000 deletes at a time.
 
-    Dropping takes the records' table for itself: it waits up to `DROP_WAIT` for the readers and writers before
-    it, then gives up (the month's records are deleted in chunks instead). Under that lock no writer can add a
-    late record to the month between the check and the drop; one that comes after makes the month again."""
+    Dropping takes the records' table for itself: every reader and writer that comes while it waits queues
+    behind it, so it waits at most `DROP_WAIT` for those before it (a long `audit verify`), then leaves the
+    months to chunked deletes. Under that lock no writer can add a late record to the month between the check
+    and the drop; one that comes after makes the month again. Another prune may have dropped a month meanwhile."""
     with engine.connect() as connection:
         names = existing(connection)
     for name in names:
@@ -92,6 +106,8 @@ def drop_pruned(engine: Engine, cut_pos: int, before: datetime) -> None:
             with engine.begin() as connection:
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{DROP_WAIT}'")
                 connection.exec_driver_sql(f"LOCK TABLE {PARENT} IN ACCESS EXCLUSIVE MODE")
+                if name not in existing(connection):
+                    continue
                 kept = connection.exec_driver_sql(
                     # `name` is a partition of the catalog's, matched by `is_partition`.
                     f"SELECT 1 FROM {name} WHERE chain_pos > %(cut)s OR chain_pos IS NULL LIMIT 1",  # noqa: S608
@@ -100,7 +116,8 @@ def drop_pruned(engine: Engine, cut_pos: int, before: datetime) -> None:
                 if kept is None:
                     connection.exec_driver_sql(f"DROP TABLE {name}")
         except OperationalError as error:
-            logger.warning("could not drop %s (%s); its records are deleted in chunks instead", name, error.orig)
+            logger.warning("could not drop %s (%s); the records are deleted in chunks instead", name, error.orig)
+            return
 
 
 def _bound(instant: datetime) -> str:

@@ -191,11 +191,7 @@ def _decode_cursor(cursor: str, width: int) -> Group:
         group = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
     except (ValueError, RecursionError):
         group = None
-    if not (
-        isinstance(group, list)
-        and 0 < len(group) == width
-        and all(value is None or isinstance(value, str) for value in group)
-    ):
+    if not (isinstance(group, list) and 0 < len(group) == width and all(map(_storable, group))):
         raise ValueError("'cursor' is not one this report returned (the same groups, from its next_cursor)")
     return tuple(group)
 
@@ -320,6 +316,19 @@ def _read(engine: Engine, **query: Any) -> dict[tuple[Any, ...], dict[str, Any]]
     """`rollup_reads.read` on a connection of its own."""
     with engine.connect() as connection:
         return read(connection, **query)
+
+
+def _storable(value: object) -> bool:
+    """A group value a ledger can hold: NULL, or text with no NUL and no lone surrogate."""
+    if value is None:
+        return True
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cache_savings(found: tuple[ModelPrice, PriceSource] | None, tokens: dict[str, Any]) -> Decimal:

@@ -94,7 +94,9 @@ def read(
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     bounded = len(after or through or ())
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
-        query = totals(span, table, groups, measures, sqlite, where=where, by_group=bounded > 0)
+        query = totals(
+            span, table, groups, measures, sqlite, where=where, by_group=bounded > 0 and _ordered(table, groups)
+        )
         keys = _keys(span, table, groups[:bounded], sqlite)
         queries = [query.where(part) for part, _ in _parts(keys, after, through)] if bounded else [query]
         for result in (row for each in queries for row in connection.execute(each)):
@@ -128,7 +130,7 @@ def first_groups(
     found: set[Group] = set()
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
         keys = _keys(span, table, groups, sqlite)
-        query = _scoped(select(*keys).distinct(), span, table, sqlite, where, by_group=True)
+        query = _scoped(select(*keys).distinct(), span, table, sqlite, where, by_group=_ordered(table, groups))
         query = query.order_by(*(key.asc().nulls_first() for key in keys))
         for part, null in _parts(keys, after, None):
             # Of a single group whose value is NULL, the first row is all there is to find.
@@ -137,6 +139,12 @@ def first_groups(
                 for row in connection.execute(query.where(part).limit(1 if null and len(keys) == 1 else limit))
             )
     return sorted(found, key=group_order)[:limit]
+
+
+def _ordered(table: Table, groups: Sequence[str]) -> bool:
+    """Whether `table` has an index that gives `groups`' first in order by day (`schema.SessionRollup`): what a
+    page of sessions or agents reads; any other grouping has few enough groups to total them all."""
+    return table.name == "rollup_sessions" and bool(groups) and groups[0] in ("session", "agent")
 
 
 def group_order(group: Sequence[str | None]) -> tuple[tuple[bool, str], ...]:
@@ -229,7 +237,7 @@ def _scoped(
     query: Select[Any], span: Span, table: Table, sqlite: bool, where: Mapping[str, str], *, by_group: bool = False
 ) -> Select[Any]:
     """`query` over the rows of `span`, only those whose dimensions equal `where`'s values. `by_group`: the
-    query is bounded by its groups, and an index on them should find its rows rather than one on time."""
+    query is bounded by its groups, and their index (`_ordered`) should find its rows rather than one on time."""
     if span.grain == "records":
         time: ColumnElement[datetime] = RECORDS.c.started_at
         query = query.select_from(RECORDS)
