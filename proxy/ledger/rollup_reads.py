@@ -26,6 +26,9 @@ from proxy.ledger.schema import UsageRow
 from proxy.ledger.windows import calendar_start, next_start
 
 Group = tuple[str | None, ...]
+# What one PostgreSQL sort or hash of a read may hold in memory before spilling to disk: the default 4 MB makes a
+# month's report by team, feature and user sort on disk (0.9 s at ten million calls, 0.45 s with this).
+READ_WORK_MEM = "64MB"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,9 @@ def read(
     where = where or {}
     table = rollup_for([*groups, *where])
     sqlite = connection.dialect.name == "sqlite"
+    if not sqlite:
+        # Until the caller's transaction ends (a report's own, or a recount's).
+        connection.exec_driver_sql(f"SET LOCAL work_mem = '{READ_WORK_MEM}'")
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     bounded = len(after or through or ())
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
