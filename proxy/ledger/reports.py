@@ -114,8 +114,8 @@ def report_page(
     team: str | None = None,
 ) -> ReportPage:
     """`limit` rows of `report` from the group after `cursor` (a `next_cursor` of the same report), reading the
-    totals of those groups alone: a page costs the same at the first group as at the millionth. A ValueError when
-    the cursor is not one a report gave."""
+    totals of those groups alone: a page costs its own groups' rows, at the first group as at the millionth. A
+    ValueError when the cursor is not one a report gave."""
     _check(by)
     after = None if cursor is None else _decode_cursor(cursor, len(by))
     if not by:

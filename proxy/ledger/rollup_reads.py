@@ -148,8 +148,8 @@ def first_groups(
 
 
 def _ordered(table: Table, groups: Sequence[str]) -> bool:
-    """Whether `table` has an index that gives `groups`' first in order by day (`schema.SessionRollup`): what a
-    page of sessions or agents reads; any other grouping has few enough groups to total them all."""
+    """Whether an index of `table` gives the first of `groups` in order (`schema.SessionRollup`'s, on session and
+    on agent): what a page of sessions or agents reads; other groupings are few enough to total them all."""
     return table.name == "rollup_sessions" and bool(groups) and groups[0] in ("session", "agent")
 
 
