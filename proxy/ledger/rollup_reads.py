@@ -100,11 +100,14 @@ def read(
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     bounded = len(after or through or ())
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
-        query = totals(
-            span, table, groups, measures, sqlite, where=where, by_group=bounded > 0 and _ordered(table, groups)
-        )
-        keys = _keys(span, table, groups[:bounded], sqlite)
-        queries = [query.where(part) for part, _ in _parts(keys, after, through)] if bounded else [query]
+        if bounded:
+            keys, ordered = _keys(span, table, groups[:bounded], sqlite), _ordered(table, groups)
+            queries = [
+                totals(span, table, groups, measures, sqlite, where=where, by_group=ordered and not null).where(part)
+                for part, null in _parts(keys, after, through)
+            ]
+        else:
+            queries = [totals(span, table, groups, measures, sqlite, where=where)]
         for result in (row for each in queries for row in connection.execute(each)):
             group, values = tuple(result[: len(groups)]), result[len(groups) :]
             sums_of = {name: typed(MEASURE_OF[name], value) for name, value in zip(measures, values, strict=True)}
@@ -135,15 +138,12 @@ def first_groups(
     sqlite = connection.dialect.name == "sqlite"
     found: set[Group] = set()
     for span in spans(connection, since, until, months="day" not in groups and table.name in MONTHLY):
-        keys = _keys(span, table, groups, sqlite)
-        query = _scoped(select(*keys).distinct(), span, table, sqlite, where, by_group=_ordered(table, groups))
-        query = query.order_by(*(key.asc().nulls_first() for key in keys))
+        keys, ordered = _keys(span, table, groups, sqlite), _ordered(table, groups)
         for part, null in _parts(keys, after, None):
+            query = _scoped(select(*keys).distinct(), span, table, sqlite, where, by_group=ordered and not null)
+            query = query.where(part).order_by(*(key.asc().nulls_first() for key in keys))
             # Of a single group whose value is NULL, the first row is all there is to find.
-            found.update(
-                tuple(row)
-                for row in connection.execute(query.where(part).limit(1 if null and len(keys) == 1 else limit))
-            )
+            found.update(tuple(row) for row in connection.execute(query.limit(1 if null and len(keys) == 1 else limit)))
     return sorted(found, key=group_order)[:limit]
 
 
@@ -243,7 +243,8 @@ def _scoped(
     query: Select[Any], span: Span, table: Table, sqlite: bool, where: Mapping[str, str], *, by_group: bool = False
 ) -> Select[Any]:
     """`query` over the rows of `span`, only those whose dimensions equal `where`'s values. `by_group`: the
-    query is bounded by its groups, and their index (`_ordered`) should find its rows rather than one on time."""
+    query is bounded by a range of its groups, and their index (`_ordered`) should find its rows rather than one
+    on time (not for the rows whose group is NULL: that index seeks them by day, as an equal group)."""
     if span.grain == "records":
         time: ColumnElement[datetime] = RECORDS.c.started_at
         query = query.select_from(RECORDS)
