@@ -37,13 +37,13 @@ def _next_month(start: datetime) -> datetime:
     return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
 
 
-def _months_with_records(bind: sa.Connection) -> list[datetime]:
+def _months_with_records(bind: sa.Connection, table: str) -> list[datetime]:
     """The first instants of the months that have records: a seek for each (one record of a clock once years
     wrong must not make a partition for every month between)."""
     found: list[datetime] = []
     at = datetime(1, 1, 1)
     while True:
-        query = sa.text("SELECT min(started_at) FROM usage_records_plain WHERE started_at >= :at")
+        query = sa.text(f"SELECT min(started_at) FROM {table} WHERE started_at >= :at")  # noqa: S608 (ours)
         started = bind.execute(query, {"at": at}).scalar()
         if started is None:
             return found
@@ -51,29 +51,47 @@ def _months_with_records(bind: sa.Connection) -> list[datetime]:
         at = _next_month(found[-1])
 
 
-def _moved(source: str, target: str) -> None:
-    """Copy every record from `source` into `target` (same columns, same order)."""
-    op.execute(f"INSERT INTO {target} SELECT * FROM {source}")  # noqa: S608 (names of this module)
+def _set_aside(suffix: str) -> str:
+    """Rename usage_records, its keys and indexes with `suffix`, freeing their names; returns its new name."""
+    aside = f"usage_records_{suffix}"
+    op.execute("LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE")
+    op.execute(f"ALTER TABLE usage_records RENAME TO {aside}")
+    for key in ("pkey", "id_key"):
+        op.execute(f"ALTER TABLE {aside} RENAME CONSTRAINT usage_records_{key} TO {aside}_{key}")
+    for name in (*INDEXES, "ix_usage_chain_pos"):
+        op.execute(f"ALTER INDEX {name} RENAME TO {name}_{suffix}")
+    return aside
+
+
+def _moved_from(aside: str) -> None:
+    """Copy every record from the table set aside into the new usage_records (same columns, same order), then
+    give the new table the sequence of `seq` (dropping the old one would drop it) and drop the old one."""
+    op.execute("ALTER SEQUENCE usage_records_seq_seq OWNED BY usage_records.seq")
+    op.execute(f"INSERT INTO usage_records SELECT * FROM {aside}")  # noqa: S608 (names of this module)
+    op.execute(f"DROP TABLE {aside}")
+
+
+def _keyed(*key: str) -> None:
+    """The keys and indexes, once the rows are in (quicker than keeping them up row by row); `key`: the columns
+    the unique keys end with besides their own."""
+    ending = "".join(f", {column}" for column in key)
+    op.execute(f"ALTER TABLE usage_records ADD CONSTRAINT usage_records_pkey PRIMARY KEY (seq{ending})")
+    op.execute(f"ALTER TABLE usage_records ADD CONSTRAINT usage_records_id_key UNIQUE (id{ending})")
+    op.execute(f"CREATE UNIQUE INDEX ix_usage_chain_pos ON usage_records (chain_pos{ending})")
+    for name, columns in INDEXES.items():
+        op.execute(f"CREATE INDEX {name} ON usage_records ({columns})")
+    op.execute("ANALYZE usage_records")
 
 
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    op.execute("LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE")
-    op.execute("ALTER TABLE usage_records RENAME TO usage_records_plain")
-    op.execute("ALTER TABLE usage_records_plain RENAME CONSTRAINT usage_records_pkey TO usage_records_plain_pkey")
-    op.execute("ALTER TABLE usage_records_plain RENAME CONSTRAINT usage_records_id_key TO usage_records_plain_id_key")
-    for name in (*INDEXES, "ix_usage_chain_pos"):
-        op.execute(f"ALTER INDEX {name} RENAME TO {name}_plain")
-    op.execute(
-        "CREATE TABLE usage_records (LIKE usage_records_plain INCLUDING DEFAULTS) PARTITION BY RANGE (started_at)"
-    )
-    # The sequence of `seq` goes with the new table (dropping the old one would drop it).
-    op.execute("ALTER SEQUENCE usage_records_seq_seq OWNED BY usage_records.seq")
+    aside = _set_aside("plain")
+    op.execute(f"CREATE TABLE usage_records (LIKE {aside} INCLUDING DEFAULTS) PARTITION BY RANGE (started_at)")
     # This month and the next ones are made ahead; before it, the months that have records. The column holds UTC
     # wall time without a zone.
-    months = set(_months_with_records(bind))
+    months = set(_months_with_records(bind, aside))
     month = datetime.now(UTC).replace(tzinfo=None, day=1, hour=0, minute=0, second=0, microsecond=0)
     for _ in range(MONTHS_AHEAD + 1):
         months.add(month)
@@ -83,40 +101,16 @@ def upgrade() -> None:
             f"CREATE TABLE usage_records_{start.year:04}_{start.month:02} PARTITION OF usage_records"
             f" FOR VALUES FROM ('{start.isoformat(sep=' ')}') TO ('{_next_month(start).isoformat(sep=' ')}')"
         )
-    _moved("usage_records_plain", "usage_records")
-    op.execute("DROP TABLE usage_records_plain")
-    # Keys and indexes once the rows are in: building them is quicker than keeping them up row by row.
-    op.execute("ALTER TABLE usage_records ADD CONSTRAINT usage_records_pkey PRIMARY KEY (seq, started_at)")
-    op.execute("ALTER TABLE usage_records ADD CONSTRAINT usage_records_id_key UNIQUE (id, started_at)")
-    op.execute("CREATE UNIQUE INDEX ix_usage_chain_pos ON usage_records (chain_pos, started_at)")
-    for name, columns in INDEXES.items():
-        op.execute(f"CREATE INDEX {name} ON usage_records ({columns})")
-    op.execute("ANALYZE usage_records")
+    _moved_from(aside)
+    _keyed("started_at")
 
 
 def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    op.execute("LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE")
-    op.execute("ALTER TABLE usage_records RENAME TO usage_records_partitioned")
-    op.execute(
-        "ALTER TABLE usage_records_partitioned RENAME CONSTRAINT usage_records_pkey TO usage_records_partitioned_pkey"
-    )
-    op.execute(
-        "ALTER TABLE usage_records_partitioned RENAME CONSTRAINT usage_records_id_key"
-        " TO usage_records_partitioned_id_key"
-    )
-    for name in (*INDEXES, "ix_usage_chain_pos"):
-        op.execute(f"ALTER INDEX {name} RENAME TO {name}_partitioned")
-    op.execute("CREATE TABLE usage_records (LIKE usage_records_partitioned INCLUDING DEFAULTS)")
-    op.execute("ALTER SEQUENCE usage_records_seq_seq OWNED BY usage_records.seq")
-    _moved("usage_records_partitioned", "usage_records")
+    aside = _set_aside("partitioned")
+    op.execute(f"CREATE TABLE usage_records (LIKE {aside} INCLUDING DEFAULTS)")
     # Dropping the partitioned table drops its partitions.
-    op.execute("DROP TABLE usage_records_partitioned")
-    op.execute("ALTER TABLE usage_records ADD CONSTRAINT usage_records_pkey PRIMARY KEY (seq)")
-    op.execute("ALTER TABLE usage_records ADD CONSTRAINT usage_records_id_key UNIQUE (id)")
-    op.execute("CREATE UNIQUE INDEX ix_usage_chain_pos ON usage_records (chain_pos)")
-    for name, columns in INDEXES.items():
-        op.execute(f"CREATE INDEX {name} ON usage_records ({columns})")
-    op.execute("ANALYZE usage_records")
+    _moved_from(aside)
+    _keyed()

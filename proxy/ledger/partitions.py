@@ -13,10 +13,8 @@ import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.types import Text
 
 from proxy.ledger.windows import calendar_end, calendar_start
 
@@ -29,14 +27,10 @@ _MAKERS = 0x7367706172740000
 MONTHS_AHEAD = 2
 logger = logging.getLogger(__name__)
 _NAME = re.compile(rf"^{PARENT}_(\d{{4}})_(\d{{2}})$")
-# Of the names given, those that are no partition of the records' table, and whether a table has the name. The
-# catalog's rows, not `to_regclass`: its cache may predate a maker that committed while this transaction waited.
-_UNATTACHED = text(
-    "SELECT name, EXISTS (SELECT FROM pg_class WHERE relname = name"
-    " AND relnamespace = current_schema()::regnamespace) FROM unnest(:names) AS name WHERE NOT EXISTS"
-    " (SELECT FROM pg_inherits JOIN pg_class AS child ON child.oid = pg_inherits.inhrelid"
-    " WHERE pg_inherits.inhparent = to_regclass(:parent) AND child.relname = name)"
-).bindparams(bindparam("names", type_=ARRAY(Text)))
+# Whether a table has the name, attached or not.
+_TAKEN = text(
+    "SELECT EXISTS (SELECT FROM pg_class WHERE relname = :name AND relnamespace = current_schema()::regnamespace)"
+)
 
 
 class PartitionDetached(Exception):
@@ -60,7 +54,7 @@ def month_of(name: str) -> tuple[datetime, datetime]:
     found = _NAME.match(name)
     if found is None:
         raise ValueError(f"{name} is not a partition of {PARENT}")
-    start = calendar_start("month", datetime.fromisoformat(f"{found[1]}-{found[2]}-01T00:00:00+00:00"))
+    start = datetime(int(found[1]), int(found[2]), 1, tzinfo=UTC)
     return start, calendar_end("month", start)
 
 
@@ -74,12 +68,12 @@ def ensure(connection: Connection, instants: Iterable[datetime]) -> None:
     if connection.dialect.name != "postgresql":
         return
     names = sorted({name_of(instant) for instant in instants})
-    query = {"names": names, "parent": PARENT}
-    if not names or not connection.execute(_UNATTACHED, query).first():
+    if not names or set(names) <= set(existing(connection)):
         return
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MAKERS})
-    for name, taken in list(connection.execute(_UNATTACHED, query)):
-        if taken:
+    attached = set(existing(connection))
+    for name in (name for name in names if name not in attached):
+        if connection.execute(_TAKEN, {"name": name}).scalar():
             raise PartitionDetached(
                 f"{name} is not a partition of {PARENT}: attach it again or rename it, and its month's records"
                 " are written"
@@ -137,7 +131,8 @@ def make_ahead(engine: Engine, now: datetime) -> None:
 
 
 def existing(connection: Connection) -> list[str]:
-    """The records' partitions, oldest month first (PostgreSQL; none on SQLite)."""
+    """The records' partitions, oldest month first (PostgreSQL; none on SQLite). Read from the catalog's rows, not
+    `to_regclass` on each name: its cache may predate a maker that committed while this transaction waited."""
     if connection.dialect.name != "postgresql":
         return []
     found = connection.execute(

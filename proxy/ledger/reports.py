@@ -39,6 +39,8 @@ REPORTED = (
     "batch_cost_usd",
     "batch_web_search_requests",
 )
+# Groups in a page of a report: when a cursor comes without a limit, and at most.
+REPORT_PAGE, MAX_REPORT_PAGE = 100, 1000
 MILLION = Decimal(1_000_000)
 ZERO = Decimal(0)
 
@@ -97,9 +99,7 @@ def report(
     total); `team`: only its records. Read from the rollups (whole months and days) and the records (a day the
     bounds cut)."""
     _check(by)
-    with engine.connect() as connection:
-        found = read(connection, **_query(by, since, until, team))
-    return _rows(found, by, prices, until)
+    return _rows(_read(engine, **_query(by, since, until, team)), by, prices, until)
 
 
 def report_page(
@@ -113,10 +113,12 @@ def report_page(
     until: datetime | None = None,
     team: str | None = None,
 ) -> ReportPage:
-    """`limit` rows of `report` from the group after `cursor` (a `next_cursor` of the same report), reading the
-    totals of those groups alone: a page costs its own groups' rows, at the first group as at the millionth. A
-    ValueError when the cursor is not one a report gave."""
+    """`limit` (1 to `MAX_REPORT_PAGE`) rows of `report` from the group after `cursor` (a `next_cursor` of the
+    same report), reading the totals of those groups alone: a page costs its own groups' rows, at the first group
+    as at the millionth. A ValueError when the limit is out of bounds or the cursor is not one a report gave."""
     _check(by)
+    if not 1 <= limit <= MAX_REPORT_PAGE:
+        raise ValueError(f"'limit' {limit}: a page holds 1 to {MAX_REPORT_PAGE} groups")
     after = None if cursor is None else _decode_cursor(cursor, len(by))
     if not by:
         # One grand total: a single row, and no next page.

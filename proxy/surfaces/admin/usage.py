@@ -11,13 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.ledger.export import Cursor, iter_usage
-from proxy.ledger.reports import ReportPage, report, report_page
+from proxy.ledger.reports import REPORT_PAGE, ReportPage, report, report_page
 from proxy.pricing.table import PriceTable
 from proxy.surfaces.admin.requests import Operation, instant, on_ledger
 from proxy.surfaces.admin_models import Report, ReportQuery, UsagePage, UsageQuery
-
-# Groups per page when a client pages with a cursor and no limit.
-REPORT_PAGE = 100
 
 
 async def _usage(request: Request) -> Response:
