@@ -36,6 +36,7 @@ from proxy.gateway.leases.lifecycle import Leases
 from proxy.gateway.models import Models
 from proxy.gateway.relay import Relay
 from proxy.gateway.upstream import AiohttpUpstream, HTTPXUpstream, Upstream
+from proxy.gateway.waits import outliving
 from proxy.identity.oidc import OidcClient
 from proxy.instruments import MULTIPROCESS_ENV, LabelPolicy, Metrics
 from proxy.ledger.alerts import AlertSender
@@ -248,13 +249,17 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            # A call that gave up waiting for the ledger left its grant or hold to land in the background: it must
+            # land before the leases end, or it would outlive them.
+            late = await outliving(settings.record_drain_seconds)
             await writer.close()
             # Every record is written: what the leases still hold is nobody's. Only then may the journal go: while a
             # lease is in the ledger, a replay of the journal is what corrects it.
-            ended = await leases.close()
+            ended = await leases.close() and not late
             if not ended:
                 logger.warning(
-                    "the ledger did not answer: the journal is kept, so that a replay ends this process's leases"
+                    "the ledger did not answer%s: the journal is kept, so that a replay ends this process's leases",
+                    f" ({late} exchanges of calls that stopped waiting for it are still running)" if late else "",
                 )
             journal.close(keep=not ended)
             with contextlib.suppress(SQLAlchemyError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import resource
 import signal
@@ -503,6 +504,34 @@ def test_budgeted_calls_are_refused_in_bounded_time_while_the_ledger_is_locked(
         wait_until(lambda: get_team(engine, "research").reserved_usd == 0, "late holds and grants to be given back")
         answer = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
         assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("budget", [Decimal("0.01"), Decimal(100)], ids=["per-call-holds", "leases"])
+def test_what_a_call_gave_up_on_lands_before_the_proxy_stops(
+    engine: Engine, db_url: str, tmp_path: Path, budget: Decimal, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call whose wait for a locked ledger ran out leaves its hold or lease grant to land in the background. The
+    proxy is stopped while that still waits: the stop waits for it (and gives it back) before it ends its leases
+    and retires. It used not to, and the grant or hold landed after the process was gone, held by nobody for an hour
+    (the reservation TTL), or until the next test of a suite truncated the ledger."""
+    caplog.set_level(logging.INFO, logger="spendgate")
+    stopped = contextlib.ExitStack()
+    team = TeamSettings(budget_usd=budget)
+    stack = stopped.enter_context(running_stack(engine, db_url, tmp_path, team=team, ledger_wait_seconds=0.5))
+    with ledger_locked(engine):
+        answer = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
+        assert (answer.status_code, answer.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
+        stopping = threading.Thread(target=stopped.close)
+        stopping.start()
+        waiting = "ledger exchanges that calls stopped waiting for"
+        wait_until(lambda: waiting in caplog.text or not stopping.is_alive(), "the stop to wait for the exchange")
+        assert waiting in caplog.text
+    stopping.join(timeout=60)
+    assert not stopping.is_alive()
+    assert get_team(engine, "research").reserved_usd == 0
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(BudgetHold)).scalar_one() == 0
+    assert stack.upstream.requests == []
 
 
 def lease_holds(engine: Engine) -> list[tuple[str, Decimal]]:

@@ -36,7 +36,7 @@ from proxy.gateway.leases.lifecycle import Leases
 from proxy.gateway.leases.rate import Ticket
 from proxy.gateway.limits import CappedRequest, cap_output, check_model, most_tokens_within
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
-from proxy.gateway.waits import bounded
+from proxy.gateway.waits import bounded, outlive
 from proxy.instruments import Metrics
 from proxy.ledger.batch_owners import BatchOwner, find_batch
 from proxy.ledger.budgets import release, take_hold
@@ -90,7 +90,6 @@ class Gate:
         self._engine = engine
         self._rules = rules
         self._limits = OutputLimits.load()
-        self._tasks: set[asyncio.Future[object]] = set()
         self.bodies = Bodies(max_body_bytes=rules.max_body_bytes, timeout_seconds=rules.body_timeout_seconds)
 
     async def authenticate(self, call: Call, headers: dict[bytes, bytes]) -> KeyInfo:
@@ -229,15 +228,10 @@ class Gate:
             return await bounded(anyio.to_thread.run_sync(work), self._rules.ledger_wait_seconds)
 
     def _background(self, work: Callable[[], object]) -> None:
-        """Run blocking ledger work in a thread nobody waits for (kept referenced until it ends)."""
+        """Run blocking ledger work in a thread nobody waits for (but the app's shutdown)."""
         task = asyncio.ensure_future(anyio.to_thread.run_sync(work))
-        self._tasks.add(task)
-        task.add_done_callback(self._finished_background)
-
-    def _finished_background(self, task: asyncio.Future[object]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("background ledger work failed: %s", task.exception())
+        outlive(task)
+        task.add_done_callback(_report_failure)
 
     async def _rate_limit(self, call: Call, key: KeyInfo, input_tokens: int, output_tokens: int) -> Ticket | None:
         """Take the call's share of its rate limits (`RateLimited` if it does not fit)."""
@@ -403,3 +397,8 @@ def _check_claimed_user(user: str | None, key: KeyInfo) -> None:
             f"The user {user[:80]!r} names a signed-in person: 'oidc:' users are set by personal keys only. "
             "Send another x-spendgate-user (or metadata.user_id), or call with that person's own key."
         )
+
+
+def _report_failure(task: asyncio.Future[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background ledger work failed: %s", task.exception())

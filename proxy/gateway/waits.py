@@ -10,12 +10,18 @@ work finishes in the background and applies its result there, or `late` undoes i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from proxy.errors import LedgerUnavailable
 
 T = TypeVar("T")
+logger = logging.getLogger("spendgate")
+# Ledger work nobody waits for any more (every event loop's: each app in a process has its own). At shutdown the
+# app waits for its own (`outliving`) before it ends its leases: a grant or hold landing after them would stay in
+# the ledger, owned by a process that is gone, until its expiry.
+_OUTLIVING: set[asyncio.Future[Any]] = set()
 
 
 def too_slow(seconds: float) -> LedgerUnavailable:
@@ -75,7 +81,29 @@ class Turns:
         return await bounded(in_turn(), max(deadline - loop.time(), 0.0))
 
 
+def outlive(task: asyncio.Future[Any]) -> None:
+    """Keep `task`, ledger work nobody waits for, until it ends; the app's shutdown waits for it."""
+    _OUTLIVING.add(task)
+    task.add_done_callback(_OUTLIVING.discard)
+
+
+async def outliving(seconds: float) -> int:
+    """Wait at most `seconds` for this event loop's ledger work that nobody waits for (including what such work
+    starts as it ends: a late hold's release); how much of it is still running then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    if running := sum(task.get_loop() is loop for task in _OUTLIVING):
+        logger.info("waiting up to %g s for %d ledger exchanges that calls stopped waiting for", seconds, running)
+    while pending := {task for task in _OUTLIVING if task.get_loop() is loop}:
+        if loop.time() >= deadline:
+            return len(pending)
+        await asyncio.wait(pending, timeout=deadline - loop.time())
+    return 0
+
+
 def _when_done(task: asyncio.Future[T], late: Callable[[T], object] | None) -> None:
+    outlive(task)
+
     def done(task: asyncio.Future[T]) -> None:
         # Retrieved either way, so a failure nobody waits for is not reported as never retrieved.
         if task.cancelled() or task.exception() is not None:
