@@ -41,7 +41,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if POSTGRES_URL is None:
         return
-    ledger = [item for item in items if LEDGER_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    ledger = [
+        item
+        for item in items
+        if LEDGER_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("any_dialect") is None
+    ]
     others = [item for item in items if item not in ledger]
     if others:
         config.hook.pytest_deselected(items=others)

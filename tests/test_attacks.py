@@ -315,6 +315,7 @@ def test_cors_preflight_is_answered_here(stack: Stack) -> None:
     assert stack.upstream.requests == []
 
 
+@pytest.mark.any_dialect
 def test_a_giant_header_is_cut_off_without_stalling_others(engine: Engine, db_url: str, tmp_path: Path) -> None:
     """`spendgate serve` bounds request heads (httptools alone does not): 431, and other calls go on."""
     create_team(engine, "research", TeamSettings(), actor="test")

@@ -303,6 +303,7 @@ def test_tables_show_control_characters_escaped(
     assert code == 0 and out.splitlines()[1].split("  ")[0] == shown
 
 
+@pytest.mark.any_dialect
 @settings(
     max_examples=40,
     deadline=None,

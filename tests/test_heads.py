@@ -37,6 +37,8 @@ from tests.servers import serve_in_thread
 from tests.upstream import FakeAnthropic
 from tests.waiting import wait_until
 
+# Connections and their heads, before any ledger work.
+pytestmark = pytest.mark.any_dialect
 HALF_HEAD = b"POST /v1/messages HTTP/1.1\r\nhost: spendgate\r\ncontent-type: application/json\r\n"
 MESSAGE = {"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
 # Longer than any test here runs, for tests about the bounds rather than the deadline.

@@ -551,6 +551,7 @@ HOSTILE_FIELDS = st.sampled_from(
 )
 
 
+@pytest.mark.any_dialect
 @settings(
     max_examples=80,
     deadline=None,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
 
+from proxy.cli.main import main
 from proxy.gateway.call import label
 from proxy.ledger.counters import NO_USER
 from proxy.ledger.end_users import list_users, set_user_budget
@@ -212,15 +211,10 @@ def test_one_users_concurrent_calls_never_pass_their_budget(
     assert views["ann"].reserved_usd == 0 and views["bob"].reserved_usd == 0
 
 
-def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> None:
+def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     def cli(*args: str) -> Any:
-        done = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "--db", db_url, *args],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout
+        assert main(["--db", db_url, *args]) == 0
+        return capsys.readouterr().out
 
     cli("teams", "create", "research", "--user-budget", "5", "--rpm", "100", "--otpm", "none")
     cli("teams", "user-budget", "research", "ann", "--budget", "20")
@@ -248,12 +242,8 @@ def test_the_cli_sets_and_shows_user_budgets(engine: Engine, db_url: str) -> Non
         "key.create",
         "key.update",
     ]
-    refused = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "--db", db_url, "teams", "update", "research", "--rpm", "0"],
-        capture_output=True,
-        text=True,
-    )
-    assert refused.returncode != 0 and "positive whole number" in refused.stderr
+    assert main(["--db", db_url, "teams", "update", "research", "--rpm", "0"]) == 1
+    assert "positive whole number" in capsys.readouterr().err
 
 
 def test_metrics_show_allow_listed_users_against_their_allowance(engine: Engine, db_url: str, tmp_path: Path) -> None:
