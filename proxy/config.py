@@ -59,7 +59,8 @@ class Settings:
     # Where the ledger writer's transactions run: a child process per serving process, a thread of it, or (auto)
     # a child when the serving processes leave a core for it.
     ledger_writer: WriterMode = "auto"
-    # On shutdown, how long we keep retrying a failing ledger before spilling records to a file.
+    # On shutdown, how long we keep retrying a failing ledger before spilling records to a file, and how long we wait
+    # for the ledger work of calls that stopped waiting for it (a hold or lease grant still landing).
     record_drain_seconds: float = 30.0
     # Records waiting for the ledger, at most; past it new calls are refused (503) rather than sent unrecorded.
     max_pending_records: int = 100_000
