@@ -249,19 +249,25 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            # A call that gave up waiting for the ledger left its grant or hold to land in the background: it must
-            # land before the leases end, or it would outlive them.
+            # Grants of calls that stopped waiting for the ledger, and the upkeep's last round, land before the
+            # leases end, or they would outlive them.
             late = await outliving(settings.record_drain_seconds)
             await writer.close()
             # Every record is written: what the leases still hold is nobody's. Only then may the journal go: while a
             # lease is in the ledger, a replay of the journal is what corrects it.
-            ended = await leases.close() and not late
-            if not ended:
+            ended = await leases.close()
+            if late:
                 logger.warning(
-                    "the ledger did not answer%s: the journal is kept, so that a replay ends this process's leases",
-                    f" ({late} exchanges of calls that stopped waiting for it are still running)" if late else "",
+                    "%d ledger exchanges were still running after %g s: the journal is kept, so that a replay ends "
+                    "the leases they may grant",
+                    late,
+                    settings.record_drain_seconds,
                 )
-            journal.close(keep=not ended)
+            elif not ended:
+                logger.warning(
+                    "the ledger did not answer: the journal is kept, so that a replay ends this process's leases"
+                )
+            journal.close(keep=late > 0 or not ended)
             with contextlib.suppress(SQLAlchemyError):
                 # Every call of this process is recorded; its holds (none are left) no longer need a heartbeat.
                 await anyio.to_thread.run_sync(heart.stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from sqlalchemy import Engine
 
@@ -13,10 +13,10 @@ WRITTEN = ("usage_records", "audit_head", "budget_counters", "budget_holds")
 
 
 @contextlib.contextmanager
-def ledger_locked(engine: Engine) -> Iterator[None]:
+def ledger_locked(engine: Engine, tables: Sequence[str] = WRITTEN) -> Iterator[None]:
     """Hold the ledger's write locks until the block ends: SQLite's one write lock (`BEGIN EXCLUSIVE`; readers go
-    on in WAL mode), or PostgreSQL's EXCLUSIVE lock on the tables a call writes (reads go on, writes and row locks
-    wait)."""
+    on in WAL mode), or PostgreSQL's EXCLUSIVE lock on `tables`, by default those a call writes (reads go on, writes
+    and row locks wait)."""
     if engine.dialect.name == "sqlite":
         connection = sqlite3.connect(engine.url.database or "", isolation_level=None)
         try:
@@ -27,6 +27,6 @@ def ledger_locked(engine: Engine) -> Iterator[None]:
             connection.close()
         return
     with engine.connect() as locker:
-        locker.exec_driver_sql(f"LOCK TABLE {', '.join(WRITTEN)} IN EXCLUSIVE MODE")
+        locker.exec_driver_sql(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE")
         yield
         locker.rollback()

@@ -5,6 +5,7 @@ Real processes (`spendgate serve`), real signals (SIGTERM, SIGKILL), a real data
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,11 +21,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import pytest
 from sqlalchemy import Engine, func, select, text
 
 from proxy.config import WriterMode
+from proxy.gateway.waits import outliving, shielded
 from proxy.instruments import Metrics
 from proxy.ledger.audit import verify
 from proxy.ledger.budgets import LEASE_PREFIX
@@ -36,6 +39,7 @@ from proxy.ledger.teams import TeamSettings, create_team, get_team
 from proxy.ledger.writer import Writer
 from proxy.ledger.writes import InThread
 from proxy.types import Hold
+from tests.conftest import POSTGRES_URL
 from tests.locks import ledger_locked
 from tests.replicas import replica
 from tests.servers import serve_in_thread
@@ -511,27 +515,82 @@ def test_what_a_call_gave_up_on_lands_before_the_proxy_stops(
     engine: Engine, db_url: str, tmp_path: Path, budget: Decimal, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A call whose wait for a locked ledger ran out leaves its hold or lease grant to land in the background. The
-    proxy is stopped while that still waits: the stop waits for it (and gives it back) before it ends its leases
-    and retires. It used not to, and the grant or hold landed after the process was gone, held by nobody for an hour
-    (the reservation TTL), or until the next test of a suite truncated the ledger."""
+    proxy is stopped while that still waits: the stop waits for it (a hold is given back as it lands) before it
+    ends its leases and retires. It used not to, and on PostgreSQL a grant landed after the leases had ended, held
+    by a process that was gone for an hour (the reservation TTL)."""
     caplog.set_level(logging.INFO, logger="spendgate")
     stopped = contextlib.ExitStack()
     team = TeamSettings(budget_usd=budget)
     stack = stopped.enter_context(running_stack(engine, db_url, tmp_path, team=team, ledger_wait_seconds=0.5))
-    with ledger_locked(engine):
+    # On PostgreSQL only the budget counters are locked, so that the refused call's record is written and nothing
+    # but the exchange can hold the stop up.
+    with ledger_locked(engine, tables=("budget_counters",)):
         answer = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
         assert (answer.status_code, answer.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
         stopping = threading.Thread(target=stopped.close)
         stopping.start()
-        waiting = "ledger exchanges that calls stopped waiting for"
+        waiting = "ledger exchanges still running"
         wait_until(lambda: waiting in caplog.text or not stopping.is_alive(), "the stop to wait for the exchange")
         assert waiting in caplog.text
     stopping.join(timeout=60)
     assert not stopping.is_alive()
+    # Every write queued for the ledger before this lock has committed once it is ours: a grant that had not
+    # landed yet (a stop that did not wait for it) is in the ledger now.
+    with ledger_locked(engine):
+        pass
     assert get_team(engine, "research").reserved_usd == 0
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(BudgetHold)).scalar_one() == 0
     assert stack.upstream.requests == []
+
+
+@pytest.mark.skipif(POSTGRES_URL is None, reason="SQLite has one write lock: every write waits in one queue")
+@pytest.mark.parametrize("budget", [Decimal("0.01"), Decimal(100)], ids=["per-call-holds", "leases"])
+def test_what_a_call_gave_up_on_and_the_stop_could_not_wait_for_is_ended_by_the_next_start(
+    engine: Engine, db_url: str, tmp_path: Path, budget: Decimal, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but the ledger stays locked for longer than the stop waits: the stop ends, the exchange still
+    waiting. When it lands, a hold is given back by the exchange's own thread, and a lease grant is ended by the
+    next start, which replays the journal the stop kept for it."""
+    team = TeamSettings(budget_usd=budget)
+    with ledger_locked(engine, tables=("budget_counters",)):
+        waits = {"ledger_wait_seconds": 0.5, "record_drain_seconds": 0.5}
+        with running_stack(engine, db_url, tmp_path, team=team, key_budget=None, **waits) as stack:
+            answer = httpx.post(f"{stack.url}/v1/messages", json=MESSAGE, headers={"x-api-key": stack.key})
+            assert (answer.status_code, answer.headers["x-spendgate-error"]) == (503, "ledger_unavailable")
+        assert "ledger exchanges were still running after 0.5 s: the journal is kept" in caplog.text
+    with ledger_locked(engine):
+        pass  # every write queued before this lock has landed
+    with running_stack_again(engine, db_url, tmp_path, stack):
+        pass
+    assert get_team(engine, "research").reserved_usd == 0
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(BudgetHold)).scalar_one() == 0
+
+
+@pytest.mark.anyio
+async def test_a_stop_cancelling_the_upkeep_lets_its_round_end_and_waits_for_it() -> None:
+    """The stop cancels the lease upkeep. A round under way is not cut short: its ledger work would commit in its
+    thread with nobody left to apply it in memory (a rate give-back counted twice). The stop's wait covers it."""
+    started, go = threading.Event(), threading.Event()
+    applied: list[str] = []
+
+    async def upkeep_round() -> None:
+        def exchange() -> None:
+            started.set()
+            go.wait(30)
+
+        await anyio.to_thread.run_sync(exchange)
+        applied.append("in memory")
+
+    upkeep = asyncio.ensure_future(shielded(upkeep_round()))
+    await anyio.to_thread.run_sync(started.wait)
+    upkeep.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await upkeep
+    go.set()
+    assert await outliving(30) == 0
+    assert applied == ["in memory"]
 
 
 def lease_holds(engine: Engine) -> list[tuple[str, Decimal]]:

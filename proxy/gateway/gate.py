@@ -7,7 +7,6 @@ alone: nobody gets a byte of body read, or a batch looked up, without a valid ke
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from proxy.gateway.leases.lifecycle import Leases
 from proxy.gateway.leases.rate import Ticket
 from proxy.gateway.limits import CappedRequest, cap_output, check_model, most_tokens_within
 from proxy.gateway.validate import OutputLimits, check_batch_request, check_message_request, parse_object
-from proxy.gateway.waits import bounded, outlive
+from proxy.gateway.waits import bounded, bounded_take
 from proxy.instruments import Metrics
 from proxy.ledger.batch_owners import BatchOwner, find_batch
 from proxy.ledger.budgets import release, take_hold
@@ -227,12 +226,6 @@ class Gate:
         with ledger_errors():
             return await bounded(anyio.to_thread.run_sync(work), self._rules.ledger_wait_seconds)
 
-    def _background(self, work: Callable[[], object]) -> None:
-        """Run blocking ledger work in a thread nobody waits for (but the app's shutdown)."""
-        task = asyncio.ensure_future(anyio.to_thread.run_sync(work))
-        outlive(task)
-        task.add_done_callback(_report_failure)
-
     async def _rate_limit(self, call: Call, key: KeyInfo, input_tokens: int, output_tokens: int) -> Ticket | None:
         """Take the call's share of its rate limits (`RateLimited` if it does not fit)."""
         try:
@@ -330,9 +323,9 @@ class Gate:
                     started_at=call.started_at,
                     owner=owner,
                 )
-                # A hold that lands after the call was refused is taken back at once.
-                late = lambda _: self._background(partial(release, self._engine, [call.id]))  # noqa: E731
-                await bounded(anyio.to_thread.run_sync(take), self._rules.ledger_wait_seconds, late=late)
+                # A hold that lands after the call was refused is given back at once.
+                give_back = partial(release, self._engine, [call.id])
+                await bounded_take(take, give_back, self._rules.ledger_wait_seconds)
                 self._metrics.hold_trips.inc()
                 self._metrics.held.inc()
         except LedgerUnavailable:
@@ -397,8 +390,3 @@ def _check_claimed_user(user: str | None, key: KeyInfo) -> None:
             f"The user {user[:80]!r} names a signed-in person: 'oidc:' users are set by personal keys only. "
             "Send another x-spendgate-user (or metadata.user_id), or call with that person's own key."
         )
-
-
-def _report_failure(task: asyncio.Future[object]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("background ledger work failed: %s", task.exception())

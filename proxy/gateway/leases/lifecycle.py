@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from proxy.gateway.leases.budget import BudgetLeases, LeaseNote
 from proxy.gateway.leases.policy import UPKEEP_SECONDS
 from proxy.gateway.leases.rate import RateLeases
+from proxy.gateway.waits import shielded
 from proxy.instruments import Metrics
 from proxy.logs import Trouble
 
@@ -53,9 +54,9 @@ class Leases:
         self._books = tuple((book, Trouble(logger, f"the upkeep of {name} leases")) for book, name in books)
 
     async def keep(self) -> None:
-        """The upkeep of every lease, once a second until cancelled: each kind in a lane of its own, so one kind's
-        ledger work, failing or waiting on a lock, never holds up the other's. Failures are logged as they start
-        and end."""
+        """The upkeep of every lease, once a second until cancelled (a round under way still ends, and the stop
+        waits for it): each kind in a lane of its own, so one kind's ledger work, failing or waiting on a lock,
+        never holds up the other's. Failures are logged as they start and end."""
         async with asyncio.TaskGroup() as lanes:
             for book, trouble in self._books:
                 lanes.create_task(_upkeep_every_second(book, trouble))
@@ -82,7 +83,7 @@ async def _upkeep_every_second(book: LeaseBook, trouble: Trouble) -> None:
     while True:
         await asyncio.sleep(UPKEEP_SECONDS)
         try:
-            await book.upkeep()
+            await shielded(book.upkeep())
         except Exception as exc:
             trouble.failed(exc, traceback=not isinstance(exc, SQLAlchemyError))
         else:
