@@ -539,8 +539,7 @@ def test_what_a_call_gave_up_on_lands_before_the_proxy_stops(
     with ledger_locked(engine):
         pass
     assert get_team(engine, "research").reserved_usd == 0
-    with engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(BudgetHold)).scalar_one() == 0
+    assert count(engine, BudgetHold) == 0
     assert stack.upstream.requests == []
 
 
@@ -564,8 +563,7 @@ def test_what_a_call_gave_up_on_and_the_stop_could_not_wait_for_is_ended_by_the_
     with running_stack_again(engine, db_url, tmp_path, stack):
         pass
     assert get_team(engine, "research").reserved_usd == 0
-    with engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(BudgetHold)).scalar_one() == 0
+    assert count(engine, BudgetHold) == 0
 
 
 @pytest.mark.anyio
